@@ -1,0 +1,11 @@
+"""funtrain: a pure-functional training library for JAX.
+
+Models are ``Module(init, apply)`` pairs, optimizers are ``Optimizer(init_state,
+update)`` pairs, and a training step is ``step(state, batch) -> (state, metrics)``.
+"""
+
+from funtrain import data, losses, nn, optim, train
+
+__version__ = "0.1.0"
+
+__all__ = ["nn", "optim", "losses", "train", "data", "__version__"]

@@ -1,0 +1,49 @@
+"""Small pytree helpers: readable key paths and structure checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+
+def keystr(path: tuple[Any, ...]) -> str:
+    """``('dense_0', 'w')``-style key path as ``"dense_0/w"`` (``"<root>"`` when empty)."""
+    if not path:
+        return "<root>"
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def leaf_paths(tree: Any) -> dict[str, Any]:
+    """Map of ``"a/b/c"`` key paths to leaves, in flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {keystr(path): leaf for path, leaf in flat}
+
+
+def check_same_structure(expected: Any, actual: Any, *, what: str, expected_name: str,
+                         actual_name: str) -> None:
+    """Raise a ValueError naming the missing and extra key paths if two trees differ.
+
+    Args:
+      expected: the reference tree (e.g. params).
+      actual: the tree that should match it (e.g. grads or updates).
+      what: where the check runs, for the message (e.g. ``"apply_updates"``).
+      expected_name, actual_name: how to call each tree in the message.
+    """
+    if jax.tree.structure(expected) == jax.tree.structure(actual):
+        return
+    exp = set(leaf_paths(expected))
+    act = set(leaf_paths(actual))
+    missing = sorted(exp - act)
+    extra = sorted(act - exp)
+    parts = [f"{what}: {actual_name} do not match the structure of {expected_name}."]
+    if missing:
+        parts.append(f"Missing key paths in {actual_name}: {', '.join(missing)}.")
+    if extra:
+        parts.append(f"Extra key paths in {actual_name}: {', '.join(extra)}.")
+    if not missing and not extra:
+        parts.append(
+            f"Same key paths but different containers: expected "
+            f"{jax.tree.structure(expected)}, got {jax.tree.structure(actual)}."
+        )
+    raise ValueError(" ".join(parts))

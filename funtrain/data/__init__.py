@@ -1,0 +1,8 @@
+"""Data: in-memory datasets, batching, and loaders for digits and MNIST IDX files."""
+
+from funtrain.data.dataset import ArrayDataset, Batch, Loader
+from funtrain.data.digits import load_digits
+from funtrain.data.mnist import IDXFormatError, load_mnist, parse_idx, read_idx
+
+__all__ = ["ArrayDataset", "Loader", "Batch", "load_digits", "read_idx", "parse_idx",
+           "load_mnist", "IDXFormatError"]

@@ -1,0 +1,185 @@
+"""Losses and metrics.
+
+Every loss returns the per-example values reduced by ``reduction``:
+
+- ``"mean"`` (default): the mean over the examples that ``mask`` keeps (0.0 if none);
+- ``"sum"``: the sum over kept examples;
+- ``"none"``: the per-example values, with masked-out entries set to 0.
+
+``mask`` is a boolean or 0/1 array broadcastable to the per-example loss shape.
+All losses compute in float32 at least (log-sum-exp for the softmax), so huge
+logits and half-precision inputs stay finite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from funtrain._typing import Array
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _f32(x: Any) -> Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def reduce(values: Array, reduction: str = "mean", mask: Array | None = None,
+           where: str = "reduce") -> Array:
+    """Reduce per-example ``values`` by ``reduction``, keeping only ``mask``ed entries."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        try:
+            mask = jnp.broadcast_to(mask, values.shape)
+        except ValueError:
+            raise ValueError(f"{where}: mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"the per-example loss shape {tuple(values.shape)}") from None
+        mask = mask.astype(bool)
+        keep = mask.astype(values.dtype)
+        values = jnp.where(mask, values, 0.0)
+    if reduction == "none":
+        return values
+    total = jnp.sum(values)
+    if reduction == "sum":
+        return total
+    count = jnp.sum(keep) if mask is not None else jnp.asarray(values.size, values.dtype)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def _check_same_shape(where: str, predictions: Array, targets: Array) -> None:
+    if tuple(predictions.shape) != tuple(targets.shape):
+        raise ValueError(f"{where}: predictions have shape {tuple(predictions.shape)} but "
+                         f"targets have shape {tuple(targets.shape)}; they must match")
+
+
+def _class_targets(where: str, logits: Array, labels: Array) -> tuple[Array, bool]:
+    """Return labels as given and whether they are integer class indices."""
+    labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        if tuple(labels.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"{where}: integer labels must have shape {tuple(logits.shape[:-1])} "
+                             f"(logits' shape without the class axis), got "
+                             f"{tuple(labels.shape)}")
+        return labels, True
+    if tuple(labels.shape) != tuple(logits.shape):
+        raise ValueError(f"{where}: one-hot/probability labels must have the logits' shape "
+                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}; integer class "
+                         f"labels need an integer dtype")
+    return labels, False
+
+
+def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0,
+                          reduction: str = "mean", mask: Array | None = None) -> Array:
+    r"""Cross-entropy between ``softmax(logits)`` and the labels, over the last axis.
+
+    .. math:: \ell = -\sum_c q_c \log \mathrm{softmax}(z)_c, \qquad
+              q = (1 - \varepsilon)\,y + \varepsilon / C
+
+    Args:
+      logits: ``(..., C)`` unnormalised scores.
+      labels: integer class ids of shape ``(...)``, or one-hot/probabilities ``(..., C)``.
+      label_smoothing: ``ε`` in ``[0, 1)``; mixes the target with the uniform distribution,
+        as PyTorch's ``CrossEntropyLoss(label_smoothing=ε)``.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      mask: which examples count.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(softmax_cross_entropy(jnp.array([[0.0, 0.0]]), jnp.array([1])))  # log 2
+      0.6931471...
+    """
+    where = "softmax_cross_entropy"
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"{where}: label_smoothing must be in [0, 1), got {label_smoothing}")
+    logits = _f32(logits)
+    labels, is_index = _class_targets(where, logits, labels)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    num_classes = logits.shape[-1]
+    if is_index:
+        nll = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+        if label_smoothing:
+            smooth = -jnp.mean(log_p, axis=-1)
+            nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    else:
+        q = _f32(labels)
+        if label_smoothing:
+            q = (1.0 - label_smoothing) * q + label_smoothing / num_classes
+        nll = -jnp.sum(q * log_p, axis=-1)
+    return reduce(nll, reduction, mask, where)
+
+
+def binary_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mean",
+                         mask: Array | None = None) -> Array:
+    r"""Elementwise sigmoid cross-entropy from logits (PyTorch's ``BCEWithLogitsLoss``).
+
+    .. math:: \ell = \max(z, 0) - z y + \log(1 + e^{-|z|})
+    """
+    where = "binary_cross_entropy"
+    logits = _f32(logits)
+    labels = _f32(labels)
+    _check_same_shape(where, logits, labels)
+    loss = jnp.maximum(logits, 0.0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    return reduce(loss, reduction, mask, where)
+
+
+def mse(predictions: Array, targets: Array, *, reduction: str = "mean",
+        mask: Array | None = None) -> Array:
+    """Squared error ``(p - t)**2``, elementwise."""
+    p, t = _f32(predictions), _f32(targets)
+    _check_same_shape("mse", p, t)
+    return reduce(jnp.square(p - t), reduction, mask, "mse")
+
+
+def l1(predictions: Array, targets: Array, *, reduction: str = "mean",
+       mask: Array | None = None) -> Array:
+    """Absolute error ``|p - t|``, elementwise."""
+    p, t = _f32(predictions), _f32(targets)
+    _check_same_shape("l1", p, t)
+    return reduce(jnp.abs(p - t), reduction, mask, "l1")
+
+
+def huber(predictions: Array, targets: Array, *, delta: float = 1.0, reduction: str = "mean",
+          mask: Array | None = None) -> Array:
+    r"""Huber loss (PyTorch's ``HuberLoss``), elementwise.
+
+    .. math:: \ell = \begin{cases} \tfrac12 r^2 & |r| \le \delta \\
+              \delta(|r| - \tfrac12\delta) & \text{otherwise} \end{cases}, \quad r = p - t
+    """
+    if delta <= 0:
+        raise ValueError(f"huber: delta must be > 0, got {delta}")
+    p, t = _f32(predictions), _f32(targets)
+    _check_same_shape("huber", p, t)
+    r = jnp.abs(p - t)
+    quad = jnp.minimum(r, delta)
+    loss = 0.5 * quad * quad + delta * (r - quad)
+    return reduce(loss, reduction, mask, "huber")
+
+
+def accuracy(logits: Array, labels: Array, *, mask: Array | None = None) -> Array:
+    """Fraction of examples whose top-scoring class is the label (int ids or one-hot)."""
+    return top_k_accuracy(logits, labels, k=1, mask=mask)
+
+
+def top_k_accuracy(logits: Array, labels: Array, *, k: int = 5,
+                   mask: Array | None = None) -> Array:
+    """Fraction of examples whose label is among the ``k`` highest-scoring classes.
+
+    Ties are broken in favour of the lower class index, as ``jax.lax.top_k`` does.
+    """
+    where = "top_k_accuracy"
+    logits = jnp.asarray(logits)
+    if not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"{where}: k must be an int in [1, {logits.shape[-1]}] (number of "
+                         f"classes), got {k!r}")
+    labels, is_index = _class_targets(where, logits, labels)
+    if not is_index:
+        labels = jnp.argmax(labels, axis=-1)
+    _, top = jax.lax.top_k(logits, k)
+    hit = jnp.any(top == labels[..., None], axis=-1).astype(jnp.float32)
+    return reduce(hit, "mean", mask, where)

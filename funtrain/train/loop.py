@@ -1,0 +1,201 @@
+"""``fit``: epochs × batches with evaluation, a progress bar and a history."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from funtrain._typing import Batch, Params
+from funtrain.train.state import TrainState
+from funtrain.train.step import Metrics, StepFn, scan_steps
+
+Data = Any  # a Loader (has .epoch(e)), a callable epoch -> iterable, or a re-iterable
+
+
+@dataclass
+class History:
+    """What ``fit`` measured.
+
+    Attributes:
+      train: per-step metrics, ``train["loss"][i]`` is the loss of step ``i`` (also
+        ``train["step"]``).
+      eval: one dict per evaluation (each epoch), with ``epoch`` and ``step``.
+      seconds: wall-clock time of the whole ``fit`` call, evaluation included.
+    """
+
+    train: dict[str, list[float]] = field(default_factory=dict)
+    eval: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def _add_train(self, first_step: int, metrics: list[dict[str, Any]]) -> None:
+        for i, m in enumerate(metrics):
+            self.train.setdefault("step", []).append(first_step + i)
+            for k, v in m.items():
+                self.train.setdefault(k, []).append(float(v))
+
+
+def _epoch_batches(data: Data, epoch: int, where: str) -> Iterator[Batch]:
+    if hasattr(data, "epoch"):
+        return iter(data.epoch(epoch))
+    if callable(data):
+        return iter(data(epoch))
+    if isinstance(data, Iterable):
+        return iter(data)
+    raise TypeError(f"{where}: expected a Loader, a callable epoch -> batches, or an "
+                    f"iterable of batches, got {type(data).__name__}")
+
+
+def _batch_size(batch: Batch) -> int:
+    leaves = jax.tree.leaves(batch)
+    if not leaves or np.ndim(leaves[0]) == 0:
+        raise ValueError("evaluate: a batch needs at least one array with a leading "
+                         "example axis")
+    return int(np.shape(leaves[0])[0])
+
+
+def evaluate(eval_step: Callable[[Params, Batch], Metrics], params: Params, data: Data
+             ) -> dict[str, float]:
+    """Mean of ``eval_step``'s metrics over ``data``, weighted by batch size (exact means)."""
+    totals: dict[str, Any] = {}
+    count = 0
+    for batch in _epoch_batches(data, 0, "evaluate"):
+        n = _batch_size(batch)
+        for k, v in eval_step(params, batch).items():
+            totals[k] = totals.get(k, 0.0) + v * n
+        count += n
+    if count == 0:
+        raise ValueError("evaluate: eval data yielded no batches")
+    return {k: float(v) / count for k, v in jax.device_get(totals).items()}
+
+
+def _stack(batches: list[Batch]) -> Batch:
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+def _same_shapes(batches: list[Batch]) -> bool:
+    shapes = [jax.tree.map(np.shape, b) for b in batches]
+    return all(s == shapes[0] for s in shapes[1:])
+
+
+def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int = 1,
+        eval_step: Callable[[Params, Batch], Metrics] | None = None, eval_data: Data = None,
+        steps_per_call: int = 1, log_every: int = 50,
+        log_fn: Callable[[int, dict[str, float]], None] | None = None,
+        progress: bool = True, desc: str = "train") -> tuple[TrainState, History]:
+    """Train for ``epochs`` over ``train_data``, evaluating after each epoch.
+
+    Metrics stay on the device between logging points: the host syncs only every
+    ``log_every`` steps (and at epoch ends), never once per step.
+
+    Args:
+      state: the initial ``TrainState`` (donated to the step: use the returned one).
+      train_step: from ``make_train_step``.
+      train_data: a ``Loader`` (``.epoch(e)`` yields batches), a callable
+        ``epoch -> batches``, or a re-iterable such as a list.
+      epochs: passes over ``train_data``.
+      eval_step, eval_data: from ``make_eval_step``, and the data it runs on after
+        every epoch (``evaluate``).
+      steps_per_call: run this many steps per device call with ``lax.scan``
+        (``scan_steps``); the result is the same as one step per call.
+      log_every: steps between host syncs for the progress bar and ``log_fn``.
+      log_fn: called as ``log_fn(step, metrics)`` at each logging point, with the
+        metrics of that step as floats.
+      progress: show a ``tqdm.auto`` bar (a widget in notebooks).
+      desc: the bar's label.
+
+    Returns:
+      ``(state, history)``.
+    """
+    where = "fit"
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"{where}: epochs must be an int >= 1, got {epochs!r}")
+    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) \
+            or steps_per_call < 1:
+        raise ValueError(f"{where}: steps_per_call must be an int >= 1, got {steps_per_call!r}")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"{where}: log_every must be an int >= 1, got {log_every!r}")
+    if (eval_step is None) != (eval_data is None):
+        raise ValueError(f"{where}: pass eval_step and eval_data together (got only "
+                         f"{'eval_step' if eval_data is None else 'eval_data'})")
+    if epochs > 1 and isinstance(train_data, Iterator):
+        raise TypeError(f"{where}: train_data is a one-shot iterator, but epochs={epochs} "
+                        f"needs a new pass each epoch; pass a Loader, a list, or a callable "
+                        f"epoch -> batches")
+    multi = scan_steps(train_step) if steps_per_call > 1 else None
+
+    try:
+        total = epochs * len(train_data)
+    except TypeError:
+        total = None
+    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    history = History()
+    pending: list[Metrics] = []  # per-step metrics still on the device
+    first_pending = int(state.step)
+    last_logged = first_pending
+    postfix: dict[str, str] = {}
+    start = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal pending, first_pending
+        if not pending:
+            return
+        host = jax.device_get(pending)
+        history._add_train(first_pending, host)
+        first_pending += len(host)
+        pending = []
+        last = {k: float(v) for k, v in host[-1].items()}
+        postfix.update({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "accuracy")})
+        bar.set_postfix(postfix, refresh=False)
+        if log_fn is not None:
+            log_fn(first_pending, last)
+
+    def run(group: list[Batch]) -> None:
+        nonlocal state, last_logged
+        if multi is not None and len(group) > 1 and _same_shapes(group):
+            state, stacked = multi(state, _stack(group))
+            pending.extend({k: v[i] for k, v in stacked.items()} for i in range(len(group)))
+        else:
+            for batch in group:
+                state, metrics = train_step(state, batch)
+                pending.append(metrics)
+        bar.update(len(group))
+        done = first_pending + len(pending)
+        if done - last_logged >= log_every:
+            last_logged = done
+            flush()
+
+    try:
+        for epoch in range(epochs):
+            bar.set_description(f"{desc} {epoch + 1}/{epochs}")
+            group: list[Batch] = []
+            seen = 0
+            for batch in _epoch_batches(train_data, epoch, where):
+                group.append(batch)
+                seen += 1
+                if len(group) == steps_per_call:
+                    run(group)
+                    group = []
+            if group:
+                run(group)
+            if seen == 0:
+                raise ValueError(f"{where}: train_data yielded no batches in epoch {epoch}; "
+                                 f"a generator is used up after one pass, so pass a Loader, "
+                                 f"a list, or a callable epoch -> batches")
+            flush()
+            if eval_step is not None:
+                result = evaluate(eval_step, state.params, eval_data)
+                history.eval.append({"epoch": epoch, "step": int(state.step), **result})
+                postfix.update({f"eval_{k}": f"{v:.4g}" for k, v in result.items()})
+                bar.set_postfix(postfix, refresh=True)
+        flush()
+    finally:
+        bar.close()
+    history.train.setdefault("step", [])
+    history.seconds = time.perf_counter() - start
+    return state, history

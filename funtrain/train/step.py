@@ -1,0 +1,173 @@
+"""Pure training and evaluation steps: ``step(state, batch) -> (state, metrics)``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from funtrain import losses
+from funtrain._typing import Array, Batch, Params, PRNGKey
+from funtrain.nn.module import Module
+from funtrain.optim.base import Optimizer, apply_updates, global_norm
+from funtrain.train.state import TrainState
+
+Metrics = dict[str, Array]
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+
+
+def _takes_key(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts a third positional argument (the PRNG key)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3
+
+
+def _split_loss(where: str, out: Any) -> tuple[Array, Metrics]:
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], Mapping):
+            raise TypeError(f"{where}: loss_fn must return a scalar loss or (loss, aux) with "
+                            f"aux a dict of metrics, got a tuple of {len(out)} entries")
+        loss, aux = out
+    else:
+        loss, aux = out, {}
+    loss = jnp.asarray(loss)
+    if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise ValueError(f"{where}: loss_fn must return a scalar floating loss, got shape "
+                         f"{tuple(loss.shape)} and dtype {loss.dtype}; reduce it, e.g. with "
+                         f"reduction='mean'")
+    return loss, dict(aux)
+
+
+def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, jit: bool = True,
+                    donate: bool = True) -> StepFn:
+    """Build the step ``(state, batch) -> (state, metrics)``: forward, loss, backward, update.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, key) -> loss`` or ``-> (loss, aux_metrics)``; a
+        two-argument ``loss_fn(params, batch)`` is called without the key. ``key`` is
+        ``fold_in(state.rng, state.step)``, fresh every step.
+      optimizer: an ``Optimizer``.
+      jit: compile the step with ``jax.jit``.
+      donate: donate the input state's buffers to the output (halves peak memory);
+        do not reuse a state after passing it in.
+
+    Returns:
+      The step. ``metrics`` holds ``loss``, ``grad_norm`` (global L2 norm of the
+      gradients) and whatever ``aux_metrics`` ``loss_fn`` returned.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from funtrain import optim
+      >>> loss_fn = lambda p, batch: jnp.mean((batch["x"] * p["w"] - batch["y"]) ** 2)
+      >>> step = make_train_step(loss_fn, optim.sgd(0.1))
+      >>> state = TrainState.create({"w": jnp.zeros(())}, optim.sgd(0.1), jax.random.key(0))
+      >>> state, metrics = step(state, {"x": jnp.ones(4), "y": jnp.ones(4)})
+      >>> float(metrics["loss"])
+      1.0
+    """
+    where = "make_train_step"
+    if not callable(loss_fn):
+        raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"{where}: optimizer must be an Optimizer (init_state, update), got "
+                        f"{type(optimizer).__name__}")
+    with_key = _takes_key(loss_fn)
+
+    def objective(params: Params, batch: Batch, key: PRNGKey) -> tuple[Array, Metrics]:
+        out = loss_fn(params, batch, key) if with_key else loss_fn(params, batch)
+        return _split_loss(where, out)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), **aux}
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               rng=state.rng)
+        return new_state, metrics
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def scan_steps(step: StepFn, *, jit: bool = True, donate: bool = True
+               ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Run several steps in one device call: batches stacked on a new leading axis.
+
+    ``scan_steps(step)(state, stacked)`` equals calling ``step`` once per slice of
+    ``stacked``; metrics come back stacked. This cuts per-step dispatch overhead
+    for small models.
+    """
+
+    def multi(state: TrainState, batches: Batch) -> tuple[TrainState, Metrics]:
+        return lax.scan(step, state, batches)
+
+    if not jit:
+        return multi
+    return jax.jit(multi, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(eval_fn: Callable[[Params, Batch], Any], *, jit: bool = True
+                   ) -> Callable[[Params, Batch], Metrics]:
+    """Build ``eval_step(params, batch) -> metrics`` from ``eval_fn``.
+
+    ``eval_fn(params, batch)`` returns a dict of per-batch *mean* metrics (or one
+    scalar, reported as ``loss``); ``evaluate`` weights them by batch size.
+    """
+    if not callable(eval_fn):
+        raise TypeError(f"make_eval_step: eval_fn must be callable, got "
+                        f"{type(eval_fn).__name__}")
+
+    def eval_step(params: Params, batch: Batch) -> Metrics:
+        out = eval_fn(params, batch)
+        if not isinstance(out, Mapping):
+            out = {"loss": out}
+        for name, value in out.items():
+            if jnp.shape(value) != ():
+                raise ValueError(f"make_eval_step: metric {name!r} must be a scalar (a mean "
+                                 f"over the batch), got shape {jnp.shape(value)}")
+        return dict(out)
+
+    return jax.jit(eval_step) if jit else eval_step
+
+
+def classifier_loss(model: Module, *, label_smoothing: float = 0.0, x: str = "x",
+                    y: str = "y") -> Callable[[Params, Batch, PRNGKey], tuple[Array, Metrics]]:
+    """``loss_fn`` for classification: softmax cross-entropy on ``model(batch[x])``.
+
+    Runs the model with ``train=True`` and the step's key (for dropout), and also
+    reports ``accuracy``.
+    """
+
+    def loss_fn(params: Params, batch: Batch, key: PRNGKey) -> tuple[Array, Metrics]:
+        logits = model.apply(params, batch[x], key=key, train=True)
+        loss = losses.softmax_cross_entropy(logits, batch[y], label_smoothing=label_smoothing)
+        return loss, {"accuracy": losses.accuracy(logits, batch[y])}
+
+    return loss_fn
+
+
+def classifier_eval(model: Module, *, x: str = "x", y: str = "y"
+                    ) -> Callable[[Params, Batch], Metrics]:
+    """``eval_fn`` for classification: mean cross-entropy ``loss`` and ``accuracy``."""
+
+    def eval_fn(params: Params, batch: Batch) -> Metrics:
+        logits = model.apply(params, batch[x])
+        return {"loss": losses.softmax_cross_entropy(logits, batch[y]),
+                "accuracy": losses.accuracy(logits, batch[y])}
+
+    return eval_fn
