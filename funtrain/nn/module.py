@@ -67,7 +67,7 @@ def _check_name(name: Any, where: str) -> None:
                          f"got {name!r}")
 
 
-class _PathError:
+class _PathError(Exception):
     """Mixin: an error raised inside a layer, rendered with the layer's key path.
 
     ``detail`` may contain ``{here}`` (the layer's key path) and ``{at}`` (the key

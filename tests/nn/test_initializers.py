@@ -1,0 +1,54 @@
+"""Initializers: fans, standard deviations and bounds, against their formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import nn
+from funtrain.nn.initializers import compute_fans
+
+SHAPE = (300, 200)  # fan_in 300, fan_out 200
+
+
+@pytest.mark.parametrize("name,expected_std", [
+    ("he_normal", np.sqrt(2 / 300)),
+    ("glorot_normal", np.sqrt(2 / 500)),
+    ("lecun_normal", np.sqrt(1 / 300)),
+])
+def test_normal_initializers_std(name, expected_std):
+    w = np.asarray(getattr(nn, name)()(jax.random.key(0), SHAPE))
+    assert abs(w.std() - expected_std) / expected_std < 0.02
+    assert abs(w.mean()) < 0.01 * expected_std * 10
+
+
+@pytest.mark.parametrize("name,limit", [
+    ("he_uniform", np.sqrt(6 / 300)),
+    ("glorot_uniform", np.sqrt(6 / 500)),
+    ("lecun_uniform", np.sqrt(3 / 300)),
+])
+def test_uniform_initializers_bounds(name, limit):
+    w = np.asarray(getattr(nn, name)()(jax.random.key(0), SHAPE))
+    assert w.max() <= limit and w.min() >= -limit
+    assert w.max() > 0.98 * limit and w.min() < -0.98 * limit
+    assert abs(w.std() - limit / np.sqrt(3)) / (limit / np.sqrt(3)) < 0.02
+
+
+def test_conv_fans_include_receptive_field():
+    assert compute_fans((3, 3, 16, 32)) == (144, 288)
+    assert compute_fans((7,)) == (7, 7)
+    assert compute_fans(()) == (1, 1)
+
+
+def test_constant_initializers_and_dtype():
+    k = jax.random.key(0)
+    assert np.all(np.asarray(nn.zeros()(k, (2, 3))) == 0)
+    assert np.all(np.asarray(nn.ones()(k, (2, 3))) == 1)
+    assert np.all(np.asarray(nn.constant(0.5)(k, (4,))) == 0.5)
+    w = nn.normal(0.02)(k, (400, 400), jnp.bfloat16)
+    assert w.dtype == jnp.bfloat16
+    assert abs(float(jnp.std(w.astype(jnp.float32))) - 0.02) < 0.001
+    with pytest.raises(ValueError, match="normal: stddev must be > 0"):
+        nn.normal(0.0)
+    with pytest.raises(ValueError, match="mode must be 'fan_in', 'fan_out' or 'fan_avg'"):
+        nn.variance_scaling(1.0, "fan_sum", "normal")

@@ -1,0 +1,118 @@
+"""Optimizer protocol, chain, apply_updates, and interop with optax and flax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import optim
+
+
+def params():
+    return {"dense_0": {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}}
+
+
+def test_init_is_init_state():
+    opt = optim.sgd(0.1)
+    assert opt.init is opt.init_state
+    init, update = opt  # the optax protocol unpacks as a pair
+    assert init is opt.init_state and update is opt.update
+
+
+def test_chain_applies_in_order():
+    p = params()
+    g = jax.tree.map(jnp.ones_like, p)
+    opt = optim.chain(optim.scale(2.0), optim.scale_by_learning_rate(0.5))
+    u, state = opt.update(g, opt.init_state(p), p)
+    np.testing.assert_allclose(u["dense_0"]["w"], -1.0)
+    assert isinstance(state, tuple) and len(state) == 2
+
+
+def test_chain_rejects_foreign_state():
+    p = params()
+    opt = optim.sgd(0.1, momentum=0.9, weight_decay=1e-4)
+    other = optim.sgd(0.1)
+    with pytest.raises(ValueError, match=r"chain: expected a state tuple of 3 entries .*got "
+                                         r"tuple of length 1"):
+        opt.update(jax.tree.map(jnp.ones_like, p), other.init_state(p), p)
+
+
+def test_apply_updates_keeps_dtype_and_names_key_paths():
+    p = {"w": jnp.ones(3, jnp.bfloat16), "n": jnp.zeros(2, jnp.float16)}
+    u = {"w": jnp.full(3, 1e-3, jnp.float32), "n": jnp.ones(2, jnp.float32)}
+    new = optim.apply_updates(p, u)
+    assert new["w"].dtype == jnp.bfloat16 and new["n"].dtype == jnp.float16
+    with pytest.raises(ValueError, match=r"Missing key paths in updates: n\. Extra key paths in "
+                                         r"updates: m"):
+        optim.apply_updates(p, {"w": u["w"], "m": u["n"]})
+
+
+def test_trace_rejects_grads_of_another_structure():
+    p = params()
+    opt = optim.sgd(0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"Missing key paths in grads: dense_0/b"):
+        opt.update({"dense_0": {"w": jnp.ones((2, 3))}}, opt.init_state(p), p)
+
+
+def test_weight_decay_needs_params_and_honours_mask():
+    p = params()
+    g = jax.tree.map(jnp.zeros_like, p)
+    opt = optim.add_decayed_weights(0.1, mask=optim.labels_to_mask(lambda path, x: x.ndim > 1))
+    with pytest.raises(ValueError, match="add_decayed_weights: needs the current params"):
+        opt.update(g, opt.init_state(p))
+    u, _ = opt.update(g, opt.init_state(p), p)
+    np.testing.assert_allclose(u["dense_0"]["w"], 0.1)
+    np.testing.assert_allclose(u["dense_0"]["b"], 0.0)
+
+
+def test_global_norm():
+    tree = {"a": jnp.array([3.0]), "b": jnp.array([[4.0]], jnp.bfloat16)}
+    assert float(optim.global_norm(tree)) == 5.0
+
+
+def test_runs_inside_optax_chain():
+    optax = pytest.importorskip("optax")
+    p = params()
+    g = jax.tree.map(jnp.ones_like, p)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optim.sgd(0.1, momentum=0.9))
+    state = tx.init(p)
+    u, state = tx.update(g, state, p)
+    # Reference: optax clip, then our SGD alone on the clipped grads.
+    clipped = jax.tree.map(lambda x: x / float(optim.global_norm(g)), g)
+    ours = optim.sgd(0.1, momentum=0.9)
+    ref, _ = ours.update(clipped, ours.init_state(p), p)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u, ref)
+    # And in the other direction, optax's transforms and ours give the same SGD.
+    ox = optax.sgd(0.1, momentum=0.9)
+    u_optax, _ = ox.update(g, ox.init(p), p)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 ours.update(g, ours.init_state(p), p)[0], u_optax)
+
+
+def test_runs_in_flax_train_state():
+    pytest.importorskip("flax")
+    from flax.training import train_state
+
+    from funtrain import nn
+
+    model = nn.mlp([8, 2])
+    p = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+    state = train_state.TrainState.create(apply_fn=model.apply, params=p,
+                                          tx=optim.sgd(0.1, momentum=0.9))
+    x, y = jnp.ones((4, 4)), jnp.zeros((4, 2))
+
+    @jax.jit
+    def step(state):
+        grads = jax.grad(lambda q: jnp.mean((state.apply_fn(q, x) - y) ** 2))(state.params)
+        return state.apply_gradients(grads=grads)
+
+    opt = optim.sgd(0.1, momentum=0.9)
+    ref_p, ref_s = p, opt.init_state(p)
+    for _ in range(5):
+        state = step(state)
+        g = jax.grad(lambda q: jnp.mean((model.apply(q, x) - y) ** 2))(ref_p)
+        u, ref_s = opt.update(g, ref_s, ref_p)
+        ref_p = optim.apply_updates(ref_p, u)
+    assert int(state.step) == 5
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 state.params, ref_p)

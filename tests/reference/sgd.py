@@ -1,0 +1,32 @@
+"""Float64 numpy reference for SGD, written from PyTorch's documented algorithm.
+
+torch.optim.SGD (docs, "Algorithm"):
+    g_t = grad + weight_decay * theta_{t-1}
+    if momentum != 0:
+        b_t = g_t                                   if t == 1
+        b_t = momentum * b_{t-1} + (1 - dampening) * g_t   otherwise
+        g_t = g_t + momentum * b_t                   if nesterov
+        g_t = b_t                                    otherwise
+    theta_t = theta_{t-1} - lr_t * g_t
+"""
+
+import numpy as np
+
+
+def sgd_trajectory(theta0, grad_fn, steps, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
+                   dampening=0.0):
+    """Return [theta_0, theta_1, ..., theta_steps]; ``lr`` is a float or ``t -> lr`` (t from 0)."""
+    theta = np.array(theta0, dtype=np.float64)
+    buf = None
+    out = [theta.copy()]
+    for t in range(steps):
+        g = np.asarray(grad_fn(theta), dtype=np.float64)
+        if weight_decay:
+            g = g + weight_decay * theta
+        if momentum:
+            buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
+            g = g + momentum * buf if nesterov else buf
+        rate = lr(t) if callable(lr) else lr
+        theta = theta - rate * g
+        out.append(theta.copy())
+    return out
