@@ -6,8 +6,9 @@ An optimizer (or a building block of one) is a pair of pure functions:
 - ``update(grads, state, params=None) -> (updates, new_state)``: ``updates`` has
   the structure of ``grads`` and is *added* to the params by ``apply_updates``.
 
-The pair is also reachable as ``(opt.init, opt.update)``, the optax protocol, so a
-funtrain optimizer drops into ``optax.chain`` or ``flax.training.train_state``.
+The pair is also reachable as ``(opt.init, opt.update)``, the common
+``GradientTransformation`` protocol, so a funtrain optimizer drops into other JAX
+libraries' chains and into ``flax.training.train_state``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Optimizer(NamedTuple):
 
     @property
     def init(self) -> InitStateFn:
-        """Alias of ``init_state``, for the optax ``(init, update)`` protocol."""
+        """Alias of ``init_state``, for the ``(init, update)`` GradientTransformation protocol."""
         return self.init_state
 
 

@@ -91,7 +91,7 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0,
         v_1 = g_1, \qquad v_t = \mu v_{t-1} + (1 - \tau) g_t \quad (t > 1)
 
     and the output is :math:`v_t`, or :math:`g_t + \mu v_t` with ``nesterov=True``.
-    With ``dampening`` :math:`\tau = 0` this equals optax's ``trace`` (which starts
+    With ``dampening`` :math:`\tau = 0` this equals the usual JAX ``trace`` transform (which starts
     from :math:`v_0 = 0`); with :math:`\tau > 0` PyTorch's first step skips the
     dampening, and so does this block.
 

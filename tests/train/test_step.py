@@ -1,0 +1,103 @@
+"""make_train_step / make_eval_step / scan_steps: correctness, determinism, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import losses, nn, optim, train
+
+
+def linear_problem():
+    x = jax.random.normal(jax.random.key(1), (32, 3))
+    y = x @ jnp.array([1.0, -2.0, 0.5]) + 0.3
+    return {"x": x, "y": y}
+
+
+def mse_loss(params, batch):
+    pred = batch["x"] @ params["w"] + params["b"]
+    return losses.mse(pred, batch["y"])
+
+
+def fresh_state(opt):
+    return train.TrainState.create({"w": jnp.zeros(3), "b": jnp.zeros(())}, opt,
+                                   jax.random.key(0))
+
+
+def test_step_equals_manual_forward_backward_update():
+    opt = optim.sgd(0.1, momentum=0.9)
+    batch = linear_problem()
+    step = train.make_train_step(mse_loss, opt)
+    state = fresh_state(opt)
+    p, s = {"w": jnp.zeros(3), "b": jnp.zeros(())}, opt.init_state(
+        {"w": jnp.zeros(3), "b": jnp.zeros(())})
+    for _ in range(5):
+        state, metrics = step(state, batch)
+        loss, g = jax.value_and_grad(mse_loss)(p, batch)
+        u, s = opt.update(g, s, p)
+        p = optim.apply_updates(p, u)
+        np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+        np.testing.assert_allclose(metrics["grad_norm"], optim.global_norm(g), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state.params, p)
+    assert int(state.step) == 5
+
+
+def test_aux_metrics_and_key_are_passed():
+    seen = []
+
+    def loss_fn(params, batch, key):
+        seen.append(key)
+        return mse_loss(params, batch), {"bias": params["b"]}
+
+    opt = optim.sgd(0.1)
+    step = train.make_train_step(loss_fn, opt, jit=False)
+    state, metrics = step(fresh_state(opt), linear_problem())
+    assert set(metrics) == {"loss", "grad_norm", "bias"}
+    assert jax.dtypes.issubdtype(seen[0].dtype, jax.dtypes.prng_key)
+
+
+def test_donation_leaves_created_params_usable():
+    opt = optim.sgd(0.1)
+    params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+    state = train.TrainState.create(params, opt, jax.random.key(0))
+    train.make_train_step(mse_loss, opt)(state, linear_problem())
+    assert float(jnp.sum(params["w"])) == 0.0  # still alive: create() copied it
+
+
+def test_scan_steps_equals_single_steps():
+    model = nn.serial(nn.dense(8), nn.relu(), nn.dropout(0.2), nn.dense(3))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+    opt = optim.sgd(0.05, momentum=0.9)
+    loss_fn = train.classifier_loss(model)
+    xs = jax.random.normal(jax.random.key(2), (6, 8, 4))
+    ys = jax.random.randint(jax.random.key(3), (6, 8), 0, 3)
+    single = train.make_train_step(loss_fn, opt)
+    s1 = train.TrainState.create(params, opt, jax.random.key(9))
+    losses_single = []
+    for i in range(6):
+        s1, m = single(s1, {"x": xs[i], "y": ys[i]})
+        losses_single.append(float(m["loss"]))
+    multi = train.scan_steps(train.make_train_step(loss_fn, opt))
+    s2, m2 = multi(train.TrainState.create(params, opt, jax.random.key(9)), {"x": xs, "y": ys})
+    np.testing.assert_allclose(m2["loss"], losses_single, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 s1.params, s2.params)
+
+
+def test_bad_loss_fn_outputs():
+    opt = optim.sgd(0.1)
+    per_example = lambda p, b: (b["x"] @ p["w"] - b["y"]) ** 2
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar floating loss, got shape "
+                                         r"\(32,\)"):
+        train.make_train_step(per_example, opt)(fresh_state(opt), linear_problem())
+    bad_aux = lambda p, b: (mse_loss(p, b), 3.0)
+    with pytest.raises(TypeError, match=r"\(loss, aux\) with aux a dict"):
+        train.make_train_step(bad_aux, opt)(fresh_state(opt), linear_problem())
+    with pytest.raises(TypeError, match="optimizer must be an Optimizer"):
+        train.make_train_step(mse_loss, "sgd")
+
+
+def test_eval_step_rejects_non_scalar_metrics():
+    step = train.make_eval_step(lambda p, b: {"err": b["x"] @ p["w"]})
+    with pytest.raises(ValueError, match=r"metric 'err' must be a scalar .*got shape \(32,\)"):
+        step({"w": jnp.zeros(3)}, linear_problem())
