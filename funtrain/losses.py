@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from funtrain._typing import Array
 
@@ -110,7 +111,8 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: floa
         q = _f32(labels)
         if label_smoothing:
             q = (1.0 - label_smoothing) * q + label_smoothing / num_classes
-        nll = -jnp.sum(q * log_p, axis=-1)
+        # 0 * log(0) is 0: keep classes with no target mass out of the sum (log_p may be -inf).
+        nll = -jnp.sum(jnp.where(q == 0, 0.0, q * log_p), axis=-1)
     return reduce(nll, reduction, mask, where)
 
 
@@ -151,7 +153,7 @@ def huber(predictions: Array, targets: Array, *, delta: float = 1.0, reduction: 
     .. math:: \ell = \begin{cases} \tfrac12 r^2 & |r| \le \delta \\
               \delta(|r| - \tfrac12\delta) & \text{otherwise} \end{cases}, \quad r = p - t
     """
-    if delta <= 0:
+    if not delta > 0:  # also rejects nan
         raise ValueError(f"huber: delta must be > 0, got {delta}")
     p, t = _f32(predictions), _f32(targets)
     _check_same_shape("huber", p, t)
@@ -174,12 +176,13 @@ def top_k_accuracy(logits: Array, labels: Array, *, k: int = 5,
     """
     where = "top_k_accuracy"
     logits = jnp.asarray(logits)
-    if not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) \
+            or not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"{where}: k must be an int in [1, {logits.shape[-1]}] (number of "
                          f"classes), got {k!r}")
     labels, is_index = _class_targets(where, logits, labels)
     if not is_index:
         labels = jnp.argmax(labels, axis=-1)
-    _, top = jax.lax.top_k(logits, k)
+    _, top = jax.lax.top_k(logits, int(k))
     hit = jnp.any(top == labels[..., None], axis=-1).astype(jnp.float32)
     return reduce(hit, "mean", mask, where)
