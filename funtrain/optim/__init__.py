@@ -1,4 +1,12 @@
-"""Optimizers as pure ``Optimizer(init_state, update)`` pairs, written from scratch."""
+"""Optimizers as pure ``Optimizer(init_state, update)`` pairs, written from scratch.
+
+- ``base``: the protocol, ``chain``, ``apply_updates``, ``global_norm``, ``state_bytes``;
+- ``transforms``: building blocks (``scale_by_adam``, ``trace``, ``clip_by_global_norm`` ...);
+- ``optimizers``: ``sgd`` ... ``muon``, each a short chain of blocks;
+- ``schedules``: learning-rate schedules ``step -> value``;
+- ``wrappers``: ``masked``, ``partition``, ``freeze``, ``multi_steps``, ``apply_if_finite``,
+  ``inject_hyperparams``.
+"""
 
 from funtrain.optim import schedules
 from funtrain.optim.base import (
@@ -8,22 +16,65 @@ from funtrain.optim.base import (
     chain,
     global_norm,
     identity,
+    state_bytes,
 )
-from funtrain.optim.optimizers import sgd
+from funtrain.optim.optimizers import (
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    amsgrad,
+    lamb,
+    lars,
+    lion,
+    muon,
+    nadam,
+    newton_schulz,
+    radam,
+    rmsprop,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    sgd,
+)
 from funtrain.optim.transforms import (
-    ScaleByScheduleState,
-    TraceState,
     add_decayed_weights,
+    clip,
+    clip_by_global_norm,
     labels_to_mask,
     scale,
+    scale_by_adadelta,
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_factored_rms,
     scale_by_learning_rate,
+    scale_by_lion,
+    scale_by_nadam,
+    scale_by_radam,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_trust_ratio,
     trace,
 )
 
+OPTIMIZERS = {
+    "sgd": sgd, "rmsprop": rmsprop, "adagrad": adagrad, "adadelta": adadelta, "adam": adam,
+    "adamw": adamw, "amsgrad": amsgrad, "adamax": adamax, "nadam": nadam, "radam": radam,
+    "lion": lion, "lamb": lamb, "lars": lars, "adafactor": adafactor,
+    "schedule_free_adamw": schedule_free_adamw, "muon": muon,
+}
+"""Every optimizer factory by name (the demo's ``--optimizer`` choices)."""
+
 __all__ = [
     "Optimizer", "EmptyState", "apply_updates", "chain", "identity", "global_norm",
-    "scale", "scale_by_learning_rate", "trace", "add_decayed_weights", "labels_to_mask",
-    "ScaleByScheduleState", "TraceState",
-    "sgd",
+    "state_bytes",
+    "scale", "scale_by_learning_rate", "trace", "add_decayed_weights", "labels_to_mask", "clip",
+    "clip_by_global_norm", "scale_by_rms", "scale_by_rss", "scale_by_adadelta", "scale_by_adam",
+    "scale_by_adamax", "scale_by_nadam", "scale_by_radam", "scale_by_lion",
+    "scale_by_trust_ratio", "scale_by_factored_rms",
+    "sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
+    "radam", "lion", "lamb", "lars", "adafactor", "schedule_free_adamw",
+    "schedule_free_eval_params", "muon", "newton_schulz", "OPTIMIZERS",
     "schedules",
 ]

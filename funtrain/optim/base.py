@@ -124,3 +124,21 @@ def global_norm(tree: Any) -> jax.Array:
         for x in leaves
     )
     return jnp.sqrt(total)
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes held by the arrays of an optimizer state (or any pytree).
+
+    Works on concrete arrays and on ``jax.eval_shape`` results, so the memory of an
+    optimizer can be read without allocating it:
+    ``state_bytes(jax.eval_shape(opt.init_state, params))``.
+    """
+    total = 0
+    for leaf in jax.tree.leaves(state):
+        shape = getattr(leaf, "shape", ())
+        dtype = jnp.dtype(getattr(leaf, "dtype", jnp.asarray(leaf).dtype))
+        size = 1
+        for d in shape:
+            size *= int(d)
+        total += size * dtype.itemsize
+    return total

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
-from funtrain._typing import ScalarOrSchedule
-from funtrain.optim._checks import check_scalar
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from funtrain._tree import check_same_structure
+from funtrain._typing import Array, Params, ScalarOrSchedule
+from funtrain.optim._checks import check_scalar, is_traced_or_array
 from funtrain.optim.base import Optimizer, chain
-from funtrain.optim.schedules import as_schedule
-from funtrain.optim.transforms import add_decayed_weights, scale_by_learning_rate, trace
+from funtrain.optim.schedules import as_schedule, value_at
+from funtrain.optim.transforms import (
+    add_decayed_weights,
+    safe_increment,
+    scale_by_adadelta,
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_factored_rms,
+    scale_by_learning_rate,
+    scale_by_lion,
+    scale_by_nadam,
+    scale_by_radam,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_trust_ratio,
+    trace,
+)
+
+
+def _nonzero(value: Any) -> bool:
+    """Whether an optional block is needed; arrays (e.g. injected hyperparameters) count."""
+    return is_traced_or_array(value) or bool(value)
 
 
 def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.0, nesterov: bool = False,
@@ -44,9 +70,530 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.0, nesterov: bool =
         raise ValueError(f"sgd: nesterov=True needs momentum > 0 and dampening == 0, got "
                          f"momentum={momentum}, dampening={dampening}")
     parts = []
-    if weight_decay:
+    if _nonzero(weight_decay):
         parts.append(add_decayed_weights(weight_decay))
-    if momentum:
+    if _nonzero(momentum):
         parts.append(trace(momentum, nesterov=nesterov, dampening=dampening))
     parts.append(scale_by_learning_rate(learning_rate))
     return chain(*parts)
+
+
+# The optimizers below are chains of the blocks in ``transforms``. Each docstring gives
+# the full update rule; "PyTorch" / "optax" name the convention where the two differ.
+
+
+def _lr(learning_rate: ScalarOrSchedule, where: str) -> ScalarOrSchedule:
+    as_schedule(learning_rate, where)
+    return learning_rate
+
+
+def _coupled_wd(weight_decay: Any, where: str) -> list[Optimizer]:
+    check_scalar(where, "weight_decay", weight_decay, low=0.0)
+    return [add_decayed_weights(weight_decay)] if _nonzero(weight_decay) else []
+
+
+def _decoupled_wd(weight_decay: Any, mask: Any, where: str) -> list[Optimizer]:
+    check_scalar(where, "weight_decay", weight_decay, low=0.0)
+    return [add_decayed_weights(weight_decay, mask)] if _nonzero(weight_decay) else []
+
+
+def rmsprop(learning_rate: ScalarOrSchedule = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+            weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
+            eps_in_sqrt: bool = False) -> Optimizer:
+    r"""RMSProp (Hinton, 2012), PyTorch's ``torch.optim.RMSprop`` by default.
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda\theta_{t-1}, \quad
+        v_t = \alpha v_{t-1} + (1-\alpha) g_t^2, \quad
+        \tilde v_t = v_t - \bar g_t^2 \ (\text{centered}), \\
+        d_t &= g_t / (\sqrt{\tilde v_t} + \epsilon) \ \text{(PyTorch)} \quad\text{or}\quad
+        g_t / \sqrt{\tilde v_t + \epsilon} \ (\texttt{eps\_in\_sqrt=True}, \text{optax}), \\
+        b_t &= \mu b_{t-1} + d_t \ (\text{if } \mu > 0), \quad \theta_t = \theta_{t-1} - \eta b_t
+    """
+    where = "rmsprop"
+    check_scalar(where, "momentum", momentum, low=0.0)
+    parts = _coupled_wd(weight_decay, where)
+    parts.append(scale_by_rms(alpha, eps, eps_in_sqrt=eps_in_sqrt, centered=centered))
+    if _nonzero(momentum):
+        parts.append(trace(momentum))
+    parts.append(scale_by_learning_rate(_lr(learning_rate, where)))
+    return chain(*parts)
+
+
+def adagrad(learning_rate: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0,
+            weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+            eps: float = 1e-10, *, eps_in_sqrt: bool = False) -> Optimizer:
+    r"""Adagrad (Duchi et al., 2011), PyTorch's ``torch.optim.Adagrad`` by default.
+
+    .. math::
+        \eta_t = \frac{\eta}{1 + (t-1)\,\text{lr\_decay}}, \quad g_t \leftarrow g_t + \lambda
+        \theta_{t-1}, \quad s_t = s_{t-1} + g_t^2, \quad
+        \theta_t = \theta_{t-1} - \eta_t \frac{g_t}{\sqrt{s_t} + \epsilon}
+
+    The optax convention is ``initial_accumulator_value=0.1, eps=1e-7, eps_in_sqrt=True``
+    (:math:`g_t / \sqrt{s_t + \epsilon}`).
+    """
+    where = "adagrad"
+    check_scalar(where, "lr_decay", lr_decay, low=0.0)
+    lr = _lr(learning_rate, where)
+    if lr_decay:
+        base = lr
+
+        def lr(step: Any) -> Any:  # noqa: F811 - the decayed schedule replaces the float
+            return value_at(base, step) / (1.0 + step * lr_decay)
+
+    return chain(*_coupled_wd(weight_decay, where),
+                 scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=eps_in_sqrt),
+                 scale_by_learning_rate(lr))
+
+
+def adadelta(learning_rate: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float = 1e-6,
+             weight_decay: float = 0.0) -> Optimizer:
+    r"""Adadelta (Zeiler, 2012), as ``torch.optim.Adadelta``.
+
+    .. math::
+        v_t = \rho v_{t-1} + (1-\rho) g_t^2, \quad
+        \Delta_t = \frac{\sqrt{u_{t-1}+\epsilon}}{\sqrt{v_t+\epsilon}} g_t, \quad
+        u_t = \rho u_{t-1} + (1-\rho)\Delta_t^2, \quad \theta_t = \theta_{t-1} - \eta \Delta_t
+    """
+    where = "adadelta"
+    return chain(*_coupled_wd(weight_decay, where), scale_by_adadelta(rho, eps),
+                 scale_by_learning_rate(_lr(learning_rate, where)))
+
+
+def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-8, *, eps_root: float = 0.0, weight_decay: float = 0.0,
+         amsgrad: bool = False, amsgrad_convention: str = "pytorch", mu_dtype: Any = None,
+         nu_dtype: Any = None) -> Optimizer:
+    r"""Adam (Kingma & Ba, 2014), as ``torch.optim.Adam``: eps outside the square root.
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda\theta_{t-1} \ (\text{coupled L2, PyTorch's weight\_decay}),\\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1-\beta_2)g_t^2,\\
+        \theta_t &= \theta_{t-1} - \eta_t \frac{m_t/(1-\beta_1^t)}
+                   {\sqrt{v_t/(1-\beta_2^t) + \epsilon_{root}} + \epsilon}
+
+    ``amsgrad=True`` keeps the running max of the second moment (see ``scale_by_adam`` for
+    the PyTorch and optax conventions). ``mu_dtype``/``nu_dtype`` store the moments in
+    another dtype (e.g. bf16) to save memory.
+
+    Example:
+      >>> from funtrain import optim
+      >>> opt = optim.adam(3e-4)
+    """
+    where = "adam"
+    return chain(*_coupled_wd(weight_decay, where),
+                 scale_by_adam(b1, b2, eps, eps_root, amsgrad=amsgrad,
+                               amsgrad_convention=amsgrad_convention, mu_dtype=mu_dtype,
+                               nu_dtype=nu_dtype),
+                 scale_by_learning_rate(_lr(learning_rate, where)))
+
+
+def adamw(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8, weight_decay: float = 1e-2, mask: Any = None, *,
+          eps_root: float = 0.0, amsgrad: bool = False, amsgrad_convention: str = "pytorch",
+          mu_dtype: Any = None, nu_dtype: Any = None) -> Optimizer:
+    r"""AdamW (Loshchilov & Hutter, 2017): Adam with decoupled weight decay, as PyTorch.
+
+    .. math:: \theta_t = \theta_{t-1}(1 - \eta_t\lambda) - \eta_t \frac{\hat m_t}{\sqrt{\hat v_t}
+              + \epsilon}
+
+    Args:
+      mask: pytree of bools (or ``params -> tree``): decay only the ``True`` leaves,
+        e.g. ``optim.labels_to_mask(lambda path, p: p.ndim > 1)`` to skip biases and norms.
+    """
+    where = "adamw"
+    return chain(scale_by_adam(b1, b2, eps, eps_root, amsgrad=amsgrad,
+                               amsgrad_convention=amsgrad_convention, mu_dtype=mu_dtype,
+                               nu_dtype=nu_dtype),
+                 *_decoupled_wd(weight_decay, mask, where),
+                 scale_by_learning_rate(_lr(learning_rate, where)))
+
+
+def amsgrad(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+            eps: float = 1e-8, weight_decay: float = 0.0, *,
+            convention: str = "pytorch") -> Optimizer:
+    r"""AMSGrad (Reddi et al., 2018): Adam with a non-decreasing second moment.
+
+    PyTorch (default, ``Adam(amsgrad=True)``): :math:`\hat v^{max}_t = \max(v^{max}_{t-1}, v_t)
+    / (1-\beta_2^t)`; optax: :math:`v^{max}_t = \max(v^{max}_{t-1}, \hat v_t)`.
+    """
+    return adam(learning_rate, b1, b2, eps, weight_decay=weight_decay, amsgrad=True,
+                amsgrad_convention=convention)
+
+
+def adamax(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0.999,
+           eps: float = 1e-8, weight_decay: float = 0.0, *,
+           convention: str = "pytorch") -> Optimizer:
+    r"""AdaMax (Kingma & Ba, 2014), as ``torch.optim.Adamax`` by default.
+
+    .. math:: u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon), \quad
+              \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\frac{m_t}{u_t}
+
+    ``convention="optax"``: :math:`u_t = \max(\beta_2 u_{t-1}, |g_t|)`,
+    :math:`\theta_t = \theta_{t-1} - \eta\,\hat m_t/(u_t + \epsilon)`.
+    """
+    where = "adamax"
+    return chain(*_coupled_wd(weight_decay, where),
+                 scale_by_adamax(b1, b2, eps, convention=convention),
+                 scale_by_learning_rate(_lr(learning_rate, where)))
+
+
+def nadam(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8, weight_decay: float = 0.0, momentum_decay: float = 4e-3, *,
+          convention: str = "pytorch") -> Optimizer:
+    r"""NAdam (Dozat, 2016): Adam with Nesterov momentum.
+
+    ``convention="pytorch"`` (default, ``torch.optim.NAdam``) uses Dozat's momentum schedule
+    :math:`\mu_t = \beta_1(1 - \frac12 0.96^{t\psi})` (see ``scale_by_nadam``).
+    ``convention="optax"`` has no schedule: :math:`\hat m_t = \frac{\beta_1 m_t}
+    {1-\beta_1^{t+1}} + \frac{(1-\beta_1) g_t}{1-\beta_1^t}`, then
+    :math:`\theta_t = \theta_{t-1} - \eta\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)`.
+    """
+    where = "nadam"
+    if convention == "pytorch":
+        direction = scale_by_nadam(b1, b2, eps, momentum_decay)
+    elif convention == "optax":
+        direction = scale_by_adam(b1, b2, eps, nesterov=True)
+    else:
+        raise ValueError(f"{where}: convention must be 'pytorch' or 'optax', got {convention!r}")
+    return chain(*_coupled_wd(weight_decay, where), direction,
+                 scale_by_learning_rate(_lr(learning_rate, where)))
+
+
+def radam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8, weight_decay: float = 0.0) -> Optimizer:
+    r"""RAdam (Liu et al., 2020), as ``torch.optim.RAdam``: Adam whose adaptive term is
+    switched on, with a variance rectification :math:`r_t`, once :math:`\rho_t > 5`.
+
+    .. math:: \theta_t = \theta_{t-1} - \eta\,\hat m_t \cdot
+              \begin{cases} r_t \sqrt{1-\beta_2^t} / (\sqrt{v_t} + \epsilon) & \rho_t > 5\\
+              1 & \text{otherwise} \end{cases}
+    """
+    where = "radam"
+    return chain(*_coupled_wd(weight_decay, where), scale_by_radam(b1, b2, eps),
+                 scale_by_learning_rate(_lr(learning_rate, where)))
+
+
+def lion(learning_rate: ScalarOrSchedule = 1e-4, b1: float = 0.9, b2: float = 0.99,
+         weight_decay: float = 0.0, mask: Any = None, *, mu_dtype: Any = None) -> Optimizer:
+    r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    .. math:: \theta_t = \theta_{t-1} - \eta\big(\operatorname{sign}(\beta_1 m_{t-1} +
+              (1-\beta_1) g_t) + \lambda\theta_{t-1}\big), \quad
+              m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
+
+    Use a learning rate 3-10x smaller and a weight decay 3-10x larger than for AdamW.
+    """
+    where = "lion"
+    return chain(scale_by_lion(b1, b2, mu_dtype), *_decoupled_wd(weight_decay, mask, where),
+                 scale_by_learning_rate(_lr(learning_rate, where)))
+
+
+def lamb(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-6, weight_decay: float = 0.0, mask: Any = None, *,
+         eps_root: float = 0.0) -> Optimizer:
+    r"""LAMB (You et al., 2019): Adam direction plus weight decay, scaled per layer.
+
+    .. math::
+        r_t = \frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon} + \lambda\theta_{t-1},
+        \quad \theta_t = \theta_{t-1} - \eta \frac{\lVert\theta_{t-1}\rVert}{\lVert r_t\rVert} r_t
+
+    The paper and optax put eps outside the root (``eps_root=0``, default); to put it
+    inside, as some implementations do, pass ``eps=0, eps_root=1e-6``.
+    """
+    where = "lamb"
+    return chain(scale_by_adam(b1, b2, eps, eps_root), *_decoupled_wd(weight_decay, mask, where),
+                 scale_by_trust_ratio(), scale_by_learning_rate(_lr(learning_rate, where)))
+
+
+def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9, weight_decay: float = 0.0,
+         trust_coefficient: float = 0.001, eps: float = 0.0, nesterov: bool = False,
+         mask: Any = None) -> Optimizer:
+    r"""LARS (You et al., 2017): momentum SGD with a layer-wise trust ratio.
+
+    .. math::
+        u_t = g_t + \lambda\theta_{t-1}, \quad
+        u_t \leftarrow \eta\,\frac{c\,\lVert\theta_{t-1}\rVert}{\lVert u_t\rVert + \epsilon}\,u_t,
+        \quad v_t = \mu v_{t-1} + u_t, \quad \theta_t = \theta_{t-1} - v_t
+
+    (``nesterov``: :math:`\theta_t = \theta_{t-1} - (u_t + \mu v_t)`). This is the optax
+    form; the paper's denominator is :math:`\lVert g\rVert + \lambda\lVert\theta\rVert`.
+    """
+    where = "lars"
+    check_scalar(where, "momentum", momentum, low=0.0)
+    parts = [*_decoupled_wd(weight_decay, mask, where),
+             scale_by_trust_ratio(trust_coefficient, eps),
+             scale_by_learning_rate(_lr(learning_rate, where))]
+    if _nonzero(momentum):
+        parts.append(trace(momentum, nesterov=nesterov))
+    return chain(*parts)
+
+
+class AdafactorStepState(NamedTuple):
+    """``count``: updates so far (for the relative step size)."""
+
+    count: Array
+
+
+def _adafactor_step(learning_rate: ScalarOrSchedule, eps2: float, weight_decay: float
+                    ) -> Optimizer:
+    """Adafactor's relative step: ``-max(eps2, RMS(θ)) min(η, 1/√t) Û - η λ θ``."""
+
+    def init_state(params: Params) -> AdafactorStepState:
+        return AdafactorStepState(jnp.zeros((), jnp.int32))
+
+    def update(updates: Any, state: AdafactorStepState, params: Params | None = None):
+        if params is None:
+            raise ValueError("adafactor: needs the current params; call "
+                             "update(grads, state, params)")
+        count = safe_increment(state.count)
+        lr = value_at(learning_rate, state.count)
+
+        def leaf(u: Array, p: Array) -> Array:
+            dt = jnp.promote_types(p.dtype, jnp.float32)
+            pf = p.astype(dt)
+            t = count.astype(dt)
+            rho = jnp.minimum(lr, 1.0 / jnp.sqrt(t))
+            alpha = jnp.maximum(eps2, jnp.sqrt(jnp.mean(pf * pf))) * rho
+            out = -alpha * u.astype(dt) - lr * weight_decay * pf
+            return out.astype(u.dtype)
+
+        return jax.tree.map(leaf, updates, params), AdafactorStepState(count)
+
+    return Optimizer(init_state, update)
+
+
+def adafactor(learning_rate: ScalarOrSchedule = 1e-2, beta2_decay: float = -0.8,
+              eps: tuple[float | None, float] = (None, 1e-3), clipping_threshold: float = 1.0,
+              weight_decay: float = 0.0) -> Optimizer:
+    r"""Adafactor (Shazeer & Stern, 2018), as ``torch.optim.Adafactor``.
+
+    Memory-light: a >= 2-D leaf of shape ``(..., n, m)`` keeps ``n + m`` second-moment
+    numbers instead of ``n m``, and there is no first moment.
+
+    .. math::
+        \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta_{t-1}))\,\min(\eta, 1/\sqrt t), \quad
+        \theta_t = \theta_{t-1}(1 - \eta\lambda) - \alpha_t \hat U_t
+
+    with :math:`\hat U_t` from ``scale_by_factored_rms``.
+
+    Args:
+      eps: ``(eps1, eps2)``; ``eps1=None`` uses each leaf's dtype epsilon.
+      clipping_threshold: :math:`d`, the update-RMS clipping threshold.
+    """
+    where = "adafactor"
+    _lr(learning_rate, where)
+    check_scalar(where, "weight_decay", weight_decay, low=0.0)
+    if not (isinstance(eps, tuple) and len(eps) == 2):
+        raise ValueError(f"{where}: eps must be a pair (eps1 or None, eps2), got {eps!r}")
+    check_scalar(where, "eps[1]", eps[1], low=0.0)
+    return chain(scale_by_factored_rms(beta2_decay, eps[0], clipping_threshold),
+                 _adafactor_step(learning_rate, eps[1], weight_decay))
+
+
+# --------------------------------------------------------------------------- schedule-free
+
+
+class ScheduleFreeState(NamedTuple):
+    """``b1`` (kept for ``schedule_free_eval_params``), ``count``, ``weight_sum``, ``max_lr``,
+    the base AdamW ``base_state`` and the ``z`` sequence."""
+
+    b1: Array
+    count: Array
+    weight_sum: Array
+    max_lr: Array
+    base_state: Any
+    z: Any
+
+
+def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: float = 0.999,
+                        eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0,
+                        *, weight_lr_power: float = 2.0, mask: Any = None) -> Optimizer:
+    r"""Schedule-free AdamW (Defazio et al., 2024, "The Road Less Scheduled").
+
+    No learning-rate schedule is needed: the params held (:math:`y`) interpolate between
+    a base AdamW iterate :math:`z` and its weighted average :math:`x`, which is the point
+    to *evaluate* at (``schedule_free_eval_params``).
+
+    .. math::
+        z_{t+1} &= z_t - \gamma_t\Big(\frac{g(y_t)}{\sqrt{\hat v_t} + \epsilon} +
+                   \lambda y_t\Big), \quad
+        c_{t+1} = \frac{\gamma_{\max,t}^{p}}{\sum_{i\le t}\gamma_{\max,i}^{p}}, \\
+        x_{t+1} &= (1 - c_{t+1}) x_t + c_{t+1} z_{t+1}, \quad
+        y_{t+1} = \beta_1 x_{t+1} + (1-\beta_1) z_{t+1}
+
+    :math:`\gamma_t` warms up linearly from 0 over ``warmup_steps``.
+    """
+    where = "schedule_free_adamw"
+    check_scalar(where, "learning_rate", learning_rate, low=0.0)
+    check_scalar(where, "b1", b1, low=0.0, high=1.0, low_open=True, high_open=True)
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"{where}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
+
+    def lr_at(step: Any) -> Any:
+        if warmup_steps == 0:
+            return jnp.asarray(learning_rate, jnp.result_type(float))
+        frac = jnp.minimum(step.astype(jnp.result_type(float)) / warmup_steps, 1.0)
+        return learning_rate * frac
+
+    base = chain(scale_by_adam(0.0, b2, eps), *_decoupled_wd(weight_decay, mask, where),
+                 scale_by_learning_rate(lr_at))
+
+    def init_state(params: Params) -> ScheduleFreeState:
+        f = jnp.result_type(float)
+        return ScheduleFreeState(jnp.asarray(b1, f), jnp.zeros((), jnp.int32),
+                                 jnp.zeros((), f), jnp.zeros((), f), base.init(params),
+                                 jax.tree.map(jnp.array, params))
+
+    def update(grads: Any, state: ScheduleFreeState, params: Params | None = None):
+        if params is None:
+            raise ValueError(f"{where}: needs the current params; call "
+                             f"update(grads, state, params)")
+        lr = lr_at(state.count)
+        max_lr = jnp.maximum(state.max_lr, lr)
+        weight = max_lr ** weight_lr_power
+        total = state.weight_sum + weight
+        ck = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
+        base_updates, base_state = base.update(grads, state.base_state, params)
+        z = jax.tree.map(lambda zi, ui: (zi + ui).astype(zi.dtype), state.z, base_updates)
+
+        def new_y(y: Array, z_old: Array, z_new: Array) -> Array:
+            x_old = (y - (1.0 - b1) * z_old) / b1
+            x = (1.0 - ck) * x_old + ck * z_new
+            return (b1 * x + (1.0 - b1) * z_new - y).astype(y.dtype)
+
+        updates = jax.tree.map(new_y, params, state.z, z)
+        return updates, ScheduleFreeState(state.b1, safe_increment(state.count), total, max_lr,
+                                          base_state, z)
+
+    return Optimizer(init_state, update)
+
+
+def schedule_free_eval_params(state: Any, params: Params) -> Params:
+    r"""The params to evaluate a schedule-free run at: :math:`x = (y - (1-\beta_1) z)/\beta_1`.
+
+    ``state`` is the optimizer state of ``schedule_free_adamw`` (it may sit anywhere inside
+    a ``chain``'s state tuple).
+    """
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, ScheduleFreeState))
+             if isinstance(s, ScheduleFreeState)]
+    if len(found) != 1:
+        raise ValueError(f"schedule_free_eval_params: expected the state of one "
+                         f"schedule_free_adamw, found {len(found)}")
+    sf = found[0]
+    return jax.tree.map(lambda y, z: ((y - (1.0 - sf.b1) * z) / sf.b1).astype(y.dtype),
+                        params, sf.z)
+
+
+# --------------------------------------------------------------------------- Muon
+
+_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: Array, steps: int = 5, eps: float = 1e-7,
+                  coefficients: tuple[float, float, float] = _NS_COEFFICIENTS) -> Array:
+    r"""Approximately orthogonalise a matrix with Keller Jordan's quintic Newton–Schulz.
+
+    :math:`X_0 = G/\max(\lVert G\rVert_F, \epsilon)`, then ``steps`` times
+    :math:`A = XX^\top,\ X \leftarrow aX + (bA + cA^2)X` (on the wide orientation).
+    """
+    a, b, c = coefficients
+    tall = g.shape[0] > g.shape[1]
+    x = g.T if tall else g
+    x = x / jnp.maximum(jnp.linalg.norm(x), eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class MuonState(NamedTuple):
+    """``count``; ``mu``: Muon momentum (2-D leaves) or Adam first moment (others);
+    ``nu``: Adam second moment for non-2-D leaves (0-d zeros for 2-D ones)."""
+
+    count: Array
+    mu: Any
+    nu: Any
+
+
+def muon(learning_rate: ScalarOrSchedule = 1e-3, momentum: float = 0.95,
+         weight_decay: float = 0.1, nesterov: bool = True, ns_steps: int = 5,
+         eps: float = 1e-7, adjust_lr: str = "original", *,
+         adam_learning_rate: ScalarOrSchedule = 3e-4, adam_b1: float = 0.9,
+         adam_b2: float = 0.999, adam_eps: float = 1e-8, ns_dtype: Any = None) -> Optimizer:
+    r"""Muon (Keller Jordan, 2024): orthogonalised momentum for 2-D weights, AdamW for the rest.
+
+    For each 2-D leaf, as ``torch.optim.Muon``:
+
+    .. math::
+        b_t = \mu b_{t-1} + (1-\mu) g_t, \quad
+        u_t = (1-\mu) g_t + \mu b_t \ (\text{Nesterov}) \text{ or } b_t, \\
+        \theta_t = \theta_{t-1}(1 - \eta\lambda) - \eta\,s\,\mathrm{NS}_5(u_t), \quad
+        s = \sqrt{\max(1, n/m)} \ (\text{"original"}) \text{ or } 0.2\sqrt{\max(n, m)}
+        \ (\text{"match\_rms\_adamw"})
+
+    Every other leaf (biases, norms, embeddings of other rank) gets AdamW with the
+    ``adam_*`` hyperparameters and the same ``weight_decay``. ``ns_dtype`` runs
+    Newton–Schulz in another dtype (PyTorch uses bf16; default: the grads' float32).
+    """
+    where = "muon"
+    _lr(learning_rate, where)
+    _lr(adam_learning_rate, where)
+    _check = check_scalar
+    _check(where, "momentum", momentum, low=0.0, high=1.0, high_open=True)
+    _check(where, "weight_decay", weight_decay, low=0.0)
+    _check(where, "adam_b1", adam_b1, low=0.0, high=1.0, high_open=True)
+    _check(where, "adam_b2", adam_b2, low=0.0, high=1.0, high_open=True)
+    _check(where, "adam_eps", adam_eps, low=0.0, low_open=True)
+    if adjust_lr not in ("original", "match_rms_adamw"):
+        raise ValueError(f"{where}: adjust_lr must be 'original' or 'match_rms_adamw', got "
+                         f"{adjust_lr!r}")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"{where}: ns_steps must be a positive int, got {ns_steps!r}")
+
+    def init_state(params: Params) -> MuonState:
+        acc = lambda p: jnp.promote_types(p.dtype, jnp.float32)
+        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, acc(p)), params)
+        nu = jax.tree.map(lambda p: jnp.zeros(() if p.ndim == 2 else p.shape, acc(p)), params)
+        return MuonState(jnp.zeros((), jnp.int32), mu, nu)
+
+    def update(grads: Any, state: MuonState, params: Params | None = None):
+        if params is None:
+            raise ValueError(f"{where}: needs the current params; call "
+                             f"update(grads, state, params)")
+        check_same_structure(state.mu, grads, what=where,
+                             expected_name="the optimizer state (made from params)",
+                             actual_name="grads")
+        count = safe_increment(state.count)
+        lr = value_at(learning_rate, state.count)
+        adam_lr = value_at(adam_learning_rate, state.count)
+
+        def leaf(g: Array, p: Array, m: Array, v: Array) -> tuple:
+            dt = m.dtype
+            gf, pf = g.astype(dt), p.astype(dt)
+            if g.ndim == 2:
+                m = momentum * m + (1 - momentum) * gf
+                u = (1 - momentum) * gf + momentum * m if nesterov else m
+                o = newton_schulz(u.astype(ns_dtype or dt), ns_steps, eps).astype(dt)
+                rows, cols = g.shape
+                s = (max(1.0, rows / cols) ** 0.5 if adjust_lr == "original"
+                     else 0.2 * max(rows, cols) ** 0.5)
+                out = -lr * weight_decay * pf - lr * s * o
+                return out.astype(g.dtype), m, v
+            m = adam_b1 * m + (1 - adam_b1) * gf
+            v = adam_b2 * v + (1 - adam_b2) * gf * gf
+            m_hat = m / (1 - jnp.asarray(adam_b1, dt) ** count.astype(dt))
+            v_hat = v / (1 - jnp.asarray(adam_b2, dt) ** count.astype(dt))
+            out = -adam_lr * (m_hat / (jnp.sqrt(v_hat) + adam_eps) + weight_decay * pf)
+            return out.astype(g.dtype), m, v
+
+        treedef = jax.tree.structure(grads)
+        leaves = zip(treedef.flatten_up_to(grads), treedef.flatten_up_to(params),
+                     treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu),
+                     strict=True)
+        outs = [leaf(*args) for args in leaves]
+        updates, mu, nu = (treedef.unflatten([o[k] for o in outs]) for k in range(3))
+        return updates, MuonState(count, mu, nu)
+
+    return Optimizer(init_state, update)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from funtrain._tree import check_same_structure
 from funtrain._typing import Array, Grads, Params, ScalarOrSchedule, Updates
 from funtrain.optim._checks import check_scalar
-from funtrain.optim.base import EmptyState, Optimizer
+from funtrain.optim.base import EmptyState, Optimizer, global_norm
 from funtrain.optim.schedules import as_schedule
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
@@ -57,10 +57,18 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     """Multiply by ``-learning_rate`` (a float, or a schedule ``step -> lr``).
 
     With a schedule the block counts its own updates; the first uses ``schedule(0)``.
+    A float needs no count, so the block is then stateless (SGD keeps 0 extra bytes).
     ``flip_sign=False`` keeps the sign (for gradient *ascent* or custom chains).
     """
-    lr = as_schedule(learning_rate, "scale_by_learning_rate")
     sign = -1.0 if flip_sign else 1.0
+    if not callable(learning_rate):
+        as_schedule(learning_rate, "scale_by_learning_rate")
+
+        def update_const(grads: Grads, state: EmptyState, params: Params | None = None):
+            return jax.tree.map(lambda g: (sign * learning_rate * g).astype(g.dtype), grads), state
+
+        return Optimizer(lambda params: EmptyState(), update_const)
+    lr = learning_rate
 
     def init_state(params: Params) -> ScaleByScheduleState:
         return ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
@@ -139,6 +147,15 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0,
 MaskOrFn = Any  # a pytree of bools like params, or a function params -> such a pytree
 
 
+def resolve_mask(mask: MaskOrFn | None, params: Params, where: str) -> Any:
+    """The mask tree for ``params`` (all True when ``mask`` is None), structure-checked."""
+    m = mask(params) if callable(mask) else mask
+    if m is None:
+        return jax.tree.map(lambda _: True, params)
+    check_same_structure(params, m, what=where, expected_name="params", actual_name="mask")
+    return m
+
+
 def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: MaskOrFn | None = None
                         ) -> Optimizer:
     r"""Add :math:`\lambda \theta` to the updates (coupled L2 when placed before the lr).
@@ -147,22 +164,25 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: MaskOrFn | None = 
       weight_decay: :math:`\lambda \ge 0`, a float or a schedule.
       mask: optional pytree of bools with the params' structure (or a function
         ``params -> mask``); only ``True`` leaves are decayed, e.g. to skip biases.
+        A mask whose structure differs from the params fails in ``init_state``.
     """
-    wd = as_schedule(weight_decay, "add_decayed_weights", "weight_decay")
+    where = "add_decayed_weights"
+    wd = as_schedule(weight_decay, where, "weight_decay")
+    scheduled = callable(weight_decay)
 
-    def init_state(params: Params) -> ScaleByScheduleState:
-        return ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+    def init_state(params: Params) -> Any:
+        if mask is not None:
+            resolve_mask(mask, params, where)
+        if scheduled:
+            return ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+        return EmptyState()
 
-    def update(grads: Updates, state: ScaleByScheduleState, params: Params | None = None):
-        params = _need_params("add_decayed_weights", params)
-        check_same_structure(params, grads, what="add_decayed_weights",
-                             expected_name="params", actual_name="grads")
-        lam = wd(state.count)
-        m = mask(params) if callable(mask) else mask
-        if m is None:
-            m = jax.tree.map(lambda _: True, params)
-        check_same_structure(params, m, what="add_decayed_weights", expected_name="params",
-                             actual_name="mask")
+    def update(grads: Updates, state: Any, params: Params | None = None):
+        params = _need_params(where, params)
+        check_same_structure(params, grads, what=where, expected_name="params",
+                             actual_name="grads")
+        lam = wd(state.count) if scheduled else weight_decay
+        m = resolve_mask(mask, params, where)
 
         def add(g: Array, p: Array, keep: Any) -> Array:
             decayed = (g + lam * p.astype(g.dtype)).astype(g.dtype)
@@ -171,7 +191,9 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: MaskOrFn | None = 
             return jnp.where(keep, decayed, g)
 
         updates = jax.tree.map(add, grads, params, m)
-        return updates, ScaleByScheduleState(count=safe_increment(state.count))
+        if scheduled:
+            state = ScaleByScheduleState(count=safe_increment(state.count))
+        return updates, state
 
     return Optimizer(init_state, update)
 
@@ -192,3 +214,598 @@ def labels_to_mask(fn: Callable[[tuple[str, ...], Array], bool]) -> Callable[[Pa
         return jax.tree_util.tree_map_with_path(pred, params)
 
     return make
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _acc_dtype(x: Array) -> Any:
+    """Compute dtype for statistics: float32 at least (float64 stays float64)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _zeros_like(params: Params, dtype: Any = None) -> Any:
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or _acc_dtype(p)), params)
+
+
+def _map(fn: Callable[..., tuple], n_out: int, *trees: Any) -> tuple:
+    """``jax.tree.map`` for a leaf function returning ``n_out`` values: ``n_out`` trees back."""
+    treedef = jax.tree.structure(trees[0])
+    leaves = [treedef.flatten_up_to(t) for t in trees]
+    outs = [fn(*args) for args in zip(*leaves, strict=True)]
+    return tuple(treedef.unflatten([o[k] for o in outs]) for k in range(n_out))
+
+
+def _check_grads(where: str, reference: Any, grads: Any) -> None:
+    check_same_structure(reference, grads, what=where,
+                         expected_name="the optimizer state (made from params)",
+                         actual_name="grads")
+
+
+def _check_beta(where: str, name: str, value: Any) -> None:
+    check_scalar(where, name, value, low=0.0, high=1.0, high_open=True)
+
+
+def _check_eps(where: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
+    check_scalar(where, name, value, low=0.0, low_open=not allow_zero)
+
+
+def _bias_correction(decay: Any, count: Array, dtype: Any) -> Array:
+    return 1.0 - jnp.asarray(decay, dtype) ** count.astype(dtype)
+
+
+# --------------------------------------------------------------------------- RMS
+
+
+class ScaleByRmsState(NamedTuple):
+    """``nu``: EMA of squared grads; ``mu``: EMA of grads (centered only, else ``()``)."""
+
+    nu: Any
+    mu: Any
+
+
+def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_in_sqrt: bool = False,
+                 centered: bool = False, nu_dtype: Any = None) -> Optimizer:
+    r"""Divide by the root of an EMA of squared gradients (Hinton's RMSProp, 2012).
+
+    .. math::
+        v_t = \alpha v_{t-1} + (1 - \alpha) g_t^2, \qquad
+        u_t = g_t / (\sqrt{v_t} + \epsilon) \quad \text{(PyTorch)}
+        \quad\text{or}\quad g_t / \sqrt{v_t + \epsilon} \quad (\texttt{eps\_in\_sqrt}, \text{optax})
+
+    ``centered`` subtracts the squared EMA of the gradients from :math:`v_t`.
+    """
+    where = "scale_by_rms"
+    _check_beta(where, "decay", decay)
+    _check_eps(where, "eps", eps)
+
+    def init_state(params: Params) -> ScaleByRmsState:
+        return ScaleByRmsState(nu=_zeros_like(params, nu_dtype),
+                               mu=_zeros_like(params) if centered else ())
+
+    def update(grads: Grads, state: ScaleByRmsState, params: Params | None = None):
+        _check_grads(where, state.nu, grads)
+
+        def leaf(g: Array, nu: Array, mu: Any) -> tuple:
+            gf = g.astype(_acc_dtype(g))
+            nu_new = decay * nu.astype(gf.dtype) + (1 - decay) * gf * gf
+            var = nu_new
+            mu_new = mu
+            if centered:
+                mu_new = decay * mu + (1 - decay) * gf
+                var = nu_new - mu_new * mu_new
+            denom = jnp.sqrt(var + eps) if eps_in_sqrt else jnp.sqrt(var) + eps
+            return (gf / denom).astype(g.dtype), nu_new.astype(nu.dtype), mu_new
+
+        mus = state.mu if centered else jax.tree.map(lambda _: None, state.nu)
+        if centered:
+            updates, nu, mu = _map(leaf, 3, grads, state.nu, mus)
+        else:
+            updates, nu, _ = _map(lambda g, n: leaf(g, n, None), 3, grads, state.nu)
+            mu = ()
+        return updates, ScaleByRmsState(nu=nu, mu=mu)
+
+    return Optimizer(init_state, update)
+
+
+class ScaleBySumState(NamedTuple):
+    """``sum_of_squares``: running sum of squared grads (Adagrad)."""
+
+    sum_of_squares: Any
+
+
+def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
+                 eps_in_sqrt: bool = False) -> Optimizer:
+    r"""Divide by the root of the running sum of squared gradients (Adagrad; Duchi et al., 2011).
+
+    .. math:: s_t = s_{t-1} + g_t^2, \qquad u_t = g_t / (\sqrt{s_t} + \epsilon)
+        \quad \text{or, with } \texttt{eps\_in\_sqrt},\ g_t / \sqrt{s_t + \epsilon}
+        \ (0 \text{ where } s_t = 0)
+    """
+    where = "scale_by_rss"
+    check_scalar(where, "initial_accumulator_value", initial_accumulator_value, low=0.0)
+    _check_eps(where, "eps", eps)
+
+    def init_state(params: Params) -> ScaleBySumState:
+        return ScaleBySumState(jax.tree.map(
+            lambda p: jnp.full_like(p, initial_accumulator_value, dtype=_acc_dtype(p)), params))
+
+    def update(grads: Grads, state: ScaleBySumState, params: Params | None = None):
+        _check_grads(where, state.sum_of_squares, grads)
+
+        def leaf(g: Array, s: Array) -> tuple:
+            gf = g.astype(s.dtype)
+            s = s + gf * gf
+            if eps_in_sqrt:
+                u = jnp.where(s > 0, gf * jax.lax.rsqrt(s + eps), 0.0)
+            else:
+                u = gf / (jnp.sqrt(s) + eps)
+            return u.astype(g.dtype), s
+
+        updates, sums = _map(leaf, 2, grads, state.sum_of_squares)
+        return updates, ScaleBySumState(sums)
+
+    return Optimizer(init_state, update)
+
+
+class ScaleByAdadeltaState(NamedTuple):
+    """EMAs of squared grads (``nu``) and of squared updates (``delta``)."""
+
+    nu: Any
+    delta: Any
+
+
+def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Optimizer:
+    r"""Adadelta's unit-corrected step (Zeiler, 2012), as PyTorch.
+
+    .. math::
+        v_t = \rho v_{t-1} + (1-\rho) g_t^2, \quad
+        \Delta_t = \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}} g_t, \quad
+        u_t = \rho u_{t-1} + (1-\rho) \Delta_t^2
+    """
+    where = "scale_by_adadelta"
+    check_scalar(where, "rho", rho, low=0.0, high=1.0)
+    _check_eps(where, "eps", eps)
+
+    def init_state(params: Params) -> ScaleByAdadeltaState:
+        return ScaleByAdadeltaState(_zeros_like(params), _zeros_like(params))
+
+    def update(grads: Grads, state: ScaleByAdadeltaState, params: Params | None = None):
+        _check_grads(where, state.nu, grads)
+
+        def leaf(g: Array, v: Array, u: Array) -> tuple:
+            gf = g.astype(v.dtype)
+            v = rho * v + (1 - rho) * gf * gf
+            d = jnp.sqrt(u + eps) / jnp.sqrt(v + eps) * gf
+            u = rho * u + (1 - rho) * d * d
+            return d.astype(g.dtype), v, u
+
+        updates, nu, delta = _map(leaf, 3, grads, state.nu, state.delta)
+        return updates, ScaleByAdadeltaState(nu, delta)
+
+    return Optimizer(init_state, update)
+
+
+# --------------------------------------------------------------------------- Adam family
+
+
+class ScaleByAdamState(NamedTuple):
+    """``count``; first moment ``mu``; second moment ``nu``; ``nu_max`` (AMSGrad, else ``()``)."""
+
+    count: Array
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+_AMSGRAD = ("pytorch", "optax")
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
+                  *, nesterov: bool = False, amsgrad: bool = False,
+                  amsgrad_convention: str = "pytorch", mu_dtype: Any = None,
+                  nu_dtype: Any = None) -> Optimizer:
+    r"""Adam's step direction (Kingma & Ba, 2014), before the learning rate.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
+        \quad \hat m_t = \frac{m_t}{1-\beta_1^t}, \quad \hat v_t = \frac{v_t}{1-\beta_2^t},
+        \quad u_t = \frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}
+
+    ``nesterov`` uses :math:`\hat m_t = \frac{\beta_1 m_t}{1-\beta_1^{t+1}} +
+    \frac{(1-\beta_1) g_t}{1-\beta_1^t}` (Dozat's NAdam without a momentum schedule, the
+    optax form). ``amsgrad`` (Reddi et al., 2018) keeps the running max of the second
+    moment: with ``amsgrad_convention="pytorch"`` (default) of the *raw* :math:`v_t`,
+    bias-corrected afterwards; with ``"optax"`` of :math:`\hat v_t`.
+
+    ``mu_dtype``/``nu_dtype`` set the moments' storage dtype (e.g. ``jnp.bfloat16``);
+    the arithmetic runs in float32 at least.
+    """
+    where = "scale_by_adam"
+    _check_beta(where, "b1", b1)
+    _check_beta(where, "b2", b2)
+    # eps may be 0 only when eps_root keeps the denominator positive.
+    _check_eps(where, "eps", eps, allow_zero=not isinstance(eps_root, (int, float))
+               or eps_root > 0)
+    _check_eps(where, "eps_root", eps_root, allow_zero=True)
+    if amsgrad_convention not in _AMSGRAD:
+        raise ValueError(f"{where}: amsgrad_convention must be 'pytorch' or 'optax', got "
+                         f"{amsgrad_convention!r}")
+
+    def init_state(params: Params) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count=jnp.zeros((), jnp.int32), mu=_zeros_like(params, mu_dtype),
+            nu=_zeros_like(params, nu_dtype),
+            nu_max=_zeros_like(params, nu_dtype) if amsgrad else ())
+
+    def update(grads: Grads, state: ScaleByAdamState, params: Params | None = None):
+        _check_grads(where, state.mu, grads)
+        count = safe_increment(state.count)
+
+        def leaf(g: Array, m: Array, v: Array, vmax: Any) -> tuple:
+            dt = _acc_dtype(g)
+            gf = g.astype(dt)
+            m_new = b1 * m.astype(dt) + (1 - b1) * gf
+            v_new = b2 * v.astype(dt) + (1 - b2) * gf * gf
+            bc1 = _bias_correction(b1, count, dt)
+            bc2 = _bias_correction(b2, count, dt)
+            if nesterov:
+                m_hat = b1 * m_new / _bias_correction(b1, count + 1, dt) + (1 - b1) * gf / bc1
+            else:
+                m_hat = m_new / bc1
+            vmax_new = vmax
+            if not amsgrad:
+                denom = jnp.sqrt(v_new / bc2 + eps_root) + eps
+            elif amsgrad_convention == "pytorch":
+                vmax_new = jnp.maximum(vmax.astype(dt), v_new)
+                denom = jnp.sqrt(vmax_new / bc2 + eps_root) + eps
+            else:
+                vmax_new = jnp.maximum(vmax.astype(dt), v_new / bc2)
+                denom = jnp.sqrt(vmax_new + eps_root) + eps
+            if amsgrad:
+                vmax_new = vmax_new.astype(vmax.dtype)
+            return ((m_hat / denom).astype(g.dtype), m_new.astype(m.dtype),
+                    v_new.astype(v.dtype), vmax_new)
+
+        if amsgrad:
+            updates, mu, nu, nu_max = _map(leaf, 4, grads, state.mu, state.nu, state.nu_max)
+        else:
+            updates, mu, nu, _ = _map(lambda g, m, v: leaf(g, m, v, None), 4, grads, state.mu,
+                                      state.nu)
+            nu_max = ()
+        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+    return Optimizer(init_state, update)
+
+
+class ScaleByAdamaxState(NamedTuple):
+    """``count``; first moment ``mu``; infinity-norm accumulator ``u``."""
+
+    count: Array
+    mu: Any
+    u: Any
+
+
+def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
+                    convention: str = "pytorch") -> Optimizer:
+    r"""AdaMax (Kingma & Ba, 2014, §7): Adam with the infinity norm.
+
+    PyTorch (default): :math:`u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon)`,
+    :math:`d_t = m_t / ((1-\beta_1^t) u_t)`. optax: :math:`u_t = \max(\beta_2 u_{t-1}, |g_t|)`,
+    :math:`d_t = \hat m_t / (u_t + \epsilon)`.
+    """
+    where = "scale_by_adamax"
+    _check_beta(where, "b1", b1)
+    _check_beta(where, "b2", b2)
+    _check_eps(where, "eps", eps)
+    if convention not in ("pytorch", "optax"):
+        raise ValueError(f"{where}: convention must be 'pytorch' or 'optax', got {convention!r}")
+
+    def init_state(params: Params) -> ScaleByAdamaxState:
+        return ScaleByAdamaxState(jnp.zeros((), jnp.int32), _zeros_like(params),
+                                  _zeros_like(params))
+
+    def update(grads: Grads, state: ScaleByAdamaxState, params: Params | None = None):
+        _check_grads(where, state.mu, grads)
+        count = safe_increment(state.count)
+
+        def leaf(g: Array, m: Array, u: Array) -> tuple:
+            gf = g.astype(m.dtype)
+            m = b1 * m + (1 - b1) * gf
+            bc1 = _bias_correction(b1, count, m.dtype)
+            if convention == "pytorch":
+                u = jnp.maximum(b2 * u, jnp.abs(gf) + eps)
+                d = m / (bc1 * u)
+            else:
+                u = jnp.maximum(b2 * u, jnp.abs(gf))
+                d = (m / bc1) / (u + eps)
+            return d.astype(g.dtype), m, u
+
+        updates, mu, u = _map(leaf, 3, grads, state.mu, state.u)
+        return updates, ScaleByAdamaxState(count, mu, u)
+
+    return Optimizer(init_state, update)
+
+
+class ScaleByNadamState(NamedTuple):
+    """``count``; ``mu_product`` (product of the momentum schedule); moments ``mu``, ``nu``."""
+
+    count: Array
+    mu_product: Array
+    mu: Any
+    nu: Any
+
+
+def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   momentum_decay: float = 4e-3) -> Optimizer:
+    r"""NAdam's direction with Dozat's momentum schedule (PyTorch's ``NAdam``).
+
+    .. math::
+        \mu_t = \beta_1 (1 - \tfrac12 \cdot 0.96^{t\psi}), \quad
+        d_t = \frac{(1-\mu_t)\, g_t}{(1 - \prod_{i\le t}\mu_i)(\sqrt{\hat v_t}+\epsilon)}
+            + \frac{\mu_{t+1} m_t}{(1 - \prod_{i\le t+1}\mu_i)(\sqrt{\hat v_t}+\epsilon)}
+    """
+    where = "scale_by_nadam"
+    _check_beta(where, "b1", b1)
+    _check_beta(where, "b2", b2)
+    _check_eps(where, "eps", eps)
+    check_scalar(where, "momentum_decay", momentum_decay, low=0.0)
+
+    def init_state(params: Params) -> ScaleByNadamState:
+        return ScaleByNadamState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.result_type(float)),
+                                 _zeros_like(params), _zeros_like(params))
+
+    def update(grads: Grads, state: ScaleByNadamState, params: Params | None = None):
+        _check_grads(where, state.mu, grads)
+        count = safe_increment(state.count)
+        dt = state.mu_product.dtype
+        t = count.astype(dt)
+        mu_t = b1 * (1.0 - 0.5 * jnp.asarray(0.96, dt) ** (t * momentum_decay))
+        mu_next = b1 * (1.0 - 0.5 * jnp.asarray(0.96, dt) ** ((t + 1) * momentum_decay))
+        prod = state.mu_product * mu_t
+        prod_next = prod * mu_next
+
+        def leaf(g: Array, m: Array, v: Array) -> tuple:
+            gf = g.astype(m.dtype)
+            m = b1 * m + (1 - b1) * gf
+            v = b2 * v + (1 - b2) * gf * gf
+            denom = jnp.sqrt(v / _bias_correction(b2, count, v.dtype)) + eps
+            d = (1 - mu_t) / (1 - prod) * gf / denom + mu_next / (1 - prod_next) * m / denom
+            return d.astype(g.dtype), m, v
+
+        updates, mu, nu = _map(leaf, 3, grads, state.mu, state.nu)
+        return updates, ScaleByNadamState(count, prod, mu, nu)
+
+    return Optimizer(init_state, update)
+
+
+def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   threshold: float = 5.0) -> Optimizer:
+    r"""Rectified Adam's direction (Liu et al., 2020), as PyTorch's ``RAdam``.
+
+    .. math::
+        \rho_\infty = \tfrac{2}{1-\beta_2} - 1, \quad
+        \rho_t = \rho_\infty - \tfrac{2 t \beta_2^t}{1-\beta_2^t}, \quad
+        d_t = \hat m_t \cdot \begin{cases} r_t \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t}+\epsilon}
+        & \rho_t > 5 \\ 1 & \text{otherwise} \end{cases}, \quad
+        r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+    """
+    where = "scale_by_radam"
+    _check_beta(where, "b1", b1)
+    _check_beta(where, "b2", b2)
+    _check_eps(where, "eps", eps)
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+
+    def init_state(params: Params) -> ScaleByAdamState:
+        return ScaleByAdamState(jnp.zeros((), jnp.int32), _zeros_like(params),
+                                _zeros_like(params), ())
+
+    def update(grads: Grads, state: ScaleByAdamState, params: Params | None = None):
+        _check_grads(where, state.mu, grads)
+        count = safe_increment(state.count)
+
+        def leaf(g: Array, m: Array, v: Array) -> tuple:
+            dt = m.dtype
+            gf = g.astype(dt)
+            m = b1 * m + (1 - b1) * gf
+            v = b2 * v + (1 - b2) * gf * gf
+            t = count.astype(dt)
+            b2t = jnp.asarray(b2, dt) ** t
+            rho_t = rho_inf - 2.0 * t * b2t / (1.0 - b2t)
+            m_hat = m / _bias_correction(b1, count, dt)
+            safe_rho = jnp.where(rho_t > threshold, rho_t, threshold + 1.0)
+            r = jnp.sqrt((safe_rho - 4) * (safe_rho - 2) * rho_inf
+                         / ((rho_inf - 4) * (rho_inf - 2) * safe_rho))
+            adaptive = jnp.sqrt(1.0 - b2t) / (jnp.sqrt(v) + eps)
+            d = jnp.where(rho_t > threshold, m_hat * r * adaptive, m_hat)
+            return d.astype(g.dtype), m, v
+
+        updates, mu, nu = _map(leaf, 3, grads, state.mu, state.nu)
+        return updates, ScaleByAdamState(count, mu, nu, ())
+
+    return Optimizer(init_state, update)
+
+
+class ScaleByLionState(NamedTuple):
+    """``mu``: the momentum EMA."""
+
+    mu: Any
+
+
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: Any = None) -> Optimizer:
+    r"""Lion's sign update (Chen et al., 2023).
+
+    .. math:: d_t = \operatorname{sign}(\beta_1 m_{t-1} + (1-\beta_1) g_t), \quad
+              m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
+    """
+    where = "scale_by_lion"
+    _check_beta(where, "b1", b1)
+    _check_beta(where, "b2", b2)
+
+    def init_state(params: Params) -> ScaleByLionState:
+        return ScaleByLionState(_zeros_like(params, mu_dtype))
+
+    def update(grads: Grads, state: ScaleByLionState, params: Params | None = None):
+        _check_grads(where, state.mu, grads)
+
+        def leaf(g: Array, m: Array) -> tuple:
+            dt = _acc_dtype(g)
+            gf, mf = g.astype(dt), m.astype(dt)
+            d = jnp.sign(b1 * mf + (1 - b1) * gf)
+            return d.astype(g.dtype), (b2 * mf + (1 - b2) * gf).astype(m.dtype)
+
+        updates, mu = _map(leaf, 2, grads, state.mu)
+        return updates, ScaleByLionState(mu)
+
+    return Optimizer(init_state, update)
+
+
+def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0) -> Optimizer:
+    r"""Per-leaf layer-wise trust ratio (LARS, You et al. 2017; LAMB, You et al. 2019).
+
+    .. math:: u \leftarrow u \cdot \frac{c\,\lVert\theta\rVert}{\lVert u\rVert + \epsilon}
+        \quad (\text{ratio } 1 \text{ where either norm is } 0)
+    """
+    where = "scale_by_trust_ratio"
+    check_scalar(where, "trust_coefficient", trust_coefficient, low=0.0, low_open=True)
+    _check_eps(where, "eps", eps, allow_zero=True)
+
+    def update(grads: Updates, state: EmptyState, params: Params | None = None):
+        params = _need_params(where, params)
+        check_same_structure(params, grads, what=where, expected_name="params",
+                             actual_name="updates")
+
+        def leaf(u: Array, p: Array) -> Array:
+            dt = _acc_dtype(u)
+            pn = jnp.linalg.norm(p.astype(dt).ravel())
+            un = jnp.linalg.norm(u.astype(dt).ravel())
+            ratio = trust_coefficient * pn / (un + eps)
+            ratio = jnp.where((pn == 0) | (un == 0), 1.0, ratio)
+            return (u.astype(dt) * ratio).astype(u.dtype)
+
+        return jax.tree.map(leaf, grads, params), state
+
+    return Optimizer(lambda params: EmptyState(), update)
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def clip(max_delta: float) -> Optimizer:
+    """Clip every update element to ``[-max_delta, max_delta]``."""
+    check_scalar("clip", "max_delta", max_delta, low=0.0, low_open=True)
+
+    def update(grads: Grads, state: EmptyState, params: Params | None = None):
+        return jax.tree.map(lambda g: jnp.clip(g, -max_delta, max_delta), grads), state
+
+    return Optimizer(lambda params: EmptyState(), update)
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """``norm``: the global norm of the last grads *before* clipping (for logging)."""
+
+    norm: Array
+
+
+def clip_by_global_norm(max_norm: float, *, eps: float = 1e-6) -> Optimizer:
+    r"""Rescale all grads together so their global L2 norm is at most ``max_norm``.
+
+    PyTorch's ``clip_grad_norm_``: :math:`g \leftarrow g \cdot \min(1, \frac{c}{\lVert g\rVert
+    + \epsilon})` with :math:`\epsilon = 10^{-6}`; ``eps=0`` gives the exact
+    :math:`c / \max(\lVert g\rVert, c)` form. The pre-clip norm is kept in the state
+    (``state.norm``) so a train step can report it.
+    """
+    where = "clip_by_global_norm"
+    check_scalar(where, "max_norm", max_norm, low=0.0, low_open=True)
+    _check_eps(where, "eps", eps, allow_zero=True)
+
+    def init_state(params: Params) -> ClipByGlobalNormState:
+        return ClipByGlobalNormState(jnp.zeros((), jnp.float32))
+
+    def update(grads: Grads, state: ClipByGlobalNormState, params: Params | None = None):
+        norm = global_norm(grads)
+        factor = jnp.minimum(1.0, max_norm / (norm + eps))
+        clipped = jax.tree.map(lambda g: (g * factor.astype(_acc_dtype(g))).astype(g.dtype),
+                               grads)
+        return clipped, ClipByGlobalNormState(norm.astype(state.norm.dtype))
+
+    return Optimizer(init_state, update)
+
+
+# --------------------------------------------------------------------------- Adafactor
+
+
+class ScaleByFactoredRmsState(NamedTuple):
+    """``count``; row/column second-moment factors for >= 2-D leaves (``v_row``, ``v_col``)
+    and the full second moment ``v`` for vectors and scalars; unused slots hold 0-d zeros."""
+
+    count: Array
+    v_row: Any
+    v_col: Any
+    v: Any
+
+
+def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
+                          clipping_threshold: float = 1.0) -> Optimizer:
+    r"""Adafactor's direction (Shazeer & Stern, 2018), as ``torch.optim.Adafactor``.
+
+    For a leaf with >= 2 dims the second moment is factored over its last two axes:
+
+    .. math::
+        \hat\beta_{2,t} = 1 - t^{c}, \quad
+        R_t = \hat\beta_{2,t} R_{t-1} + (1-\hat\beta_{2,t})\,\mathrm{mean}_{col}(g_t^2), \quad
+        C_t = \hat\beta_{2,t} C_{t-1} + (1-\hat\beta_{2,t})\,\mathrm{mean}_{row}(g_t^2), \\
+        \hat V_t = \frac{R_t C_t}{\max(\mathrm{mean}(R_t), \epsilon_1)}, \quad
+        U_t = \frac{g_t}{\sqrt{\max(\hat V_t, \epsilon_1^2)}}, \quad
+        \hat U_t = \frac{U_t}{\max(1, \mathrm{RMS}(U_t)/d)}
+
+    (vectors and scalars keep an unfactored EMA). ``eps`` (:math:`\epsilon_1`) defaults to
+    the machine epsilon of each leaf's dtype, ``clipping_threshold`` is :math:`d`.
+    """
+    where = "scale_by_factored_rms"
+    check_scalar(where, "beta2_decay", beta2_decay, high=0.0)
+    if eps is not None:
+        _check_eps(where, "eps", eps)
+    check_scalar(where, "clipping_threshold", clipping_threshold, low=0.0, low_open=True)
+
+    def init_state(params: Params) -> ScaleByFactoredRmsState:
+        def row(p: Array) -> Array:
+            return jnp.zeros(p.shape[:-1], _acc_dtype(p)) if p.ndim >= 2 else jnp.zeros(())
+
+        def col(p: Array) -> Array:
+            return (jnp.zeros(p.shape[:-2] + p.shape[-1:], _acc_dtype(p)) if p.ndim >= 2
+                    else jnp.zeros(()))
+
+        def full(p: Array) -> Array:
+            return jnp.zeros(p.shape, _acc_dtype(p)) if p.ndim < 2 else jnp.zeros(())
+
+        return ScaleByFactoredRmsState(jnp.zeros((), jnp.int32), jax.tree.map(row, params),
+                                       jax.tree.map(col, params), jax.tree.map(full, params))
+
+    def update(grads: Grads, state: ScaleByFactoredRmsState, params: Params | None = None):
+        _check_grads(where, state.v, grads)
+        count = safe_increment(state.count)
+
+        def leaf(g: Array, r: Array, c: Array, v: Array) -> tuple:
+            dt = _acc_dtype(g)
+            e1 = eps if eps is not None else float(jnp.finfo(g.dtype).eps)
+            w = count.astype(dt) ** beta2_decay  # 1 - beta2_t
+            gf = g.astype(dt)
+            g2 = gf * gf
+            if g.ndim >= 2:
+                r = r + w * (jnp.mean(g2, axis=-1) - r)
+                c = c + w * (jnp.mean(g2, axis=-2) - c)
+                denom = jnp.maximum(jnp.mean(r, axis=-1, keepdims=True), e1)
+                v_hat = (r[..., :, None] * c[..., None, :]) / denom[..., None]
+            else:
+                v = v + w * (g2 - v)
+                v_hat = v
+            u = gf * jax.lax.rsqrt(jnp.maximum(v_hat, e1 * e1))
+            rms = jnp.sqrt(jnp.mean(u * u))
+            u = u / jnp.maximum(1.0, rms / clipping_threshold)
+            return u.astype(g.dtype), r, c, v
+
+        updates, rows, cols, full = _map(leaf, 4, grads, state.v_row, state.v_col, state.v)
+        return updates, ScaleByFactoredRmsState(count, rows, cols, full)
+
+    return Optimizer(init_state, update)
