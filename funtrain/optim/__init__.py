@@ -57,6 +57,20 @@ from funtrain.optim.transforms import (
     scale_by_trust_ratio,
     trace,
 )
+from funtrain.optim.wrappers import (
+    ApplyIfFiniteState,
+    InjectHyperparamsState,
+    MaskedNode,
+    MaskedState,
+    MultiStepsState,
+    PartitionState,
+    apply_if_finite,
+    freeze,
+    inject_hyperparams,
+    masked,
+    multi_steps,
+    partition,
+)
 
 OPTIMIZERS = {
     "sgd": sgd, "rmsprop": rmsprop, "adagrad": adagrad, "adadelta": adadelta, "adam": adam,
@@ -76,5 +90,8 @@ __all__ = [
     "sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
     "radam", "lion", "lamb", "lars", "adafactor", "schedule_free_adamw",
     "schedule_free_eval_params", "muon", "newton_schulz", "OPTIMIZERS",
+    "masked", "partition", "freeze", "multi_steps", "apply_if_finite", "inject_hyperparams",
+    "MaskedState", "MaskedNode", "PartitionState", "MultiStepsState", "ApplyIfFiniteState",
+    "InjectHyperparamsState",
     "schedules",
 ]

@@ -136,7 +136,7 @@ def state_bytes(state: Any) -> int:
     total = 0
     for leaf in jax.tree.leaves(state):
         shape = getattr(leaf, "shape", ())
-        dtype = jnp.dtype(getattr(leaf, "dtype", jnp.asarray(leaf).dtype))
+        dtype = jnp.dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype)
         size = 1
         for d in shape:
             size *= int(d)

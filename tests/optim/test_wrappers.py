@@ -1,0 +1,637 @@
+"""Wrappers: masked, partition, freeze, multi_steps, apply_if_finite, inject_hyperparams."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from funtrain import optim
+from funtrain.optim.wrappers import (
+    ApplyIfFiniteState,
+    InjectHyperparamsState,
+    MaskedNode,
+    MaskedState,
+    MultiStepsState,
+    PartitionState,
+    apply_if_finite,
+    freeze,
+    inject_hyperparams,
+    masked,
+    multi_steps,
+    partition,
+)
+
+
+def make_params():
+    rng = np.random.default_rng(0)
+    return {"dense": {"w": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
+                      "b": jnp.asarray(rng.standard_normal(2), jnp.float32)},
+            "embed": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}
+
+
+def grads_like(params, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+
+
+def assert_trees_equal(a, b):
+    """Same structure and bitwise-equal leaves."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        np.testing.assert_array_equal(x, y)
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+
+
+def assert_trees_close(a, b):
+    """Same structure and dtypes, values equal up to rounding.
+
+    jit and eager can differ in the last bit: XLA fuses ``mu * v + g`` differently from
+    two separate eager ops (plain ``sgd(momentum=0.9)`` shows it, without any wrapper).
+    """
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def run(opt, params, grads_seq, *, jit):
+    """Updates and states of ``opt`` fed ``grads_seq``, the params moving as it says."""
+    update = jax.jit(opt.update) if jit else opt.update
+    state = opt.init_state(params)
+    out = []
+    for g in grads_seq:
+        u, state = update(g, state, params)
+        params = optim.apply_updates(params, u)
+        out.append((u, state))
+    return out, params
+
+
+class ToyAdamState(NamedTuple):
+    mu: Any
+    nu: Any
+    count: Any
+
+
+def toy_adam(b1=0.9, b2=0.999, eps=1e-8):
+    """A test-local Adam direction (no lr): nonlinear in the grads, unlike SGD."""
+
+    def init_state(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return ToyAdamState(zeros, zeros, jnp.zeros((), jnp.int32))
+
+    def update(grads, state, params=None):
+        t = state.count + 1
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
+        u = jax.tree.map(lambda m, v: (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps),
+                         mu, nu)
+        return u, ToyAdamState(mu, nu, t)
+
+    return optim.Optimizer(init_state, update)
+
+
+# --------------------------------------------------------------------------- masked
+
+
+MASK = {"dense": {"w": True, "b": False}, "embed": True}
+
+
+def test_masked_applies_inner_to_true_leaves_and_passes_the_others():
+    params = make_params()
+    g1, g2 = grads_like(params, 1), grads_like(params, 2)
+    opt = masked(optim.sgd(0.1, momentum=0.9), MASK)
+    state = opt.init_state(params)
+    assert isinstance(state, MaskedState)
+    u1, state = opt.update(g1, state, params)
+    u2, state = opt.update(g2, state, params)
+    # Reference: the same SGD on the masked-in leaves alone.
+    sub = lambda t: {"w": t["dense"]["w"], "embed": t["embed"]}
+    ref = optim.sgd(0.1, momentum=0.9)
+    rs = ref.init_state(sub(params))
+    r1, rs = ref.update(sub(g1), rs, sub(params))
+    r2, rs = ref.update(sub(g2), rs, sub(params))
+    for u, r, g in ((u1, r1, g1), (u2, r2, g2)):
+        np.testing.assert_array_equal(u["dense"]["w"], r["w"])
+        np.testing.assert_array_equal(u["embed"], r["embed"])
+        np.testing.assert_array_equal(u["dense"]["b"], g["dense"]["b"])
+    # The inner state covers the masked-in leaves only.
+    trace = state.inner_state[0].trace
+    assert isinstance(trace["dense"]["b"], MaskedNode)
+    np.testing.assert_array_equal(trace["dense"]["w"], rs[0].trace["w"])
+    assert len(jax.tree.leaves(trace)) == 2
+
+
+def test_masked_takes_a_mask_function_of_the_params():
+    params = make_params()
+    g = grads_like(params, 1)
+    seen = []
+
+    def mask_fn(p):
+        seen.append(jax.tree.structure(p))
+        return jax.tree.map(lambda x: x.ndim == 2, p)
+
+    opt = masked(optim.sgd(0.5), mask_fn)
+    u, _ = opt.update(g, opt.init_state(params), params)
+    assert seen and all(s == jax.tree.structure(params) for s in seen)
+    np.testing.assert_allclose(u["embed"], -0.5 * g["embed"])
+    np.testing.assert_array_equal(u["dense"]["b"], g["dense"]["b"])
+    # Without params the function is called on the grads.
+    u_np, _ = opt.update(g, opt.init_state(params))
+    np.testing.assert_array_equal(u_np["embed"], u["embed"])
+
+
+def test_masked_errors_name_the_key_paths():
+    params = make_params()
+    bad = {"dense": {"w": True}, "embed": True, "head": False}
+    with pytest.raises(ValueError, match=r"masked: mask do not match the structure of params\. "
+                                         r"Missing key paths in mask: dense/b\. Extra key "
+                                         r"paths in mask: head"):
+        masked(optim.sgd(0.1), bad).init_state(params)
+    arr_mask = {"dense": {"w": True, "b": jnp.array(True)}, "embed": False}
+    with pytest.raises(TypeError, match=r"masked: mask leaves must be Python bools .*got "
+                                        r"ArrayImpl .* at key path dense/b"):
+        masked(optim.sgd(0.1), arr_mask).init_state(params)
+    with pytest.raises(TypeError, match=r"masked: opt must be an Optimizer .*got function"):
+        masked(lambda g: g, MASK)
+    opt = masked(optim.sgd(0.1), lambda p: jax.tree.map(lambda _: True, p))
+    with pytest.raises(ValueError, match=r"masked: mask is a function of the params; pass"):
+        opt.update(None, opt.init_state(params))
+    drops = optim.Optimizer(lambda p: optim.EmptyState(), lambda g, s, p=None: ({}, s))
+    opt = masked(drops, MASK)
+    with pytest.raises(ValueError, match=r"masked: the inner optimizer returned 0 update "
+                                         r"leaves for 2 gradient leaves"):
+        opt.update(grads_like(params, 1), opt.init_state(params), params)
+
+
+# --------------------------------------------------------------------------- partition
+
+
+LABELS = {"dense": {"w": "body", "b": "head"}, "embed": "body"}
+
+
+def test_partition_gives_each_group_its_optimizer():
+    params = make_params()
+    g1, g2 = grads_like(params, 1), grads_like(params, 2)
+    opts = {"body": optim.sgd(0.1, momentum=0.9), "head": optim.sgd(1.0),
+            "unused": optim.sgd(3.0, momentum=0.5)}
+    for labels in (LABELS, lambda p: LABELS):
+        opt = partition(opts, labels)
+        state = opt.init_state(params)
+        assert isinstance(state, PartitionState)
+        assert sorted(state.inner_states) == ["body", "head", "unused"]
+        assert jax.tree.leaves(state.inner_states["unused"][0].trace) == []
+        u1, state = opt.update(g1, state, params)
+        u2, state = opt.update(g2, state, params)
+        np.testing.assert_allclose(u1["dense"]["w"], -0.1 * g1["dense"]["w"], rtol=1e-6)
+        np.testing.assert_allclose(u2["embed"], -0.1 * (0.9 * g1["embed"] + g2["embed"]),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(u2["dense"]["b"], -1.0 * g2["dense"]["b"], rtol=1e-6)
+        body_trace = state.inner_states["body"][0].trace
+        assert isinstance(body_trace["dense"]["b"], MaskedNode)
+        assert len(jax.tree.leaves(body_trace)) == 2
+
+
+def test_partition_errors():
+    params = make_params()
+    opts = {"body": optim.sgd(0.1), "head": optim.sgd(1.0)}
+    labels = {"dense": {"w": "bdy", "b": "head"}, "embed": "bdy"}
+    with pytest.raises(ValueError, match=r"partition: no optimizer for label 'bdy' at key "
+                                         r"paths dense/w, embed\. opts_by_label has the labels "
+                                         r"\['body', 'head'\]"):
+        partition(opts, labels).init_state(params)
+    with pytest.raises(ValueError, match=r"Missing key paths in labels: embed"):
+        partition(opts, {"dense": {"w": "body", "b": "head"}}).init_state(params)
+    with pytest.raises(TypeError, match=r"partition: labels leaves must be str labels .*got "
+                                        r"int \(3\) at key path dense/b"):
+        partition(opts, {"dense": {"w": "body", "b": 3}, "embed": "body"}).init_state(params)
+    with pytest.raises(TypeError, match=r"partition: opts_by_label must be a dict .*got list"):
+        partition([optim.sgd(0.1)], LABELS)
+    with pytest.raises(ValueError, match=r"partition: opts_by_label is empty"):
+        partition({}, LABELS)
+    with pytest.raises(TypeError, match=r"partition: opts_by_label\['head'\] must be an "
+                                        r"Optimizer .*got float"):
+        partition({"body": optim.sgd(0.1), "head": 0.1}, LABELS)
+    opt = partition(opts, LABELS)
+    other = partition({"body": optim.sgd(0.1)}, {"dense": {"w": "body", "b": "body"},
+                                                 "embed": "body"})
+    with pytest.raises(ValueError, match=r"partition: the state has the labels \['body'\], "
+                                         r"expected \['body', 'head'\]"):
+        opt.update(grads_like(params, 1), other.init_state(params), params)
+
+
+# --------------------------------------------------------------------------- freeze
+
+
+def test_freeze_zeroes_frozen_leaves_and_keeps_no_state_for_them():
+    params = {"w": jnp.ones((2, 2), jnp.bfloat16), "b": jnp.ones(2)}
+    g = {"w": jnp.full((2, 2), 3.0, jnp.bfloat16), "b": jnp.full(2, 2.0)}
+    frozen = {"w": True, "b": False}
+    u, state = freeze(frozen).update(g, freeze(frozen).init_state(params))
+    assert state == optim.EmptyState()
+    assert u["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(u["w"], 0.0)
+    np.testing.assert_array_equal(u["b"], 2.0)
+    # The idiom: the optimizer sees only the trainable leaves, freeze zeroes the rest.
+    opt = optim.chain(masked(optim.sgd(0.1, momentum=0.9, weight_decay=0.1),
+                             {"w": False, "b": True}), freeze(frozen))
+    outs, final = run(opt, params, [g, g, g], jit=False)
+    np.testing.assert_array_equal(final["w"], params["w"])
+    assert not np.allclose(final["b"], params["b"])
+    assert len(jax.tree.leaves(outs[-1][1][0].inner_state[1].trace)) == 1
+
+
+def test_freeze_errors():
+    params = make_params()
+    with pytest.raises(ValueError, match=r"freeze: mask do not match .*Missing key paths in "
+                                         r"mask: embed"):
+        freeze({"dense": {"w": True, "b": False}}).init_state(params)
+    with pytest.raises(TypeError, match=r"freeze: mask leaves must be Python bools .*got "
+                                        r"str \('yes'\) at key path embed"):
+        freeze({"dense": {"w": True, "b": False}, "embed": "yes"}).init_state(params)
+
+
+# --------------------------------------------------------------------------- properties
+
+SHAPES = [(), (2,), (2, 3)]
+trees = st.recursive(st.integers(0, len(SHAPES) - 1),
+                     lambda children: st.dictionaries(st.sampled_from(["a", "b", "c"]),
+                                                      children, min_size=1, max_size=3),
+                     max_leaves=6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape_tree=trees, data=st.data())
+def test_masked_and_freeze_property(shape_tree, data):
+    leaves, treedef = jax.tree.flatten(shape_tree)
+    keep = data.draw(st.lists(st.booleans(), min_size=len(leaves), max_size=len(leaves)))
+    rng = np.random.default_rng(len(leaves))
+    mk = lambda: treedef.unflatten([jnp.asarray(rng.standard_normal(SHAPES[i]), jnp.float32)
+                                    for i in leaves])
+    params, g1, g2 = mk(), mk(), mk()
+    mask = treedef.unflatten(keep)
+    leaves_of = lambda t: treedef.flatten_up_to(t)
+
+    opt = masked(optim.sgd(0.1, momentum=0.9), mask)
+    state = opt.init_state(params)
+    u1, state = opt.update(g1, state, params)
+    u2, state = opt.update(g2, state, params)
+    for k, a1, a2, x1, x2 in zip(keep, leaves_of(u1), leaves_of(u2), leaves_of(g1),
+                                 leaves_of(g2), strict=True):
+        if k:
+            np.testing.assert_allclose(a1, -0.1 * x1, rtol=1e-6)
+            np.testing.assert_allclose(a2, -0.1 * (0.9 * x1 + x2), rtol=1e-5, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(a1, x1)
+            np.testing.assert_array_equal(a2, x2)
+    # Momentum buffers for the masked-in leaves only.
+    assert len(jax.tree.leaves(state.inner_state[0].trace)) == sum(keep)
+
+    uf, sf = freeze(mask).update(g1, freeze(mask).init_state(params), params)
+    assert sf == optim.EmptyState()
+    for k, a, x in zip(keep, leaves_of(uf), leaves_of(g1), strict=True):
+        np.testing.assert_array_equal(a, np.zeros_like(x) if k else x)
+
+    labels = treedef.unflatten(["x" if k else "y" for k in keep])
+    up, _ = partition({"x": optim.sgd(0.1), "y": freeze(True)}, labels).update(
+        g1, partition({"x": optim.sgd(0.1), "y": freeze(True)}, labels).init_state(params),
+        params)
+    for k, a, x in zip(keep, leaves_of(up), leaves_of(g1), strict=True):
+        np.testing.assert_allclose(a, -0.1 * x if k else np.zeros_like(x), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- multi_steps
+
+
+def linear_problem(n):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 0.3 + 0.1 * rng.standard_normal(n)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def mse(p, x, y):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+
+@pytest.mark.parametrize("inner", ["sgd_momentum", "adam_like"])
+def test_multi_steps_equals_one_step_on_the_k_times_larger_batch(inner):
+    k, m, rounds = 3, 4, 4
+    with jax.enable_x64(True):
+        make = {"sgd_momentum": lambda: optim.sgd(0.05, momentum=0.9, nesterov=True),
+                "adam_like": lambda: optim.chain(toy_adam(),
+                                                 optim.scale_by_learning_rate(0.1))}[inner]
+        x, y = linear_problem(k * m * rounds)
+        p0 = {"w": jnp.zeros(3, jnp.float64), "b": jnp.zeros((), jnp.float64)}
+
+        big = make()
+
+        @jax.jit
+        def big_step(p, s, xb, yb):
+            u, s = big.update(jax.grad(mse)(p, xb, yb), s, p)
+            return optim.apply_updates(p, u), s
+
+        acc = multi_steps(make(), k)
+
+        @jax.jit
+        def micro_step(p, s, xb, yb):
+            u, s = acc.update(jax.grad(mse)(p, xb, yb), s, p)
+            return optim.apply_updates(p, u), s, u
+
+        pb, sb = p0, big.init_state(p0)
+        pm, sm = p0, acc.init_state(p0)
+        for r in range(rounds):
+            lo = r * k * m
+            pb, sb = big_step(pb, sb, x[lo:lo + k * m], y[lo:lo + k * m])
+            for j in range(k):
+                before = sm
+                sl = slice(lo + j * m, lo + (j + 1) * m)
+                pm, sm, u = micro_step(pm, sm, x[sl], y[sl])
+                assert isinstance(sm, MultiStepsState)
+                if j < k - 1:  # zero updates, inner state bitwise untouched
+                    assert all(np.all(np.asarray(leaf) == 0) for leaf in jax.tree.leaves(u))
+                    assert_trees_equal(sm.inner_state, before.inner_state)
+                    assert int(sm.mini_step) == j + 1
+            assert int(sm.mini_step) == 0 and int(sm.gradient_step) == r + 1
+            assert all(np.all(np.asarray(a) == 0) for a in jax.tree.leaves(sm.acc_grads))
+            for a, b in zip(jax.tree.leaves(pm), jax.tree.leaves(pb), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        assert not np.allclose(pm["w"], 0.0)
+
+
+def test_multi_steps_accumulates_low_precision_grads_in_float32():
+    params = {"w": jnp.zeros(2, jnp.bfloat16)}
+    opt = multi_steps(optim.sgd(1.0), 4)
+    state = opt.init_state(params)
+    assert state.acc_grads["w"].dtype == jnp.float32
+    # In bfloat16, 1 + 1/256 rounds back to 1: a bf16 sum would lose the three small grads.
+    for g in (1.0, 1 / 256, 1 / 256, 1 / 256):
+        u, state = opt.update({"w": jnp.full(2, g, jnp.bfloat16)}, state, params)
+    assert u["w"].dtype == jnp.bfloat16
+    expected = -np.asarray(jnp.asarray((1 + 3 / 256) / 4, jnp.bfloat16), np.float32)
+    assert expected != -0.25
+    np.testing.assert_array_equal(np.asarray(u["w"], np.float32), expected)
+
+
+def test_multi_steps_every_k_1_is_the_inner_optimizer():
+    params = make_params()
+    gs = [grads_like(params, s) for s in range(3)]
+    outs, _ = run(multi_steps(optim.sgd(0.1, momentum=0.9), 1), params, gs, jit=False)
+    refs, _ = run(optim.sgd(0.1, momentum=0.9), params, gs, jit=False)
+    for (u, s), (r, rs) in zip(outs, refs, strict=True):
+        assert_trees_close(u, r)
+        assert_trees_close(s.inner_state, rs)
+
+
+def test_multi_steps_errors():
+    with pytest.raises(ValueError, match=r"multi_steps: every_k must be >= 1, got 0"):
+        multi_steps(optim.sgd(0.1), 0)
+    with pytest.raises(TypeError, match=r"multi_steps: every_k must be an int, got float"):
+        multi_steps(optim.sgd(0.1), 2.0)
+    with pytest.raises(TypeError, match=r"multi_steps: every_k must be an int, got bool"):
+        multi_steps(optim.sgd(0.1), True)
+    with pytest.raises(TypeError, match=r"multi_steps: opt must be an Optimizer"):
+        multi_steps(0.1, 2)
+    params = make_params()
+    opt = multi_steps(optim.sgd(0.1), 2)
+    with pytest.raises(ValueError, match=r"multi_steps\.update: grads do not match .*Missing "
+                                         r"key paths in grads: embed"):
+        opt.update({"dense": params["dense"]}, opt.init_state(params), params)
+
+
+# --------------------------------------------------------------------------- apply_if_finite
+
+
+def test_apply_if_finite_skips_bitwise_and_counts():
+    params = make_params()
+    params["dense"]["b"] = params["dense"]["b"].astype(jnp.bfloat16)
+    opt = apply_if_finite(optim.sgd(0.1, momentum=0.9), max_consecutive_errors=2)
+
+    @jax.jit
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optim.apply_updates(p, u), s
+
+    p, s = params, opt.init_state(params)
+    assert isinstance(s, ApplyIfFiniteState)
+    for seed in (1, 2):
+        p, s = step(p, s, grads_like(params, seed))
+    assert bool(s.last_finite) and int(s.notfinite_count) == 0
+    bad_leaf = [np.inf, np.nan, -np.inf]
+    for i, bad in enumerate(bad_leaf[:2]):
+        g = grads_like(params, 10 + i)
+        g["embed"] = g["embed"].at[1, 2].set(bad)
+        p2, s2 = step(p, s, g)
+        assert_trees_equal(p2, p)
+        assert_trees_equal(s2.inner_state, s.inner_state)
+        assert not bool(s2.last_finite)
+        assert int(s2.notfinite_count) == i + 1 and int(s2.total_notfinite) == i + 1
+        p, s = p2, s2
+    # A third non-finite step in a row is more than max_consecutive_errors=2: applied anyway.
+    g = grads_like(params, 20)
+    g["dense"]["b"] = g["dense"]["b"].at[0].set(-np.inf)
+    p3, s3 = step(p, s, g)
+    assert int(s3.notfinite_count) == 3 and int(s3.total_notfinite) == 3
+    assert not np.isfinite(np.asarray(p3["dense"]["b"], np.float32)[0])
+    assert int(s3.inner_state[0].count) == int(s.inner_state[0].count) + 1
+    # A finite step resets the consecutive count, not the total.
+    _, s4 = step(p, s3, grads_like(params, 21))
+    assert bool(s4.last_finite) and int(s4.notfinite_count) == 0
+    assert int(s4.total_notfinite) == 3
+
+
+def test_apply_if_finite_errors():
+    with pytest.raises(ValueError, match=r"apply_if_finite: max_consecutive_errors must be "
+                                         r">= 0, got -1"):
+        apply_if_finite(optim.sgd(0.1), -1)
+    with pytest.raises(TypeError, match=r"apply_if_finite: max_consecutive_errors must be an "
+                                        r"int, got float \(1\.5\)"):
+        apply_if_finite(optim.sgd(0.1), 1.5)
+    with pytest.raises(TypeError, match=r"apply_if_finite: opt must be an Optimizer"):
+        apply_if_finite("sgd", 3)
+
+
+# --------------------------------------------------------------------------- jit == no jit
+
+
+WRAPPED = {
+    "masked": lambda: masked(optim.sgd(0.1, momentum=0.9), MASK),
+    "partition": lambda: partition({"body": optim.sgd(0.1, momentum=0.9),
+                                    "head": freeze(True)}, LABELS),
+    "freeze": lambda: optim.chain(optim.sgd(0.1), freeze(MASK)),
+    "multi_steps": lambda: multi_steps(optim.sgd(0.1, momentum=0.9), 2),
+    "apply_if_finite": lambda: apply_if_finite(optim.sgd(0.1, momentum=0.9), 1),
+    "inject_hyperparams": lambda: inject_hyperparams(optim.sgd, static_args=("momentum",))(
+        learning_rate=lambda t: 0.1 / (1.0 + t), momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(WRAPPED))
+def test_jit_and_no_jit_agree(name):
+    params = make_params()
+    gs = [grads_like(params, s) for s in range(4)]
+    if name == "apply_if_finite":  # one skipped step, one applied anyway
+        gs[2]["embed"] = gs[2]["embed"].at[0, 0].set(np.nan)
+        gs[3]["embed"] = gs[3]["embed"].at[1, 0].set(np.inf)
+    eager, p_eager = run(WRAPPED[name](), params, gs, jit=False)
+    jitted, p_jit = run(WRAPPED[name](), params, gs, jit=True)
+    for (ue, se), (uj, sj) in zip(eager, jitted, strict=True):
+        assert_trees_close(ue, uj)
+        assert_trees_close(se, sj)
+    assert_trees_close(p_eager, p_jit)
+
+
+# --------------------------------------------------------------------------- inject_hyperparams
+
+
+def test_inject_hyperparams_changing_the_lr_does_not_recompile():
+    params = make_params()
+    g = grads_like(params, 1)
+    opt = inject_hyperparams(optim.sgd)(learning_rate=0.1)
+    traces = 0
+
+    def step(p, s, g):
+        nonlocal traces
+        traces += 1
+        u, s = opt.update(g, s, p)
+        return optim.apply_updates(p, u), s, u
+
+    step = jax.jit(step)
+    state = opt.init_state(params)
+    assert isinstance(state, InjectHyperparamsState)
+    lr0 = state.hyperparams["learning_rate"]
+    assert lr0.dtype == jnp.float32 and lr0.shape == ()
+    np.testing.assert_allclose(lr0, 0.1)
+    for lr in (0.1, 0.01, 0.5, 0.002):  # the first, then three changes
+        state = state._replace(hyperparams={**state.hyperparams,
+                                            "learning_rate": jnp.asarray(lr)})
+        params, state, u = step(params, state, g)
+        np.testing.assert_allclose(u["embed"], -lr * g["embed"], rtol=1e-6)
+        np.testing.assert_allclose(state.hyperparams["learning_rate"], lr, rtol=1e-7)
+    assert traces == 1
+    assert int(state.count) == 4
+
+
+def sgd_trajectory_pair(opt, ref, jit, *, same_state=True):
+    """Run the injected ``opt`` and the plain ``ref`` side by side; compare updates, states.
+
+    With a scheduled lr the states differ in structure (the injected factory gets an array,
+    not a schedule, so it keeps no lr step count); then only the momentum buffers compare.
+    """
+    params = make_params()
+    gs = [grads_like(params, s) for s in range(4)]
+    outs, _ = run(opt, params, gs, jit=jit)
+    refs, _ = run(ref, params, gs, jit=jit)
+    for (u, s), (r, rs) in zip(outs, refs, strict=True):
+        assert_trees_close(u, r)
+        if same_state:
+            assert_trees_close(s.inner_state, rs)
+        else:
+            assert_trees_close(s.inner_state[0].trace, rs[0].trace)
+    return outs
+
+
+def test_inject_hyperparams_plain_sgd_matches_sgd_jitted():
+    sgd_trajectory_pair(inject_hyperparams(optim.sgd)(learning_rate=0.1), optim.sgd(0.1),
+                        jit=True)
+
+
+def test_inject_hyperparams_momentum_matches_sgd_without_jit():
+    outs = sgd_trajectory_pair(inject_hyperparams(optim.sgd)(learning_rate=0.05, momentum=0.9),
+                               optim.sgd(0.05, momentum=0.9), jit=False)
+    np.testing.assert_allclose(outs[-1][1].hyperparams["momentum"], 0.9)
+
+
+def test_inject_hyperparams_momentum_matches_sgd_jitted():
+    sgd_trajectory_pair(inject_hyperparams(optim.sgd)(learning_rate=0.05, momentum=0.9),
+                        optim.sgd(0.05, momentum=0.9), jit=True)
+
+
+def test_inject_hyperparams_static_args_and_schedules():
+    schedule = lambda t: 0.1 * 0.5 ** t
+    opt = inject_hyperparams(optim.sgd, static_args=("momentum",))(schedule, momentum=0.9,
+                                                                   nesterov=True)
+    params = make_params()
+    state = opt.init_state(params)
+    assert sorted(state.hyperparams) == ["learning_rate"]  # momentum static, nesterov a bool
+    np.testing.assert_allclose(state.hyperparams["learning_rate"], 0.1)
+    outs = sgd_trajectory_pair(opt, optim.sgd(schedule, momentum=0.9, nesterov=True),
+                               jit=True, same_state=False)
+    for t, (_, s) in enumerate(outs):
+        np.testing.assert_allclose(s.hyperparams["learning_rate"], schedule(t), rtol=1e-6)
+        assert s.hyperparams["learning_rate"].dtype == jnp.float32
+
+
+def test_inject_hyperparams_errors():
+    with pytest.raises(TypeError, match=r"inject_hyperparams: factory must be a callable"):
+        inject_hyperparams(optim.sgd(0.1))
+    with pytest.raises(TypeError, match=r"inject_hyperparams\(sgd\): static_args must be a "
+                                        r"tuple of argument names, got the str 'momentum'"):
+        inject_hyperparams(optim.sgd, static_args="momentum")
+    with pytest.raises(TypeError, match=r"inject_hyperparams\(sgd\): static_args must hold "
+                                        r"argument names \(str\), got int \(1\)"):
+        inject_hyperparams(optim.sgd, static_args=(1,))
+    with pytest.raises(ValueError, match=r"inject_hyperparams\(sgd\): static_args names "
+                                         r"\['lr'\] that sgd does not take"):
+        inject_hyperparams(optim.sgd, static_args=("lr",))
+    with pytest.raises(ValueError, match=r"sgd: momentum must be >= 0\.0, got -1"):
+        inject_hyperparams(optim.sgd)(learning_rate=0.1, momentum=-1.0)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'lr'"):
+        inject_hyperparams(optim.sgd)(lr=0.1)
+    opt = inject_hyperparams(optim.sgd)(learning_rate=0.1)
+    params = make_params()
+    state = opt.init_state(params)
+    state = state._replace(hyperparams={**state.hyperparams, "lr": jnp.asarray(0.2)})
+    with pytest.raises(ValueError, match=r"inject_hyperparams\(sgd\): state\.hyperparams has "
+                                         r"the keys \['learning_rate', 'lr'\], expected "
+                                         r"\['learning_rate'\]"):
+        opt.update(grads_like(params, 0), state, params)
+
+
+# --------------------------------------------------------------------------- composition, optax
+
+
+def test_wrappers_compose_under_jit():
+    params = make_params()
+    opt = apply_if_finite(multi_steps(masked(optim.sgd(0.1, momentum=0.9), MASK), 2), 3)
+    gs = [grads_like(params, s) for s in range(4)]
+    gs[1]["dense"]["w"] = gs[1]["dense"]["w"].at[0, 0].set(np.nan)  # skipped entirely
+    outs, final = run(opt, params, gs, jit=True)
+    assert [int(s.inner_state.mini_step) for _, s in outs] == [1, 1, 0, 1]
+    assert int(outs[-1][1].total_notfinite) == 1
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, gs[0], gs[2])
+    u = outs[2][0]
+    np.testing.assert_allclose(u["embed"], -0.1 * mean["embed"], rtol=1e-6)
+    np.testing.assert_allclose(u["dense"]["b"], mean["dense"]["b"], rtol=1e-6)
+
+
+def test_matches_optax():
+    optax = pytest.importorskip("optax")
+    params = make_params()
+    gs = [grads_like(params, s) for s in range(6)]
+    bad = [dict(g) for g in gs]  # inf in steps 3 and 4: skipped once, then applied anyway
+    for i in (3, 4):
+        bad[i]["embed"] = bad[i]["embed"].at[0, 0].set(np.inf)
+    pairs = [
+        (masked(optim.sgd(0.1, momentum=0.9), MASK),
+         optax.masked(optax.sgd(0.1, momentum=0.9), MASK)),
+        (multi_steps(optim.sgd(0.1, momentum=0.9), 3),
+         optax.MultiSteps(optax.sgd(0.1, momentum=0.9), 3).gradient_transformation()),
+        (apply_if_finite(optim.sgd(0.1, momentum=0.9), 1),
+         optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), 1), bad),
+        (inject_hyperparams(optim.sgd)(learning_rate=0.1, momentum=0.9),
+         optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)),
+    ]
+    for ours, theirs, *seq in pairs:
+        s_ours, s_theirs, p = ours.init_state(params), theirs.init(params), params
+        for g in (seq[0] if seq else gs):
+            u, s_ours = ours.update(g, s_ours, p)
+            r, s_theirs = theirs.update(g, s_theirs, p)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                         u, r)
+            p = optim.apply_updates(p, u)
