@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,8 @@ def make_optimizer(args: argparse.Namespace) -> optim.Optimizer:
         return optim.sgd(lr, momentum=args.momentum, nesterov=name == "nesterov",
                          weight_decay=wd)
     if name == "lars":
-        return optim.lars(lr, momentum=args.momentum, weight_decay=wd, trust_coefficient=args.trust_coefficient)
+        return optim.lars(lr, momentum=args.momentum, weight_decay=wd,
+                          trust_coefficient=args.trust_coefficient)
     if name == "muon":
         return optim.muon(lr, weight_decay=wd, adam_learning_rate=1e-3)
     factory = optim.OPTIMIZERS[name]
