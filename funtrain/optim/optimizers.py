@@ -14,6 +14,7 @@ from funtrain.optim.base import Optimizer, chain
 from funtrain.optim.schedules import as_schedule, value_at
 from funtrain.optim.transforms import (
     add_decayed_weights,
+    resolve_mask,
     safe_increment,
     scale_by_adadelta,
     scale_by_adam,
@@ -223,19 +224,15 @@ def amsgrad(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float =
 
 
 def adamax(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0.999,
-           eps: float = 1e-8, weight_decay: float = 0.0, *,
-           convention: str = "pytorch") -> Optimizer:
-    r"""AdaMax (Kingma & Ba, 2014), as ``torch.optim.Adamax`` by default.
+           eps: float = 1e-8, weight_decay: float = 0.0) -> Optimizer:
+    r"""AdaMax (Kingma & Ba, 2014), as ``torch.optim.Adamax`` (optax computes the same).
 
     .. math:: u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon), \quad
               \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\frac{m_t}{u_t}
-
-    ``convention="optax"``: :math:`u_t = \max(\beta_2 u_{t-1}, |g_t|)`,
-    :math:`\theta_t = \theta_{t-1} - \eta\,\hat m_t/(u_t + \epsilon)`.
     """
     where = "adamax"
     return chain(*_coupled_wd(weight_decay, where),
-                 scale_by_adamax(b1, b2, eps, convention=convention),
+                 scale_by_adamax(b1, b2, eps),
                  scale_by_learning_rate(_lr(learning_rate, where)))
 
 
@@ -397,75 +394,107 @@ def adafactor(learning_rate: ScalarOrSchedule = 1e-2, beta2_decay: float = -0.8,
 
 class ScheduleFreeState(NamedTuple):
     """``b1`` (kept for ``schedule_free_eval_params``), ``count``, ``weight_sum``, ``max_lr``,
-    the base AdamW ``base_state`` and the ``z`` sequence."""
+    the second moment ``nu`` and the ``z`` sequence."""
 
     b1: Array
     count: Array
     weight_sum: Array
     max_lr: Array
-    base_state: Any
+    nu: Any
     z: Any
 
 
 def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: float = 0.999,
                         eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0,
-                        *, weight_lr_power: float = 2.0, mask: Any = None) -> Optimizer:
-    r"""Schedule-free AdamW (Defazio et al., 2024, "The Road Less Scheduled").
+                        *, weight_lr_power: float = 2.0, mask: Any = None,
+                        convention: str = "paper") -> Optimizer:
+    r"""Schedule-free AdamW (Defazio et al., 2024, "The Road Less Scheduled", Algorithm 1).
 
     No learning-rate schedule is needed: the params held (:math:`y`) interpolate between
     a base AdamW iterate :math:`z` and its weighted average :math:`x`, which is the point
-    to *evaluate* at (``schedule_free_eval_params``).
+    to *evaluate* at (``schedule_free_eval_params``). With ``convention="paper"`` (the
+    default, as the authors' reference implementation):
 
     .. math::
-        z_{t+1} &= z_t - \gamma_t\Big(\frac{g(y_t)}{\sqrt{\hat v_t} + \epsilon} +
-                   \lambda y_t\Big), \quad
-        c_{t+1} = \frac{\gamma_{\max,t}^{p}}{\sum_{i\le t}\gamma_{\max,i}^{p}}, \\
+        \gamma_t &= \eta \min(1, t/T_w) \sqrt{1-eta_2^t}, \quad
+        v_t = eta_2 v_{t-1} + (1-eta_2) g_t^2, \
+        z_{t+1} &= z_t - \gamma_t\Big(rac{g(y_t)}{\sqrt{v_t} + \epsilon} + \lambda y_t\Big),
+        \quad c_{t+1} = rac{\gamma_{\max,t}^{p}}{\sum_{i\le t}\gamma_{\max,i}^{p}}, \
         x_{t+1} &= (1 - c_{t+1}) x_t + c_{t+1} z_{t+1}, \quad
-        y_{t+1} = \beta_1 x_{t+1} + (1-\beta_1) z_{t+1}
+        y_{t+1} = eta_1 x_{t+1} + (1-eta_1) z_{t+1}
 
-    :math:`\gamma_t` warms up linearly from 0 over ``warmup_steps``.
+    ``convention="optax"`` reproduces optax's ``schedule_free_adamw``: no
+    :math:`\sqrt{1-eta_2^t}` in :math:`\gamma_t`, the bias-corrected :math:`\hat v_t` in the
+    denominator, and the z step's warmup one step behind the weights' (:math:`(t-1)/T_w`).
     """
     where = "schedule_free_adamw"
     check_scalar(where, "learning_rate", learning_rate, low=0.0)
     check_scalar(where, "b1", b1, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_scalar(where, "b2", b2, low=0.0, high=1.0, high_open=True)
+    check_scalar(where, "eps", eps, low=0.0, low_open=True)
+    check_scalar(where, "weight_decay", weight_decay, low=0.0)
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"{where}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if convention not in ("paper", "optax"):
+        raise ValueError(f"{where}: convention must be 'paper' or 'optax', got {convention!r}")
 
-    def lr_at(step: Any) -> Any:
+    def warm(t: Array) -> Array:
         if warmup_steps == 0:
-            return jnp.asarray(learning_rate, jnp.result_type(float))
-        frac = jnp.minimum(step.astype(jnp.result_type(float)) / warmup_steps, 1.0)
-        return learning_rate * frac
-
-    base = chain(scale_by_adam(0.0, b2, eps), *_decoupled_wd(weight_decay, mask, where),
-                 scale_by_learning_rate(lr_at))
+            return jnp.ones((), t.dtype)
+        return jnp.clip(t / warmup_steps, 0.0, 1.0)
 
     def init_state(params: Params) -> ScheduleFreeState:
         f = jnp.result_type(float)
+        if mask is not None:
+            resolve_mask(mask, params, where)
+        nu = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                          params)
         return ScheduleFreeState(jnp.asarray(b1, f), jnp.zeros((), jnp.int32),
-                                 jnp.zeros((), f), jnp.zeros((), f), base.init(params),
+                                 jnp.zeros((), f), jnp.zeros((), f), nu,
                                  jax.tree.map(jnp.array, params))
 
     def update(grads: Any, state: ScheduleFreeState, params: Params | None = None):
         if params is None:
             raise ValueError(f"{where}: needs the current params; call "
                              f"update(grads, state, params)")
-        lr = lr_at(state.count)
-        max_lr = jnp.maximum(state.max_lr, lr)
+        check_same_structure(state.z, grads, what=where,
+                             expected_name="the optimizer state (made from params)",
+                             actual_name="grads")
+        count = safe_increment(state.count)
+        t = count.astype(state.weight_sum.dtype)
+        bc2 = 1.0 - jnp.asarray(b2, t.dtype) ** t
+        if convention == "paper":
+            gamma = learning_rate * warm(t) * jnp.sqrt(bc2)
+            gamma_z = gamma
+        else:
+            gamma = learning_rate * warm(t)
+            gamma_z = learning_rate * warm(t - 1.0)
+        max_lr = jnp.maximum(state.max_lr, gamma)
         weight = max_lr ** weight_lr_power
         total = state.weight_sum + weight
         ck = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
-        base_updates, base_state = base.update(grads, state.base_state, params)
-        z = jax.tree.map(lambda zi, ui: (zi + ui).astype(zi.dtype), state.z, base_updates)
+        decay = resolve_mask(mask, params, where)
 
-        def new_y(y: Array, z_old: Array, z_new: Array) -> Array:
-            x_old = (y - (1.0 - b1) * z_old) / b1
-            x = (1.0 - ck) * x_old + ck * z_new
-            return (b1 * x + (1.0 - b1) * z_new - y).astype(y.dtype)
+        def leaf(g: Array, y: Array, v: Array, z: Array, keep: Any) -> tuple:
+            dt = v.dtype
+            gf, yf, zf = g.astype(dt), y.astype(dt), z.astype(dt)
+            v = b2 * v + (1 - b2) * gf * gf
+            denom = jnp.sqrt(v) + eps if convention == "paper" else jnp.sqrt(v / bc2) + eps
+            d = gf / denom
+            if keep is True or not isinstance(keep, bool):
+                d = d + jnp.where(keep, weight_decay, 0.0) * yf
+            z_new = zf - gamma_z * d
+            x = (yf - (1.0 - b1) * zf) / b1
+            x = (1.0 - ck) * x + ck * z_new
+            y_new = b1 * x + (1.0 - b1) * z_new
+            return (y_new - yf).astype(y.dtype), v, z_new.astype(z.dtype)
 
-        updates = jax.tree.map(new_y, params, state.z, z)
-        return updates, ScheduleFreeState(state.b1, safe_increment(state.count), total, max_lr,
-                                          base_state, z)
+        treedef = jax.tree.structure(grads)
+        flat = [treedef.flatten_up_to(tree) for tree in (grads, params, state.nu, state.z)]
+        flat.append(treedef.flatten_up_to(decay))
+        outs = [leaf(*args) for args in zip(*flat, strict=True)]
+        updates, nu, z = (treedef.unflatten([o[k] for o in outs]) for k in range(3))
+        return updates, ScheduleFreeState(state.b1, count, total, max_lr, nu, z)
 
     return Optimizer(init_state, update)
 

@@ -486,20 +486,16 @@ class ScaleByAdamaxState(NamedTuple):
     u: Any
 
 
-def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
-                    convention: str = "pytorch") -> Optimizer:
+def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
     r"""AdaMax (Kingma & Ba, 2014, §7): Adam with the infinity norm.
 
-    PyTorch (default): :math:`u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon)`,
-    :math:`d_t = m_t / ((1-\beta_1^t) u_t)`. optax: :math:`u_t = \max(\beta_2 u_{t-1}, |g_t|)`,
-    :math:`d_t = \hat m_t / (u_t + \epsilon)`.
+    :math:`u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon)`,
+    :math:`d_t = m_t / ((1-\beta_1^t) u_t)`. PyTorch and optax agree on this form.
     """
     where = "scale_by_adamax"
     _check_beta(where, "b1", b1)
     _check_beta(where, "b2", b2)
     _check_eps(where, "eps", eps)
-    if convention not in ("pytorch", "optax"):
-        raise ValueError(f"{where}: convention must be 'pytorch' or 'optax', got {convention!r}")
 
     def init_state(params: Params) -> ScaleByAdamaxState:
         return ScaleByAdamaxState(jnp.zeros((), jnp.int32), _zeros_like(params),
@@ -513,12 +509,8 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
             gf = g.astype(m.dtype)
             m = b1 * m + (1 - b1) * gf
             bc1 = _bias_correction(b1, count, m.dtype)
-            if convention == "pytorch":
-                u = jnp.maximum(b2 * u, jnp.abs(gf) + eps)
-                d = m / (bc1 * u)
-            else:
-                u = jnp.maximum(b2 * u, jnp.abs(gf))
-                d = (m / bc1) / (u + eps)
+            u = jnp.maximum(b2 * u, jnp.abs(gf) + eps)
+            d = m / (bc1 * u)
             return d.astype(g.dtype), m, u
 
         updates, mu, u = _map(leaf, 3, grads, state.mu, state.u)
