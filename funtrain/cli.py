@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from funtrain import data, nn, optim, train
+from funtrain import data, nn, optim, precision, train
 
 # Demo learning rates that reach the accuracy bar on digits (MLP, batch 32, 10 epochs).
 DEMO_LR = {
@@ -18,6 +18,15 @@ DEMO_LR = {
     "adadelta": 1.0, "adam": 1e-3, "adamw": 1e-3, "amsgrad": 1e-3, "adamax": 2e-3,
     "nadam": 1e-3, "radam": 1e-3, "lion": 1e-4, "lamb": 5e-3, "lars": 0.5, "adafactor": 1e-2,
     "schedule_free_adamw": 2.5e-3, "muon": 2e-2,
+}
+
+
+PRECISIONS = {
+    "fp32": lambda: (None, None),
+    "bf16": lambda: (precision.get_policy("params=float32,compute=bfloat16,output=float32"),
+                     None),
+    "fp16": lambda: (precision.get_policy("params=float32,compute=float16,output=float32"),
+                     precision.DynamicLossScale()),
 }
 
 
@@ -73,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=10)
     demo.add_argument("--batch-size", type=_positive_int, default=32)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                      help="compute dtype; params stay float32 (master weights); fp16 adds "
+                      "dynamic loss scaling")
     demo.add_argument("--steps-per-call", type=_positive_int, default=1,
                       help="training steps per device call (lax.scan)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -89,20 +101,25 @@ def demo(args: argparse.Namespace) -> float:
     init_key, shuffle_key, run_key = jax.random.split(key, 3)
     params = model.init(init_key, jnp.asarray(train_set[:1]["x"]))
     opt = make_optimizer(args)
-    state = train.TrainState.create(params, opt, run_key)
-    step = train.make_train_step(train.classifier_loss(model), opt)
+    policy, loss_scale = PRECISIONS[args.precision]()
+    state = train.TrainState.create(params, opt, run_key, policy=policy, loss_scale=loss_scale)
+    step = train.make_train_step(train.classifier_loss(model), opt, policy=policy)
     eval_step = train.make_eval_step(train.classifier_eval(model))
     loader = train_set.batches(args.batch_size, key=shuffle_key, drop_remainder=True)
     n_params = sum(p.size for p in jax.tree.leaves(params))
     print(f"funtrain demo: {args.model} ({n_params:,} params) on digits "
           f"({len(train_set)} train / {len(test_set)} test), {args.optimizer} "
           f"lr={args.lr if args.lr is not None else DEMO_LR[args.optimizer]}, "
-          f"{args.epochs} epochs of batch {args.batch_size}, backend {jax.default_backend()}")
+          f"{args.epochs} epochs of batch {args.batch_size}, precision {args.precision}, "
+          f"backend {jax.default_backend()}")
     state, history = train.fit(
         state, step, loader, epochs=args.epochs, eval_step=eval_step,
         eval_data=test_set.batches(256), steps_per_call=args.steps_per_call,
         progress=not args.no_progress, log_every=10)
     acc = history.eval[-1]["accuracy"]
+    if state.loss_scale is not None:
+        print(f"loss scale {float(state.loss_scale.loss_scale):g}, "
+              f"skipped steps {int(state.skipped_steps)}")
     print(f"final train loss {history.train['loss'][-1]:.4f}; "
           f"test loss {history.eval[-1]['loss']:.4f}")
     print(f"test accuracy: {acc:.4f}  ({time.perf_counter() - t0:.1f} s in all)")

@@ -166,6 +166,95 @@ OPTIMIZERS = [
         "fig.tight_layout(); plt.show()"),
 ]
 
+MIXED_PRECISION = [
+    new_markdown_cell(
+        "# Mixed precision\n\n"
+        "The seed chapter's recipe: keep FP32 master weights, run forward and backward in half "
+        "precision, scale the loss so small gradients don't underflow, and update in FP32. "
+        "In funtrain a `Policy` says which dtype each part uses, `make_train_step(policy=...)` "
+        "applies it, and a loss scale lives in the `TrainState`."),
+    new_code_cell(
+        "import os\n"
+        "EPOCHS = int(os.environ.get('FUNTRAIN_NB_EPOCHS', '5'))  # tests set 2\n\n"
+        "import jax\n"
+        "import jax.numpy as jnp\n"
+        "import matplotlib.pyplot as plt\n"
+        "from funtrain import data, losses, nn, optim, precision, train\n\n"
+        "for text in ['bf16', 'params=float32,compute=bfloat16,output=float32', 'p=f32,c=half',\n"
+        "             'float16']:\n"
+        "    print(f'{text!r:52} -> {precision.get_policy(text)}')\n"
+        "print('half on this backend is', precision.half_dtype())"),
+    new_markdown_cell("## FP32 vs BF16 vs FP16 with dynamic loss scaling"),
+    new_code_cell(
+        "train_set, test_set = data.load_digits()\n"
+        "model = nn.mlp([256, 10])\n"
+        "params0 = model.init(jax.random.key(0), jnp.zeros((1, 64)))\n"
+        "runs = {\n"
+        "    'fp32': (None, None),\n"
+        "    'bf16': ('params=float32,compute=bfloat16,output=float32', None),\n"
+        "    'fp16 + dynamic scale': ('params=float32,compute=float16,output=float32',\n"
+        "                             precision.DynamicLossScale(initial=2.0 ** 15, period=100)),\n"
+        "}\n"
+        "histories = {}\n"
+        "for name, (policy, scale) in runs.items():\n"
+        "    opt = optim.sgd(0.05, momentum=0.9)\n"
+        "    state = train.TrainState.create(params0, opt, jax.random.key(1), policy=policy,\n"
+        "                                    loss_scale=scale)\n"
+        "    step = train.make_train_step(train.classifier_loss(model), opt, policy=policy)\n"
+        "    state, hist = train.fit(\n"
+        "        state, step, train_set.batches(32, key=jax.random.key(2), drop_remainder=True),\n"
+        "        epochs=EPOCHS, eval_step=train.make_eval_step(train.classifier_eval(model)),\n"
+        "        eval_data=test_set.batches(512), progress=False)\n"
+        "    histories[name] = hist\n"
+        "    print(f\"{name:22} test accuracy {hist.eval[-1]['accuracy']:.3f}\")\n"
+        "accs = [h.eval[-1]['accuracy'] for h in histories.values()]\n"
+        "assert max(accs) - min(accs) < 0.03"),
+    new_code_cell(
+        "h = histories['fp16 + dynamic scale']\n"
+        "fig, ax = plt.subplots(figsize=(6, 3))\n"
+        "ax.plot(h.train['loss_scale']); ax.set_yscale('log', base=2)\n"
+        "ax.set_xlabel('step'); ax.set_ylabel('loss scale')\n"
+        "ax.set_title('grows by 2 every period finite steps, halves on overflow'); plt.show()\n"
+        "print('skipped steps:', int(h.train['skipped_steps'][-1]))"),
+    new_markdown_cell(
+        "## Why scale the loss: float16 underflow\n"
+        "float16's smallest subnormal is about 6e-8. Gradients smaller than that become 0. "
+        "Here a loss multiplied by 1e-8 (and a learning rate 1e8 larger, so the run is the "
+        "same in exact arithmetic) trains only with a loss scale."),
+    new_code_cell(
+        "def tiny_loss(p, batch):\n"
+        "    return 1e-8 * losses.softmax_cross_entropy(model.apply(p, batch['x']), batch['y'])\n\n"
+        "policy = 'params=float32,compute=float16,output=float32'\n"
+        "for name, scale in [('scale = 1', precision.StaticLossScale(1.0)),\n"
+        "                    ('dynamic scale', precision.DynamicLossScale())]:\n"
+        "    opt = optim.sgd(0.05 * 1e8, momentum=0.9)\n"
+        "    state = train.TrainState.create(params0, opt, jax.random.key(1), policy=policy,\n"
+        "                                    loss_scale=scale)\n"
+        "    step = train.make_train_step(tiny_loss, opt, policy=policy)\n"
+        "    state, hist = train.fit(\n"
+        "        state, step, train_set.batches(32, key=jax.random.key(2), drop_remainder=True),\n"
+        "        epochs=2, eval_step=train.make_eval_step(train.classifier_eval(model)),\n"
+        "        eval_data=test_set.batches(512), progress=False)\n"
+        "    norms = hist.train['grad_norm']\n"
+        "    print(f\"{name:14} mean grad norm {sum(norms) / len(norms):.2e}\"\n"
+        "          f\"  test accuracy {hist.eval[-1]['accuracy']:.3f}\")"),
+    new_markdown_cell(
+        "## Memory\n`bench/precision.py` measures this for the MLP and a transformer block: "
+        "the residuals kept for the backward pass (activations) halve in bf16."),
+    new_code_cell(
+        "import sys; sys.path.insert(0, '../bench')\n"
+        "from precision import activation_bytes\n"
+        "block = nn.transformer_block(64, 4)\n"
+        "x = jax.random.normal(jax.random.key(0), (4, 32, 64))\n"
+        "bp = block.init(jax.random.key(1), x)\n"
+        "loss = lambda p, b: losses.mse(block.apply(p, b['x']), b['x'])\n"
+        "a32 = activation_bytes(loss, bp, {'x': x}, None)\n"
+        "bf16 = 'params=float32,compute=bfloat16,output=float32'\n"
+        "a16 = activation_bytes(loss, bp, {'x': x}, bf16)\n"
+        "print(f'activations: fp32 {a32 / 2**20:.2f} MiB, bf16 {a16 / 2**20:.2f} MiB '\n"
+        "      f'({a16 / a32:.2f}x)')"),
+]
+
 
 def write(name: str, cells: list) -> None:
     nb = new_notebook(cells=cells)
@@ -177,3 +266,4 @@ def write(name: str, cells: list) -> None:
 if __name__ == "__main__":
     write("01_quickstart.ipynb", QUICKSTART)
     write("02_optimizers.ipynb", OPTIMIZERS)
+    write("03_mixed_precision.ipynb", MIXED_PRECISION)

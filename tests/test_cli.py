@@ -57,3 +57,13 @@ def test_every_optimizer_name_is_accepted_and_trains(name):
         state, m = step(state, {"x": x, "y": y})
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+def test_demo_precision_meets_the_accuracy_bar(prec):
+    proc = run_cli("demo", "--precision", prec, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    acc = float(re.search(r"test accuracy: (\d\.\d+)", proc.stdout).group(1))
+    assert acc >= 0.95, proc.stdout
+    if prec == "fp16":
+        assert "loss scale" in proc.stdout and "skipped steps" in proc.stdout

@@ -27,6 +27,7 @@ from funtrain.nn.layers import (
     global_avg_pool,
     layer_norm,
     max_pool,
+    multi_head_attention,
     relu,
     reshape,
     rms_norm,
@@ -36,11 +37,12 @@ from funtrain.nn.layers import (
     stateless,
     tanh,
 )
-from funtrain.nn.models import cnn, mlp
+from funtrain.nn.models import cnn, mlp, transformer_block
 from funtrain.nn.module import Module, ModuleError, ModuleTypeError, named
+from funtrain.nn.policy import with_policy
 
 __all__ = [
-    "Module", "ModuleError", "ModuleTypeError", "named",
+    "Module", "ModuleError", "ModuleTypeError", "named", "with_policy",
     "serial", "residual", "parallel",
     "dense", "conv", "embed", "layer_norm", "rms_norm", "dropout", "max_pool", "avg_pool",
     "global_avg_pool", "relu", "gelu", "silu", "tanh", "sigmoid", "softmax", "flatten",
@@ -48,5 +50,5 @@ __all__ = [
     "initializers", "variance_scaling", "he_normal", "he_uniform", "glorot_normal",
     "glorot_uniform", "lecun_normal", "lecun_uniform", "zeros", "ones", "constant", "normal",
     "uniform",
-    "mlp", "cnn",
+    "mlp", "cnn", "transformer_block", "multi_head_attention",
 ]

@@ -290,6 +290,84 @@ def embed(num_embeddings: int, features: int, *, w_init: Initializer | None = No
 
 # --------------------------------------------------------------------------- norms
 
+# Norms and softmax compute in float32 (at least) but keep only input-dtype tensors for
+# the backward pass: with a bf16 policy the saved activations stay bf16. The backward
+# recomputes the normalised values in float32 from them.
+
+
+def _normalize_impl(x: Array, scale: Array, bias: Array, eps: float, center: bool) -> Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis (no mean if not
+    ``center``: RMS norm)."""
+    return _normalize_fwd(x, scale, bias, eps, center)[0]
+
+
+def _stats(x: Array, eps: float, center: bool) -> tuple[Array, Array, Array]:
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xf, axis=-1, keepdims=True) if center else jnp.zeros((), xf.dtype)
+    centered = xf - mean
+    rstd = lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + eps)
+    return centered * rstd, mean, rstd
+
+
+def _normalize_fwd(x, scale, bias, eps, center):  # noqa: ANN001, ANN202
+    xhat, mean, rstd = _stats(x, eps, center)
+    y = xhat * scale.astype(xhat.dtype) + bias.astype(xhat.dtype)
+    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _normalize_bwd(eps, center, res, g):  # noqa: ANN001, ANN202
+    x, mean, rstd, scale, bias = res
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    xhat = (xf - mean) * rstd
+    gf = g.astype(xf.dtype)
+    axes = tuple(range(x.ndim - 1))
+    dscale = jnp.sum(gf * xhat, axis=axes)
+    dbias = jnp.sum(gf, axis=axes)
+    dxhat = gf * scale.astype(xf.dtype)
+    proj = jnp.mean(dxhat * xhat, axis=-1, keepdims=True)
+    if center:
+        dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True) - xhat * proj)
+    else:
+        dx = rstd * (dxhat - xhat * proj)
+    return (dx.astype(x.dtype), dscale.astype(scale.dtype).reshape(scale.shape),
+            dbias.astype(bias.dtype).reshape(bias.shape))
+
+
+_normalize = jax.custom_vjp(_normalize_impl, nondiff_argnums=(3, 4))
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _softmax_impl(logits: Array, out_dtype: Any = None, causal: bool = False) -> Array:
+    """Softmax over the last axis in float32, returned (and saved) in ``out_dtype``.
+
+    ``causal`` masks entries above the diagonal of the last two axes. The mask is built
+    inside, so no mask or masked copy of the logits is kept for the backward pass (masked
+    entries have weight 0, hence gradient 0).
+    """
+    return _softmax_fwd(logits, out_dtype, causal)[0]
+
+
+def _softmax_fwd(logits, out_dtype, causal):  # noqa: ANN001, ANN202
+    lf = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    if causal:
+        q, k = lf.shape[-2:]
+        keep = jnp.arange(k)[None, :] <= jnp.arange(q)[:, None]
+        lf = jnp.where(keep, lf, jnp.finfo(lf.dtype).min)
+    y = jax.nn.softmax(lf, axis=-1).astype(out_dtype or logits.dtype)
+    return y, (y, jnp.zeros((), logits.dtype))
+
+
+def _softmax_bwd(out_dtype, causal, res, g):  # noqa: ANN001, ANN202
+    y, proto = res
+    yf = y.astype(jnp.promote_types(y.dtype, jnp.float32))
+    gf = g.astype(yf.dtype)
+    return ((yf * (gf - jnp.sum(gf * yf, axis=-1, keepdims=True))).astype(proto.dtype),)
+
+
+softmax_lowp = jax.custom_vjp(_softmax_impl, nondiff_argnums=(1, 2))
+softmax_lowp.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 
 def layer_norm(*, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
                name: str | None = None) -> Module:
@@ -318,15 +396,9 @@ def layer_norm(*, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool 
         f = _features_of(x, kind)
         for k in keys:
             check_param_shape(params, k, (f,), kind)
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * lax.rsqrt(var + epsilon)
-        if use_scale:
-            y = y * params["scale"]
-        if use_bias:
-            y = y + params["bias"]
-        return y.astype(x.dtype)
+        scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
+        bias = params["bias"] if use_bias else jnp.zeros((f,), jnp.float32)
+        return _normalize(x, scale, bias, epsilon, True)
 
     return _make(kind, init, apply, name)
 
@@ -351,12 +423,10 @@ def rms_norm(*, epsilon: float = 1e-6, use_scale: bool = True,
               train: bool = False) -> Array:
         check_params(params, keys, kind)
         f = _features_of(x, kind)
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        y = xf * lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + epsilon)
         if use_scale:
             check_param_shape(params, "scale", (f,), kind)
-            y = y * params["scale"]
-        return y.astype(x.dtype)
+        scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
+        return _normalize(x, scale, jnp.zeros((f,), scale.dtype), epsilon, False)
 
     return _make(kind, init, apply, name)
 
@@ -472,3 +542,69 @@ def reshape(shape: Sequence[int], *, name: str | None = None) -> Module:
         return jnp.reshape(x, (x.shape[0], *shape))
 
     return stateless(fn, name=name, kind=kind)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def multi_head_attention(num_heads: int, *, causal: bool = False, use_bias: bool = True,
+                         w_init: Initializer | None = None, param_dtype: Any = jnp.float32,
+                         name: str | None = None) -> Module:
+    r"""Multi-head self-attention over ``(batch, seq, features)`` (Vaswani et al., 2017).
+
+    .. math:: \mathrm{softmax}\big(QK^\top/\sqrt{d_h} + M\big)V, \quad
+              Q, K, V = xW_q, xW_k, xW_v
+
+    per head, then an output projection. The logits and softmax run in float32 whatever
+    the input dtype; ``causal`` masks future positions. Params: ``query``, ``key``,
+    ``value`` and ``out``, each ``{"w", "b"}``.
+    """
+    kind = "multi_head_attention"
+    _positive_int(num_heads, "num_heads", kind)
+    proj = {k: dense(1, use_bias=use_bias, w_init=w_init, param_dtype=param_dtype)
+            for k in ("query", "key", "value", "out")}
+    keys = ("w", "b") if use_bias else ("w",)
+
+    def init(key: PRNGKey, x: Any) -> Params:
+        check_rank(x, (3,), kind, "an input of shape (batch, seq, features)")
+        d = int(x.shape[-1])
+        if d % num_heads:
+            raise ModuleError(kind, f"features {d} must be divisible by num_heads {num_heads}")
+        w_fn = w_init or inits.lecun_normal()
+        params = {}
+        for k, sub in zip(proj, jax.random.split(key, 4), strict=True):
+            params[k] = {"w": w_fn(sub, (d, d), param_dtype)}
+            if use_bias:
+                params[k]["b"] = jnp.zeros((d,), param_dtype)
+        return params
+
+    def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
+              train: bool = False) -> Array:
+        check_rank(x, (3,), kind, "an input of shape (batch, seq, features)")
+        extra = sorted(set(params) - set(proj))
+        missing = sorted(set(proj) - set(params))
+        if extra or missing:
+            raise ModuleError(kind, f"params do not match the layer: missing {missing}, "
+                              f"unexpected {extra} (expected keys {sorted(proj)})")
+        b, t, d = x.shape
+        h = num_heads
+
+        def project(k: str, v: Array) -> Array:
+            check_params(params[k], keys, kind)
+            w = params[k]["w"]
+            if w.shape != (v.shape[-1], d):
+                raise ModuleError(kind, f"param '{{at}}{k}/w' has shape {tuple(w.shape)}, "
+                                  f"expected {(v.shape[-1], d)} for input of shape "
+                                  f"{tuple(x.shape)}")
+            y = v @ w
+            return y + params[k]["b"] if use_bias else y
+
+        q, k_, v = (project(n, x).reshape(b, t, h, d // h) for n in ("query", "key", "value"))
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k_, preferred_element_type=acc)
+        logits = logits / jnp.sqrt(jnp.asarray(d // h, acc))
+        weights = softmax_lowp(logits, x.dtype, causal)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+        return project("out", ctx)
+
+    return _make(kind, init, apply, name)

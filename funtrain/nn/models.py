@@ -5,8 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from funtrain.nn import initializers as inits
-from funtrain.nn.combinators import serial
-from funtrain.nn.layers import conv, dense, flatten, max_pool, relu
+from funtrain.nn.combinators import residual, serial
+from funtrain.nn.layers import (
+    conv,
+    dense,
+    flatten,
+    gelu,
+    layer_norm,
+    max_pool,
+    multi_head_attention,
+    relu,
+)
 from funtrain.nn.module import Module
 
 
@@ -58,3 +67,23 @@ def cnn(num_classes: int = 10, *, channels: Sequence[int] = (16, 32), kernel_siz
         layers += [conv(c, kernel_size, w_init=inits.he_normal()), relu(), max_pool(2)]
     layers += [flatten(), dense(num_classes)]
     return serial(*layers, name=name)
+
+
+def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
+                      causal: bool = True, name: str | None = None) -> Module:
+    """A pre-norm transformer block on ``(batch, seq, d_model)`` (GPT-2 layout).
+
+    ``x + attention(layer_norm(x))``, then ``x + mlp(layer_norm(x))`` with a GELU MLP of
+    width ``mlp_ratio * d_model``. Params: ``{"attn": ..., "mlp": ...}``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> block = transformer_block(32, 4)
+      >>> params = block.init(jax.random.key(0), jnp.zeros((1, 8, 32)))
+      >>> block.apply(params, jnp.ones((2, 8, 32))).shape
+      (2, 8, 32)
+    """
+    return serial(
+        residual(layer_norm(), multi_head_attention(num_heads, causal=causal), name="attn"),
+        residual(layer_norm(), dense(mlp_ratio * d_model), gelu(), dense(d_model), name="mlp"),
+        name=name)

@@ -11,23 +11,38 @@ from funtrain._typing import Array, OptState, Params, PRNGKey
 
 
 class TrainState(NamedTuple):
-    """The whole state of a run: ``step``, ``params``, ``opt_state`` and ``rng``.
+    """The whole state of a run: ``step``, ``params``, ``opt_state``, ``rng`` and, for mixed
+    precision, the ``loss_scale`` and the count of ``skipped_steps``.
 
     ``rng`` is the run's base key; step ``t`` uses ``fold_in(rng, t)``, so the
-    randomness of a step depends only on the seed and the step number.
+    randomness of a step depends only on the seed and the step number. ``loss_scale``
+    (a ``funtrain.precision`` loss scale, or ``None``) and ``skipped_steps`` (steps whose
+    gradients were not finite and so were not applied) are updated by the train step.
     """
 
     step: Array
     params: Params
     opt_state: OptState
     rng: PRNGKey
+    loss_scale: Any = None
+    skipped_steps: Any = None
 
     @classmethod
-    def create(cls, params: Params, optimizer: Any, key: PRNGKey) -> TrainState:
+    def create(cls, params: Params, optimizer: Any, key: PRNGKey, *, loss_scale: Any = None,
+               policy: Any = None) -> TrainState:
         """Start a run: step 0 and ``optimizer.init_state(params)``.
 
         The params are copied, so donating the state to a jitted step never
         invalidates the arrays the caller still holds.
+
+        Args:
+          params: the initial params.
+          optimizer: an ``Optimizer``.
+          key: the run's base PRNG key.
+          loss_scale: a loss scale from ``funtrain.precision`` (e.g. ``DynamicLossScale()``
+            for float16 training); ``None`` means no scaling.
+          policy: a ``precision.Policy`` (or its string); params are stored in its
+            ``param_dtype`` (the FP32 master weights).
 
         Example:
           >>> import jax, jax.numpy as jnp
@@ -40,5 +55,10 @@ class TrainState(NamedTuple):
             raise TypeError(f"TrainState.create: optimizer must be an Optimizer (init_state, "
                             f"update), got {type(optimizer).__name__}")
         params = jax.tree.map(jnp.array, params)  # jnp.array copies
+        if policy is not None:
+            from funtrain.precision import as_policy
+
+            params = as_policy(policy).cast_to_param(params)
         return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   opt_state=optimizer.init(params), rng=key)
+                   opt_state=optimizer.init(params), rng=key, loss_scale=loss_scale,
+                   skipped_steps=jnp.zeros((), jnp.int32))

@@ -49,8 +49,13 @@ def _split_loss(where: str, out: Any) -> tuple[Array, Metrics]:
     return loss, dict(aux)
 
 
-def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, jit: bool = True,
-                    donate: bool = True) -> StepFn:
+def _select(pred: Array, new: Any, old: Any) -> Any:
+    """``new`` where ``pred`` else ``old``, leaf by leaf (bitwise ``old`` when false)."""
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy: Any = None,
+                    loss_scale: Any = None, jit: bool = True, donate: bool = True) -> StepFn:
     """Build the step ``(state, batch) -> (state, metrics)``: forward, loss, backward, update.
 
     Args:
@@ -58,13 +63,24 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, jit: b
         two-argument ``loss_fn(params, batch)`` is called without the key. ``key`` is
         ``fold_in(state.rng, state.step)``, fresh every step.
       optimizer: an ``Optimizer``.
+      policy: a ``precision.Policy`` (or its string, e.g. ``"p=f32,c=bf16,o=f32"``): the
+        params and the floating parts of the batch are cast to ``compute_dtype`` for the
+        forward and backward pass; gradients come back in the params' dtype (FP32 master
+        weights) and the update runs there.
+      loss_scale: the initial loss scale (``precision.DynamicLossScale()`` for float16),
+        used when ``state.loss_scale`` is ``None``; the current one lives in the state.
+        With a loss scale the step differentiates ``scale * loss``, unscales the grads in
+        float32, checks they are all finite, and applies the optimizer only if they are;
+        otherwise params and optimizer state stay bitwise unchanged and
+        ``state.skipped_steps`` grows by one. The scale is then adjusted.
       jit: compile the step with ``jax.jit``.
       donate: donate the input state's buffers to the output (halves peak memory);
         do not reuse a state after passing it in.
 
     Returns:
       The step. ``metrics`` holds ``loss``, ``grad_norm`` (global L2 norm of the
-      gradients) and whatever ``aux_metrics`` ``loss_fn`` returned.
+      unscaled gradients), whatever ``aux_metrics`` ``loss_fn`` returned and, with a
+      loss scale, ``loss_scale`` and ``skipped_steps``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -83,20 +99,46 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, jit: b
         raise TypeError(f"{where}: optimizer must be an Optimizer (init_state, update), got "
                         f"{type(optimizer).__name__}")
     with_key = _takes_key(loss_fn)
+    if policy is not None:
+        from funtrain.precision import as_policy
 
-    def objective(params: Params, batch: Batch, key: PRNGKey) -> tuple[Array, Metrics]:
+        policy = as_policy(policy)
+
+    def objective(params: Params, batch: Batch, key: PRNGKey, scale: Any
+                  ) -> tuple[Array, tuple[Array, Metrics]]:
+        if policy is not None:
+            params = policy.cast_to_compute(params)
+            batch = policy.cast_to_compute(batch)
         out = loss_fn(params, batch, key) if with_key else loss_fn(params, batch)
-        return _split_loss(where, out)
+        loss, aux = _split_loss(where, out)
+        loss = loss.astype(jnp.promote_types(loss.dtype, jnp.float32))
+        scaled = loss if scale is None else scale.scale(loss)
+        return scaled, (loss, aux)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, batch, key)
+        scale = state.loss_scale if state.loss_scale is not None else loss_scale
+        (_, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, batch, key, scale)
+        if scale is not None:
+            from funtrain.precision import all_finite
+
+            grads = scale.unscale(grads)
+            finite = all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), **aux}
+        skipped = state.skipped_steps
+        if scale is not None:
+            params = _select(finite, params, state.params)
+            opt_state = _select(finite, opt_state, state.opt_state)
+            scale = scale.adjust(finite)
+            skipped = (skipped if skipped is not None else jnp.zeros((), jnp.int32)) + \
+                jnp.where(finite, 0, 1).astype(jnp.int32)
+            metrics["loss_scale"] = scale.loss_scale
+            metrics["skipped_steps"] = skipped
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               rng=state.rng)
+                               rng=state.rng, loss_scale=scale, skipped_steps=skipped)
         return new_state, metrics
 
     if not jit:

@@ -273,3 +273,39 @@ def test_bad_constructor_arguments():
         nn.layer_norm(epsilon=0.0)
     with pytest.raises(ValueError, match="a layer name must be a non-empty string without '/'"):
         nn.dense(3, name="a/b")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_multi_head_attention_matches_numpy(causal):
+    x = rand(2, 5, 8)
+    layer = nn.multi_head_attention(2, causal=causal)
+    params = layer.init(jax.random.key(0), x)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    xs = np.asarray(x, np.float64)
+    proj = {k: xs @ p[k]["w"] + p[k]["b"] for k in ("query", "key", "value")}
+    out = np.zeros_like(xs)
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        q, k, v = (proj[n][..., sl] for n in ("query", "key", "value"))
+        logits = q @ k.transpose(0, 2, 1) / 2.0
+        if causal:
+            logits = np.where(np.tril(np.ones((5, 5), bool)), logits, -np.inf)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        out[..., sl] = w @ v
+    ref = out @ p["out"]["w"] + p["out"]["b"]
+    np.testing.assert_allclose(layer.apply(params, x), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="features 6 must be divisible by num_heads 4"):
+        nn.multi_head_attention(4).init(jax.random.key(0), jnp.zeros((1, 3, 6)))
+
+
+def test_transformer_block_shapes_and_grads():
+    block = nn.transformer_block(16, 4)
+    x = rand(2, 6, 16)
+    params = block.init(jax.random.key(0), x)
+    assert set(params) == {"attn", "mlp"}
+    assert block.apply(params, x).shape == x.shape
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        check_grads(lambda p: block.apply(p, jnp.asarray(x, jnp.float64)), (p64,), order=1,
+                    modes=["rev"], atol=1e-4, rtol=1e-4)

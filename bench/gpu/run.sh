@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU check and timing in one call, for the lent device machine:
+#   run: bash bench/gpu/run.sh            (PYTHONPATH=. ; nothing is installed there)
+# On a CPU it runs the same scripts at CPU sizes, to test this script before a device call.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=.
+OUT=${OUT:-/tmp/funtrain-gpu}
+mkdir -p "$OUT"
+python3 - <<'PY'
+import jax
+print("devices:", jax.devices(), "backend:", jax.default_backend())
+PY
+GPU_FLAG=""
+if python3 -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)"; then
+  GPU_FLAG="--gpu"
+fi
+status=0
+echo "== bench/precision.py $GPU_FLAG"
+python3 bench/precision.py $GPU_FLAG 2>&1 | tee "$OUT/precision.txt" || status=1
+echo "== bench/train_step.py"
+python3 bench/train_step.py 2>&1 | tee "$OUT/train_step.txt" || status=1
+exit $status

@@ -1,0 +1,76 @@
+"""Run a model under a mixed-precision policy, with per-layer overrides by key path."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from funtrain._tree import keystr
+from funtrain._typing import Params, PRNGKey
+from funtrain.nn.module import Module
+
+
+def _matcher(default: Any, overrides: Mapping[str, Any]):
+    """Return ``policy_for(path)``: the first override whose pattern matches, else default."""
+    from funtrain.precision import as_policy
+
+    rules = [(pattern, as_policy(p)) for pattern, p in overrides.items()]
+
+    def policy_for(path: str) -> Any:
+        for pattern, pol in rules:
+            if fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + "/*"):
+                return pol
+        return default
+
+    return policy_for
+
+
+def _cast_params(params: Params, policy_for: Any, cast: str) -> Params:
+    def leaf(path: Any, x: Any) -> Any:
+        return getattr(policy_for(keystr(path)), cast)(x)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | None = None
+                ) -> Module:
+    """Wrap ``module`` so it runs under a mixed-precision ``policy``.
+
+    ``init`` stores params in ``param_dtype`` (FP32 master weights); ``apply`` casts the
+    params and the floating inputs to ``compute_dtype`` and the outputs to
+    ``output_dtype``. Norm statistics, softmax and losses already run in float32 inside
+    funtrain's layers and losses, whatever the policy.
+
+    Args:
+      module: the model.
+      policy: a ``precision.Policy`` or its string, e.g. ``"params=f32,compute=bf16,output=f32"``.
+      overrides: ``{pattern: policy}`` for parts of the model, matched against param key
+        paths with shell-style wildcards; a pattern also covers everything below it.
+        ``{"head": "float32", "*norm*": "float32"}`` keeps the last layer and every norm in
+        full precision (their params stay float32, so their math runs in float32).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from funtrain import nn
+      >>> model = nn.with_policy(nn.mlp([16, 4]), "p=f32,c=bf16,o=f32")
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8)))
+      >>> params["dense_0"]["w"].dtype, model.apply(params, jnp.ones((2, 8))).dtype
+      (dtype('float32'), dtype('float32'))
+    """
+    from funtrain.precision import as_policy
+
+    default = as_policy(policy)
+    policy_for = _matcher(default, dict(overrides or {}))
+
+    def init(key: PRNGKey, *xs: Any) -> Params:
+        return _cast_params(module.init(key, *xs), policy_for, "cast_to_param")
+
+    def apply(params: Params, *xs: Any, key: PRNGKey | None = None, train: bool = False) -> Any:
+        compute_params = _cast_params(params, policy_for, "cast_to_compute")
+        out = module.apply(compute_params, *default.cast_to_compute(xs), key=key, train=train)
+        return default.cast_to_output(out)
+
+    return Module(init, apply, module.name, module.kind)

@@ -1,0 +1,111 @@
+"""Mixed precision in the train step: bf16 accuracy, fp16 loss scaling, skipped steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import data, losses, nn, optim, precision, train
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_digits()
+
+
+def train_digits(digits, policy=None, loss_scale=None, epochs=5, loss_factor=1.0, lr=0.05):
+    train_set, test_set = digits
+    model = nn.mlp([256, 10])
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64)))
+    opt = optim.sgd(lr, momentum=0.9)
+
+    def loss_fn(p, batch):
+        logits = model.apply(p, batch["x"])
+        return loss_factor * losses.softmax_cross_entropy(logits, batch["y"])
+
+    state = train.TrainState.create(params, opt, jax.random.key(1), policy=policy,
+                                    loss_scale=loss_scale)
+    step = train.make_train_step(loss_fn, opt, policy=policy)
+    state, hist = train.fit(state, step, train_set.batches(32, key=jax.random.key(2),
+                                                           drop_remainder=True),
+                            epochs=epochs, progress=False,
+                            eval_step=train.make_eval_step(train.classifier_eval(model)),
+                            eval_data=test_set.batches(512))
+    return state, hist
+
+
+def test_bf16_matches_fp32_accuracy_within_one_point(digits):
+    s32, h32 = train_digits(digits)
+    s16, h16 = train_digits(digits, policy="params=float32,compute=bfloat16,output=float32")
+    # Master weights stay float32.
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
+    acc32, acc16 = h32.eval[-1]["accuracy"], h16.eval[-1]["accuracy"]
+    assert acc16 >= 0.95
+    assert abs(acc32 - acc16) <= 0.01, (acc32, acc16)
+
+
+def test_fp16_needs_loss_scaling_for_tiny_gradients(digits):
+    """A loss scaled by 1e-8 gives gradients that underflow in float16 without a loss scale.
+
+    Both runs compensate with a 1e8 larger learning rate, so in exact arithmetic they are
+    the same run; only the loss scale differs.
+    """
+    policy = "params=float32,compute=float16,output=float32"
+    kw = dict(policy=policy, epochs=3, loss_factor=1e-8, lr=0.05 * 1e8)
+    _, unscaled = train_digits(digits, loss_scale=precision.StaticLossScale(1.0), **kw)
+    state, scaled = train_digits(digits, loss_scale=precision.DynamicLossScale(), **kw)
+    assert unscaled.eval[-1]["accuracy"] < 0.5  # the gradients underflowed to (mostly) zero
+    assert np.mean(unscaled.train["grad_norm"]) < 1e-3 * np.mean(scaled.train["grad_norm"])
+    assert scaled.eval[-1]["accuracy"] >= 0.9
+    assert float(state.loss_scale.loss_scale) > 1.0
+
+
+def test_non_finite_step_is_skipped_bitwise_and_scale_recovers():
+    period = 4
+    params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(0.25)}
+    opt = optim.adam(0.1)
+
+    def loss_fn(p, batch):
+        pred = batch["x"] @ p["w"] + p["b"]
+        return jnp.mean((pred - batch["y"]) ** 2) * batch["poison"]
+
+    state = train.TrainState.create(
+        params, opt, jax.random.key(0),
+        loss_scale=precision.DynamicLossScale(initial=2.0 ** 10, period=period))
+    step = train.make_train_step(loss_fn, opt, donate=False)
+    batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros(4), "poison": jnp.array(1.0)}
+    state, _ = step(state, batch)
+    before = state
+    state, m = step(state, {**batch, "poison": jnp.array(jnp.inf)})
+    jax.tree.map(np.testing.assert_array_equal, state.params, before.params)
+    jax.tree.map(np.testing.assert_array_equal, state.opt_state, before.opt_state)
+    assert float(m["loss_scale"]) == 2.0 ** 9
+    assert int(m["skipped_steps"]) == 1
+    scales = []
+    for _ in range(period):
+        state, m = step(state, batch)
+        scales.append(float(m["loss_scale"]))
+    assert scales == [2.0 ** 9] * (period - 1) + [2.0 ** 10]
+    assert int(state.skipped_steps) == 1
+    assert not np.array_equal(state.params["w"], before.params["w"])
+
+
+def test_with_policy_casts_and_overrides():
+    model = nn.serial(nn.dense(8), nn.layer_norm(), nn.relu(), nn.dense(3, name="head"))
+    mixed = nn.with_policy(model, "p=f32,c=bf16,o=f32", overrides={"head": "float32"})
+    params = mixed.init(jax.random.key(0), jnp.zeros((1, 4)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    seen = {}
+
+    def spy(p, x):
+        seen.update({k: v["w"].dtype for k, v in p.items() if "w" in v})
+        return model.apply(p, x)
+
+    probe = nn.Module(model.init, lambda p, x, key=None, train=False: spy(p, x))
+    out = nn.with_policy(probe, "p=f32,c=bf16,o=f32", overrides={"head": "float32"}).apply(
+        params, jnp.ones((2, 4)))
+    assert seen == {"dense_0": jnp.bfloat16, "head": jnp.float32}
+    assert out.dtype == jnp.float32
+    assert mixed.apply(params, jnp.ones((2, 4))).dtype == jnp.float32
