@@ -5,19 +5,20 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=.
+PY=${PYTHON:-python3}  # the device machine's python3 has jax; here: PYTHON=.venv/bin/python
 OUT=${OUT:-/tmp/funtrain-gpu}
 mkdir -p "$OUT"
-python3 - <<'PY'
+"$PY" - <<'PY'
 import jax
 print("devices:", jax.devices(), "backend:", jax.default_backend())
 PY
 GPU_FLAG=""
-if python3 -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)"; then
+if "$PY" -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)"; then
   GPU_FLAG="--gpu"
 fi
 status=0
 echo "== bench/precision.py $GPU_FLAG"
-python3 bench/precision.py $GPU_FLAG 2>&1 | tee "$OUT/precision.txt" || status=1
+"$PY" bench/precision.py $GPU_FLAG 2>&1 | tee "$OUT/precision.txt" || status=1
 echo "== bench/train_step.py"
-python3 bench/train_step.py 2>&1 | tee "$OUT/train_step.txt" || status=1
+"$PY" bench/train_step.py 2>&1 | tee "$OUT/train_step.txt" || status=1
 exit $status
