@@ -74,8 +74,15 @@ def _shape_of(apply: Callable[..., Any], params: Params, *xs: Any) -> Any:
     return jax.eval_shape(lambda p, *a: apply(p, *a), params, *xs)
 
 
-def serial(*modules: Module, name: str | None = None) -> Module:
+def serial(*modules: Module, name: str | None = None, checkpoint: str | int | None = None
+           ) -> Module:
     """Chain modules: the output of each feeds the next (a tuple is passed as several args).
+
+    ``checkpoint="sqrt"`` (or an int k) is the seed chapter's gradient checkpointing: the
+    layers are cut into segments of ``ceil(sqrt(n))`` (or k) layers, only each segment's
+    input is kept in the forward pass, and the segment is recomputed during the backward
+    pass (``remat.tied_remat``), so activation memory falls from O(n) to O(sqrt(n)).
+    Params are the same with or without it.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -99,12 +106,32 @@ def serial(*modules: Module, name: str | None = None) -> Module:
             xs = _as_args(call_in_scope(cname, _shape_of, child.apply, p, *xs))
         return params
 
+    seg = None
+    if checkpoint is not None:
+        from funtrain.remat import segment_size
+
+        seg = segment_size(len(modules), checkpoint)
+
+    def run(params: Params, xs: Any, keys: list[Any], idx: range, train: bool) -> Any:
+        out: Any = xs
+        for i, k in zip(idx, keys, strict=True):
+            out = call_in_scope(names[i], modules[i].apply, params.get(names[i], {}),
+                                *_as_args(out), key=k, train=train)
+        return out
+
     def apply(params: Params, *xs: Any, key: PRNGKey | None = None, train: bool = False) -> Any:
         _check_extra_keys(kind, params, names)
+        keys = _split(key, len(modules))
+        if seg is None:
+            return run(params, xs, keys, range(len(modules)), train)
+        from funtrain.remat import tied_remat
+
         out: Any = xs
-        for k, child, cname in zip(_split(key, len(modules)), modules, names, strict=True):
-            out = call_in_scope(cname, child.apply, params.get(cname, {}), *_as_args(out),
-                                key=k, train=train)
+        for start in range(0, len(modules), seg):
+            idx = range(start, min(start + seg, len(modules)))
+            sub = {names[i]: params[names[i]] for i in idx if names[i] in params}
+            fn = tied_remat(lambda p, x, k, idx=idx: run(p, x, k, idx, train))
+            out = fn(sub, _as_args(out), [keys[i] for i in idx])
         return out
 
     return Module(init, apply, name, kind)

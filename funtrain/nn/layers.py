@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from funtrain._typing import Array, Params, PRNGKey
 from funtrain.nn import initializers as inits
@@ -605,6 +606,8 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, use_bias: bool
         logits = logits / jnp.sqrt(jnp.asarray(d // h, acc))
         weights = softmax_lowp(logits, x.dtype, causal)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+        # Tagged so remat policies ("names:attention_out") can keep it.
+        ctx = checkpoint_name(ctx, "attention_out")
         return project("out", ctx)
 
     return _make(kind, init, apply, name)

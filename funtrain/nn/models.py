@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from jax.ad_checkpoint import checkpoint_name
+
 from funtrain.nn import initializers as inits
 from funtrain.nn.combinators import residual, serial
 from funtrain.nn.layers import (
@@ -15,6 +17,7 @@ from funtrain.nn.layers import (
     max_pool,
     multi_head_attention,
     relu,
+    stateless,
 )
 from funtrain.nn.module import Module
 
@@ -74,7 +77,9 @@ def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
     """A pre-norm transformer block on ``(batch, seq, d_model)`` (GPT-2 layout).
 
     ``x + attention(layer_norm(x))``, then ``x + mlp(layer_norm(x))`` with a GELU MLP of
-    width ``mlp_ratio * d_model``. Params: ``{"attn": ..., "mlp": ...}``.
+    width ``mlp_ratio * d_model``. Params: ``{"attn": ..., "mlp": ...}``. The attention
+    output and the MLP hidden activation are tagged ``attention_out`` and ``mlp_hidden``
+    for ``remat.checkpoint(block, "names:attention_out,mlp_hidden")``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -85,5 +90,7 @@ def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
     """
     return serial(
         residual(layer_norm(), multi_head_attention(num_heads, causal=causal), name="attn"),
-        residual(layer_norm(), dense(mlp_ratio * d_model), gelu(), dense(d_model), name="mlp"),
+        residual(layer_norm(), dense(mlp_ratio * d_model), gelu(),
+                 stateless(lambda h: checkpoint_name(h, "mlp_hidden"), kind="tag"),
+                 dense(d_model), name="mlp"),
         name=name)

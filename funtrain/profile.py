@@ -1,0 +1,106 @@
+"""``step_report``: memory, FLOPs and compile time of a compiled step, read from XLA."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from funtrain.optim.base import state_bytes
+
+_MEMORY_FIELDS = {
+    "argument_bytes": "argument_size_in_bytes",
+    "output_bytes": "output_size_in_bytes",
+    "alias_bytes": "alias_size_in_bytes",
+    "temp_bytes": "temp_size_in_bytes",
+    "generated_code_bytes": "generated_code_size_in_bytes",
+}
+
+
+def _flops(compiled: Any) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None = None,
+                print_table: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """Compile ``step_fn(*args)`` and report what XLA says it costs.
+
+    Args:
+      step_fn: a jitted function (e.g. from ``make_train_step``) or a plain one (jitted here).
+      args, kwargs: example arguments; nothing is executed, only lowered and compiled.
+      step_time: a measured seconds-per-step, to report achieved FLOP/s.
+      print_table: print the report as a table.
+
+    Returns:
+      A dict: ``params_bytes`` and ``opt_state_bytes`` (when the first argument is a
+      ``TrainState``), ``argument_bytes``, ``output_bytes``, ``alias_bytes``,
+      ``temp_bytes`` (activations and scratch), ``flops``, ``compile_seconds`` and, with
+      ``step_time``, ``flops_per_second``. Entries the backend does not report are
+      ``None``, and ``notes`` says which.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> report = step_report(lambda x: (x @ x).sum(), jnp.ones((64, 64)), print_table=False)
+      >>> report["flops"] > 0
+      True
+    """
+    jitted = step_fn if hasattr(step_fn, "lower") else jax.jit(step_fn)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **kwargs).compile()
+    report: dict[str, Any] = {"compile_seconds": time.perf_counter() - t0}
+    notes = []
+    first = args[0] if args else None
+    if hasattr(first, "params") and hasattr(first, "opt_state"):
+        report["params_bytes"] = state_bytes(first.params)
+        report["opt_state_bytes"] = state_bytes(first.opt_state)
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        mem = None
+    for key, attr in _MEMORY_FIELDS.items():
+        report[key] = int(getattr(mem, attr)) if mem is not None and hasattr(mem, attr) else None
+    if mem is None:
+        notes.append(f"the {jax.default_backend()} backend returned no memory_analysis()")
+    report["flops"] = _flops(compiled)
+    if report["flops"] is None:
+        notes.append(f"the {jax.default_backend()} backend returned no FLOP count "
+                     f"(cost_analysis)")
+    if step_time is not None:
+        report["step_seconds"] = step_time
+        report["flops_per_second"] = (report["flops"] / step_time
+                                      if report["flops"] and step_time > 0 else None)
+    report["notes"] = notes
+    if print_table:
+        print(format_report(report))
+    return report
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if key.endswith("_bytes"):
+        return f"{value / 2**20:,.2f} MiB"
+    if key == "flops":
+        return f"{value / 1e9:,.3f} GFLOP"
+    if key == "flops_per_second":
+        return f"{value / 1e9:,.2f} GFLOP/s"
+    if key.endswith("seconds"):
+        return f"{value:.3f} s"
+    return str(value)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as an aligned two-column table."""
+    lines = [f"{k:<22}{_fmt(k, v)}" for k, v in report.items() if k != "notes"]
+    lines += [f"note: {n}" for n in report.get("notes", [])]
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""Gradient checkpointing (rematerialisation): trade recomputation for activation memory.
+
+- ``checkpoint(module, policy)`` wraps a module's apply in ``jax.checkpoint`` with a named
+  policy of what to keep.
+- ``tied_remat(fn)`` is the segment form the seed chapter's √n scheme needs: only the
+  segment's inputs are kept, and the segment is recomputed inside a conditional whose
+  predicate depends on the incoming cotangent. No scheduler can hoist that recomputation
+  into the forward pass, so the saving holds on every backend (plain ``jax.checkpoint`` on
+  unrolled segments saves nothing on XLA's CPU backend).
+- ``nn.serial(..., checkpoint="sqrt" | k)`` uses ``tied_remat`` per segment of k layers.
+- ``repeat(block, n, remat=...)`` runs n identical blocks through one traced block with
+  ``lax.scan`` (compile time flat in depth), optionally checkpointed per block or nested √n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from funtrain._typing import Params, PRNGKey
+from funtrain.nn.module import Module, ModuleError, _check_name
+
+_NAMED = {
+    "nothing": "nothing_saveable",
+    "everything": "everything_saveable",
+    "dots": "checkpoint_dots",
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+}
+
+
+def get_policy(policy: str | Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """Resolve a checkpoint policy name to a ``jax.checkpoint_policies`` function.
+
+    ``"nothing"`` recomputes everything; ``"everything"`` keeps all; ``"dots"`` keeps
+    matmul outputs; ``"dots_no_batch"`` keeps matmuls without batch dimensions;
+    ``"names:a,b"`` keeps values tagged ``checkpoint_name(x, "a")`` (funtrain tags
+    ``attention_out`` and ``mlp_hidden``); ``"offload"`` / ``"offload:a,b"`` moves them to
+    host memory, where the backend supports it. A callable passes through.
+    """
+    cp = jax.checkpoint_policies
+    if policy is None or callable(policy):
+        return policy
+    if not isinstance(policy, str):
+        raise TypeError(f"checkpoint: policy must be a name or a callable, got "
+                        f"{type(policy).__name__}")
+    if policy in _NAMED:
+        return getattr(cp, _NAMED[policy])
+    if policy.startswith("names:"):
+        names = [n.strip() for n in policy[len("names:"):].split(",") if n.strip()]
+        if not names:
+            raise ValueError("checkpoint: 'names:' needs at least one name, e.g. "
+                             "'names:attention_out,mlp_hidden'")
+        return cp.save_only_these_names(*names)
+    if policy == "offload" or policy.startswith("offload:"):
+        backend = jax.default_backend()
+        if backend == "cpu":
+            raise ValueError(f"checkpoint: policy 'offload' moves saved activations to host "
+                             f"memory, but the default backend is '{backend}', which has no "
+                             f"separate device memory to offload from; use 'nothing' or "
+                             f"'names:...' here, or run on a GPU/TPU")
+        names = [n.strip() for n in policy.partition(":")[2].split(",") if n.strip()]
+        names = names or ["attention_out", "mlp_hidden"]
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=names,
+            offload_src="device", offload_dst="pinned_host")
+    raise ValueError(f"checkpoint: unknown policy {policy!r}; expected one of "
+                     f"{sorted(_NAMED) + ['names:a,b', 'offload']} or a callable")
+
+
+def checkpoint(module: Module, policy: str | Callable[..., Any] | None = "nothing",
+               *, name: str | None = None) -> Module:
+    """Wrap ``module.apply`` in ``jax.checkpoint`` with a named policy (see ``get_policy``).
+
+    Params are unchanged (same keys), so a checkpointed model loads the same params.
+
+    Example:
+      >>> from funtrain import nn, remat
+      >>> block = remat.checkpoint(nn.serial(nn.dense(8), nn.relu(), nn.dense(8)), "dots")
+    """
+    pol = get_policy(policy)
+
+    def apply(params: Params, *xs: Any, key: PRNGKey | None = None, train: bool = False) -> Any:
+        run = lambda p, xs_, k: module.apply(p, *xs_, key=k, train=train)
+        return jax.checkpoint(run, policy=pol)(params, xs, key)
+
+    if name is not None:
+        _check_name(name, "checkpoint")
+    return Module(module.init, apply, name if name is not None else module.name, module.kind)
+
+
+def _zero_cotangent(x: Any) -> Any:
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return None
+
+
+def tied_remat(fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
+    """Checkpoint ``fn(params, inputs, keys)``: keep only its arguments, recompute on the way back.
+
+    The backward pass recomputes ``fn`` inside ``lax.cond`` on a predicate read from the
+    incoming cotangent (always true, but not provably so). The recomputation therefore
+    cannot run before the cotangent exists, and each segment's intermediates live only
+    during its own backward step. ``keys`` (PRNG keys or ``None``) get no cotangent.
+    """
+
+    def primal(params: Any, xs: Any, keys: Any) -> Any:
+        return fn(params, xs, keys)
+
+    rematted = jax.custom_vjp(primal)
+
+    def fwd(params: Any, xs: Any, keys: Any) -> tuple[Any, Any]:
+        return fn(params, xs, keys), (params, xs, keys)
+
+    def bwd(res: Any, g: Any) -> tuple[Any, Any, Any]:
+        params, xs, keys = res
+        leaves = [x for x in jax.tree.leaves(g) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        probe = leaves[0].reshape(-1)[0] if leaves else jnp.zeros(())
+        # True for every value (NaN included), but XLA cannot fold it away.
+        pred = jnp.logical_or(jnp.isnan(probe), jnp.logical_not(jnp.isnan(probe)))
+
+        def recompute(params: Any, xs: Any, g: Any) -> tuple[Any, Any]:
+            _, vjp = jax.vjp(lambda p, x: fn(p, x, keys), params, xs)
+            return vjp(g)
+
+        def skip(params: Any, xs: Any, g: Any) -> tuple[Any, Any]:
+            return jax.tree.map(jnp.zeros_like, (params, xs))
+
+        d_params, d_xs = lax.cond(pred, recompute, skip, params, xs, g)
+        return d_params, d_xs, jax.tree.map(lambda _: None, keys)
+
+    rematted.defvjp(fwd, bwd)
+    return rematted
+
+
+def segment_size(n: int, checkpoint: str | int) -> int:
+    """Layers per segment: ``ceil(sqrt(n))`` for ``"sqrt"``, else the given int."""
+    if checkpoint == "sqrt":
+        return max(1, math.ceil(math.sqrt(n)))
+    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 1:
+        raise ValueError(f"serial: checkpoint must be 'sqrt' or a positive int (layers per "
+                         f"segment), got {checkpoint!r}")
+    return checkpoint
+
+
+# --------------------------------------------------------------------------- repeat
+
+
+def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | None = None,
+           name: str | None = None) -> Module:
+    """Run ``n`` identical blocks with stacked params through one traced block (``lax.scan``).
+
+    Compile time does not grow with ``n``. The block must keep its input's shape.
+    Params are the block's params with a leading axis of size ``n``.
+
+    Args:
+      block: the block (e.g. ``nn.transformer_block(768, 12)``).
+      n: number of blocks.
+      remat: ``None`` keeps every block's activations; ``"block"`` checkpoints each block
+        (keeps n block inputs); ``"sqrt"`` nests scans: an outer scan over segments of
+        ``segment`` (default ``ceil(sqrt(n))``) blocks whose body is checkpointed, so only
+        segment inputs are kept during the forward pass.
+      name: key for a parent combinator.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from funtrain import nn, remat
+      >>> deep = remat.repeat(nn.serial(nn.dense(16), nn.relu()), 8, remat="sqrt")
+      >>> params = deep.init(jax.random.key(0), jnp.zeros((1, 16)))
+      >>> params["dense_0"]["w"].shape
+      (8, 16, 16)
+    """
+    kind = "repeat"
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"repeat: n must be a positive int, got {n!r}")
+    if remat not in (None, "block", "sqrt"):
+        raise ValueError(f"repeat: remat must be None, 'block' or 'sqrt', got {remat!r}")
+    k = segment or max(1, math.ceil(math.sqrt(n)))
+    if remat == "sqrt" and n % k:
+        raise ValueError(f"repeat: remat='sqrt' needs n divisible by the segment size; n={n}, "
+                         f"segment={k} (pass segment= a divisor of n)")
+
+    def init(key: PRNGKey, x: Any) -> Params:
+        params = jax.vmap(lambda kk: block.init(kk, x))(jax.random.split(key, n))
+        one = jax.tree.map(lambda p: p[0], params)
+        out = jax.eval_shape(lambda p, x_: block.apply(p, x_), one, x)
+        if getattr(out, "shape", None) != tuple(x.shape):
+            raise ModuleError(kind, f"the block maps an input of shape {tuple(x.shape)} to "
+                              f"{getattr(out, 'shape', type(out).__name__)}; repeat needs "
+                              f"them equal")
+        return params
+
+    def apply(params: Params, x: Any, *, key: PRNGKey | None = None, train: bool = False
+              ) -> Any:
+        keys = None if key is None else jax.random.split(key, n)
+
+        def body(h: Any, inp: tuple[Any, Any]) -> tuple[Any, None]:
+            p, kk = inp
+            return block.apply(p, h, key=kk, train=train), None
+
+        if remat == "block":
+            body = jax.checkpoint(body)
+        if remat != "sqrt":
+            return lax.scan(body, x, (params, keys))[0]
+
+        def segment_body(h: Any, inp: tuple[Any, Any]) -> tuple[Any, None]:
+            return lax.scan(body, h, inp)[0], None
+
+        reshape = lambda a: a.reshape(n // k, k, *a.shape[1:])
+        seg_params = jax.tree.map(reshape, params)
+        seg_keys = None if keys is None else reshape(keys)
+        return lax.scan(jax.checkpoint(segment_body), x, (seg_params, seg_keys))[0]
+
+    if name is not None:
+        _check_name(name, kind)
+    return Module(init, apply, name, kind)

@@ -1,0 +1,137 @@
+"""Gradient checkpointing: exact gradients, real memory savings, flat compile, clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import nn, optim, profile, remat, train
+
+
+def assert_tree_close(a, b, rtol=1e-6):
+    """Max abs difference <= rtol x the largest gradient entry (leaves whose true gradient
+    is 0, e.g. attention's key bias, carry only rounding noise)."""
+    scale = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(b)) or 1.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert float(jnp.max(jnp.abs(x - y))) <= rtol * scale
+
+
+def grads(model, params, x, **kw):
+    return jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, x, **kw) ** 2)))(params)
+
+
+def stack(n, width):
+    return [m for _ in range(n) for m in (nn.dense(width), nn.relu())]
+
+
+@pytest.mark.parametrize("policy", ["nothing", "everything", "dots", "dots_no_batch",
+                                    "names:attention_out,mlp_hidden"])
+def test_checkpoint_policies_give_the_same_gradients(policy):
+    block = nn.transformer_block(16, 2)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 16))
+    params = block.init(jax.random.key(0), x)
+    assert_tree_close(grads(remat.checkpoint(block, policy), params, x),
+                      grads(block, params, x))
+
+
+@pytest.mark.parametrize("checkpoint", ["sqrt", 1, 3, 100])
+def test_serial_segments_give_the_same_gradients(checkpoint):
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    plain = nn.serial(*stack(6, 16), nn.dropout(0.1), nn.dense(4))
+    ck = nn.serial(*stack(6, 16), nn.dropout(0.1), nn.dense(4), checkpoint=checkpoint)
+    params = plain.init(jax.random.key(0), x)
+    assert jax.tree.structure(ck.init(jax.random.key(0), x)) == jax.tree.structure(params)
+    kw = dict(key=jax.random.key(2), train=True)
+    assert_tree_close(grads(ck, params, x, **kw), grads(plain, params, x, **kw))
+    np.testing.assert_array_equal(ck.apply(params, x, **kw), plain.apply(params, x, **kw))
+
+
+@pytest.mark.parametrize("mode", [None, "block", "sqrt"])
+def test_repeat_equals_the_unrolled_stack(mode):
+    block = nn.serial(nn.dense(16), nn.tanh())
+    deep = remat.repeat(block, 9, remat=mode)
+    x = jax.random.normal(jax.random.key(1), (4, 16))
+    params = deep.init(jax.random.key(0), x)
+    assert params["dense_0"]["w"].shape == (9, 16, 16)
+
+    def unrolled(p, x):
+        for i in range(9):
+            x = block.apply(jax.tree.map(lambda a, i=i: a[i], p), x)
+        return x
+
+    want = jax.grad(lambda p: jnp.sum(unrolled(p, x) ** 2))(params)
+    assert_tree_close(grads(deep, params, x), want)
+
+
+def test_sqrt_segments_cut_temporary_memory():
+    """The seed's stack scaled down: 36 x Linear(256, 256) + ReLU, batch 512."""
+    x = jnp.ones((512, 256))
+    reports = {}
+    for ck in (None, "sqrt"):
+        model = nn.serial(*stack(36, 256), checkpoint=ck)
+        params = model.init(jax.random.key(0), x)
+        step = jax.grad(lambda p, model=model: jnp.sum(model.apply(p, x) ** 2))
+        reports[ck] = profile.step_report(step, params, print_table=False)
+    ratio = reports["sqrt"]["temp_bytes"] / reports[None]["temp_bytes"]
+    assert ratio <= 0.35, ratio
+
+
+def test_repeat_program_size_is_flat_in_depth():
+    """Compile time follows program size: 48 blocks lower to the same program as 4.
+
+    (Wall-clock compile times are printed by bench/remat.py, not asserted here.)
+    """
+    block = nn.transformer_block(32, 4)
+    x = jnp.ones((2, 8, 32))
+    sizes = {}
+    for n in (4, 48):
+        deep = remat.repeat(block, n, remat="block")
+        params = jax.eval_shape(deep.init, jax.random.key(0), x)
+        f = jax.jit(jax.grad(lambda p, deep=deep: jnp.sum(deep.apply(p, x))))
+        sizes[n] = len(f.lower(params).as_text())
+    assert sizes[48] <= 1.05 * sizes[4], sizes
+
+
+def test_offload_needs_an_accelerator():
+    if jax.default_backend() != "cpu":
+        pytest.skip("offload is supported on this backend")
+    with pytest.raises(ValueError, match="policy 'offload' moves saved activations to host "
+                                         "memory, but the default backend is 'cpu'"):
+        remat.checkpoint(nn.dense(4), "offload")
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("some", "unknown policy 'some'"),
+    ("names:", "'names:' needs at least one name"),
+    (3, "policy must be a name or a callable, got int"),
+])
+def test_bad_policies(bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        remat.checkpoint(nn.dense(4), bad)
+
+
+def test_bad_segment_and_repeat_arguments():
+    with pytest.raises(ValueError, match="checkpoint must be 'sqrt' or a positive int"):
+        nn.serial(nn.dense(2), checkpoint=0)
+    with pytest.raises(ValueError, match="repeat: remat must be None, 'block' or 'sqrt'"):
+        remat.repeat(nn.dense(2), 4, remat="all")
+    with pytest.raises(ValueError, match="needs n divisible by the segment size"):
+        remat.repeat(nn.dense(2), 5, remat="sqrt")
+    with pytest.raises(ValueError, match=r"repeat layer .*maps an input of shape \(1, 3\)"):
+        remat.repeat(nn.dense(2), 4).init(jax.random.key(0), jnp.zeros((1, 3)))
+
+
+def test_step_report_on_the_demo_train_step(capsys):
+    model = nn.mlp([256, 10])
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64)))
+    opt = optim.sgd(0.05, momentum=0.9)
+    state = train.TrainState.create(params, opt, jax.random.key(1))
+    step = train.make_train_step(train.classifier_loss(model), opt)
+    batch = {"x": jnp.zeros((32, 64)), "y": jnp.zeros((32,), jnp.int32)}
+    report = profile.step_report(step, state, batch, step_time=1e-3)
+    assert report["params_bytes"] == 4 * (64 * 256 + 256 + 256 * 10 + 10)
+    assert report["opt_state_bytes"] >= report["params_bytes"]
+    assert report["temp_bytes"] is not None and report["flops"] > 2 * 32 * 64 * 256
+    assert report["flops_per_second"] == pytest.approx(report["flops"] / 1e-3)
+    out = capsys.readouterr().out
+    assert "temp_bytes" in out and "MiB" in out and "GFLOP" in out
