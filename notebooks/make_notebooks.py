@@ -255,6 +255,52 @@ MIXED_PRECISION = [
         "      f'({a16 / a32:.2f}x)')"),
 ]
 
+CHECKPOINTING = [
+    new_markdown_cell(
+        "# Gradient checkpointing: O(n) → O(√n) activation memory\n\n"
+        "Backprop keeps every layer's activations until the backward pass reaches it, so memory "
+        "grows with depth n. The seed chapter keeps only √n segment boundaries and recomputes "
+        "the inside of each segment on the way back. In funtrain that is "
+        "`nn.serial(*layers, checkpoint='sqrt')`. `profile.step_report` reads the compiled "
+        "step's temporary memory from XLA."),
+    new_code_cell(
+        "import os\n"
+        "DEPTHS = [4, 9, 16, 25, 36, 49, 64]\n"
+        "if os.environ.get('FUNTRAIN_NB_EPOCHS'):  # the test suite: fewer depths\n"
+        "    DEPTHS = [4, 16, 36]\n\n"
+        "import jax\n"
+        "import jax.numpy as jnp\n"
+        "import matplotlib.pyplot as plt\n"
+        "from funtrain import nn, profile, remat\n\n"
+        "WIDTH, BATCH = 128, 256\n"
+        "x = jnp.ones((BATCH, WIDTH))\n\n"
+        "def temp_mib(depth, checkpoint):\n"
+        "    model = nn.serial(*[m for _ in range(depth) for m in (nn.dense(WIDTH), nn.relu())],\n"
+        "                      checkpoint=checkpoint)\n"
+        "    params = model.init(jax.random.key(0), x)\n"
+        "    grad = jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))\n"
+        "    return profile.step_report(grad, params, print_table=False)['temp_bytes'] / 2**20\n\n"
+        "none = [temp_mib(n, None) for n in DEPTHS]\n"
+        "sqrt = [temp_mib(n, 'sqrt') for n in DEPTHS]\n"
+        "for n, a, b in zip(DEPTHS, none, sqrt):\n"
+        "    print(f'depth {n:3d}: none {a:6.1f} MiB   sqrt {b:5.1f} MiB   ({b / a:.2f}x)')\n"
+        "assert sqrt[-1] < 0.5 * none[-1]"),
+    new_code_cell(
+        "fig, ax = plt.subplots(figsize=(6, 3.5))\n"
+        "ax.plot(DEPTHS, none, 'o-', label='no checkpointing: O(n)')\n"
+        "ax.plot(DEPTHS, sqrt, 's-', label=\"checkpoint='sqrt': O(√n)\")\n"
+        "ax.set_xlabel('depth n (layers of Linear+ReLU)'); ax.set_ylabel('temporary MiB')\n"
+        "ax.legend(); plt.show()"),
+    new_markdown_cell(
+        "## The report for one step\n`step_report` also gives argument bytes, FLOPs and "
+        "compile time. For stacks of identical blocks, `remat.repeat` runs one traced block "
+        "under `lax.scan`, so compile time stays flat as depth grows."),
+    new_code_cell(
+        "deep = remat.repeat(nn.serial(nn.dense(WIDTH), nn.relu()), 36, remat='sqrt')\n"
+        "params = deep.init(jax.random.key(0), x)\n"
+        "report = profile.step_report(jax.grad(lambda p: jnp.sum(deep.apply(p, x) ** 2)), params)"),
+]
+
 
 def write(name: str, cells: list) -> None:
     nb = new_notebook(cells=cells)
@@ -267,3 +313,4 @@ if __name__ == "__main__":
     write("01_quickstart.ipynb", QUICKSTART)
     write("02_optimizers.ipynb", OPTIMIZERS)
     write("03_mixed_precision.ipynb", MIXED_PRECISION)
+    write("04_checkpointing.ipynb", CHECKPOINTING)
