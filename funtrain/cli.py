@@ -46,7 +46,7 @@ def make_optimizer(args: argparse.Namespace) -> optim.Optimizer:
     if name == "muon":
         return optim.muon(lr, weight_decay=wd, adam_learning_rate=1e-3)
     factory = optim.OPTIMIZERS[name]
-    return factory(lr, weight_decay=wd) if wd else factory(lr)
+    return factory(lr, weight_decay=wd)
 
 
 def _positive_int(text: str) -> int:
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="for momentum, nesterov and lars")
     demo.add_argument("--trust-coefficient", type=_positive_float, default=0.005,
                       help="LARS trust coefficient")
-    demo.add_argument("--weight-decay", type=float, default=0.0)
+    demo.add_argument("--weight-decay", type=float, default=0.0,
+                      help="weight decay (default 0 for every optimizer, AdamW included)")
     demo.add_argument("--epochs", type=_positive_int, default=10)
     demo.add_argument("--batch-size", type=_positive_int, default=32)
     demo.add_argument("--seed", type=int, default=0)

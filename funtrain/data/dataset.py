@@ -113,4 +113,5 @@ class Loader:
             yield self.dataset[idx[b * self.batch_size:(b + 1) * self.batch_size]]
 
     def __iter__(self) -> Iterator[Batch]:
+        """Epoch 0's batches. Loop over ``loader.epoch(e)`` to get a new order each epoch."""
         return self.epoch(0)

@@ -28,6 +28,17 @@ def _matcher(default: Any, overrides: Mapping[str, Any]):
     return policy_for
 
 
+def _check_patterns(params: Params, patterns: list[str]) -> None:
+    """Every override pattern must match some param key path (a typo would do nothing)."""
+    paths = [keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p, pattern + "/*")
+                   for p in paths):
+            shown = ", ".join(paths[:8]) + (" ..." if len(paths) > 8 else "")
+            raise ValueError(f"with_policy: override pattern {pattern!r} matches no param key "
+                             f"path (paths are: {shown})")
+
+
 def _cast_params(params: Params, policy_for: Any, cast: str) -> Params:
     def leaf(path: Any, x: Any) -> Any:
         return getattr(policy_for(keystr(path)), cast)(x)
@@ -65,10 +76,15 @@ def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | N
     default = as_policy(policy)
     policy_for = _matcher(default, dict(overrides or {}))
 
+    patterns = list(overrides or {})
+
     def init(key: PRNGKey, *xs: Any) -> Params:
-        return _cast_params(module.init(key, *xs), policy_for, "cast_to_param")
+        params = module.init(key, *xs)
+        _check_patterns(params, patterns)
+        return _cast_params(params, policy_for, "cast_to_param")
 
     def apply(params: Params, *xs: Any, key: PRNGKey | None = None, train: bool = False) -> Any:
+        _check_patterns(params, patterns)
         compute_params = _cast_params(params, policy_for, "cast_to_compute")
         out = module.apply(compute_params, *default.cast_to_compute(xs), key=key, train=train)
         return default.cast_to_output(out)

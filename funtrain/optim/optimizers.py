@@ -67,7 +67,8 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.0, nesterov: bool =
     check_scalar(where, "momentum", momentum, low=0.0)
     check_scalar(where, "weight_decay", weight_decay, low=0.0)
     check_scalar(where, "dampening", dampening, low=0.0, high=1.0)
-    if nesterov and (momentum == 0 or dampening != 0):
+    static = not (is_traced_or_array(momentum) or is_traced_or_array(dampening))
+    if nesterov and static and (momentum == 0 or dampening != 0):
         raise ValueError(f"sgd: nesterov=True needs momentum > 0 and dampening == 0, got "
                          f"momentum={momentum}, dampening={dampening}")
     parts = []
@@ -416,15 +417,15 @@ def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: floa
     default, as the authors' reference implementation):
 
     .. math::
-        \gamma_t &= \eta \min(1, t/T_w) \sqrt{1-eta_2^t}, \quad
-        v_t = eta_2 v_{t-1} + (1-eta_2) g_t^2, \
-        z_{t+1} &= z_t - \gamma_t\Big(rac{g(y_t)}{\sqrt{v_t} + \epsilon} + \lambda y_t\Big),
-        \quad c_{t+1} = rac{\gamma_{\max,t}^{p}}{\sum_{i\le t}\gamma_{\max,i}^{p}}, \
+        \gamma_t &= \eta \min(1, t/T_w) \sqrt{1-\beta_2^t}, \quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \
+        z_{t+1} &= z_t - \gamma_t\Big(\frac{g(y_t)}{\sqrt{v_t} + \epsilon} + \lambda y_t\Big),
+        \quad c_{t+1} = \frac{\gamma_{\max,t}^{p}}{\sum_{i\le t}\gamma_{\max,i}^{p}}, \
         x_{t+1} &= (1 - c_{t+1}) x_t + c_{t+1} z_{t+1}, \quad
-        y_{t+1} = eta_1 x_{t+1} + (1-eta_1) z_{t+1}
+        y_{t+1} = \beta_1 x_{t+1} + (1-\beta_1) z_{t+1}
 
     ``convention="optax"`` reproduces optax's ``schedule_free_adamw``: no
-    :math:`\sqrt{1-eta_2^t}` in :math:`\gamma_t`, the bias-corrected :math:`\hat v_t` in the
+    :math:`\sqrt{1-\beta_2^t}` in :math:`\gamma_t`, the bias-corrected :math:`\hat v_t` in the
     denominator, and the z step's warmup one step behind the weights' (:math:`(t-1)/T_w`).
     """
     where = "schedule_free_adamw"

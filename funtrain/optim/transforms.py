@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from funtrain._tree import check_same_structure
 from funtrain._typing import Array, Grads, Params, ScalarOrSchedule, Updates
-from funtrain.optim._checks import check_scalar
+from funtrain.optim._checks import check_scalar, is_traced_or_array
 from funtrain.optim.base import EmptyState, Optimizer, global_norm
 from funtrain.optim.schedules import as_schedule
 
@@ -112,7 +112,8 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0,
     where = "trace"
     check_scalar(where, "decay", decay, low=0.0)
     check_scalar(where, "dampening", dampening, low=0.0, high=1.0)
-    if nesterov and (not decay or dampening):
+    static = not (is_traced_or_array(decay) or is_traced_or_array(dampening))
+    if nesterov and static and (not decay or dampening):
         raise ValueError(f"{where}: nesterov=True needs decay > 0 and dampening == 0, got "
                          f"decay={decay}, dampening={dampening}")
 

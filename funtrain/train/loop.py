@@ -104,8 +104,8 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
       steps_per_call: run this many steps per device call with ``lax.scan``
         (``scan_steps``); the result is the same as one step per call.
       log_every: steps between host syncs for the progress bar and ``log_fn``.
-      log_fn: called as ``log_fn(step, metrics)`` at each logging point, with the
-        metrics of that step as floats.
+      log_fn: called as ``log_fn(step, metrics)`` at each logging point, with the index
+        of the last finished step (as in ``History.train["step"]``) and its metrics.
       progress: show a ``tqdm.auto`` bar (a widget in notebooks).
       desc: the bar's label.
 
@@ -135,7 +135,8 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         total = None
     bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
     history = History()
-    pending: list[Metrics] = []  # per-step metrics still on the device
+    # Metrics still on the device: (None, one step's dict) or (k, dict stacked over k steps).
+    pending: list[tuple[int | None, Metrics]] = []
     first_pending = int(state.step)
     last_logged = first_pending
     postfix: dict[str, str] = {}
@@ -145,7 +146,13 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         nonlocal pending, first_pending
         if not pending:
             return
-        host = jax.device_get(pending)
+        # One transfer for everything pending; stacked (scanned) metrics are split on the host.
+        host: list[dict[str, Any]] = []
+        for count, metrics in jax.device_get(pending):
+            if count is None:
+                host.append(metrics)
+            else:
+                host.extend({k: v[i] for k, v in metrics.items()} for i in range(count))
         history._add_train(first_pending, host)
         first_pending += len(host)
         pending = []
@@ -153,19 +160,23 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         postfix.update({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "accuracy")})
         bar.set_postfix(postfix, refresh=False)
         if log_fn is not None:
-            log_fn(first_pending, last)
+            log_fn(first_pending - 1, last)  # the index of the step these metrics belong to
+
+    def pending_steps() -> int:
+        return sum(1 if c is None else c for c, _ in pending)
 
     def run(group: list[Batch]) -> None:
         nonlocal state, last_logged
-        if multi is not None and len(group) > 1 and _same_shapes(group):
+        # Only full groups go through the scan: a short remainder would compile it again.
+        if multi is not None and len(group) == steps_per_call and _same_shapes(group):
             state, stacked = multi(state, _stack(group))
-            pending.extend({k: v[i] for k, v in stacked.items()} for i in range(len(group)))
+            pending.append((len(group), stacked))
         else:
             for batch in group:
                 state, metrics = train_step(state, batch)
-                pending.append(metrics)
+                pending.append((None, metrics))
         bar.update(len(group))
-        done = first_pending + len(pending)
+        done = first_pending + pending_steps()
         if done - last_logged >= log_every:
             last_logged = done
             flush()

@@ -10,6 +10,17 @@ import jax.numpy as jnp
 from funtrain._typing import Array, OptState, Params, PRNGKey
 
 
+def _checked_key(key: Any) -> Any:
+    """A copy of a PRNG key (typed, or raw uint32[2]); anything else is a TypeError."""
+    arr = key if hasattr(key, "dtype") else None
+    if arr is not None and jax.dtypes.issubdtype(arr.dtype, jax.dtypes.prng_key):
+        return jax.random.clone(arr)
+    if arr is not None and arr.dtype == jnp.uint32 and arr.shape[-1:] == (2,):
+        return jnp.array(arr)
+    raise TypeError(f"TrainState.create: key must be a PRNG key such as jax.random.key(0), "
+                    f"got {type(key).__name__} {getattr(key, 'dtype', '')}".rstrip())
+
+
 class TrainState(NamedTuple):
     """The whole state of a run: ``step``, ``params``, ``opt_state``, ``rng`` and, for mixed
     precision, the ``loss_scale`` and the count of ``skipped_steps``.
@@ -54,7 +65,12 @@ class TrainState(NamedTuple):
         if not hasattr(optimizer, "init"):
             raise TypeError(f"TrainState.create: optimizer must be an Optimizer (init_state, "
                             f"update), got {type(optimizer).__name__}")
-        params = jax.tree.map(jnp.array, params)  # jnp.array copies
+        key = _checked_key(key)
+        # Copies (so donation never deletes the caller's arrays), without weak types (a
+        # weak-typed leaf would come back strong from the update and recompile the step).
+        params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), params)
+        if loss_scale is not None:
+            loss_scale = jax.tree.map(lambda x: jnp.array(x, dtype=x.dtype), loss_scale)
         if policy is not None:
             from funtrain.precision import as_policy
 

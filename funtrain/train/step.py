@@ -66,9 +66,13 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
       policy: a ``precision.Policy`` (or its string, e.g. ``"p=f32,c=bf16,o=f32"``): the
         params and the floating parts of the batch are cast to ``compute_dtype`` for the
         forward and backward pass; gradients come back in the params' dtype (FP32 master
-        weights) and the update runs there.
-      loss_scale: the initial loss scale (``precision.DynamicLossScale()`` for float16),
-        used when ``state.loss_scale`` is ``None``; the current one lives in the state.
+        weights) and the update runs there. The model's outputs reach ``loss_fn`` in the
+        compute dtype (funtrain's losses compute in float32 anyway); to cast them to the
+        policy's ``output_dtype``, wrap the model in ``nn.with_policy``.
+      loss_scale: the loss scale this step expects (e.g. ``precision.DynamicLossScale()``
+        for float16). The current scale lives in the state, so create the state with
+        ``TrainState.create(..., loss_scale=...)``; a state without one is an error here
+        (it would change the state's structure and recompile).
         With a loss scale the step differentiates ``scale * loss``, unscales the grads in
         float32, checks they are all finite, and applies the optimizer only if they are;
         otherwise params and optimizer state stay bitwise unchanged and
@@ -117,7 +121,11 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.rng, state.step)
-        scale = state.loss_scale if state.loss_scale is not None else loss_scale
+        scale = state.loss_scale
+        if scale is None and loss_scale is not None:
+            raise ValueError(f"{where}: loss_scale= was given but state.loss_scale is None; "
+                             f"create the state with TrainState.create(..., loss_scale=...) "
+                             f"so the scale can change between steps")
         (_, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, batch, key, scale)
         if scale is not None:

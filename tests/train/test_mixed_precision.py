@@ -109,3 +109,43 @@ def test_with_policy_casts_and_overrides():
     assert seen == {"dense_0": jnp.bfloat16, "head": jnp.float32}
     assert out.dtype == jnp.float32
     assert mixed.apply(params, jnp.ones((2, 4))).dtype == jnp.float32
+
+
+def test_with_policy_rejects_an_override_that_matches_nothing():
+    model = nn.with_policy(nn.mlp([4, 2]), "bf16", overrides={"head": "float32"})
+    with pytest.raises(ValueError, match="override pattern 'head' matches no param key path"):
+        model.init(jax.random.key(0), jnp.zeros((1, 3)))
+
+
+def test_loss_scale_must_live_in_the_state():
+    opt = optim.sgd(0.1)
+    state = train.TrainState.create({"w": jnp.zeros(2)}, opt, jax.random.key(0))
+    step = train.make_train_step(lambda p, b: jnp.sum(p["w"] ** 2), opt,
+                                 loss_scale=precision.DynamicLossScale())
+    with pytest.raises(ValueError, match=r"state.loss_scale is None; create the state with "
+                                         r"TrainState.create\(..., loss_scale=...\)"):
+        step(state, {})
+
+
+def test_create_copies_key_and_scale_and_checks_the_key():
+    opt = optim.sgd(0.1)
+    key, scale = jax.random.key(0), precision.DynamicLossScale()
+    weak = {"w": jnp.full((2,), 0.5)}
+    state = train.TrainState.create(weak, opt, key, loss_scale=scale)
+    step = train.make_train_step(lambda p, b: jnp.sum(p["w"] ** 2), opt)
+    for _ in range(3):
+        state, _ = step(state, {})
+    assert step._cache_size() == 1  # no recompilation from weak types or the loss scale
+    jax.random.split(key)  # the caller's key and scale are still alive after donation
+    assert float(scale.loss_scale) == 2.0 ** 15
+    with pytest.raises(TypeError, match="key must be a PRNG key such as jax.random.key"):
+        train.TrainState.create(weak, opt, 0)
+
+
+def test_injected_nesterov_momentum_jits():
+    opt = optim.inject_hyperparams(optim.sgd)(learning_rate=0.1, momentum=0.9, nesterov=True)
+    params = {"w": jnp.ones(3)}
+    u, _ = jax.jit(opt.update)(params, opt.init_state(params), params)
+    ref, _ = optim.sgd(0.1, momentum=0.9, nesterov=True).update(
+        params, optim.sgd(0.1, momentum=0.9, nesterov=True).init_state(params), params)
+    np.testing.assert_allclose(u["w"], ref["w"], rtol=1e-6)
