@@ -89,6 +89,20 @@ def _lr(learning_rate: ScalarOrSchedule, where: str) -> ScalarOrSchedule:
     return learning_rate
 
 
+def _check_betas_eps(where: str, eps: Any = None, eps_root: Any = 0.0, **betas: Any) -> None:
+    """Validate betas in [0, 1) and eps under the optimizer's own argument names."""
+    for name, value in betas.items():
+        check_scalar(where, name, value, low=0.0, high=1.0, high_open=True)
+    if eps is not None:
+        check_scalar(where, "eps_root", eps_root, low=0.0)
+        positive_root = not is_traced_or_array(eps_root) and eps_root > 0
+        if positive_root:
+            check_scalar(where, "eps", eps, low=0.0)
+        elif not is_traced_or_array(eps) and not eps > 0:
+            raise ValueError(f"{where}: eps must be > 0 (or pass eps_root > 0 to put it "
+                             f"inside the square root), got {eps}")
+
+
 def _coupled_wd(weight_decay: Any, where: str) -> list[Optimizer]:
     check_scalar(where, "weight_decay", weight_decay, low=0.0)
     return [add_decayed_weights(weight_decay)] if _nonzero(weight_decay) else []
@@ -113,6 +127,7 @@ def rmsprop(learning_rate: ScalarOrSchedule = 1e-2, alpha: float = 0.99, eps: fl
         b_t &= \mu b_{t-1} + d_t \ (\text{if } \mu > 0), \quad \theta_t = \theta_{t-1} - \eta b_t
     """
     where = "rmsprop"
+    _check_betas_eps(where, eps, alpha=alpha)
     check_scalar(where, "momentum", momentum, low=0.0)
     parts = _coupled_wd(weight_decay, where)
     parts.append(scale_by_rms(alpha, eps, eps_in_sqrt=eps_in_sqrt, centered=centered))
@@ -136,6 +151,7 @@ def adagrad(learning_rate: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0,
     (:math:`g_t / \sqrt{s_t + \epsilon}`).
     """
     where = "adagrad"
+    _check_betas_eps(where, eps)
     check_scalar(where, "lr_decay", lr_decay, low=0.0)
     lr = _lr(learning_rate, where)
     if lr_decay:
@@ -184,6 +200,7 @@ def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.
       >>> opt = optim.adam(3e-4)
     """
     where = "adam"
+    _check_betas_eps(where, eps, eps_root, b1=b1, b2=b2)
     return chain(*_coupled_wd(weight_decay, where),
                  scale_by_adam(b1, b2, eps, eps_root, amsgrad=amsgrad,
                                amsgrad_convention=amsgrad_convention, mu_dtype=mu_dtype,
@@ -205,6 +222,7 @@ def adamw(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0
         e.g. ``optim.labels_to_mask(lambda path, p: p.ndim > 1)`` to skip biases and norms.
     """
     where = "adamw"
+    _check_betas_eps(where, eps, eps_root, b1=b1, b2=b2)
     return chain(scale_by_adam(b1, b2, eps, eps_root, amsgrad=amsgrad,
                                amsgrad_convention=amsgrad_convention, mu_dtype=mu_dtype,
                                nu_dtype=nu_dtype),
@@ -220,6 +238,8 @@ def amsgrad(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float =
     PyTorch (default, ``Adam(amsgrad=True)``): :math:`\hat v^{max}_t = \max(v^{max}_{t-1}, v_t)
     / (1-\beta_2^t)`; optax: :math:`v^{max}_t = \max(v^{max}_{t-1}, \hat v_t)`.
     """
+    if convention not in ("pytorch", "optax"):
+        raise ValueError(f"amsgrad: convention must be 'pytorch' or 'optax', got {convention!r}")
     return adam(learning_rate, b1, b2, eps, weight_decay=weight_decay, amsgrad=True,
                 amsgrad_convention=convention)
 
@@ -232,6 +252,7 @@ def adamax(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 
               \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\frac{m_t}{u_t}
     """
     where = "adamax"
+    _check_betas_eps(where, eps, b1=b1, b2=b2)
     return chain(*_coupled_wd(weight_decay, where),
                  scale_by_adamax(b1, b2, eps),
                  scale_by_learning_rate(_lr(learning_rate, where)))
@@ -249,6 +270,7 @@ def nadam(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0
     :math:`\theta_t = \theta_{t-1} - \eta\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)`.
     """
     where = "nadam"
+    _check_betas_eps(where, eps, b1=b1, b2=b2)
     if convention == "pytorch":
         direction = scale_by_nadam(b1, b2, eps, momentum_decay)
     elif convention == "optax":
@@ -269,6 +291,7 @@ def radam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0
               1 & \text{otherwise} \end{cases}
     """
     where = "radam"
+    _check_betas_eps(where, eps, b1=b1, b2=b2)
     return chain(*_coupled_wd(weight_decay, where), scale_by_radam(b1, b2, eps),
                  scale_by_learning_rate(_lr(learning_rate, where)))
 
@@ -284,6 +307,7 @@ def lion(learning_rate: ScalarOrSchedule = 1e-4, b1: float = 0.9, b2: float = 0.
     Use a learning rate 3-10x smaller and a weight decay 3-10x larger than for AdamW.
     """
     where = "lion"
+    _check_betas_eps(where, b1=b1, b2=b2)
     return chain(scale_by_lion(b1, b2, mu_dtype), *_decoupled_wd(weight_decay, mask, where),
                  scale_by_learning_rate(_lr(learning_rate, where)))
 
@@ -301,6 +325,7 @@ def lamb(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.
     inside, as some implementations do, pass ``eps=0, eps_root=1e-6``.
     """
     where = "lamb"
+    _check_betas_eps(where, eps, eps_root, b1=b1, b2=b2)
     return chain(scale_by_adam(b1, b2, eps, eps_root), *_decoupled_wd(weight_decay, mask, where),
                  scale_by_trust_ratio(), scale_by_learning_rate(_lr(learning_rate, where)))
 
@@ -385,6 +410,8 @@ def adafactor(learning_rate: ScalarOrSchedule = 1e-2, beta2_decay: float = -0.8,
     check_scalar(where, "weight_decay", weight_decay, low=0.0)
     if not (isinstance(eps, tuple) and len(eps) == 2):
         raise ValueError(f"{where}: eps must be a pair (eps1 or None, eps2), got {eps!r}")
+    if eps[0] is not None:
+        check_scalar(where, "eps[0]", eps[0], low=0.0, low_open=True)
     check_scalar(where, "eps[1]", eps[1], low=0.0)
     return chain(scale_by_factored_rms(beta2_decay, eps[0], clipping_threshold),
                  _adafactor_step(learning_rate, eps[1], weight_decay))
