@@ -1,0 +1,392 @@
+"""Checkpoints: bitwise round trips, keep_last, corruption errors, and kill-safety."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import funtrain
+from funtrain import optim, precision
+from funtrain.train import TrainState, checkpoint
+from funtrain.train.checkpoint import CheckpointError, CheckpointManager
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _params(dtype=jnp.float32, hidden=128, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {
+        "dense_0": {"w": jax.random.normal(k1, (64, hidden)).astype(dtype),
+                    "b": jnp.zeros((hidden,), dtype)},
+        "dense_1": {"w": jax.random.normal(k2, (hidden, 10)).astype(jnp.float32),
+                    "b": jnp.arange(10, dtype=jnp.float32)},
+    }
+
+
+def _state(dtype=jnp.float32, hidden=128, seed=0):
+    return TrainState.create(_params(dtype, hidden, seed), optim.adamw(), jax.random.key(seed),
+                             loss_scale=precision.DynamicLossScale())
+
+
+def _assert_bitwise_equal(a, b):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        if not hasattr(x, "dtype"):  # a Python scalar
+            assert type(x) is type(y) and x == y
+            continue
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            assert y.dtype == x.dtype
+            assert jax.random.key_impl(x) == jax.random.key_impl(y)
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        assert type(x) is type(y) or (isinstance(x, jax.Array) and isinstance(y, jax.Array))
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_train_state_round_trip_is_bitwise(tmp_path, dtype):
+    state = _state(dtype)
+    # a non-trivial state: some steps taken, a scale that moved
+    state = state._replace(step=jnp.asarray(7, jnp.int32),
+                           loss_scale=state.loss_scale.adjust(jnp.asarray(False)),
+                           rng=jax.random.fold_in(state.rng, 3))
+    final = checkpoint.save(tmp_path, state, state.step, metadata={"epoch": 2})
+    assert final == tmp_path / "step_00000007"
+    assert sorted(p.name for p in final.iterdir()) == ["arrays.npz", "manifest.json"]
+    restored = checkpoint.restore(tmp_path, target=_state(dtype, seed=1))
+    assert isinstance(restored, TrainState)
+    assert isinstance(restored.loss_scale, precision.DynamicLossScale)
+    assert restored.params["dense_0"]["w"].dtype == dtype
+    _assert_bitwise_equal(state, restored)
+    assert float(restored.loss_scale.loss_scale) == 2.0 ** 14
+
+
+def test_manifest_contents(tmp_path):
+    state = _state(jnp.bfloat16)
+    checkpoint.save(tmp_path, state, 3, metadata={"lr": 0.1, "note": "x"})
+    m = checkpoint.read_manifest(tmp_path)
+    assert m["step"] == 3 and m["metadata"] == {"lr": 0.1, "note": "x"}
+    assert m["funtrain_version"] == funtrain.__version__
+    assert len(m["arrays_sha256"]) == 64
+    by_path = {leaf["path"]: leaf for leaf in m["leaves"]}
+    assert by_path["params/dense_0/w"]["dtype"] == "bfloat16"
+    assert by_path["params/dense_0/w"]["stored_dtype"] == "uint16"
+    assert by_path["params/dense_0/w"]["shape"] == [64, 128]
+    assert by_path["rng"]["kind"] == "key" and by_path["rng"]["impl"] == "threefry2x32"
+    assert "loss_scale/min_scale" in by_path
+    assert all(len(leaf["sha256"]) == 64 for leaf in m["leaves"])
+    assert [leaf["name"] for leaf in m["leaves"]] == [str(i) for i in range(len(m["leaves"]))]
+
+
+def test_restore_without_target_gives_nested_dicts(tmp_path):
+    state = _state()
+    checkpoint.save(tmp_path, state, 0)
+    out = checkpoint.restore(tmp_path)
+    assert set(out) == {"step", "params", "opt_state", "rng", "loss_scale", "skipped_steps"}
+    np.testing.assert_array_equal(out["params"]["dense_0"]["w"], state.params["dense_0"]["w"])
+    np.testing.assert_array_equal(out["opt_state"]["0"]["mu"]["dense_1"]["b"],
+                                  state.opt_state[0].mu["dense_1"]["b"])
+    assert set(out["loss_scale"]) == {"loss_scale", "counter", "period", "factor", "min_scale"}
+    np.testing.assert_array_equal(jax.random.key_data(out["rng"]),
+                                  jax.random.key_data(state.rng))
+
+
+def test_exotic_leaves_round_trip(tmp_path):
+    tree = {
+        "f8": jnp.asarray([0.5, -2.0, 448.0], jnp.float8_e4m3fn),
+        "i4": jnp.asarray([-8, 0, 7], jnp.int4),
+        "np": np.arange(6, dtype=np.float64).reshape(2, 3),
+        "bool": jnp.asarray([True, False]),
+        "py": {"i": 3, "f": 0.25, "b": True},
+        "none": None,
+        "empty": jnp.zeros((0, 4)),
+        "keys": jax.random.split(jax.random.key(1, impl="rbg"), 3),
+        "raw_key": jax.random.PRNGKey(2),
+        "list": [jnp.ones(2, jnp.float16), ()],
+    }
+    checkpoint.save(tmp_path, tree, 1)
+    restored = checkpoint.restore(tmp_path, target=tree)
+    _assert_bitwise_equal(tree, restored)
+    assert restored["py"] == {"i": 3, "f": 0.25, "b": True}
+    assert type(restored["py"]["b"]) is bool
+    assert isinstance(restored["np"], np.ndarray)
+    assert restored["none"] is None
+    # shapes/dtypes from jax.eval_shape work as a target too
+    abstract = jax.eval_shape(lambda: _state(jnp.bfloat16))
+    checkpoint.save(tmp_path, _state(jnp.bfloat16), 2)
+    _assert_bitwise_equal(checkpoint.restore(tmp_path, target=abstract, step=2),
+                          _state(jnp.bfloat16))
+
+
+def test_single_leaf_and_step_arguments(tmp_path):
+    checkpoint.save(tmp_path, jnp.arange(3), np.int64(5))
+    np.testing.assert_array_equal(checkpoint.restore(tmp_path), jnp.arange(3))
+    with pytest.raises(TypeError, match="step must be a non-negative integer"):
+        checkpoint.save(tmp_path, jnp.arange(3), -1)
+    with pytest.raises(TypeError, match="step must be a non-negative integer"):
+        checkpoint.save(tmp_path, jnp.arange(3), 1.5)
+    with pytest.raises(CheckpointError, match="already exists; pass overwrite=True"):
+        checkpoint.save(tmp_path, jnp.arange(3), 5)
+    checkpoint.save(tmp_path, jnp.arange(4), 5, overwrite=True)
+    np.testing.assert_array_equal(checkpoint.restore(tmp_path), jnp.arange(4))
+    with pytest.raises(TypeError, match="metadata must be JSON-serializable"):
+        checkpoint.save(tmp_path, jnp.arange(3), 6, metadata={"x": object()})
+    with pytest.raises(TypeError, match="key path 'a': not an array"):
+        checkpoint.save(tmp_path, {"a": "text"}, 7)
+    assert checkpoint.all_steps(tmp_path) == [5]  # failed saves left nothing behind
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000005"]
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def test_latest_step_ignores_temp_and_malformed(tmp_path):
+    assert checkpoint.latest_step(tmp_path / "missing") is None
+    assert checkpoint.latest_step(tmp_path) is None
+    checkpoint.save(tmp_path, {"w": jnp.ones(2)}, 4)
+    (tmp_path / ".tmp_step_00000009_123_abcd").mkdir()  # a save killed mid-way
+    (tmp_path / ".tmp_step_00000009_123_abcd" / "manifest.json").write_text("{}")
+    (tmp_path / "step_00000008").mkdir()  # no manifest
+    (tmp_path / "step_12").mkdir()  # malformed name
+    (tmp_path / "step_00000012").write_text("a file, not a folder")
+    (tmp_path / "notes.txt").write_text("hello")
+    assert checkpoint.latest_step(tmp_path) == 4
+    assert checkpoint.all_steps(tmp_path) == [4]
+    np.testing.assert_array_equal(checkpoint.restore(tmp_path)["w"], jnp.ones(2))
+    with pytest.raises(CheckpointError, match="no checkpoint of step 3"):
+        checkpoint.restore(tmp_path, step=3)
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        checkpoint.restore(tmp_path / "empty")
+
+
+def test_manager_keep_last(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=3)
+    for s in range(0, 60, 10):
+        m.save({"w": jnp.full(3, s)}, s, metadata={"s": s})
+        assert m.latest_step() == s
+    assert m.all_steps() == [30, 40, 50]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000030", "step_00000040", "step_00000050"]
+    np.testing.assert_array_equal(m.restore(step=40)["w"], jnp.full(3, 40))
+    np.testing.assert_array_equal(m.restore()["w"], jnp.full(3, 50))
+    assert m.read_manifest(30)["metadata"] == {"s": 30}
+    # saving an older step (a resumed run) never deletes the one just written
+    m.save({"w": jnp.zeros(3)}, 5)
+    assert 5 in m.all_steps()
+    # leftovers of a killed process are cleaned up by a new manager
+    (tmp_path / ".tmp_step_00000099_1_ffff").mkdir()
+    CheckpointManager(tmp_path)
+    assert not (tmp_path / ".tmp_step_00000099_1_ffff").exists()
+    with pytest.raises(ValueError, match="keep_last must be a positive int"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+@pytest.fixture
+def saved(tmp_path):
+    state = _state()
+    checkpoint.save(tmp_path, state, 1)
+    return tmp_path, tmp_path / "step_00000001"
+
+
+def test_flipped_byte_is_a_checksum_error(saved):
+    d, folder = saved
+    data = bytearray((folder / "arrays.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "arrays.npz").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"arrays.npz is corrupted.*checksum mismatch"):
+        checkpoint.restore(d, target=_state())
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.restore(d)
+
+
+def test_flipped_byte_with_rewritten_file_checksum_names_key_path(saved):
+    # someone "fixed" the file checksum: the per-array checksum still catches it
+    d, folder = saved
+    m = json.loads((folder / "manifest.json").read_text())
+    leaf = next(x for x in m["leaves"] if x["path"] == "params/dense_0/w")
+    state = _state()
+    arr = np.array(state.params["dense_0"]["w"])
+    arr[0, 0] += 1
+    arrays = dict(np.load(folder / "arrays.npz"))
+    arrays[leaf["name"]] = arr
+    np.savez(folder / "arrays.npz", **arrays)
+    m["arrays_sha256"] = checkpoint._sha256_file(folder / "arrays.npz")
+    m["arrays_bytes"] = (folder / "arrays.npz").stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError,
+                       match=r"key path 'params/dense_0/w': array is corrupted"):
+        checkpoint.restore(d, target=state)
+
+
+def test_truncated_arrays_file(saved):
+    d, folder = saved
+    data = (folder / "arrays.npz").read_bytes()
+    (folder / "arrays.npz").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match=r"arrays.npz is truncated or corrupted: it has "
+                                              r"\d+ bytes, the manifest expects \d+"):
+        checkpoint.restore(d, target=_state())
+
+
+def test_unreadable_npz_with_matching_checksum(saved):
+    d, folder = saved
+    (folder / "arrays.npz").write_bytes(b"not a zip file at all")
+    m = json.loads((folder / "manifest.json").read_text())
+    m["arrays_sha256"] = checkpoint._sha256_file(folder / "arrays.npz")
+    m["arrays_bytes"] = (folder / "arrays.npz").stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="arrays.npz is truncated or unreadable"):
+        checkpoint.restore(d)
+
+
+def test_missing_array(saved):
+    d, folder = saved
+    m = json.loads((folder / "manifest.json").read_text())
+    arrays = dict(np.load(folder / "arrays.npz"))
+    del arrays["2"]
+    np.savez(folder / "arrays.npz", **arrays)
+    m["arrays_sha256"] = checkpoint._sha256_file(folder / "arrays.npz")
+    m["arrays_bytes"] = (folder / "arrays.npz").stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError,
+                       match=r"key path 'params/dense_0/w': array '2' is missing"):
+        checkpoint.restore(d)
+
+
+def test_missing_and_malformed_manifest(saved):
+    d, folder = saved
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match="manifest.json is unreadable or malformed"):
+        checkpoint.restore(d, step=1)
+    (folder / "manifest.json").unlink()
+    assert checkpoint.latest_step(d) is None  # no longer a complete checkpoint
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        checkpoint.restore(d, step=1)
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        checkpoint.restore(d)
+
+
+def test_shape_mismatch_names_key_path(saved):
+    d, _ = saved
+    other = TrainState.create(_params(hidden=256), optim.adamw(), jax.random.key(0),
+                              loss_scale=precision.DynamicLossScale())
+    with pytest.raises(CheckpointError, match=re.escape(
+            "key path 'params/dense_0/w': checkpoint has shape (64, 128), "
+            "target expects (64, 256)")):
+        checkpoint.restore(d, target=other)
+
+
+def test_dtype_mismatch_names_key_path(saved):
+    d, _ = saved
+    with pytest.raises(CheckpointError, match=re.escape(
+            "key path 'params/dense_0/b': checkpoint has dtype float32, "
+            "target expects bfloat16")):
+        checkpoint.restore(d, target=_state(jnp.bfloat16))
+    raw = _state()._replace(rng=jax.random.PRNGKey(0))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "key path 'rng': checkpoint has shape (), target expects (2,)")):
+        checkpoint.restore(d, target=raw)
+
+
+def test_structure_mismatch_lists_key_paths(saved):
+    d, _ = saved
+    params = _params()
+    params["dense_2"] = {"w": jnp.zeros((10, 10))}
+    del params["dense_1"]["b"]
+    other = TrainState.create(params, optim.adamw(), jax.random.key(0),
+                              loss_scale=precision.DynamicLossScale())
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.restore(d, target=other)
+    msg = str(err.value)
+    assert "does not match the structure of target" in msg
+    assert "Missing key paths in the checkpoint: opt_state/0/mu/dense_2/w" in msg
+    assert "params/dense_2/w" in msg
+    assert "Extra key paths in the checkpoint: opt_state/0/mu/dense_1/b" in msg
+    assert "params/dense_1/b" in msg
+    # no loss scale in the target: the loss_scale leaves are extra
+    plain = TrainState.create(_params(), optim.adamw(), jax.random.key(0))
+    with pytest.raises(CheckpointError, match="Extra key paths in the checkpoint: "
+                                              "loss_scale/counter"):
+        checkpoint.restore(d, target=plain)
+
+
+# ----------------------------------------------------------------------------- kill safety
+
+_WRITER = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from funtrain.train.checkpoint import CheckpointManager
+
+    def state(step):
+        return {"w": np.full((512, 1024), step, np.float32),
+                "h": np.full((256, 1024), step, jnp.bfloat16),
+                "rng": jax.random.key(step), "step": step}
+
+    manager = CheckpointManager(sys.argv[1], keep_last=2)
+    step = 0
+    while True:
+        manager.save(state(step), step)
+        if step == 0:
+            print("ready", flush=True)
+        step += 1
+""")
+
+
+def _kill_target(step):
+    return {"w": np.full((512, 1024), step, np.float32),
+            "h": np.full((256, 1024), step, jnp.bfloat16),
+            "rng": jax.random.key(step), "step": step}
+
+
+@pytest.mark.slow
+def test_killed_writer_leaves_a_valid_checkpoint(tmp_path):
+    rng = random.Random(1234)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    max_steps, leftovers = [], []
+    for trial in range(20):
+        d = tmp_path / f"trial_{trial}"
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(d)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.strip() == "ready", proc.stderr.read()
+            time.sleep(rng.uniform(0.0, 0.4))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        step = checkpoint.latest_step(d)
+        assert step is not None
+        steps = checkpoint.all_steps(d)
+        assert 1 <= len(steps) <= 3  # keep_last=2, plus one just saved before deleting
+        for s in steps:
+            restored = checkpoint.restore(d, target=_kill_target(0), step=s)
+            assert restored["step"] == s
+            assert (restored["w"] == s).all() and (restored["h"] == s).all()
+            np.testing.assert_array_equal(jax.random.key_data(restored["rng"]),
+                                          jax.random.key_data(jax.random.key(s)))
+        max_steps.append(step)
+        leftovers.append(sum(p.name.startswith(".tmp") for p in d.iterdir()))
+    print(f"latest steps {max_steps}; trials killed mid-write or mid-delete: "
+          f"{sum(n > 0 for n in leftovers)}")
+    assert max(max_steps) > 0  # some kills happened after several saves
