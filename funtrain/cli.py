@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "dynamic loss scaling")
     demo.add_argument("--steps-per-call", type=_positive_int, default=1,
                       help="training steps per device call (lax.scan)")
+    demo.add_argument("--checkpoint-dir", default=None,
+                      help="save the train state there every epoch (atomic checkpoints)")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue from the latest checkpoint in --checkpoint-dir")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -116,7 +120,8 @@ def demo(args: argparse.Namespace) -> float:
     state, history = train.fit(
         state, step, loader, epochs=args.epochs, eval_step=eval_step,
         eval_data=test_set.batches(256), steps_per_call=args.steps_per_call,
-        progress=not args.no_progress, log_every=10)
+        progress=not args.no_progress, log_every=10, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=len(loader) if args.checkpoint_dir else None, resume=args.resume)
     acc = history.eval[-1]["accuracy"]
     if state.loss_scale is not None:
         print(f"loss scale {float(state.loss_scale.loss_scale):g}, "
@@ -128,7 +133,10 @@ def demo(args: argparse.Namespace) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo" and args.resume and not args.checkpoint_dir:
+        parser.error("--resume needs --checkpoint-dir")
     if args.command == "demo":
         demo(args)
     return 0

@@ -67,3 +67,19 @@ def test_demo_precision_meets_the_accuracy_bar(prec):
     assert acc >= 0.95, proc.stdout
     if prec == "fp16":
         assert "loss scale" in proc.stdout and "skipped steps" in proc.stdout
+
+
+def test_demo_checkpoints_and_resumes(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    from funtrain.train import checkpoint
+
+    first = run_cli("demo", "--epochs", "1", "--checkpoint-dir", ckpt, "--no-progress")
+    assert first.returncode == 0, first.stderr
+    per_epoch = 1438 // 32  # digits train split, batch 32, drop_remainder
+    assert checkpoint.latest_step(ckpt) == per_epoch
+    second = run_cli("demo", "--epochs", "2", "--checkpoint-dir", ckpt, "--resume",
+                     "--no-progress")
+    assert second.returncode == 0, second.stderr
+    assert "test accuracy" in second.stdout
+    assert checkpoint.latest_step(ckpt) == 2 * per_epoch
+    assert run_cli("demo", "--resume").returncode == 2

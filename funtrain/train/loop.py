@@ -87,7 +87,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         eval_step: Callable[[Params, Batch], Metrics] | None = None, eval_data: Data = None,
         steps_per_call: int = 1, log_every: int = 50,
         log_fn: Callable[[int, dict[str, float]], None] | None = None,
-        progress: bool = True, desc: str = "train") -> tuple[TrainState, History]:
+        progress: bool = True, desc: str = "train", checkpoint_dir: Any = None,
+        checkpoint_every: int | None = None, keep_last: int | None = 3,
+        resume: bool = False) -> tuple[TrainState, History]:
     """Train for ``epochs`` over ``train_data``, evaluating after each epoch.
 
     Metrics stay on the device between logging points: the host syncs only every
@@ -108,6 +110,12 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         of the last finished step (as in ``History.train["step"]``) and its metrics.
       progress: show a ``tqdm.auto`` bar (a widget in notebooks).
       desc: the bar's label.
+      checkpoint_dir: save the whole ``TrainState`` there (``train.checkpoint``, atomic)
+        every ``checkpoint_every`` steps and at the end, keeping the ``keep_last`` newest.
+      resume: continue from the latest checkpoint in ``checkpoint_dir`` (``state`` is then
+        only the template it is restored into). The data position is derived from the
+        step: epoch ``step // len(train_data)``, skipping the batches already seen, so with a
+        ``Loader`` the resumed run's losses are bitwise those of an uninterrupted run.
 
     Returns:
       ``(state, history)``.
@@ -128,12 +136,36 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                         f"needs a new pass each epoch; pass a Loader, a list, or a callable "
                         f"epoch -> batches")
     multi = scan_steps(train_step) if steps_per_call > 1 else None
-
     try:
-        total = epochs * len(train_data)
+        steps_per_epoch: int | None = len(train_data)
     except TypeError:
-        total = None
-    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+        steps_per_epoch = None
+    total = epochs * steps_per_epoch if steps_per_epoch is not None else None
+
+    manager = None
+    if checkpoint_dir is not None:
+        from funtrain.train.checkpoint import CheckpointManager
+
+        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last)
+    elif resume or checkpoint_every:
+        raise ValueError(f"{where}: resume and checkpoint_every need checkpoint_dir")
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or
+                                         not isinstance(checkpoint_every, int) or
+                                         checkpoint_every < 1):
+        raise ValueError(f"{where}: checkpoint_every must be an int >= 1, got "
+                         f"{checkpoint_every!r}")
+    if resume and manager is not None and manager.latest_step() is not None:
+        state = manager.restore(target=state)
+    first_step = int(state.step)
+    start_epoch, skip = 0, 0
+    if first_step:
+        if steps_per_epoch is None:
+            raise ValueError(f"{where}: resuming at step {first_step} needs train_data with a "
+                             f"len() (a Loader) to find the data position")
+        start_epoch, skip = divmod(first_step, steps_per_epoch)
+    last_saved = first_step
+    bar = tqdm(total=total, initial=min(first_step, total or first_step), desc=desc,
+               disable=not progress, unit="step", dynamic_ncols=True)
     history = History()
     # Metrics still on the device: (None, one step's dict) or (k, dict stacked over k steps).
     pending: list[tuple[int | None, Metrics]] = []
@@ -180,15 +212,28 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         if done - last_logged >= log_every:
             last_logged = done
             flush()
+        save_if_due()
+
+    def save_if_due(final: bool = False) -> None:
+        nonlocal last_saved
+        if manager is None:
+            return
+        done = first_pending + pending_steps()
+        due = checkpoint_every and done // checkpoint_every > last_saved // checkpoint_every
+        if (due or final) and done != last_saved:
+            manager.save(state, done)
+            last_saved = done
 
     try:
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             bar.set_description(f"{desc} {epoch + 1}/{epochs}")
             group: list[Batch] = []
             seen = 0
-            for batch in _epoch_batches(train_data, epoch, where):
-                group.append(batch)
+            for i, batch in enumerate(_epoch_batches(train_data, epoch, where)):
                 seen += 1
+                if epoch == start_epoch and i < skip:
+                    continue  # seen before the checkpoint we resumed from
+                group.append(batch)
                 if len(group) == steps_per_call:
                     run(group)
                     group = []
@@ -205,6 +250,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                 postfix.update({f"eval_{k}": f"{v:.4g}" for k, v in result.items()})
                 bar.set_postfix(postfix, refresh=True)
         flush()
+        save_if_due(final=True)
     finally:
         bar.close()
     history.train.setdefault("step", [])
