@@ -185,6 +185,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                 host.append(metrics)
             else:
                 host.extend({k: v[i] for k, v in metrics.items()} for i in range(count))
+        check_finite(first_pending, host)
         history._add_train(first_pending, host)
         first_pending += len(host)
         pending = []
@@ -193,6 +194,20 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         bar.set_postfix(postfix, refresh=False)
         if log_fn is not None:
             log_fn(first_pending - 1, last)  # the index of the step these metrics belong to
+
+    def check_finite(first: int, host: list[dict[str, Any]]) -> None:
+        """The guard's stop mode: fail at the first non-finite step that was not skipped."""
+        for i, m in enumerate(host):
+            if int(m.get("skipped", 0)):
+                continue
+            bad = [k for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])]
+            if bad:
+                where_ckpt = (f"; the last checkpoint (step {last_saved}) is intact"
+                              if manager is not None and last_saved else "")
+                raise FloatingPointError(
+                    f"fit: step {first + i}: {bad[0]} is {float(m[bad[0]])} (not finite)"
+                    f"{where_ckpt}. Pass skip_nonfinite=True to make_train_step to skip such "
+                    f"steps instead")
 
     def pending_steps() -> int:
         return sum(1 if c is None else c for c, _ in pending)
@@ -221,6 +236,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         done = first_pending + pending_steps()
         due = checkpoint_every and done // checkpoint_every > last_saved // checkpoint_every
         if (due or final) and done != last_saved:
+            flush()  # checks the pending steps: never checkpoint a non-finite state
             manager.save(state, done)
             last_saved = done
 

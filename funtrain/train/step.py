@@ -55,7 +55,8 @@ def _select(pred: Array, new: Any, old: Any) -> Any:
 
 
 def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy: Any = None,
-                    loss_scale: Any = None, jit: bool = True, donate: bool = True) -> StepFn:
+                    loss_scale: Any = None, skip_nonfinite: bool = False, jit: bool = True,
+                    donate: bool = True) -> StepFn:
     """Build the step ``(state, batch) -> (state, metrics)``: forward, loss, backward, update.
 
     Args:
@@ -77,6 +78,10 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         float32, checks they are all finite, and applies the optimizer only if they are;
         otherwise params and optimizer state stay bitwise unchanged and
         ``state.skipped_steps`` grows by one. The scale is then adjusted.
+      skip_nonfinite: the non-finite guard's skip mode, on the device with no host sync:
+        a step whose loss or gradients are not all finite leaves params and optimizer
+        state bitwise unchanged and counts one more ``skipped_steps`` (always on with a
+        loss scale). Without it, ``fit`` stops at such a step with an error.
       jit: compile the step with ``jax.jit``.
       donate: donate the input state's buffers to the output (halves peak memory);
         do not reuse a state after passing it in.
@@ -128,23 +133,27 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
                              f"so the scale can change between steps")
         (_, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, batch, key, scale)
+        guarded = scale is not None or skip_nonfinite
         if scale is not None:
+            grads = scale.unscale(grads)
+        if guarded:
             from funtrain.precision import all_finite
 
-            grads = scale.unscale(grads)
-            finite = all_finite(grads)
+            finite = all_finite(grads) & jnp.isfinite(loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), **aux}
         skipped = state.skipped_steps
-        if scale is not None:
+        if guarded:
             params = _select(finite, params, state.params)
             opt_state = _select(finite, opt_state, state.opt_state)
-            scale = scale.adjust(finite)
             skipped = (skipped if skipped is not None else jnp.zeros((), jnp.int32)) + \
                 jnp.where(finite, 0, 1).astype(jnp.int32)
-            metrics["loss_scale"] = scale.loss_scale
+            metrics["skipped"] = jnp.where(finite, 0, 1).astype(jnp.int32)
             metrics["skipped_steps"] = skipped
+        if scale is not None:
+            scale = scale.adjust(finite)
+            metrics["loss_scale"] = scale.loss_scale
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=state.rng, loss_scale=scale, skipped_steps=skipped)
         return new_state, metrics
