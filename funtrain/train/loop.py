@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +89,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         log_fn: Callable[[int, dict[str, float]], None] | None = None,
         progress: bool = True, desc: str = "train", checkpoint_dir: Any = None,
         checkpoint_every: int | None = None, keep_last: int | None = 3,
-        resume: bool = False) -> tuple[TrainState, History]:
+        resume: bool = False, callbacks: Sequence[Any] = ()) -> tuple[TrainState, History]:
     """Train for ``epochs`` over ``train_data``, evaluating after each epoch.
 
     Metrics stay on the device between logging points: the host syncs only every
@@ -112,6 +112,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
       desc: the bar's label.
       checkpoint_dir: save the whole ``TrainState`` there (``train.checkpoint``, atomic)
         every ``checkpoint_every`` steps and at the end, keeping the ``keep_last`` newest.
+      callbacks: objects with any of ``on_step``, ``on_eval``, ``on_epoch_end``,
+        ``on_checkpoint``, ``close`` (see ``train.callbacks``: JSONL/CSV/TensorBoard
+        loggers, ``EarlyStopping``). Step metrics include ``steps_per_second``.
       resume: continue from the latest checkpoint in ``checkpoint_dir`` (``state`` is then
         only the template it is restored into). The data position is derived from the
         step: epoch ``step // len(train_data)``, skipping the batches already seen, so with a
@@ -186,7 +189,12 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
             else:
                 host.extend({k: v[i] for k, v in metrics.items()} for i in range(count))
         check_finite(first_pending, host)
+        now = time.perf_counter()
+        host[-1] = {**host[-1], "steps_per_second": len(host) / max(now - last_flush[0], 1e-9)}
+        last_flush[0] = now
         history._add_train(first_pending, host)
+        for i, m in enumerate(host):
+            hook("on_step", first_pending + i, {k: float(v) for k, v in m.items()})
         first_pending += len(host)
         pending = []
         last = {k: float(v) for k, v in host[-1].items()}
@@ -194,6 +202,14 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         bar.set_postfix(postfix, refresh=False)
         if log_fn is not None:
             log_fn(first_pending - 1, last)  # the index of the step these metrics belong to
+
+    last_flush = [time.perf_counter()]
+
+    def hook(name: str, *args: Any) -> None:
+        for cb in callbacks:
+            fn = getattr(cb, name, None)
+            if fn is not None:
+                fn(*args)
 
     def check_finite(first: int, host: list[dict[str, Any]]) -> None:
         """The guard's stop mode: fail at the first non-finite step that was not skipped."""
@@ -237,7 +253,8 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         due = checkpoint_every and done // checkpoint_every > last_saved // checkpoint_every
         if (due or final) and done != last_saved:
             flush()  # checks the pending steps: never checkpoint a non-finite state
-            manager.save(state, done)
+            path = manager.save(state, done)
+            hook("on_checkpoint", done, path)
             last_saved = done
 
     try:
@@ -265,10 +282,17 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                 history.eval.append({"epoch": epoch, "step": int(state.step), **result})
                 postfix.update({f"eval_{k}": f"{v:.4g}" for k, v in result.items()})
                 bar.set_postfix(postfix, refresh=True)
+                hook("on_eval", epoch, result)
+            hook("on_epoch_end", epoch, state)
+            if any(getattr(cb, "stop_training", False) for cb in callbacks):
+                break
         flush()
         save_if_due(final=True)
     finally:
         bar.close()
+        for cb in callbacks:
+            if hasattr(cb, "close"):
+                cb.close()
     history.train.setdefault("step", [])
     history.seconds = time.perf_counter() - start
     return state, history

@@ -49,14 +49,28 @@ def _split_loss(where: str, out: Any) -> tuple[Array, Metrics]:
     return loss, dict(aux)
 
 
+def _learning_rate(learning_rate: Any, state: TrainState) -> Any:
+    """The lr to report: the given float/schedule at this step, or an injected one."""
+    if learning_rate is not None:
+        return learning_rate(state.step) if callable(learning_rate) else learning_rate
+    from funtrain.optim.wrappers import InjectHyperparamsState
+
+    found = [s for s in jax.tree.leaves(state.opt_state,
+                                        is_leaf=lambda s: isinstance(s, InjectHyperparamsState))
+             if isinstance(s, InjectHyperparamsState)]
+    if len(found) == 1 and "learning_rate" in found[0].hyperparams:
+        return found[0].hyperparams["learning_rate"]
+    return None
+
+
 def _select(pred: Array, new: Any, old: Any) -> Any:
     """``new`` where ``pred`` else ``old``, leaf by leaf (bitwise ``old`` when false)."""
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
 def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy: Any = None,
-                    loss_scale: Any = None, skip_nonfinite: bool = False, jit: bool = True,
-                    donate: bool = True) -> StepFn:
+                    loss_scale: Any = None, skip_nonfinite: bool = False,
+                    learning_rate: Any = None, jit: bool = True, donate: bool = True) -> StepFn:
     """Build the step ``(state, batch) -> (state, metrics)``: forward, loss, backward, update.
 
     Args:
@@ -82,6 +96,9 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         a step whose loss or gradients are not all finite leaves params and optimizer
         state bitwise unchanged and counts one more ``skipped_steps`` (always on with a
         loss scale). Without it, ``fit`` stops at such a step with an error.
+      learning_rate: a float or schedule to report as the ``learning_rate`` metric (the
+        optimizer's own is used). Without it, an ``optim.inject_hyperparams`` optimizer's
+        current ``learning_rate`` is reported.
       jit: compile the step with ``jax.jit``.
       donate: donate the input state's buffers to the output (halves peak memory);
         do not reuse a state after passing it in.
@@ -143,6 +160,9 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), **aux}
+        lr = _learning_rate(learning_rate, state)
+        if lr is not None:
+            metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
         skipped = state.skipped_steps
         if guarded:
             params = _select(finite, params, state.params)

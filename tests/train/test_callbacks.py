@@ -1,0 +1,98 @@
+"""Loggers write parseable files; hooks fire; early stopping stops; lr is reported."""
+
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import data, nn, optim, precision, train
+
+
+def setup(opt=None, **step_kw):
+    rng = np.random.default_rng(0)
+    ds = data.ArrayDataset(x=rng.standard_normal((64, 4)).astype(np.float32),
+                           y=rng.integers(0, 2, 64).astype(np.int32))
+    model = nn.mlp([8, 2])
+    opt = opt or optim.inject_hyperparams(optim.adam)(learning_rate=1e-2)
+    state = train.TrainState.create(model.init(jax.random.key(0), jnp.zeros((1, 4))), opt,
+                                    jax.random.key(1), loss_scale=step_kw.pop("loss_scale", None))
+    step = train.make_train_step(train.classifier_loss(model), opt, **step_kw)
+    ev = train.make_eval_step(train.classifier_eval(model))
+    return state, step, ds.batches(16, drop_remainder=True), ev, ds.batches(64)
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        if name.startswith("on_") or name == "close":
+            return lambda *a: self.calls.append((name, a[0] if a else None))
+        raise AttributeError(name)
+
+
+def test_loggers_write_parseable_files(tmp_path):
+    state, step, loader, ev, test = setup(
+        loss_scale=precision.DynamicLossScale())
+    jl, cl = train.JsonlLogger(tmp_path / "log.jsonl"), train.CsvLogger(tmp_path / "log.csv")
+    train.fit(state, step, loader, epochs=2, eval_step=ev, eval_data=test, progress=False,
+              log_every=3, callbacks=[jl, cl])
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == list(range(8))
+    for key in ("loss", "grad_norm", "learning_rate", "loss_scale", "steps_per_second"):
+        assert key in steps[-1], key
+    assert steps[0]["learning_rate"] == pytest.approx(1e-2)
+    assert [r["epoch"] for r in records if "eval" in r] == [0, 1]
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert len(rows) == 8 and float(rows[3]["loss"]) == pytest.approx(steps[3]["loss"])
+    evals = list(csv.DictReader((tmp_path / "log_eval.csv").open()))
+    assert [int(r["epoch"]) for r in evals] == [0, 1] and "accuracy" in evals[0]
+
+
+def test_hooks_fire_in_order(tmp_path):
+    state, step, loader, ev, test = setup()
+    rec = Recorder()
+    train.fit(state, step, loader, epochs=1, eval_step=ev, eval_data=test, progress=False,
+              checkpoint_dir=tmp_path, checkpoint_every=2, callbacks=[rec])
+    names = [n for n, _ in rec.calls]
+    assert names.count("on_step") == 4 and names.count("on_checkpoint") == 2
+    assert names[-3:] == ["on_eval", "on_epoch_end", "close"]
+
+
+def test_early_stopping():
+    state, step, loader, ev, test = setup(opt=optim.sgd(0.0))  # lr 0: no improvement
+    stopper = train.EarlyStopping(monitor="loss", patience=2)
+    _, hist = train.fit(state, step, loader, epochs=10, eval_step=ev, eval_data=test,
+                        progress=False, callbacks=[stopper])
+    assert len(hist.eval) == 3  # best at epoch 0, then 2 evaluations without improvement
+    assert stopper.stop_training
+
+
+def test_schedule_learning_rate_is_reported():
+    sched = optim.schedules.exponential_decay(0.1, 0.5)
+    state, step, loader, ev, test = setup(opt=optim.sgd(sched), learning_rate=sched)
+    _, hist = train.fit(state, step, loader, epochs=1, progress=False)
+    np.testing.assert_allclose(hist.train["learning_rate"], [0.1, 0.05, 0.025, 0.0125],
+                               rtol=1e-6)
+
+
+def test_tensorboard_logger_message_or_works(tmp_path):
+    try:
+        logger = train.TensorBoardLogger(tmp_path)
+    except ImportError as err:
+        assert "pip install tensorboardX" in str(err)
+        return
+    logger.on_step(0, {"loss": 1.0})
+    logger.close()
+    assert any(tmp_path.iterdir())
+
+
+def test_early_stopping_arguments():
+    with pytest.raises(ValueError, match="EarlyStopping: mode must be 'min' or 'max'"):
+        train.EarlyStopping(mode="up")
+    with pytest.raises(ValueError, match="monitored metric 'acc' is not among"):
+        train.EarlyStopping(monitor="acc").on_eval(0, {"loss": 1.0})
