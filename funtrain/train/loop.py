@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from funtrain._typing import Batch, Params
+from funtrain.data.checks import check_batch
 from funtrain.train.state import TrainState
 from funtrain.train.step import Metrics, StepFn, scan_steps
 
@@ -89,7 +90,8 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         log_fn: Callable[[int, dict[str, float]], None] | None = None,
         progress: bool = True, desc: str = "train", checkpoint_dir: Any = None,
         checkpoint_every: int | None = None, keep_last: int | None = 3,
-        resume: bool = False, callbacks: Sequence[Any] = ()) -> tuple[TrainState, History]:
+        resume: bool = False, callbacks: Sequence[Any] = (), check_data: bool = False,
+        num_classes: int | None = None) -> tuple[TrainState, History]:
     """Train for ``epochs`` over ``train_data``, evaluating after each epoch.
 
     Metrics stay on the device between logging points: the host syncs only every
@@ -115,6 +117,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
       callbacks: objects with any of ``on_step``, ``on_eval``, ``on_epoch_end``,
         ``on_checkpoint``, ``close`` (see ``train.callbacks``: JSONL/CSV/TensorBoard
         loggers, ``EarlyStopping``). Step metrics include ``steps_per_second``.
+      check_data: the checked mode: every batch is checked on the host before it is sent
+        (``data.check_batch``: shared leading dimension, no NaN/inf, and with
+        ``num_classes`` integer labels ``batch["y"]`` in range). Costs a scan per batch.
       resume: continue from the latest checkpoint in ``checkpoint_dir`` (``state`` is then
         only the template it is restored into). The data position is derived from the
         step: epoch ``step // len(train_data)``, skipping the batches already seen, so with a
@@ -266,6 +271,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                 seen += 1
                 if epoch == start_epoch and i < skip:
                     continue  # seen before the checkpoint we resumed from
+                if check_data:
+                    check_batch(batch, num_classes=num_classes,
+                                where=f"fit: epoch {epoch} batch {i}")
                 group.append(batch)
                 if len(group) == steps_per_call:
                     run(group)

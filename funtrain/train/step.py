@@ -142,6 +142,9 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         return scaled, (loss, aux)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        from funtrain.data.checks import check_leading_dims
+
+        check_leading_dims(batch, f"{where}: batch")  # static shapes: checked while tracing
         key = jax.random.fold_in(state.rng, state.step)
         scale = state.loss_scale
         if scale is None and loss_scale is not None:

@@ -1,0 +1,54 @@
+"""Host-side checks of a batch, run before any compilation: shapes, finiteness, label range."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from funtrain._tree import leaf_paths
+
+
+def check_leading_dims(batch: Any, where: str = "batch") -> None:
+    """All arrays of a batch must share their leading (example) dimension."""
+    shapes = {k: tuple(np.shape(v)) for k, v in leaf_paths(batch).items()}
+    leading = {k: s[0] if s else None for k, s in shapes.items()}
+    if len({v for v in leading.values()}) > 1:
+        raise ValueError(f"{where}: the arrays' leading dimensions differ (they must all be the "
+                         f"batch size): " + ", ".join(f"{k} {s}" for k, s in shapes.items()))
+
+
+def check_batch(batch: Any, *, num_classes: int | None = None, labels: str = "y",
+                where: str = "batch") -> None:
+    """Check a batch on the host: shared leading dimension, finite floats, labels in range.
+
+    Args:
+      batch: a pytree of arrays (usually a dict).
+      num_classes: if given, integer ``batch[labels]`` must lie in ``[0, num_classes)``.
+      labels: the key of the labels.
+      where: how to name the batch in messages.
+
+    Raises:
+      ValueError naming the key path and the problem.
+    """
+    check_leading_dims(batch, where)
+    for path, value in leaf_paths(batch).items():
+        arr = np.asarray(jax.device_get(value))
+        if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
+            bad = ~np.isfinite(arr.astype(np.float32))
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(f"{where}: '{path}' has {int(bad.sum())} non-finite value(s) "
+                                 f"(nan/inf), the first at index {first}")
+    if num_classes is not None:
+        if not isinstance(batch, dict) or labels not in batch:
+            raise ValueError(f"{where}: no labels under key {labels!r} to check against "
+                             f"num_classes={num_classes}")
+        y = np.asarray(jax.device_get(batch[labels]))
+        if np.issubdtype(y.dtype, np.integer) and y.size:
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= num_classes:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"{where}: labels out of range: '{labels}' contains {bad}, "
+                                 f"expected values in [0, {num_classes})")
