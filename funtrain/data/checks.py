@@ -11,10 +11,12 @@ from funtrain._tree import leaf_paths
 
 
 def check_leading_dims(batch: Any, where: str = "batch") -> None:
-    """All arrays of a batch must share their leading (example) dimension."""
-    shapes = {k: tuple(np.shape(v)) for k, v in leaf_paths(batch).items()}
-    leading = {k: s[0] if s else None for k, s in shapes.items()}
-    if len({v for v in leading.values()}) > 1:
+    """All arrays of a batch must share their leading (example) dimension.
+
+    Scalars (0-d leaves, e.g. a per-batch flag or weight) are not per-example and are skipped.
+    """
+    shapes = {k: tuple(np.shape(v)) for k, v in leaf_paths(batch).items() if np.ndim(v) > 0}
+    if len({s[0] for s in shapes.values()}) > 1:
         raise ValueError(f"{where}: the arrays' leading dimensions differ (they must all be the "
                          f"batch size): " + ", ".join(f"{k} {s}" for k, s in shapes.items()))
 
