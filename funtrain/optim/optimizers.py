@@ -7,12 +7,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from funtrain._tree import check_same_structure
 from funtrain._typing import Array, Params, ScalarOrSchedule
 from funtrain.optim._checks import check_scalar, is_traced_or_array
 from funtrain.optim.base import Optimizer, chain
 from funtrain.optim.schedules import as_schedule, value_at
 from funtrain.optim.transforms import (
+    _check_grads,
+    _need_params,
     add_decayed_weights,
     resolve_mask,
     safe_increment,
@@ -367,9 +368,7 @@ def _adafactor_step(learning_rate: ScalarOrSchedule, eps2: float, weight_decay: 
         return AdafactorStepState(jnp.zeros((), jnp.int32))
 
     def update(updates: Any, state: AdafactorStepState, params: Params | None = None):
-        if params is None:
-            raise ValueError("adafactor: needs the current params; call "
-                             "update(grads, state, params)")
+        params = _need_params("adafactor", params)
         count = safe_increment(state.count)
         lr = value_at(learning_rate, state.count)
 
@@ -482,12 +481,8 @@ def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: floa
                                  jax.tree.map(jnp.array, params))
 
     def update(grads: Any, state: ScheduleFreeState, params: Params | None = None):
-        if params is None:
-            raise ValueError(f"{where}: needs the current params; call "
-                             f"update(grads, state, params)")
-        check_same_structure(state.z, grads, what=where,
-                             expected_name="the optimizer state (made from params)",
-                             actual_name="grads")
+        params = _need_params(where, params)
+        _check_grads(where, state.z, grads)
         count = safe_increment(state.count)
         t = count.astype(state.weight_sum.dtype)
         bc2 = 1.0 - jnp.asarray(b2, t.dtype) ** t
@@ -616,12 +611,8 @@ def muon(learning_rate: ScalarOrSchedule = 1e-3, momentum: float = 0.95,
         return MuonState(jnp.zeros((), jnp.int32), mu, nu)
 
     def update(grads: Any, state: MuonState, params: Params | None = None):
-        if params is None:
-            raise ValueError(f"{where}: needs the current params; call "
-                             f"update(grads, state, params)")
-        check_same_structure(state.mu, grads, what=where,
-                             expected_name="the optimizer state (made from params)",
-                             actual_name="grads")
+        params = _need_params(where, params)
+        _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
         lr = value_at(learning_rate, state.count)
         adam_lr = value_at(adam_learning_rate, state.count)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from funtrain._typing import Array, OptState, Params, PRNGKey
+from funtrain.precision import as_policy
 
 
 def _checked_key(key: Any) -> Any:
@@ -72,8 +73,6 @@ class TrainState(NamedTuple):
         if loss_scale is not None:
             loss_scale = jax.tree.map(lambda x: jnp.array(x, dtype=x.dtype), loss_scale)
         if policy is not None:
-            from funtrain.precision import as_policy
-
             params = as_policy(policy).cast_to_param(params)
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=optimizer.init(params), rng=key, loss_scale=loss_scale,

@@ -12,8 +12,11 @@ from jax import lax
 
 from funtrain import losses
 from funtrain._typing import Array, Batch, Params, PRNGKey
+from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module
 from funtrain.optim.base import Optimizer, apply_updates, global_norm
+from funtrain.optim.wrappers import InjectHyperparamsState
+from funtrain.precision import all_finite, as_policy
 from funtrain.train.state import TrainState
 
 Metrics = dict[str, Array]
@@ -53,8 +56,6 @@ def _learning_rate(learning_rate: Any, state: TrainState) -> Any:
     """The lr to report: the given float/schedule at this step, or an injected one."""
     if learning_rate is not None:
         return learning_rate(state.step) if callable(learning_rate) else learning_rate
-    from funtrain.optim.wrappers import InjectHyperparamsState
-
     found = [s for s in jax.tree.leaves(state.opt_state,
                                         is_leaf=lambda s: isinstance(s, InjectHyperparamsState))
              if isinstance(s, InjectHyperparamsState)]
@@ -126,8 +127,6 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
                         f"{type(optimizer).__name__}")
     with_key = _takes_key(loss_fn)
     if policy is not None:
-        from funtrain.precision import as_policy
-
         policy = as_policy(policy)
 
     def objective(params: Params, batch: Batch, key: PRNGKey, scale: Any
@@ -142,8 +141,6 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         return scaled, (loss, aux)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        from funtrain.data.checks import check_leading_dims
-
         check_leading_dims(batch, f"{where}: batch")  # static shapes: checked while tracing
         key = jax.random.fold_in(state.rng, state.step)
         scale = state.loss_scale
@@ -157,8 +154,6 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         if scale is not None:
             grads = scale.unscale(grads)
         if guarded:
-            from funtrain.precision import all_finite
-
             finite = all_finite(grads) & jnp.isfinite(loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates)
