@@ -23,7 +23,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from funtrain._typing import Params, PRNGKey
-from funtrain.nn.module import Module, ModuleError, _check_name
+from funtrain.nn.module import (
+    Module,
+    ModuleError,
+    _check_name,
+    apply_with_state,
+    init_with_state,
+)
 
 _NAMED = {
     "nothing": "nothing_saveable",
@@ -84,13 +90,19 @@ def checkpoint(module: Module, policy: str | Callable[..., Any] | None = "nothin
     """
     pol = get_policy(policy)
 
-    def apply(params: Params, *xs: Any, key: PRNGKey | None = None, train: bool = False) -> Any:
-        run = lambda p, xs_, k: module.apply(p, *xs_, key=k, train=train)
-        return jax.checkpoint(run, policy=pol)(params, xs, key)
+    def apply(params: Params, *xs: Any, state: Any = None, key: PRNGKey | None = None,
+              train: bool = False) -> Any:
+        def run(p: Params, xs_: tuple[Any, ...], k: Any, s: Any) -> Any:
+            if module.stateful:
+                return module.apply(p, *xs_, state=s, key=k, train=train)
+            return module.apply(p, *xs_, key=k, train=train)
+
+        return jax.checkpoint(run, policy=pol)(params, xs, key, state)
 
     if name is not None:
         _check_name(name, "checkpoint")
-    return Module(module.init, apply, name if name is not None else module.name, module.kind)
+    return Module(module.init, apply, name if name is not None else module.name, module.kind,
+                  module.stateful)
 
 
 def _zero_cotangent(x: Any) -> Any:
@@ -155,7 +167,8 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
     """Run ``n`` identical blocks with stacked params through one traced block (``lax.scan``).
 
     Compile time does not grow with ``n``. The block must keep its input's shape.
-    Params are the block's params with a leading axis of size ``n``.
+    Params (and the model state of a stateful block) are the block's with a leading axis
+    of size ``n``.
 
     Args:
       block: the block (e.g. ``nn.transformer_block(768, 12)``).
@@ -184,37 +197,41 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
         raise ValueError(f"repeat: remat='sqrt' needs n divisible by the segment size; n={n}, "
                          f"segment={k} (pass segment= a divisor of n)")
 
-    def init(key: PRNGKey, x: Any) -> Params:
-        params = jax.vmap(lambda kk: block.init(kk, x))(jax.random.split(key, n))
-        one = jax.tree.map(lambda p: p[0], params)
-        out = jax.eval_shape(lambda p, x_: block.apply(p, x_), one, x)
+    def init(key: PRNGKey, x: Any) -> Any:
+        both = jax.vmap(lambda kk: init_with_state(block, kk, x))(jax.random.split(key, n))
+        one = jax.tree.map(lambda p: p[0], both)
+        out = jax.eval_shape(lambda ps, x_: apply_with_state(block, ps[0], x_, state=ps[1])[0],
+                             one, x)
         if getattr(out, "shape", None) != tuple(x.shape):
             raise ModuleError(kind, f"the block maps an input of shape {tuple(x.shape)} to "
                               f"{getattr(out, 'shape', type(out).__name__)}; repeat needs "
                               f"them equal")
-        return params
+        return both if block.stateful else both[0]
 
-    def apply(params: Params, x: Any, *, key: PRNGKey | None = None, train: bool = False
-              ) -> Any:
+    def apply(params: Params, x: Any, *, state: Any = None, key: PRNGKey | None = None,
+              train: bool = False) -> Any:
         keys = None if key is None else jax.random.split(key, n)
 
-        def body(h: Any, inp: tuple[Any, Any]) -> tuple[Any, None]:
-            p, kk = inp
-            return block.apply(p, h, key=kk, train=train), None
+        def body(h: Any, inp: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+            p, kk, s = inp
+            return apply_with_state(block, p, h, state=s, key=kk, train=train)
 
         if remat == "block":
             body = jax.checkpoint(body)
         if remat != "sqrt":
-            return lax.scan(body, x, (params, keys))[0]
+            out, new = lax.scan(body, x, (params, keys, state))
+            return (out, new) if block.stateful else out
 
-        def segment_body(h: Any, inp: tuple[Any, Any]) -> tuple[Any, None]:
-            return lax.scan(body, h, inp)[0], None
+        def segment_body(h: Any, inp: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+            return lax.scan(body, h, inp)
 
         reshape = lambda a: a.reshape(n // k, k, *a.shape[1:])
-        seg_params = jax.tree.map(reshape, params)
-        seg_keys = None if keys is None else reshape(keys)
-        return lax.scan(jax.checkpoint(segment_body), x, (seg_params, seg_keys))[0]
+        seg = jax.tree.map(reshape, (params, keys, state))
+        out, new = lax.scan(jax.checkpoint(segment_body), x, seg)
+        if not block.stateful:
+            return out
+        return out, jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), new)
 
     if name is not None:
         _check_name(name, kind)
-    return Module(init, apply, name, kind)
+    return Module(init, apply, name, kind, block.stateful)

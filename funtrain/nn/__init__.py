@@ -18,13 +18,16 @@ from funtrain.nn.initializers import (
 )
 from funtrain.nn.layers import (
     avg_pool,
+    batch_norm,
     conv,
+    conv_transpose,
     dense,
     dropout,
     embed,
     flatten,
     gelu,
     global_avg_pool,
+    group_norm,
     layer_norm,
     max_pool,
     multi_head_attention,
@@ -38,17 +41,27 @@ from funtrain.nn.layers import (
     tanh,
 )
 from funtrain.nn.models import cnn, mlp, transformer_block
-from funtrain.nn.module import Module, ModuleError, ModuleTypeError, named
+from funtrain.nn.module import (
+    Module,
+    ModuleError,
+    ModuleTypeError,
+    apply_with_state,
+    init_with_state,
+    named,
+)
 from funtrain.nn.policy import with_policy
+from funtrain.nn.recurrent import gru, lstm
 
 __all__ = [
     "Module", "ModuleError", "ModuleTypeError", "named", "with_policy",
+    "init_with_state", "apply_with_state",
     "serial", "residual", "parallel",
-    "dense", "conv", "embed", "layer_norm", "rms_norm", "dropout", "max_pool", "avg_pool",
+    "dense", "conv", "conv_transpose", "embed", "layer_norm", "rms_norm", "batch_norm",
+    "group_norm", "dropout", "max_pool", "avg_pool",
     "global_avg_pool", "relu", "gelu", "silu", "tanh", "sigmoid", "softmax", "flatten",
     "reshape", "stateless",
     "initializers", "variance_scaling", "he_normal", "he_uniform", "glorot_normal",
     "glorot_uniform", "lecun_normal", "lecun_uniform", "zeros", "ones", "constant", "normal",
     "uniform",
-    "mlp", "cnn", "transformer_block", "multi_head_attention",
+    "mlp", "cnn", "transformer_block", "multi_head_attention", "lstm", "gru",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
@@ -27,6 +28,7 @@ from funtrain.nn.module import (
     check_param_shape,
     check_params,
     check_rank,
+    check_state,
 )
 
 Initializer = inits.Initializer
@@ -118,11 +120,71 @@ def _tuple(value: int | Sequence[int], n: int, what: str, kind: str) -> tuple[in
     return value
 
 
+Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
+
+
+def _check_padding(padding: Any, kind: str) -> None:
+    """Factory-time check: 'SAME', 'VALID', an int, ints, or (lo, hi) pairs."""
+    if isinstance(padding, str):
+        ok = padding.upper() in ("SAME", "VALID")
+    elif isinstance(padding, int) and not isinstance(padding, bool):
+        ok = padding >= 0
+    else:
+        try:
+            items = list(padding)
+            ok = bool(items) and all(
+                (isinstance(p, int) and not isinstance(p, bool) and p >= 0)
+                or (len(tuple(p)) == 2 and all(isinstance(q, int) for q in p))
+                for p in items)
+        except TypeError:
+            ok = False
+    if not ok:
+        raise ValueError(f"{kind}: padding must be 'SAME', 'VALID', an int (the same on both "
+                         f"sides, as PyTorch), one int per spatial dimension, or ((lo, hi), "
+                         f"...) pairs; got {padding!r}")
+
+
+def _padding(padding: Padding, n: int, kind: str) -> str | tuple[tuple[int, int], ...]:
+    """Normalise a padding spec to XLA's: a string or one (lo, hi) pair per spatial dim."""
+    if isinstance(padding, str):
+        return padding.upper()
+    if isinstance(padding, int):
+        return ((padding, padding),) * n
+    items = list(padding)
+    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in items)
+    if len(pairs) != n:
+        raise ModuleError(kind, f"padding {padding!r} has {len(pairs)} entries, but the input "
+                          f"has {n} spatial dimension(s)")
+    return pairs
+
+
+def _spatial_dims(x: Any, kernel_size: Any, kind: str) -> int:
+    """1 or 2 spatial dims, from a tuple kernel_size or else from the input's rank."""
+    if isinstance(kernel_size, int):
+        check_rank(x, (3, 4), kind, "a channels-last input of rank 3 (N, W, C) or 4 "
+                   "(N, H, W, C)")
+        return len(x.shape) - 2
+    n = len(tuple(kernel_size))
+    want = "(N, W, C)" if n == 1 else "(N, H, W, C)"
+    check_rank(x, (n + 2,), kind, f"a channels-last input of rank {n + 2} {want} for a "
+               f"{n}-D kernel")
+    return n
+
+
+def _check_kernel_size(kernel_size: Any, kind: str) -> None:
+    if not isinstance(kernel_size, int) and len(tuple(kernel_size)) not in (1, 2):
+        raise ValueError(f"{kind}: kernel_size must be an int or a tuple of 1 or 2 ints, "
+                         f"got {kernel_size!r}")
+
+
+_CONV_SPEC = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
+
+
 def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequence[int] = 1,
-         padding: str | Sequence[tuple[int, int]] = "SAME", dilation: int | Sequence[int] = 1,
-         use_bias: bool = True, w_init: Initializer | None = None,
-         b_init: Initializer | None = None, param_dtype: Any = jnp.float32,
-         name: str | None = None) -> Module:
+         padding: Padding = "SAME", dilation: int | Sequence[int] = 1,
+         feature_group_count: int = 1, use_bias: bool = True,
+         w_init: Initializer | None = None, b_init: Initializer | None = None,
+         param_dtype: Any = jnp.float32, name: str | None = None) -> Module:
     """1-D or 2-D convolution, channels last (``NWC`` or ``NHWC``).
 
     The number of spatial dimensions comes from ``kernel_size`` when it is a
@@ -132,8 +194,14 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
       features: output channels.
       kernel_size: window size, an int or one int per spatial dimension.
       strides, dilation: ints or one per spatial dimension.
-      padding: ``"SAME"``, ``"VALID"`` or explicit ``((lo, hi), ...)`` pairs.
-      w_init: kernel initializer (``lecun_normal()``); ``w`` is ``(*kernel, in, features)``.
+      padding: ``"SAME"``, ``"VALID"``, an int ``p`` (``p`` on both sides of every
+        spatial dimension, PyTorch's ``padding=p``), one int per dimension, or explicit
+        ``((lo, hi), ...)`` pairs.
+      feature_group_count: split the input channels into this many groups, each
+        convolved with its own ``features / groups`` filters (PyTorch's ``groups``);
+        a depthwise conv is ``feature_group_count=in_channels``.
+      w_init: kernel initializer (``lecun_normal()``); ``w`` is
+        ``(*kernel, in / groups, features)``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -144,29 +212,92 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
     """
     kind = "conv"
     _positive_int(features, "features", kind)
-    if not isinstance(kernel_size, int) and len(tuple(kernel_size)) not in (1, 2):
-        raise ValueError(f"conv: kernel_size must be an int or a tuple of 1 or 2 ints, "
-                         f"got {kernel_size!r}")
-    if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
-        raise ValueError(f"conv: padding must be 'SAME', 'VALID' or ((lo, hi), ...) pairs, "
-                         f"got {padding!r}")
+    _positive_int(feature_group_count, "feature_group_count", kind)
+    _check_kernel_size(kernel_size, kind)
+    _check_padding(padding, kind)
+    if features % feature_group_count:
+        raise ValueError(f"conv: features ({features}) must be divisible by "
+                         f"feature_group_count ({feature_group_count})")
+    groups = feature_group_count
     w_init = w_init or inits.lecun_normal()
     b_init = b_init or inits.zeros()
     keys = ("w", "b") if use_bias else ("w",)
 
-    def spatial_dims(x: Any) -> int:
-        if isinstance(kernel_size, int):
-            check_rank(x, (3, 4), kind, "a channels-last input of rank 3 (N, W, C) or 4 "
-                       "(N, H, W, C)")
-            return len(x.shape) - 2
-        n = len(tuple(kernel_size))
-        want = "(N, W, C)" if n == 1 else "(N, H, W, C)"
-        check_rank(x, (n + 2,), kind, f"a channels-last input of rank {n + 2} {want} for a "
-                   f"{n}-D kernel")
-        return n
+    def in_channels(x: Any) -> int:
+        c = int(x.shape[-1])
+        if c % groups:
+            raise ModuleError(kind, f"input channels ({c}, input shape {tuple(x.shape)}) must "
+                              f"be divisible by feature_group_count ({groups})")
+        return c
 
     def init(key: PRNGKey, x: Any) -> Params:
-        n = spatial_dims(x)
+        n = _spatial_dims(x, kernel_size, kind)
+        ks = _tuple(kernel_size, n, "kernel_size", kind)
+        kw, kb = jax.random.split(key)
+        params = {"w": w_init(kw, (*ks, in_channels(x) // groups, features), param_dtype)}
+        if use_bias:
+            params["b"] = b_init(kb, (features,), param_dtype)
+        return params
+
+    def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
+              train: bool = False) -> Array:
+        check_params(params, keys, kind)
+        n = _spatial_dims(x, kernel_size, kind)
+        w = params["w"]
+        if w.ndim != n + 2 or w.shape[-2] * groups != in_channels(x):
+            raise ModuleError(kind, f"expected an input with {w.shape[-2] * groups} channels "
+                              f"on the last axis (w has shape {tuple(w.shape)}), got input of "
+                              f"shape {tuple(x.shape)}")
+        y = lax.conv_general_dilated(
+            x, w.astype(jnp.result_type(x, w)),
+            window_strides=_tuple(strides, n, "strides", kind),
+            padding=_padding(padding, n, kind),
+            rhs_dilation=_tuple(dilation, n, "dilation", kind),
+            dimension_numbers=_CONV_SPEC[n],
+            feature_group_count=groups,
+        )
+        if use_bias:
+            check_param_shape(params, "b", (w.shape[-1],), kind)
+            y = y + params["b"]
+        return y
+
+    return _make(kind, init, apply, name)
+
+
+def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
+                   strides: int | Sequence[int] = 1, padding: Padding = "SAME",
+                   dilation: int | Sequence[int] = 1, use_bias: bool = True,
+                   w_init: Initializer | None = None, b_init: Initializer | None = None,
+                   param_dtype: Any = jnp.float32, name: str | None = None) -> Module:
+    """1-D or 2-D transposed convolution (the gradient of ``conv``), channels last.
+
+    With ``padding="SAME"`` each spatial size grows by ``strides`` (``H -> H * s``); with
+    ``"VALID"`` it becomes ``(H - 1) * s + k``. Explicit ``((lo, hi), ...)`` pairs pad the
+    stride-dilated input, as ``jax.lax.conv_transpose`` defines them.
+
+    Args:
+      features: output channels.
+      kernel_size: an int or one int per spatial dimension.
+      strides, dilation: ints or one per spatial dimension (``dilation`` spaces the kernel).
+      w_init: kernel initializer (``lecun_normal()``); ``w`` is ``(*kernel, in, features)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = conv_transpose(4, 3, strides=2)
+      >>> params = layer.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
+      >>> layer.apply(params, jnp.ones((1, 5, 5, 2))).shape
+      (1, 10, 10, 4)
+    """
+    kind = "conv_transpose"
+    _positive_int(features, "features", kind)
+    _check_kernel_size(kernel_size, kind)
+    _check_padding(padding, kind)
+    w_init = w_init or inits.lecun_normal()
+    b_init = b_init or inits.zeros()
+    keys = ("w", "b") if use_bias else ("w",)
+
+    def init(key: PRNGKey, x: Any) -> Params:
+        n = _spatial_dims(x, kernel_size, kind)
         ks = _tuple(kernel_size, n, "kernel_size", kind)
         kw, kb = jax.random.split(key)
         params = {"w": w_init(kw, (*ks, int(x.shape[-1]), features), param_dtype)}
@@ -177,20 +308,18 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
     def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
         check_params(params, keys, kind)
-        n = spatial_dims(x)
+        n = _spatial_dims(x, kernel_size, kind)
         w = params["w"]
         if w.ndim != n + 2 or w.shape[-2] != x.shape[-1]:
             raise ModuleError(kind, f"expected an input with {w.shape[-2]} channels on the "
                               f"last axis (w has shape {tuple(w.shape)}), got input of shape "
                               f"{tuple(x.shape)}")
-        spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}[n]
-        pad = padding.upper() if isinstance(padding, str) else tuple(map(tuple, padding))
-        y = lax.conv_general_dilated(
+        y = lax.conv_transpose(
             x, w.astype(jnp.result_type(x, w)),
-            window_strides=_tuple(strides, n, "strides", kind),
-            padding=pad,
+            strides=_tuple(strides, n, "strides", kind),
+            padding=_padding(padding, n, kind),
             rhs_dilation=_tuple(dilation, n, "dilation", kind),
-            dimension_numbers=spec,
+            dimension_numbers=_CONV_SPEC[n],
         )
         if use_bias:
             check_param_shape(params, "b", (w.shape[-1],), kind)
@@ -204,9 +333,9 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
 
 
 def _pool(kind: str, reducer: str, window: int | Sequence[int],
-          strides: int | Sequence[int] | None, padding: str, name: str | None) -> Module:
-    if padding.upper() not in ("SAME", "VALID"):
-        raise ValueError(f"{kind}: padding must be 'SAME' or 'VALID', got {padding!r}")
+          strides: int | Sequence[int] | None, padding: Padding, count_include_pad: bool,
+          name: str | None) -> Module:
+    _check_padding(padding, kind)
 
     def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
@@ -215,29 +344,54 @@ def _pool(kind: str, reducer: str, window: int | Sequence[int],
         n = x.ndim - 2
         win = (1, *_tuple(window, n, "window", kind), 1)
         st = (1, *_tuple(strides if strides is not None else window, n, "strides", kind), 1)
+        pad = _padding(padding, n, kind)
+        if not isinstance(pad, str):
+            pad = ((0, 0), *pad, (0, 0))
+        # The init values are Python scalars: JAX then lowers to the differentiable
+        # reduce_window_max/sum primitives (an array init value gives a generic
+        # reduce_window, which has no gradient under jit).
         if reducer == "max":
-            init_val = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-            return lax.reduce_window(x, jnp.asarray(init_val, x.dtype), lax.max, win, st,
-                                     padding.upper())
-        total = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, win, st, padding.upper())
+            floating = jnp.issubdtype(x.dtype, jnp.floating)
+            init_val = -jnp.inf if floating else int(jnp.iinfo(x.dtype).min)
+            return lax.reduce_window(x, init_val, lax.max, win, st, pad)
+        total = lax.reduce_window(x, 0.0 if jnp.issubdtype(x.dtype, jnp.floating) else 0,
+                                  lax.add, win, st, pad)
+        if count_include_pad:
+            return total / math.prod(win)
         # Divide by the number of real (unpadded) elements in each window.
-        count = lax.reduce_window(jnp.ones(x.shape[1:-1], x.dtype)[None, ..., None],
-                                  jnp.zeros((), x.dtype), lax.add, win, st, padding.upper())
+        ones = jnp.ones((1, *x.shape[1:-1], 1), x.dtype)
+        count = lax.reduce_window(ones, 0.0, lax.add, win, st, pad)
         return total / count
 
     return _make(kind, lambda key, x: {}, apply, name)
 
 
 def max_pool(window: int | Sequence[int], strides: int | Sequence[int] | None = None,
-             padding: str = "VALID", *, name: str | None = None) -> Module:
-    """Max over windows of a channels-last input; ``strides`` defaults to ``window``."""
-    return _pool("max_pool", "max", window, strides, padding, name)
+             padding: Padding = "VALID", *, name: str | None = None) -> Module:
+    """Max over windows of a channels-last input; ``strides`` defaults to ``window``.
+
+    ``padding`` is ``"VALID"``, ``"SAME"``, an int (both sides, PyTorch's ``padding``),
+    one int per spatial dimension, or ``((lo, hi), ...)`` pairs; padded entries never win.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layer = max_pool(3, strides=2, padding=1)  # ResNet's stem pool
+      >>> layer.apply({}, jnp.zeros((1, 112, 112, 8))).shape
+      (1, 56, 56, 8)
+    """
+    return _pool("max_pool", "max", window, strides, padding, False, name)
 
 
 def avg_pool(window: int | Sequence[int], strides: int | Sequence[int] | None = None,
-             padding: str = "VALID", *, name: str | None = None) -> Module:
-    """Mean over windows (padding excluded from the count); ``strides`` defaults to ``window``."""
-    return _pool("avg_pool", "avg", window, strides, padding, name)
+             padding: Padding = "VALID", *, count_include_pad: bool = False,
+             name: str | None = None) -> Module:
+    """Mean over windows; ``strides`` defaults to ``window``.
+
+    ``padding`` as in ``max_pool``. By default padded entries are left out of each
+    window's count (``count_include_pad=False``); PyTorch's ``AvgPool2d`` default counts
+    them (``count_include_pad=True``).
+    """
+    return _pool("avg_pool", "avg", window, strides, padding, count_include_pad, name)
 
 
 def global_avg_pool(*, name: str | None = None) -> Module:
@@ -296,78 +450,87 @@ def embed(num_embeddings: int, features: int, *, w_init: Initializer | None = No
 # recomputes the normalised values in float32 from them.
 
 
-def _normalize_impl(x: Array, scale: Array, bias: Array, eps: float, center: bool) -> Array:
-    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis (no mean if not
-    ``center``: RMS norm)."""
-    return _normalize_fwd(x, scale, bias, eps, center)[0]
+def _normalize_impl(x: Array, scale: Array, bias: Array, eps: float, center: bool,
+                    axes: tuple[int, ...] = (-1,)) -> Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias``, statistics over ``axes`` (no mean
+    if not ``center``: RMS norm). ``scale`` and ``bias`` broadcast against the trailing
+    axes of ``x``."""
+    return _normalize_fwd(x, scale, bias, eps, center, axes)[0]
 
 
-def _stats(x: Array, eps: float, center: bool) -> tuple[Array, Array, Array]:
+def _stats(x: Array, eps: float, center: bool, axes: tuple[int, ...]
+           ) -> tuple[Array, Array, Array]:
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(xf, axis=-1, keepdims=True) if center else jnp.zeros((), xf.dtype)
+    mean = jnp.mean(xf, axis=axes, keepdims=True) if center else jnp.zeros((), xf.dtype)
     centered = xf - mean
-    rstd = lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + eps)
+    rstd = lax.rsqrt(jnp.mean(jnp.square(centered), axis=axes, keepdims=True) + eps)
     return centered * rstd, mean, rstd
 
 
-def _normalize_fwd(x, scale, bias, eps, center):  # noqa: ANN001, ANN202
-    xhat, mean, rstd = _stats(x, eps, center)
+def _normalize_fwd(x, scale, bias, eps, center, axes):  # noqa: ANN001, ANN202
+    xhat, mean, rstd = _stats(x, eps, center, axes)
     y = xhat * scale.astype(xhat.dtype) + bias.astype(xhat.dtype)
     return y.astype(x.dtype), (x, mean, rstd, scale, bias)
 
 
-def _normalize_bwd(eps, center, res, g):  # noqa: ANN001, ANN202
+def _normalize_bwd(eps, center, axes, res, g):  # noqa: ANN001, ANN202
     x, mean, rstd, scale, bias = res
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     xhat = (xf - mean) * rstd
     gf = g.astype(xf.dtype)
-    axes = tuple(range(x.ndim - 1))
-    dscale = jnp.sum(gf * xhat, axis=axes)
-    dbias = jnp.sum(gf, axis=axes)
+    param_axes = tuple(range(x.ndim - scale.ndim))  # everything the params broadcast over
+    dscale = jnp.sum(gf * xhat, axis=param_axes)
+    dbias = jnp.sum(gf, axis=param_axes)
     dxhat = gf * scale.astype(xf.dtype)
-    proj = jnp.mean(dxhat * xhat, axis=-1, keepdims=True)
+    proj = jnp.mean(dxhat * xhat, axis=axes, keepdims=True)
     if center:
-        dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True) - xhat * proj)
+        dx = rstd * (dxhat - jnp.mean(dxhat, axis=axes, keepdims=True) - xhat * proj)
     else:
         dx = rstd * (dxhat - xhat * proj)
     return (dx.astype(x.dtype), dscale.astype(scale.dtype).reshape(scale.shape),
             dbias.astype(bias.dtype).reshape(bias.shape))
 
 
-_normalize = jax.custom_vjp(_normalize_impl, nondiff_argnums=(3, 4))
+_normalize = jax.custom_vjp(_normalize_impl, nondiff_argnums=(3, 4, 5))
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-def _softmax_impl(logits: Array, out_dtype: Any = None, causal: bool = False) -> Array:
+def _softmax_impl(logits: Array, mask: Array | None = None, out_dtype: Any = None,
+                  causal: bool = False) -> Array:
     """Softmax over the last axis in float32, returned (and saved) in ``out_dtype``.
 
-    ``causal`` masks entries above the diagonal of the last two axes. The mask is built
-    inside, so no mask or masked copy of the logits is kept for the backward pass (masked
+    ``causal`` masks entries above the diagonal of the last two axes, and ``mask`` (a
+    boolean array broadcastable to the logits, True = keep) masks the rest. The masks are
+    applied inside, so no masked copy of the logits is kept for the backward pass (masked
     entries have weight 0, hence gradient 0).
     """
-    return _softmax_fwd(logits, out_dtype, causal)[0]
+    return _softmax_fwd(logits, mask, out_dtype, causal)[0]
 
 
-def _softmax_fwd(logits, out_dtype, causal):  # noqa: ANN001, ANN202
+def _softmax_fwd(logits, mask, out_dtype, causal):  # noqa: ANN001, ANN202
     lf = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    keep = None
     if causal:
         q, k = lf.shape[-2:]
         keep = jnp.arange(k)[None, :] <= jnp.arange(q)[:, None]
+    if mask is not None:
+        keep = mask if keep is None else keep & mask
+    if keep is not None:
         lf = jnp.where(keep, lf, jnp.finfo(lf.dtype).min)
     y = jax.nn.softmax(lf, axis=-1).astype(out_dtype or logits.dtype)
-    return y, (y, jnp.zeros((), logits.dtype))
+    return y, (y, jnp.zeros((), logits.dtype), mask)
 
 
 def _softmax_bwd(out_dtype, causal, res, g):  # noqa: ANN001, ANN202
-    y, proto = res
+    y, proto, mask = res
     yf = y.astype(jnp.promote_types(y.dtype, jnp.float32))
     gf = g.astype(yf.dtype)
-    return ((yf * (gf - jnp.sum(gf * yf, axis=-1, keepdims=True))).astype(proto.dtype),)
+    dlogits = (yf * (gf - jnp.sum(gf * yf, axis=-1, keepdims=True))).astype(proto.dtype)
+    return dlogits, None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
 
 
-softmax_lowp = jax.custom_vjp(_softmax_impl, nondiff_argnums=(1, 2))
+softmax_lowp = jax.custom_vjp(_softmax_impl, nondiff_argnums=(2, 3))
 softmax_lowp.defvjp(_softmax_fwd, _softmax_bwd)
-
 
 
 def layer_norm(*, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
@@ -399,7 +562,7 @@ def layer_norm(*, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool 
             check_param_shape(params, k, (f,), kind)
         scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
         bias = params["bias"] if use_bias else jnp.zeros((f,), jnp.float32)
-        return _normalize(x, scale, bias, epsilon, True)
+        return _normalize(x, scale, bias, epsilon, True, (-1,))
 
     return _make(kind, init, apply, name)
 
@@ -427,7 +590,205 @@ def rms_norm(*, epsilon: float = 1e-6, use_scale: bool = True,
         if use_scale:
             check_param_shape(params, "scale", (f,), kind)
         scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
-        return _normalize(x, scale, jnp.zeros((f,), scale.dtype), epsilon, False)
+        return _normalize(x, scale, jnp.zeros((f,), scale.dtype), epsilon, False, (-1,))
+
+    return _make(kind, init, apply, name)
+
+
+def _affine_params(params: Params, keys: tuple[str, ...], f: int, kind: str,
+                   use_scale: bool, use_bias: bool) -> tuple[Array, Array]:
+    """A norm's ``scale`` and ``bias`` (ones/zeros when switched off), shape-checked."""
+    check_params(params, keys, kind)
+    for k in keys:
+        check_param_shape(params, k, (f,), kind)
+    scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
+    bias = params["bias"] if use_bias else jnp.zeros((f,), jnp.float32)
+    return scale, bias
+
+
+def _init_affine(f: int, use_scale: bool, use_bias: bool) -> Params:
+    params = {}
+    if use_scale:
+        params["scale"] = jnp.ones((f,), jnp.float32)
+    if use_bias:
+        params["bias"] = jnp.zeros((f,), jnp.float32)
+    return params
+
+
+BATCH_NORM_CONVENTIONS = {"pytorch": 0.1, "flax": 0.99}
+
+
+def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
+               convention: str = "pytorch", use_scale: bool = True, use_bias: bool = True,
+               axis_name: Any = None, name: str | None = None) -> Module:
+    r"""Batch normalization over every axis but the last (channels last), with running
+    statistics in the model state (Ioffe & Szegedy, 2015).
+
+    Train mode normalises with the batch's mean and biased variance and updates the state;
+    eval mode normalises with the running statistics and leaves the state unchanged.
+
+    .. math:: y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
+
+    Conventions for the running statistics (``convention=``):
+
+    - ``"pytorch"`` (default, ``torch.nn.BatchNorm2d``): ``momentum`` (default 0.1) is
+      the weight of the new batch, :math:`r \leftarrow (1 - m)\,r + m\,b`, and the
+      running variance takes the *unbiased* batch variance (``n / (n - 1)``).
+    - ``"flax"`` (``flax.linen.BatchNorm``): ``momentum`` (default 0.99) is the decay,
+      :math:`r \leftarrow m\,r + (1 - m)\,b`, with the biased batch variance.
+
+    Statistics are always computed and kept in float32, whatever the input dtype or
+    precision policy; the output has the input's dtype.
+
+    Args:
+      momentum: see the conventions; ``None`` takes the convention's default.
+      epsilon: added to the variance (1e-5, as both PyTorch and flax).
+      convention: ``"pytorch"`` or ``"flax"``.
+      use_scale, use_bias: learn ``scale`` (γ) and ``bias`` (β) (PyTorch's ``affine``).
+      axis_name: a mapped axis name (``jax.vmap``/``shard_map``/``pmap``) over which to
+        average the batch statistics: synchronised BatchNorm under data parallelism.
+
+    Params are ``{"scale", "bias"}`` and the state ``{"mean", "var", "count"}``, each of
+    shape ``(channels,)`` except ``count``, the number of train-mode updates (PyTorch's
+    ``num_batches_tracked``). Eval mode before any update is an error.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> bn = batch_norm()
+      >>> params, state = bn.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
+      >>> y, state = bn.apply(params, jnp.ones((2, 4, 4, 3)), state=state, train=True)
+      >>> int(state["count"]), state["mean"].shape
+      (1, (3,))
+    """
+    kind = "batch_norm"
+    if convention not in BATCH_NORM_CONVENTIONS:
+        raise ValueError(f"batch_norm: convention must be one of "
+                         f"{sorted(BATCH_NORM_CONVENTIONS)}, got {convention!r}")
+    if momentum is None:
+        momentum = BATCH_NORM_CONVENTIONS[convention]
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+            or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"batch_norm: momentum must be a float in [0, 1], got {momentum!r}")
+    if not epsilon > 0:
+        raise ValueError(f"batch_norm: epsilon must be > 0, got {epsilon!r}")
+    # The weight the new batch gets in the running average.
+    new_weight = momentum if convention == "pytorch" else 1.0 - momentum
+    keys = tuple(k for k, on in (("scale", use_scale), ("bias", use_bias)) if on)
+
+    def features(x: Any) -> int:
+        check_rank(x, None, kind, "an input of rank >= 2 (N, ..., C), channels last",
+                   min_rank=2)
+        return int(x.shape[-1])
+
+    def init(key: PRNGKey, x: Any) -> tuple[Params, Any]:
+        f = features(x)
+        state = {"mean": jnp.zeros((f,), jnp.float32), "var": jnp.ones((f,), jnp.float32),
+                 "count": jnp.zeros((), jnp.int32)}
+        return _init_affine(f, use_scale, use_bias), state
+
+    def check_stats(state: Any, f: int) -> None:
+        check_state(state, kind)
+        if not isinstance(state, dict) or set(state) != {"mean", "var", "count"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ModuleError(kind, f"model state must be a dict with keys ['count', 'mean', "
+                              f"'var'], got {got} (was it made by another model?)")
+        for k in ("mean", "var"):
+            if tuple(state[k].shape) != (f,):
+                raise ModuleError(kind, f"model state '{{at}}{k}' has shape "
+                                  f"{tuple(state[k].shape)}, expected ({f},) for an input of "
+                                  f"{f} channels (was it made by another model?)")
+
+    def batch_stats(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Any]:
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        mean = jnp.mean(xf, axis=axes)
+        meansq = jnp.mean(jnp.square(xf), axis=axes)
+        n = math.prod(x.shape[a] for a in axes)
+        if axis_name is not None:
+            mean, meansq = lax.pmean((mean, meansq), axis_name)
+            n = n * lax.psum(1, axis_name)
+        return mean, jnp.maximum(meansq - jnp.square(mean), 0.0), n
+
+    def apply(params: Params, x: Array, *, state: Any = None, key: PRNGKey | None = None,
+              train: bool = False) -> tuple[Array, Any]:
+        f = features(x)
+        scale, bias = _affine_params(params, keys, f, kind, use_scale, use_bias)
+        check_stats(state, f)
+        axes = tuple(range(x.ndim - 1))
+        if not train:
+            count = state["count"]
+            if not isinstance(count, jax.core.Tracer) and int(count) == 0:
+                raise ModuleError(kind, "eval mode (train=False) before any statistics exist: "
+                                  "the running mean and variance have never been updated. "
+                                  "Train first (apply(..., train=True) returns the updated "
+                                  "state), or load trained statistics")
+            rstd = lax.rsqrt(state["var"] + epsilon)
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            y = (xf - state["mean"]) * (rstd * scale) + bias
+            return y.astype(x.dtype), state
+        if axis_name is None:
+            y = _normalize(x, scale, bias, epsilon, True, axes)
+            mean, var, n = batch_stats(lax.stop_gradient(x), axes)
+        else:  # statistics across devices: plain autodiff through the collectives
+            mean, var, n = batch_stats(x, axes)
+            xf = x.astype(mean.dtype)
+            y = ((xf - mean) * lax.rsqrt(var + epsilon) * scale + bias).astype(x.dtype)
+            mean, var = lax.stop_gradient((mean, var))
+        if convention == "pytorch":
+            var = var * (n / jnp.maximum(n - 1, 1))
+        w = new_weight
+        new_state = {"mean": ((1 - w) * state["mean"] + w * mean).astype(state["mean"].dtype),
+                     "var": ((1 - w) * state["var"] + w * var).astype(state["var"].dtype),
+                     "count": state["count"] + 1}
+        return y, new_state
+
+    if name is not None:
+        _check_name(name, kind)
+    return Module(init, apply, name, kind, True)
+
+
+def group_norm(num_groups: int = 32, *, epsilon: float = 1e-5, use_scale: bool = True,
+               use_bias: bool = True, name: str | None = None) -> Module:
+    """Group normalization (Wu & He, 2018): per example, over the spatial axes and each
+    group of ``channels / num_groups`` channels (channels last). No batch statistics and
+    no model state, so train and eval mode agree. ``num_groups=1`` is a layer norm over
+    all of an example's features; ``num_groups=channels`` is instance norm. Matches
+    ``torch.nn.GroupNorm``; statistics run in float32 at least.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> gn = group_norm(2)
+      >>> params = gn.init(jax.random.key(0), jnp.zeros((1, 4, 4, 6)))
+      >>> gn.apply(params, jnp.ones((2, 4, 4, 6))).shape
+      (2, 4, 4, 6)
+    """
+    kind = "group_norm"
+    _positive_int(num_groups, "num_groups", kind)
+    if not epsilon > 0:
+        raise ValueError(f"group_norm: epsilon must be > 0, got {epsilon!r}")
+    keys = tuple(k for k, on in (("scale", use_scale), ("bias", use_bias)) if on)
+
+    def features(x: Any) -> int:
+        check_rank(x, None, kind, "an input of rank >= 2 (N, ..., C), channels last",
+                   min_rank=2)
+        f = int(x.shape[-1])
+        if f % num_groups:
+            raise ModuleError(kind, f"channels ({f}, input shape {tuple(x.shape)}) must be "
+                              f"divisible by num_groups ({num_groups})")
+        return f
+
+    def init(key: PRNGKey, x: Any) -> Params:
+        return _init_affine(features(x), use_scale, use_bias)
+
+    def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
+              train: bool = False) -> Array:
+        f = features(x)
+        scale, bias = _affine_params(params, keys, f, kind, use_scale, use_bias)
+        g = num_groups
+        xg = x.reshape(*x.shape[:-1], g, f // g)
+        axes = (*range(1, x.ndim - 1), xg.ndim - 1)  # spatial axes and the group's channels
+        y = _normalize(xg, scale.reshape(g, f // g), bias.reshape(g, f // g), epsilon, True,
+                       axes)
+        return y.reshape(x.shape)
 
     return _make(kind, init, apply, name)
 
@@ -548,47 +909,101 @@ def reshape(shape: Sequence[int], *, name: str | None = None) -> Module:
 # --------------------------------------------------------------------------- attention
 
 
-def multi_head_attention(num_heads: int, *, causal: bool = False, use_bias: bool = True,
-                         w_init: Initializer | None = None, param_dtype: Any = jnp.float32,
+def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float = 0.0,
+                         use_bias: bool = True, w_init: Initializer | None = None,
+                         param_dtype: Any = jnp.float32, implementation: str | None = None,
                          name: str | None = None) -> Module:
     r"""Multi-head self-attention over ``(batch, seq, features)`` (Vaswani et al., 2017).
 
     .. math:: \mathrm{softmax}\big(QK^\top/\sqrt{d_h} + M\big)V, \quad
               Q, K, V = xW_q, xW_k, xW_v
 
-    per head, then an output projection. The logits and softmax run in float32 whatever
-    the input dtype; ``causal`` masks future positions. Params: ``query``, ``key``,
+    per head, then an output projection. ``apply(params, x, mask=None, *, key, train)``:
+    ``causal`` masks future positions, and ``mask`` masks keys, either a padding mask of
+    shape ``(batch, seq)`` (True = a real token) or a boolean array broadcastable to
+    ``(batch, heads, seq, seq)``; both may be used together. With ``dropout > 0`` and
+    ``train=True`` the attention weights are dropped (needs ``key``).
+
+    The attention itself is ``jax.nn.dot_product_attention``, so on a GPU it runs cuDNN's
+    fused kernel where that applies. ``implementation``: ``None`` picks it on GPUs and, on
+    CPU/TPU or when attention dropout is active, funtrain's own path, whose float32
+    softmax keeps only compute-dtype tensors for the backward pass (half the saved bytes
+    under bf16); ``"xla"`` or ``"cudnn"`` force ``jax.nn.dot_product_attention`` with that
+    implementation; ``"funtrain"`` forces funtrain's path. All agree to rounding. Logits and
+    softmax run in float32 whatever the input dtype. Params: ``query``, ``key``,
     ``value`` and ``out``, each ``{"w", "b"}``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> attn = multi_head_attention(2, causal=True)
+      >>> x = jnp.ones((2, 5, 8))
+      >>> params = attn.init(jax.random.key(0), x)
+      >>> attn.apply(params, x, jnp.array([[1, 1, 1, 0, 0], [1] * 5], bool)).shape
+      (2, 5, 8)
     """
     kind = "multi_head_attention"
     _positive_int(num_heads, "num_heads", kind)
-    proj = {k: dense(1, use_bias=use_bias, w_init=w_init, param_dtype=param_dtype)
-            for k in ("query", "key", "value", "out")}
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"multi_head_attention: dropout must be in [0, 1), got {dropout}")
+    if implementation not in (None, "xla", "cudnn", "funtrain"):
+        raise ValueError(f"multi_head_attention: implementation must be None, 'xla', "
+                         f"'cudnn' or 'funtrain', got {implementation!r}")
+    names = ("query", "key", "value", "out")
     keys = ("w", "b") if use_bias else ("w",)
 
-    def init(key: PRNGKey, x: Any) -> Params:
+    def init(key: PRNGKey, x: Any, mask: Any = None) -> Params:
         check_rank(x, (3,), kind, "an input of shape (batch, seq, features)")
         d = int(x.shape[-1])
         if d % num_heads:
             raise ModuleError(kind, f"features {d} must be divisible by num_heads {num_heads}")
         w_fn = w_init or inits.lecun_normal()
         params = {}
-        for k, sub in zip(proj, jax.random.split(key, 4), strict=True):
+        for k, sub in zip(names, jax.random.split(key, 4), strict=True):
             params[k] = {"w": w_fn(sub, (d, d), param_dtype)}
             if use_bias:
                 params[k]["b"] = jnp.zeros((d,), param_dtype)
         return params
 
-    def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
+    def as_mask(mask: Any, b: int, t: int) -> Array | None:
+        """A boolean mask broadcastable to (batch, heads, q, k)."""
+        if mask is None:
+            return None
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            if not jnp.issubdtype(mask.dtype, jnp.integer):
+                raise ModuleTypeError(kind, f"mask must be boolean (True = attend), got dtype "
+                                      f"{mask.dtype}")
+            mask = mask != 0
+        if mask.shape == (b, t):
+            return mask[:, None, None, :]
+        try:
+            jnp.broadcast_shapes(mask.shape, (b, num_heads, t, t))
+        except ValueError:
+            ok = False
+        else:
+            ok = mask.ndim == 4
+        if not ok:
+            raise ModuleError(kind, f"mask must have shape (batch, seq) = {(b, t)} or be "
+                              f"broadcastable to (batch, heads, seq, seq) = "
+                              f"{(b, num_heads, t, t)}, got {tuple(mask.shape)}")
+        return mask
+
+    def apply(params: Params, x: Array, mask: Any = None, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
         check_rank(x, (3,), kind, "an input of shape (batch, seq, features)")
-        extra = sorted(set(params) - set(proj))
-        missing = sorted(set(proj) - set(params))
+        extra = sorted(set(params) - set(names))
+        missing = sorted(set(names) - set(params))
         if extra or missing:
             raise ModuleError(kind, f"params do not match the layer: missing {missing}, "
-                              f"unexpected {extra} (expected keys {sorted(proj)})")
+                              f"unexpected {extra} (expected keys {sorted(names)})")
         b, t, d = x.shape
         h = num_heads
+        if d % h:
+            raise ModuleError(kind, f"features {d} must be divisible by num_heads {h}")
+        drop = train and dropout > 0.0
+        if drop and key is None:
+            raise ModuleError(kind, "train=True with dropout > 0 needs a PRNG key: call "
+                              "apply(params, x, key=jax.random.key(...), train=True)")
 
         def project(k: str, v: Array) -> Array:
             check_params(params[k], keys, kind)
@@ -601,11 +1016,27 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, use_bias: bool
             return y + params[k]["b"] if use_bias else y
 
         q, k_, v = (project(n, x).reshape(b, t, h, d // h) for n in ("query", "key", "value"))
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k_, preferred_element_type=acc)
-        logits = logits / jnp.sqrt(jnp.asarray(d // h, acc))
-        weights = softmax_lowp(logits, x.dtype, causal)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+        m = as_mask(mask, b, t)
+        impl = implementation
+        if impl is None:
+            impl = "funtrain" if drop or jax.default_backend() != "gpu" else None
+        if impl == "funtrain":
+            acc = jnp.promote_types(x.dtype, jnp.float32)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k_, preferred_element_type=acc)
+            logits = logits / jnp.sqrt(jnp.asarray(d // h, acc))
+            weights = softmax_lowp(logits, m, x.dtype, causal)
+            if drop:
+                keep = jax.random.bernoulli(key, 1.0 - dropout, weights.shape)
+                weights = jnp.where(keep, weights / (1.0 - dropout),
+                                    jnp.zeros((), weights.dtype)).astype(weights.dtype)
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        else:
+            if drop:
+                raise ModuleError(kind, f"implementation={impl!r} has no attention dropout; "
+                                  f"use implementation=None or 'funtrain' with dropout > 0")
+            ctx = jax.nn.dot_product_attention(q, k_, v, mask=m, is_causal=causal,
+                                               implementation=impl)
+        ctx = ctx.reshape(b, t, d)
         # Tagged so remat policies ("names:attention_out") can keep it.
         ctx = checkpoint_name(ctx, "attention_out")
         return project("out", ctx)

@@ -6,14 +6,26 @@
 its arguments, so it composes with ``jax.jit``, ``jax.grad``, ``jax.vmap`` and
 ``jax.checkpoint``.
 
+A module with *model state* (``stateful=True``: BatchNorm's running statistics, counters)
+keeps the same two functions, with the state beside the params, explicit and a pytree:
+``init(key, *xs) -> (params, state)`` and
+``apply(params, *xs, state=state, key=None, train=False) -> (outputs, new_state)``.
+In train mode the new state holds the updated statistics; in eval mode it is the state
+that came in. Stateless modules are unchanged and pay nothing.
+
 Errors raised inside a layer carry the key path of that layer (``"block_0/dense_1"``);
 combinators add their child's key as the error travels up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Protocol
+
+import jax
+import numpy as np
 
 from funtrain._typing import Params, PRNGKey
 
@@ -32,11 +44,14 @@ class Module(NamedTuple):
     """A model or layer: two pure functions plus the name its parent files it under.
 
     Attributes:
-      init: ``init(key, *example_inputs) -> params``.
-      apply: ``apply(params, *inputs, key=None, train=False) -> outputs``.
+      init: ``init(key, *example_inputs) -> params`` (``-> (params, state)`` if stateful).
+      apply: ``apply(params, *inputs, key=None, train=False) -> outputs``; if stateful,
+        ``apply(params, *inputs, state=..., key=None, train=False) -> (outputs, state)``.
       name: the key under which a combinator stores this module's params. ``None``
         lets the combinator number it by kind (``dense_0``, ``dense_1`` ...).
       kind: the layer type (``"dense"``), used for automatic names and in messages.
+      stateful: whether the module carries model state (see the module docstring). A
+        combinator with a stateful child is stateful itself.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -53,6 +68,7 @@ class Module(NamedTuple):
     apply: ApplyFn
     name: str | None = None
     kind: str = "module"
+    stateful: bool = False
 
 
 def named(module: Module, name: str) -> Module:
@@ -103,6 +119,102 @@ def call_in_scope(scope: str, fn: Callable[..., Any], *args: Any, **kwargs: Any)
     except _PathError as err:
         err.path.insert(0, scope)
         raise
+
+
+# ----------------------------------------------------------------------------- model state
+
+
+def init_with_state(module: Module, key: PRNGKey, *xs: Any) -> tuple[Params, Any]:
+    """``(params, state)`` of any module; ``state`` is ``None`` for a stateless one."""
+    out = module.init(key, *xs)
+    if not module.stateful:
+        return out, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ModuleError(module.kind, f"a stateful module's init must return (params, "
+                          f"state), got {type(out).__name__}")
+    return out
+
+
+def apply_with_state(module: Module, params: Params, *xs: Any, state: Any = None,
+                     key: PRNGKey | None = None, train: bool = False) -> tuple[Any, Any]:
+    """``(outputs, new_state)`` of any module; ``new_state`` is ``None`` for a stateless one."""
+    if not module.stateful:
+        return module.apply(params, *xs, key=key, train=train), None
+    return module.apply(params, *xs, state=state, key=key, train=train)
+
+
+def check_state(state: Any, kind: str) -> None:
+    """A stateful layer's first check: its state was passed at all."""
+    if state is None:
+        raise ModuleError(kind, "this layer has model state (e.g. BatchNorm's running "
+                          "statistics) but none was passed: create it with "
+                          "`params, state = model.init(key, x)`, call "
+                          "`y, state = model.apply(params, x, state=state, train=...)`, and "
+                          "give TrainState.create(..., model_state=state) for training")
+
+
+def check_statistics(model_state: Any, where: str) -> None:
+    """Raise if a BatchNorm state (a dict with ``count``, ``mean``, ``var``) was never
+    updated in train mode; called on the host, once per state, by eval entry points."""
+    found: list[tuple[str, Any]] = []
+
+    def walk(path: tuple[str, ...], node: Any) -> None:
+        if isinstance(node, dict):
+            if {"count", "mean", "var"} <= set(node):
+                found.append(("/".join(path) or "<root>", node["count"]))
+                return
+            for k, v in node.items():
+                walk((*path, str(k)), v)
+
+    walk((), model_state)
+    if not found:
+        return
+    counts = jax.device_get([c for _, c in found])
+    bad = [p for (p, _), c in zip(found, counts, strict=True) if np.any(np.asarray(c) == 0)]
+    if bad:
+        raise ValueError(f"{where}: eval mode before any statistics exist: the BatchNorm "
+                         f"state at {', '.join(repr(b) for b in bad)} has never been updated "
+                         f"(count 0). Train first (train=True updates the running mean and "
+                         f"variance), or load trained statistics")
+
+
+# The summary records each child's output while tracing a model (summary.py); it is off
+# otherwise, and never touches values.
+_RECORD: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("_RECORD",
+                                                                           default=None)
+_SCOPE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("_SCOPE", default=())
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Any]]:
+    """Collect ``(key_path, kind, outputs)`` for every child a combinator runs."""
+    rows: list[Any] = []
+    token = _RECORD.set(rows)
+    try:
+        yield rows
+    finally:
+        _RECORD.reset(token)
+
+
+def run_child(scope: str, module: Module, params: Params, xs: tuple[Any, ...], *,
+              state: Any = None, key: PRNGKey | None = None, train: bool = False
+              ) -> tuple[Any, Any]:
+    """A combinator's call of one child: errors carry ``scope``; returns ``(out, state)``."""
+    rows = _RECORD.get()
+    if rows is None:
+        return call_in_scope(scope, apply_with_state, module, params, *xs, state=state,
+                             key=key, train=train)
+    path = (*_SCOPE.get(), scope)
+    row = [path, module.kind, None]
+    rows.append(row)
+    token = _SCOPE.set(path)
+    try:
+        out = call_in_scope(scope, apply_with_state, module, params, *xs, state=state,
+                            key=key, train=train)
+    finally:
+        _SCOPE.reset(token)
+    row[2] = out[0]
+    return out
 
 
 def check_params(params: Any, expected: Iterable[str], kind: str) -> None:

@@ -10,7 +10,7 @@ import jax
 
 from funtrain._tree import keystr
 from funtrain._typing import Params, PRNGKey
-from funtrain.nn.module import Module
+from funtrain.nn.module import Module, apply_with_state, init_with_state
 
 
 def _matcher(default: Any, overrides: Mapping[str, Any]):
@@ -53,7 +53,8 @@ def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | N
     ``init`` stores params in ``param_dtype`` (FP32 master weights); ``apply`` casts the
     params and the floating inputs to ``compute_dtype`` and the outputs to
     ``output_dtype``. Norm statistics, softmax and losses already run in float32 inside
-    funtrain's layers and losses, whatever the policy.
+    funtrain's layers and losses, whatever the policy; model state (BatchNorm's running
+    statistics) is never cast and stays float32.
 
     Args:
       module: the model.
@@ -78,15 +79,20 @@ def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | N
 
     patterns = list(overrides or {})
 
-    def init(key: PRNGKey, *xs: Any) -> Params:
-        params = module.init(key, *xs)
+    def init(key: PRNGKey, *xs: Any) -> Any:
+        params, state = init_with_state(module, key, *xs)
         _check_patterns(params, patterns)
-        return _cast_params(params, policy_for, "cast_to_param")
+        params = _cast_params(params, policy_for, "cast_to_param")
+        return (params, state) if module.stateful else params
 
-    def apply(params: Params, *xs: Any, key: PRNGKey | None = None, train: bool = False) -> Any:
+    def apply(params: Params, *xs: Any, state: Any = None, key: PRNGKey | None = None,
+              train: bool = False) -> Any:
         _check_patterns(params, patterns)
         compute_params = _cast_params(params, policy_for, "cast_to_compute")
-        out = module.apply(compute_params, *default.cast_to_compute(xs), key=key, train=train)
-        return default.cast_to_output(out)
+        # Model state (BatchNorm statistics) is not cast: it stays float32.
+        out, new = apply_with_state(module, compute_params, *default.cast_to_compute(xs),
+                                    state=state, key=key, train=train)
+        out = default.cast_to_output(out)
+        return (out, new) if module.stateful else out
 
-    return Module(init, apply, module.name, module.kind)
+    return Module(init, apply, module.name, module.kind, module.stateful)

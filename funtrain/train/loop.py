@@ -60,14 +60,19 @@ def _batch_size(batch: Batch) -> int:
     return int(np.shape(leaves[0])[0])
 
 
-def evaluate(eval_step: Callable[[Params, Batch], Metrics], params: Params, data: Data
-             ) -> dict[str, float]:
-    """Mean of ``eval_step``'s metrics over ``data``, weighted by batch size (exact means)."""
+def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
+             model_state: Any = None) -> dict[str, float]:
+    """Mean of ``eval_step``'s metrics over ``data``, weighted by batch size (exact means).
+
+    ``model_state`` (a stateful model's, e.g. ``state.model_state``) is passed to
+    ``eval_step`` as its third argument.
+    """
     totals: dict[str, Any] = {}
     count = 0
+    extra = () if model_state is None else (model_state,)
     for batch in _epoch_batches(data, 0, "evaluate"):
         n = _batch_size(batch)
-        for k, v in eval_step(params, batch).items():
+        for k, v in eval_step(params, batch, *extra).items():
             totals[k] = totals.get(k, 0.0) + v * n
         count += n
     if count == 0:
@@ -286,7 +291,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                                  f"a list, or a callable epoch -> batches")
             flush()
             if eval_step is not None:
-                result = evaluate(eval_step, state.params, eval_data)
+                result = evaluate(eval_step, state.params, eval_data, state.model_state)
                 history.eval.append({"epoch": epoch, "step": int(state.step), **result})
                 postfix.update({f"eval_{k}": f"{v:.4g}" for k, v in result.items()})
                 bar.set_postfix(postfix, refresh=True)

@@ -23,13 +23,17 @@ def _checked_key(key: Any) -> Any:
 
 
 class TrainState(NamedTuple):
-    """The whole state of a run: ``step``, ``params``, ``opt_state``, ``rng`` and, for mixed
-    precision, the ``loss_scale`` and the count of ``skipped_steps``.
+    """The whole state of a run: ``step``, ``params``, ``opt_state``, ``rng``, for mixed
+    precision the ``loss_scale`` and the count of ``skipped_steps``, and for a model with
+    state (BatchNorm) its ``model_state``.
 
     ``rng`` is the run's base key; step ``t`` uses ``fold_in(rng, t)``, so the
     randomness of a step depends only on the seed and the step number. ``loss_scale``
     (a ``funtrain.precision`` loss scale, or ``None``) and ``skipped_steps`` (steps whose
     gradients were not finite and so were not applied) are updated by the train step.
+    ``model_state`` (``None`` for a stateless model) is the state from
+    ``params, model_state = model.init(key, x)``; the train step passes it to the loss
+    and stores the state the loss returns, eval steps read it, and checkpoints keep it.
     """
 
     step: Array
@@ -38,10 +42,11 @@ class TrainState(NamedTuple):
     rng: PRNGKey
     loss_scale: Any = None
     skipped_steps: Any = None
+    model_state: Any = None
 
     @classmethod
     def create(cls, params: Params, optimizer: Any, key: PRNGKey, *, loss_scale: Any = None,
-               policy: Any = None) -> TrainState:
+               policy: Any = None, model_state: Any = None) -> TrainState:
         """Start a run: step 0 and ``optimizer.init_state(params)``.
 
         The params are copied, so donating the state to a jitted step never
@@ -55,6 +60,8 @@ class TrainState(NamedTuple):
             for float16 training); ``None`` means no scaling.
           policy: a ``precision.Policy`` (or its string); params are stored in its
             ``param_dtype`` (the FP32 master weights).
+          model_state: the model state of a stateful model (``model.init`` returns
+            ``(params, model_state)``); it is never cast by the policy.
 
         Example:
           >>> import jax, jax.numpy as jnp
@@ -72,8 +79,15 @@ class TrainState(NamedTuple):
         params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), params)
         if loss_scale is not None:
             loss_scale = jax.tree.map(lambda x: jnp.array(x, dtype=x.dtype), loss_scale)
+        if isinstance(params, tuple) and len(params) == 2 and model_state is None:
+            raise TypeError("TrainState.create: params is a (params, state) pair, as a "
+                            "stateful model's init returns; pass "
+                            "TrainState.create(params, optimizer, key, model_state=state)")
+        if model_state is not None:
+            model_state = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype),
+                                       model_state)
         if policy is not None:
             params = as_policy(policy).cast_to_param(params)
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=optimizer.init(params), rng=key, loss_scale=loss_scale,
-                   skipped_steps=jnp.zeros((), jnp.int32))
+                   skipped_steps=jnp.zeros((), jnp.int32), model_state=model_state)

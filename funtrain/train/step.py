@@ -13,7 +13,7 @@ from jax import lax
 from funtrain import losses
 from funtrain._typing import Array, Batch, Params, PRNGKey
 from funtrain.data.checks import check_leading_dims
-from funtrain.nn.module import Module
+from funtrain.nn.module import Module, check_statistics
 from funtrain.optim.base import Optimizer, apply_updates, global_norm
 from funtrain.optim.wrappers import InjectHyperparamsState
 from funtrain.precision import all_finite, as_policy
@@ -23,33 +23,48 @@ Metrics = dict[str, Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
-def _takes_key(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` accepts a third positional argument (the PRNG key)."""
+def _positional(fn: Callable[..., Any]) -> tuple[float, int]:
+    """(how many positional args ``fn`` accepts, how many it requires); inf for ``*args``."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
-        return True
+        return float("inf"), 0
     params = list(sig.parameters.values())
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return True
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 3
+    required = sum(p.default is p.empty for p in positional)
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return float("inf"), required
+    return len(positional), required
 
 
-def _split_loss(where: str, out: Any) -> tuple[Array, Metrics]:
-    if isinstance(out, tuple):
+def _takes_key(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts a third positional argument (the PRNG key)."""
+    return _positional(fn)[0] >= 3
+
+
+def _split_loss(where: str, out: Any, stateful: bool = False
+                ) -> tuple[Array, Metrics, Any]:
+    if stateful:
+        if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[1], Mapping)):
+            got = f"a tuple of {len(out)} entries" if isinstance(out, tuple) else \
+                type(out).__name__
+            raise TypeError(f"{where}: with model state, loss_fn(params, batch, key, "
+                            f"model_state) must return (loss, aux_metrics_dict, "
+                            f"new_model_state), got {got}")
+        loss, aux, new_state = out
+    elif isinstance(out, tuple):
         if len(out) != 2 or not isinstance(out[1], Mapping):
             raise TypeError(f"{where}: loss_fn must return a scalar loss or (loss, aux) with "
                             f"aux a dict of metrics, got a tuple of {len(out)} entries")
-        loss, aux = out
+        (loss, aux), new_state = out, None
     else:
-        loss, aux = out, {}
+        loss, aux, new_state = out, {}, None
     loss = jnp.asarray(loss)
     if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
         raise ValueError(f"{where}: loss_fn must return a scalar floating loss, got shape "
                          f"{tuple(loss.shape)} and dtype {loss.dtype}; reduce it, e.g. with "
                          f"reduction='mean'")
-    return loss, dict(aux)
+    return loss, dict(aux), new_state
 
 
 def _learning_rate(learning_rate: Any, state: TrainState) -> Any:
@@ -77,7 +92,10 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> loss`` or ``-> (loss, aux_metrics)``; a
         two-argument ``loss_fn(params, batch)`` is called without the key. ``key`` is
-        ``fold_in(state.rng, state.step)``, fresh every step.
+        ``fold_in(state.rng, state.step)``, fresh every step. For a model with state
+        (``state.model_state`` is not ``None``): ``loss_fn(params, batch, key,
+        model_state) -> (loss, aux_metrics, new_model_state)``; the step stores the new
+        state (``classifier_loss`` does this for a stateful model).
       optimizer: an ``Optimizer``.
       policy: a ``precision.Policy`` (or its string, e.g. ``"p=f32,c=bf16,o=f32"``): the
         params and the floating parts of the batch are cast to ``compute_dtype`` for the
@@ -126,19 +144,23 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         raise TypeError(f"{where}: optimizer must be an Optimizer (init_state, update), got "
                         f"{type(optimizer).__name__}")
     with_key = _takes_key(loss_fn)
+    accepts, requires = _positional(loss_fn)
     if policy is not None:
         policy = as_policy(policy)
 
-    def objective(params: Params, batch: Batch, key: PRNGKey, scale: Any
-                  ) -> tuple[Array, tuple[Array, Metrics]]:
-        if policy is not None:
+    def objective(params: Params, batch: Batch, key: PRNGKey, scale: Any, model_state: Any
+                  ) -> tuple[Array, tuple[Array, Metrics, Any]]:
+        if policy is not None:  # the model state (statistics) stays float32
             params = policy.cast_to_compute(params)
             batch = policy.cast_to_compute(batch)
-        out = loss_fn(params, batch, key) if with_key else loss_fn(params, batch)
-        loss, aux = _split_loss(where, out)
+        if model_state is not None:
+            out = loss_fn(params, batch, key, model_state)
+        else:
+            out = loss_fn(params, batch, key) if with_key else loss_fn(params, batch)
+        loss, aux, new_model_state = _split_loss(where, out, model_state is not None)
         loss = loss.astype(jnp.promote_types(loss.dtype, jnp.float32))
         scaled = loss if scale is None else scale.scale(loss)
-        return scaled, (loss, aux)
+        return scaled, (loss, aux, new_model_state)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         check_leading_dims(batch, f"{where}: batch")  # static shapes: checked while tracing
@@ -148,8 +170,18 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
             raise ValueError(f"{where}: loss_scale= was given but state.loss_scale is None; "
                              f"create the state with TrainState.create(..., loss_scale=...) "
                              f"so the scale can change between steps")
-        (_, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, batch, key, scale)
+        if state.model_state is not None and accepts < 4:
+            raise TypeError(f"{where}: state.model_state is set (the model has state, e.g. "
+                            f"BatchNorm statistics), but loss_fn takes {accepts} positional "
+                            f"argument(s); write loss_fn(params, batch, key, model_state) -> "
+                            f"(loss, aux, new_model_state), or use classifier_loss(model)")
+        if state.model_state is None and requires >= 4:
+            raise ValueError(f"{where}: loss_fn takes a model_state argument but "
+                             f"state.model_state is None; create the state with "
+                             f"TrainState.create(params, optimizer, key, model_state=...) from "
+                             f"`params, model_state = model.init(key, x)`")
+        (_, (loss, aux, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, batch, key, scale, state.model_state)
         guarded = scale is not None or skip_nonfinite
         if scale is not None:
             grads = scale.unscale(grads)
@@ -165,6 +197,7 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         if guarded:
             params = _select(finite, params, state.params)
             opt_state = _select(finite, opt_state, state.opt_state)
+            model_state = _select(finite, model_state, state.model_state)
             skipped = (skipped if skipped is not None else jnp.zeros((), jnp.int32)) + \
                 jnp.where(finite, 0, 1).astype(jnp.int32)
             metrics["skipped"] = jnp.where(finite, 0, 1).astype(jnp.int32)
@@ -173,7 +206,8 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
             scale = scale.adjust(finite)
             metrics["loss_scale"] = scale.loss_scale
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               rng=state.rng, loss_scale=scale, skipped_steps=skipped)
+                               rng=state.rng, loss_scale=scale, skipped_steps=skipped,
+                               model_state=model_state)
         return new_state, metrics
 
     if not jit:
@@ -198,19 +232,23 @@ def scan_steps(step: StepFn, *, jit: bool = True, donate: bool = True
     return jax.jit(multi, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(eval_fn: Callable[[Params, Batch], Any], *, jit: bool = True
-                   ) -> Callable[[Params, Batch], Metrics]:
-    """Build ``eval_step(params, batch) -> metrics`` from ``eval_fn``.
+def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True
+                   ) -> Callable[..., Metrics]:
+    """Build ``eval_step(params, batch, model_state=None) -> metrics`` from ``eval_fn``.
 
-    ``eval_fn(params, batch)`` returns a dict of per-batch *mean* metrics (or one
-    scalar, reported as ``loss``); ``evaluate`` weights them by batch size.
+    ``eval_fn(params, batch)`` (or ``eval_fn(params, batch, model_state)`` for a model
+    with state) returns a dict of per-batch *mean* metrics (or one scalar, reported as
+    ``loss``); ``evaluate`` weights them by batch size. With a model state, the step first
+    checks, once per state, that every BatchNorm has statistics (eval mode before any
+    training is an error naming the layer).
     """
     if not callable(eval_fn):
         raise TypeError(f"make_eval_step: eval_fn must be callable, got "
                         f"{type(eval_fn).__name__}")
 
-    def eval_step(params: Params, batch: Batch) -> Metrics:
-        out = eval_fn(params, batch)
+    def run(params: Params, batch: Batch, model_state: Any = None) -> Metrics:
+        out = eval_fn(params, batch) if model_state is None else \
+            eval_fn(params, batch, model_state)
         if not isinstance(out, Mapping):
             out = {"loss": out}
         for name, value in out.items():
@@ -219,32 +257,67 @@ def make_eval_step(eval_fn: Callable[[Params, Batch], Any], *, jit: bool = True
                                  f"over the batch), got shape {jnp.shape(value)}")
         return dict(out)
 
-    return jax.jit(eval_step) if jit else eval_step
+    compiled = jax.jit(run) if jit else run
+    checked: list[Any] = []  # the state leaves last found ready (checked once per state)
+
+    def eval_step(params: Params, batch: Batch, model_state: Any = None) -> Metrics:
+        if model_state is not None:
+            leaves = jax.tree.leaves(model_state)
+            if len(leaves) != len(checked) or any(
+                    a is not b for a, b in zip(leaves, checked, strict=True)):
+                check_statistics(model_state, "eval_step")
+                checked[:] = leaves
+        return compiled(params, batch, model_state)
+
+    return eval_step
 
 
 def classifier_loss(model: Module, *, label_smoothing: float = 0.0, x: str = "x",
-                    y: str = "y") -> Callable[[Params, Batch, PRNGKey], tuple[Array, Metrics]]:
+                    y: str = "y") -> Callable[..., Any]:
     """``loss_fn`` for classification: softmax cross-entropy on ``model(batch[x])``.
 
     Runs the model with ``train=True`` and the step's key (for dropout), and also
-    reports ``accuracy``.
+    reports ``accuracy``. For a stateful model (BatchNorm) the loss takes and returns
+    the model state: ``loss_fn(params, batch, key, model_state) -> (loss, aux, state)``.
     """
 
+    def metrics(logits: Array, labels: Array) -> tuple[Array, Metrics]:
+        loss = losses.softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return loss, {"accuracy": losses.accuracy(logits, labels)}
+
+    if model.stateful:
+        def stateful_loss_fn(params: Params, batch: Batch, key: PRNGKey, model_state: Any
+                             ) -> tuple[Array, Metrics, Any]:
+            logits, model_state = model.apply(params, batch[x], state=model_state, key=key,
+                                              train=True)
+            return (*metrics(logits, batch[y]), model_state)
+
+        return stateful_loss_fn
+
     def loss_fn(params: Params, batch: Batch, key: PRNGKey) -> tuple[Array, Metrics]:
-        logits = model.apply(params, batch[x], key=key, train=True)
-        loss = losses.softmax_cross_entropy(logits, batch[y], label_smoothing=label_smoothing)
-        return loss, {"accuracy": losses.accuracy(logits, batch[y])}
+        return metrics(model.apply(params, batch[x], key=key, train=True), batch[y])
 
     return loss_fn
 
 
-def classifier_eval(model: Module, *, x: str = "x", y: str = "y"
-                    ) -> Callable[[Params, Batch], Metrics]:
-    """``eval_fn`` for classification: mean cross-entropy ``loss`` and ``accuracy``."""
+def classifier_eval(model: Module, *, x: str = "x", y: str = "y") -> Callable[..., Metrics]:
+    """``eval_fn`` for classification: mean cross-entropy ``loss`` and ``accuracy``.
+
+    For a stateful model it is ``eval_fn(params, batch, model_state)`` and runs the model
+    in eval mode on the running statistics.
+    """
+
+    def metrics(logits: Array, labels: Array) -> Metrics:
+        return {"loss": losses.softmax_cross_entropy(logits, labels),
+                "accuracy": losses.accuracy(logits, labels)}
+
+    if model.stateful:
+        def stateful_eval_fn(params: Params, batch: Batch, model_state: Any) -> Metrics:
+            return metrics(model.apply(params, batch[x], state=model_state)[0], batch[y])
+
+        return stateful_eval_fn
 
     def eval_fn(params: Params, batch: Batch) -> Metrics:
-        logits = model.apply(params, batch[x])
-        return {"loss": losses.softmax_cross_entropy(logits, batch[y]),
-                "accuracy": losses.accuracy(logits, batch[y])}
+        return metrics(model.apply(params, batch[x]), batch[y])
 
     return eval_fn
