@@ -40,7 +40,8 @@ from funtrain.nn.layers import (
     stateless,
     tanh,
 )
-from funtrain.nn.models import cnn, mlp, transformer_block
+from funtrain.nn import models
+from funtrain.nn.models import cnn, gpt, mlp, resnet, transformer_block
 from funtrain.nn.module import (
     Module,
     ModuleError,
@@ -63,5 +64,5 @@ __all__ = [
     "initializers", "variance_scaling", "he_normal", "he_uniform", "glorot_normal",
     "glorot_uniform", "lecun_normal", "lecun_uniform", "zeros", "ones", "constant", "normal",
     "uniform",
-    "mlp", "cnn", "transformer_block", "multi_head_attention", "lstm", "gru",
+    "models", "mlp", "cnn", "resnet", "gpt", "transformer_block", "multi_head_attention", "lstm", "gru",
 ]
