@@ -1,6 +1,6 @@
 """Models as pure ``init``/``apply`` pairs: layers, combinators, initializers, reference models."""
 
-from funtrain.nn import initializers
+from funtrain.nn import initializers, models
 from funtrain.nn.combinators import parallel, residual, serial
 from funtrain.nn.initializers import (
     constant,
@@ -40,7 +40,6 @@ from funtrain.nn.layers import (
     stateless,
     tanh,
 )
-from funtrain.nn import models
 from funtrain.nn.models import cnn, gpt, mlp, resnet, transformer_block
 from funtrain.nn.module import (
     Module,
@@ -64,5 +63,6 @@ __all__ = [
     "initializers", "variance_scaling", "he_normal", "he_uniform", "glorot_normal",
     "glorot_uniform", "lecun_normal", "lecun_uniform", "zeros", "ones", "constant", "normal",
     "uniform",
-    "models", "mlp", "cnn", "resnet", "gpt", "transformer_block", "multi_head_attention", "lstm", "gru",
+    "models", "mlp", "cnn", "resnet", "gpt", "transformer_block", "multi_head_attention",
+    "lstm", "gru",
 ]

@@ -18,8 +18,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from funtrain._typing import Array, Params, PRNGKey
 from funtrain.nn import initializers as inits
-from funtrain.nn.combinators import residual, serial
 from funtrain.nn import layers
+from funtrain.nn.combinators import residual, serial
 from funtrain.nn.layers import (
     _check_name,
     _positive_int,
