@@ -30,6 +30,14 @@ PRECISIONS = {
 }
 
 
+# The demo's models; the CNN and ResNet see the digits as 8x8x1 images.
+MODELS = {
+    "mlp": lambda: nn.mlp([256, 10]),
+    "cnn": lambda: nn.cnn(10),
+    "resnet": lambda: nn.models.resnet(18, 10, stem="cifar", width=8),
+}
+
+
 def make_optimizer(args: argparse.Namespace) -> optim.Optimizer:
     """The optimizer named by ``--optimizer`` with ``--lr`` (or its demo default)."""
     name = args.optimizer
@@ -68,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the seed's MLP (64 -> 256 -> 10) on the 8x8 "
                           "digits with SGD + momentum and print the test accuracy")
-    demo.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
-                      help="mlp: 64 -> 256 -> 10 ReLU MLP (default); cnn: small CNN")
+    demo.add_argument("--model", choices=tuple(MODELS), default="mlp",
+                      help="mlp: 64 -> 256 -> 10 ReLU MLP (default); cnn: small CNN; resnet: "
+                      "a small ResNet-18 with BatchNorm (CIFAR stem, width 8)")
     demo.add_argument("--optimizer", choices=sorted(DEMO_LR), default="momentum",
                       help="default: momentum (SGD with momentum 0.9)")
     demo.add_argument("--lr", type=_positive_float, default=None,
@@ -99,15 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 def demo(args: argparse.Namespace) -> float:
     """Train on digits and return the test accuracy."""
     t0 = time.perf_counter()
-    flat = args.model == "mlp"
-    train_set, test_set = data.load_digits(flatten=flat)
-    model = nn.mlp([256, 10]) if flat else nn.cnn(10)
+    train_set, test_set = data.load_digits(flatten=args.model == "mlp")
+    model = MODELS[args.model]()
     key = jax.random.key(args.seed)
     init_key, shuffle_key, run_key = jax.random.split(key, 3)
-    params = model.init(init_key, jnp.asarray(train_set[:1]["x"]))
+    # A stateful model (the ResNet's BatchNorm) also returns its running statistics.
+    params, model_state = nn.init_with_state(model, init_key, jnp.asarray(train_set[:1]["x"]))
     opt = make_optimizer(args)
     policy, loss_scale = PRECISIONS[args.precision]()
-    state = train.TrainState.create(params, opt, run_key, policy=policy, loss_scale=loss_scale)
+    state = train.TrainState.create(params, opt, run_key, policy=policy, loss_scale=loss_scale,
+                                    model_state=model_state)
     step = train.make_train_step(train.classifier_loss(model), opt, policy=policy)
     eval_step = train.make_eval_step(train.classifier_eval(model))
     loader = train_set.batches(args.batch_size, key=shuffle_key, drop_remainder=True)

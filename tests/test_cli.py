@@ -83,3 +83,31 @@ def test_demo_checkpoints_and_resumes(tmp_path):
     assert "test accuracy" in second.stdout
     assert checkpoint.latest_step(ckpt) == 2 * per_epoch
     assert run_cli("demo", "--resume").returncode == 2
+
+
+@pytest.mark.slow
+def test_demo_cnn_meets_the_accuracy_bar():
+    """The first CNN trains: pooling is differentiable under jit (issue 9's first bug)."""
+    proc = run_cli("demo", "--model", "cnn", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    acc = float(re.search(r"test accuracy: (\d\.\d+)", proc.stdout).group(1))
+    assert acc >= 0.95, proc.stdout
+
+
+def test_demo_resnet_runs_with_batch_norm_and_resumes(tmp_path):
+    """A ResNet with BatchNorm: model state is trained, checkpointed and resumed."""
+    from funtrain.train import checkpoint
+
+    ckpt = str(tmp_path / "ckpt")
+    first = run_cli("demo", "--model", "resnet", "--epochs", "1", "--checkpoint-dir", ckpt,
+                    "--no-progress")
+    assert first.returncode == 0, first.stderr
+    assert "resnet (176,258 params)" in first.stdout
+    manifest = checkpoint.read_manifest(ckpt)
+    paths = [leaf["path"] for leaf in manifest["leaves"]]
+    assert any("model_state" in p and p.endswith("bn1/mean") for p in paths), paths[:20]
+    second = run_cli("demo", "--model", "resnet", "--epochs", "2", "--checkpoint-dir", ckpt,
+                     "--resume", "--no-progress")
+    assert second.returncode == 0, second.stderr
+    acc = float(re.search(r"test accuracy: (\d\.\d+)", second.stdout).group(1))
+    assert acc >= 0.5, second.stdout
