@@ -42,7 +42,7 @@ def test_funtrain_imports_without_optax(tmp_path):
 
     code = ("import sys; sys.modules['optax'] = None\n"
             "import funtrain, funtrain.cli\n"
-            "from funtrain import nn, optim, losses, train, data\n"
+            "from funtrain import nn, optim, losses, train, data, interop\n"
             "assert 'optax' not in {m.split('.')[0] for m in sys.modules if sys.modules[m]}\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -51,10 +51,11 @@ from funtrain.nn.module import (
 )
 from funtrain.nn.policy import with_policy
 from funtrain.nn.recurrent import gru, lstm
+from funtrain.nn.summary import summary
 
 __all__ = [
     "Module", "ModuleError", "ModuleTypeError", "named", "with_policy",
-    "init_with_state", "apply_with_state",
+    "init_with_state", "apply_with_state", "summary",
     "serial", "residual", "parallel",
     "dense", "conv", "conv_transpose", "embed", "layer_norm", "rms_norm", "batch_norm",
     "group_norm", "dropout", "max_pool", "avg_pool",

@@ -187,7 +187,11 @@ _SCOPE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("_SCOPE
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[Any]]:
-    """Collect ``(key_path, kind, outputs)`` for every child a combinator runs."""
+    """Collect ``(key_path, kind, outputs)`` for every child a combinator runs.
+
+    Only for tracing an ``apply`` (``nn.summary``): combinators' ``init`` also runs
+    children to find shapes, so tracing an ``init`` inside would add stray rows.
+    """
     rows: list[Any] = []
     token = _RECORD.set(rows)
     try:

@@ -29,7 +29,7 @@ from funtrain.nn.layers import (
     multi_head_attention,
     stateless,
 )
-from funtrain.nn.module import Module, ModuleError, ModuleTypeError, call_in_scope
+from funtrain.nn.module import Module, ModuleError, ModuleTypeError, call_in_scope, run_child
 
 
 def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
@@ -159,8 +159,8 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
         t = idx.shape[1]
         x = jnp.take(wte, idx, axis=0) + params["wpe"]["embedding"][:t]
         x = drop.apply({}, x, key=k_drop, train=train)
-        x = call_in_scope("h", blocks.apply, params["h"], x, key=k_h, train=train)
-        x = call_in_scope("ln_f", ln_f.apply, params["ln_f"], x)
+        x, _ = run_child("h", blocks, params["h"], (x,), key=k_h, train=train)
+        x, _ = run_child("ln_f", ln_f, params["ln_f"], (x,))
         return x @ wte.T.astype(x.dtype)  # the head is tied to the token embedding
 
     return Module(init, apply, name, kind)
