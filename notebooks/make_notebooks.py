@@ -301,6 +301,109 @@ CHECKPOINTING = [
         "report = profile.step_report(jax.grad(lambda p: jnp.sum(deep.apply(p, x) ** 2)), params)"),
 ]
 
+CUSTOM_MODULES = [
+    new_markdown_cell(
+        "# Writing your own module, with state\n\n"
+        "A funtrain model is `Module(init, apply)`: two pure functions over a params pytree. "
+        "There is no base class to inherit and no hidden attribute: a layer is a factory that "
+        "returns the pair. This notebook writes a stateless layer, then a layer with *model "
+        "state* (values that change during training but are not trained, like BatchNorm's "
+        "running statistics), puts both in a CNN with `batch_norm`, prints its summary and "
+        "trains it."),
+    new_code_cell(
+        "import os\n"
+        "EPOCHS = int(os.environ.get('FUNTRAIN_NB_EPOCHS', '5'))  # tests set 2\n\n"
+        "import jax\n"
+        "import jax.numpy as jnp\n"
+        "from funtrain import data, nn, optim, train"),
+    new_markdown_cell(
+        "## A stateless layer\n`init(key, x)` finds shapes from the example input and returns "
+        "the params; `apply(params, x, *, key=None, train=False)` is the math. `kind` names the "
+        "layer in automatic keys (`scale_shift_0`) and in error messages."),
+    new_code_cell(
+        "def scale_shift(*, name=None):\n"
+        "    \"\"\"y = x * scale + shift, one scale and shift per feature.\"\"\"\n"
+        "    def init(key, x):\n"
+        "        f = x.shape[-1]\n"
+        "        return {'scale': jnp.ones((f,)), 'shift': jnp.zeros((f,))}\n\n"
+        "    def apply(params, x, *, key=None, train=False):\n"
+        "        return x * params['scale'] + params['shift']\n\n"
+        "    return nn.Module(init, apply, name, 'scale_shift')\n\n"
+        "layer = scale_shift()\n"
+        "p = layer.init(jax.random.key(0), jnp.zeros((1, 3)))\n"
+        "p, layer.apply(p, jnp.ones((2, 3)))"),
+    new_markdown_cell(
+        "## A layer with model state\nA stateful module sets `stateful=True`. Its `init` "
+        "returns `(params, state)` and its `apply` takes `state=` and returns `(outputs, "
+        "new_state)`. In train mode it returns the updated state; in eval mode the state it "
+        "got. The state is a pytree like the params, so `jit`, `scan`, checkpoints and sharding "
+        "treat it as any other.\n\nThis one is the identity, and keeps a running mean of "
+        "what flows through it and how many training batches it saw."),
+    new_code_cell(
+        "def activation_stats(momentum=0.1, *, name=None):\n"
+        "    \"\"\"Identity that tracks the running mean of its input per feature.\"\"\"\n"
+        "    def init(key, x):\n"
+        "        state = {'mean': jnp.zeros((x.shape[-1],)), 'batches': jnp.zeros((), jnp.int32)}\n"
+        "        return {}, state\n\n"
+        "    def apply(params, x, *, state, key=None, train=False):\n"
+        "        if train:\n"
+        "            batch_mean = jnp.mean(x, axis=tuple(range(x.ndim - 1)))\n"
+        "            state = {'mean': (1 - momentum) * state['mean'] + momentum * batch_mean,\n"
+        "                     'batches': state['batches'] + 1}\n"
+        "        return x, state\n\n"
+        "    return nn.Module(init, apply, name, 'activation_stats', stateful=True)"),
+    new_markdown_cell(
+        "## A model with both, and BatchNorm\nA combinator with a stateful child is stateful "
+        "too, and threads the state through its children. `nn.summary` traces the model "
+        "(nothing runs) and prints each layer's output shape, params and state bytes."),
+    new_code_cell(
+        "model = nn.serial(\n"
+        "    nn.conv(16, 3), nn.batch_norm(), nn.relu(), nn.max_pool(2),\n"
+        "    nn.conv(32, 3), nn.batch_norm(), nn.relu(), nn.max_pool(2),\n"
+        "    nn.flatten(), scale_shift(), activation_stats(name='stats'), nn.dense(10))\n"
+        "train_set, test_set = data.load_digits(flatten=False)  # 8x8x1 images\n"
+        "x0 = jnp.zeros((1, 8, 8, 1))\n"
+        "params, model_state = model.init(jax.random.key(0), x0)\n"
+        "print('stateful:', model.stateful)\n"
+        "print(nn.summary(model, x0))"),
+    new_markdown_cell(
+        "Forgetting the state is a clear error that names the layer:"),
+    new_code_cell(
+        "try:\n"
+        "    model.apply(params, jnp.zeros((2, 8, 8, 1)))\n"
+        "except ValueError as err:\n"
+        "    print(err)"),
+    new_markdown_cell(
+        "## Training\n`TrainState` carries the model state; `classifier_loss` and "
+        "`classifier_eval` thread it for a stateful model, so the loop is the same as for an "
+        "MLP. (A hand-written `loss_fn(params, batch, key, model_state)` returns `(loss, "
+        "metrics, new_model_state)`.)"),
+    new_code_cell(
+        "opt = optim.sgd(0.05, momentum=0.9)\n"
+        "state = train.TrainState.create(params, opt, jax.random.key(1), model_state=model_state)\n"
+        "step = train.make_train_step(train.classifier_loss(model), opt)\n"
+        "eval_step = train.make_eval_step(train.classifier_eval(model))\n"
+        "loader = train_set.batches(32, key=jax.random.key(2), drop_remainder=True)\n"
+        "state, history = train.fit(state, step, loader, epochs=EPOCHS, eval_step=eval_step,\n"
+        "                           eval_data=test_set.batches(256), progress=False)\n"
+        "print(history.eval[-1])\n"
+        "stats = state.model_state['stats']\n"
+        "print('batches seen by activation_stats:', int(stats['batches']), '=', int(state.step))\n"
+        "print('BatchNorm updates:', int(state.model_state['batch_norm_0']['count']))\n"
+        "assert int(stats['batches']) == int(state.step)"),
+    new_markdown_cell(
+        "## Gradients through your layer\nEvery funtrain layer is tested with `jax.jit(jax.grad"
+        "(...))` against finite differences in float64. Do the same for yours:"),
+    new_code_cell(
+        "from jax.test_util import check_grads\n"
+        "with jax.enable_x64(True):\n"
+        "    p64 = jax.tree.map(lambda a: a.astype(jnp.float64), scale_shift().init(None, x0[0]))\n"
+        "    x = jax.random.normal(jax.random.key(3), (4, 8, 1), jnp.float64)\n"
+        "    f = jax.jit(lambda p, x: jnp.sum(jnp.sin(scale_shift().apply(p, x))))\n"
+        "    check_grads(f, (p64, x), order=1, modes=['rev'])\n"
+        "print('gradients match finite differences')"),
+]
+
 
 def write(name: str, cells: list) -> None:
     nb = new_notebook(cells=cells)
@@ -314,3 +417,4 @@ if __name__ == "__main__":
     write("02_optimizers.ipynb", OPTIMIZERS)
     write("03_mixed_precision.ipynb", MIXED_PRECISION)
     write("04_checkpointing.ipynb", CHECKPOINTING)
+    write("05_custom_modules.ipynb", CUSTOM_MODULES)
