@@ -926,7 +926,7 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
 
     The attention itself is ``jax.nn.dot_product_attention``, so on a GPU it runs cuDNN's
     fused kernel where that applies. ``implementation``: ``None`` picks it on GPUs and, on
-    CPU/TPU or when attention dropout is active, funtrain's own path, whose float32
+    CPU/TPU, for float64 or when attention dropout is active, funtrain's own path, whose float32
     softmax keeps only compute-dtype tensors for the backward pass (half the saved bytes
     under bf16); ``"xla"`` or ``"cudnn"`` force ``jax.nn.dot_product_attention`` with that
     implementation; ``"funtrain"`` forces funtrain's path. All agree to rounding. Logits and
@@ -1019,7 +1019,9 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
         m = as_mask(mask, b, t)
         impl = implementation
         if impl is None:
-            impl = "funtrain" if drop or jax.default_backend() != "gpu" else None
+            # jax.nn.dot_product_attention runs its softmax in float32 even for float64.
+            lean = drop or jax.default_backend() != "gpu" or x.dtype == jnp.float64
+            impl = "funtrain" if lean else None
         if impl == "funtrain":
             acc = jnp.promote_types(x.dtype, jnp.float32)
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k_, preferred_element_type=acc)

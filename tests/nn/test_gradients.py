@@ -1,18 +1,21 @@
 """The gradient standard every layer, combinator and reference model must meet.
 
 One registry, ``CASES``, holds at least one case per exported factory of ``funtrain.nn``
-(several for layers with modes), plus ``remat.checkpoint`` and ``remat.repeat``. One
-parametrized test checks each case under float64: the jitted ``jax.grad`` w.r.t. the
-params and the floating inputs against central finite differences
-``(L(θ + εv) - L(θ - εv)) / 2ε`` along random directions (params only, inputs only, both,
-and one direction per leaf), to a relative error below 1e-6, and checks that no leaf that
-should influence the output gets an all-zero gradient. ``test_every_factory_has_a_case``
-fails when a newly exported layer has no case here.
+(several for layers with modes), plus ``remat.checkpoint``, ``remat.repeat`` and the ResNet
+blocks. One parametrized test checks each case under float64: the jitted gradient w.r.t.
+the params and the floating inputs against central finite differences
+``(L(θ + εv) - L(θ - εv)) / 2ε``, ε = 1e-6, along random directions (params only, inputs
+only, both, and one per leaf, at most ``MAX_LEAF_DIRECTIONS``), to a relative error below
+1e-6 of ``max(|fd|, |analytic|, 1e-8)`` plus the rounding a float64 difference quotient
+cannot resolve (``noise``: ~1e-8 of ``sum|out * cot|``, which only matters for leaves of
+tiny effect). It also checks that no leaf that should move the output gets a zero
+gradient. ``test_every_factory_has_a_case`` fails when a newly exported layer has no case.
 
 The loss is ``sum(out * cotangent)`` with a fixed random cotangent (for stateful modules
-the output of ``apply_with_state(...)[0]``). Integer and boolean inputs (token ids,
-masks) are held fixed. Inputs are continuous random normals, so the kinks of ``relu`` and
-of the pools are met with probability ~0 at ε = 1e-6.
+the output of ``apply_with_state(...)[0]``). Params have the structure ``init`` gives, but
+are drawn at a generic point (non-zero biases, scales != 1); integer and boolean inputs
+(token ids, masks) are held fixed. Inputs are continuous random normals, so the kinks of
+``relu`` and of the pools are met with probability ~0 at ε = 1e-6.
 """
 
 from __future__ import annotations
@@ -30,10 +33,15 @@ import pytest
 
 from funtrain import nn, remat
 from funtrain._tree import keystr
+from funtrain.nn.models import basic_block, bottleneck_block
 
 EPS = 1e-6      # finite-difference step
 RTOL = 1e-6     # |fd - analytic| / max(|fd|, |analytic|, FLOOR)
 FLOOR = 1e-8
+MAX_LEAF_DIRECTIONS = 40  # one-leaf directions per case (ResNet-50 has 161 leaves)
+# XLA's CPU backend spends seconds per case optimising the generated code; the checked
+# math is the same at level 0, and each case compiles ~3x faster.
+JIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -67,7 +75,7 @@ PAD_MASK = const([[True, True, True, False, False], [True, True, True, True, Tru
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    name: str                      # the factory under test: a name in nn.__all__ or "remat.x"
+    name: str                      # the factory: a name in nn.__all__, "remat.x", "models.x"
     variant: str                   # which mode of it
     make: Callable[[], nn.Module]  # builds the module
     xs: tuple[Callable, ...]       # example inputs, each built from a seeded numpy RNG
@@ -75,20 +83,30 @@ class Case:
     key: bool = False              # pass a (fixed) PRNG key to apply
     eval_after_train: bool = False  # stateful, eval mode: state from one train-mode apply
     zero_grad_ok: tuple[str, ...] = ()  # leaf paths whose gradient is legitimately all zero
+    eps: float = EPS               # finite-difference step
     slow: bool = False
+    xfail: str | None = None       # why this case cannot meet the standard (strict xfail)
 
     @property
     def id(self) -> str:
         return f"{self.name}-{self.variant}"
 
 
+# jax.nn.dot_product_attention's XLA path casts the logits to float32 for the softmax
+# whatever the input dtype (jax/_src/nn/functions.py, _dot_product_attention_core), so
+# under float64 its loss is float32-accurate and a 1e-6 step measures rounding. Its
+# gradient is compared with funtrain's own path instead (test_xla_attention_...).
+XLA_ATTENTION_F32 = "jax's XLA attention computes the softmax in float32 even for float64"
+
 # Attention's key bias adds q . b_k to every logit of a query, which softmax ignores: its
 # gradient is exactly zero for any params (PyTorch's MultiheadAttention has the same).
 KEY_BIAS = ("params/*key/b",)
+# Likewise a bias right before a train-mode BatchNorm, which subtracts the batch mean.
+BIAS_BEFORE_BN = ("params/*dense_0/b",)
 
 
-def _dense_tanh_dense(*, n: int = 4) -> nn.Module:
-    return nn.serial(nn.dense(n), nn.tanh(), nn.dense(3))
+def _dense_tanh_dense() -> nn.Module:
+    return nn.serial(nn.dense(4), nn.tanh(), nn.dense(3))
 
 
 CASES: list[Case] = [
@@ -195,7 +213,7 @@ CASES: list[Case] = [
          (normal(2, 5, 8), PAD_MASK), train=True, key=True, zero_grad_ok=KEY_BIAS),
     Case("multi_head_attention", "xla_causal_mask",
          lambda: nn.multi_head_attention(2, causal=True, implementation="xla"),
-         (normal(2, 5, 8), PAD_MASK), zero_grad_ok=KEY_BIAS),
+         (normal(2, 5, 8), PAD_MASK), zero_grad_ok=KEY_BIAS, xfail=XLA_ATTENTION_F32),
     Case("multi_head_attention", "funtrain_causal_mask",
          lambda: nn.multi_head_attention(2, causal=True, implementation="funtrain"),
          (normal(2, 5, 8), PAD_MASK), zero_grad_ok=KEY_BIAS),
@@ -216,7 +234,7 @@ CASES: list[Case] = [
     Case("serial", "checkpoint_2_stateful_dropout",
          lambda: nn.serial(nn.dense(4), nn.batch_norm(), nn.relu(), nn.dropout(0.2),
                            nn.dense(3), checkpoint=2),
-         (normal(4, 3),), train=True, key=True),
+         (normal(4, 3),), train=True, key=True, zero_grad_ok=BIAS_BEFORE_BN),
     Case("residual", "identity", lambda: nn.residual(nn.dense(4), nn.tanh(), nn.dense(4)),
          (normal(3, 4),)),
     Case("residual", "shortcut_activation",
@@ -225,7 +243,8 @@ CASES: list[Case] = [
     Case("residual", "stateful_shortcut",
          lambda: nn.residual(nn.dense(5), nn.batch_norm(),
                              shortcut=nn.serial(nn.dense(5), nn.batch_norm()),
-                             activation=nn.tanh()), (normal(4, 3),), train=True),
+                             activation=nn.tanh()), (normal(4, 3),), train=True,
+         zero_grad_ok=BIAS_BEFORE_BN),
     Case("parallel", "tuple", lambda: nn.parallel(nn.dense(3), nn.tanh()), (normal(3, 4),)),
     Case("parallel", "sum", lambda: nn.parallel(nn.dense(4), nn.sigmoid(), combine="sum"),
          (normal(3, 4),)),
@@ -237,19 +256,28 @@ CASES: list[Case] = [
     Case("with_policy", "float64_override_stateful",
          lambda: nn.with_policy(nn.serial(nn.dense(4), nn.batch_norm(), nn.dense(3)),
                                 "float64", overrides={"dense_1": "f64"}),
-         (normal(4, 3),), train=True),
+         (normal(4, 3),), train=True, zero_grad_ok=BIAS_BEFORE_BN),
     # ---- reference models
     Case("mlp", "relu", lambda: nn.mlp([6, 3]), (normal(3, 4),)),
     Case("mlp", "gelu", lambda: nn.mlp([6, 5, 3], activation=nn.gelu), (normal(3, 4),)),
     Case("cnn", "tiny", lambda: nn.cnn(3, channels=(2, 3)), (normal(2, 8, 8, 1),)),
+    # Train-mode BatchNorm over 2 values per channel (layer4 is 1x1 at batch 2) makes the
+    # loss very curved: at eps 1e-6 the central difference is off by ~1e-4 (error ~ eps^2,
+    # so truncation, not a wrong gradient); eps 5e-8 gets within ~2.5e-7.
     Case("resnet", "18_cifar_train", lambda: nn.resnet(18, 4, stem="cifar", width=4),
-         (normal(2, 8, 8, 3),), train=True),
+         (normal(2, 8, 8, 3),), train=True, eps=5e-8),
     Case("resnet", "18_cifar_eval", lambda: nn.resnet(18, 4, stem="cifar", width=4),
          (normal(2, 8, 8, 3),), eval_after_train=True),
-    # Batch 2, not 1: at 32x32 layer4 is 1x1, and BatchNorm over a single value outputs
-    # exactly its bias, so nothing before it would get a gradient.
-    Case("resnet", "50_imagenet_train", lambda: nn.resnet(50, 3, width=2),
-         (normal(2, 32, 32, 3),), train=True),
+    # ResNet-50 in eval mode: in train mode at this size (batch-statistics BatchNorm over
+    # 2 values, 16 blocks deep) the loss is so curved that no step meets 1e-6 in float64
+    # (eps 1e-6: 6% off, 1e-8: 1e-5, 1e-9: rounding), though the error falls as eps^2
+    # down to the rounding floor. The train-mode bottleneck is checked on its own below.
+    Case("resnet", "50_imagenet_eval", lambda: nn.resnet(50, 3, width=2),
+         (normal(1, 32, 32, 3),), eval_after_train=True),
+    Case("models.bottleneck_block", "train_downsample",
+         lambda: bottleneck_block(2, 2, downsample=True), (normal(2, 6, 6, 4),), train=True),
+    Case("models.basic_block", "train_downsample",
+         lambda: basic_block(3, 2, downsample=True), (normal(2, 5, 5, 2),), train=True),
     Case("gpt", "tiny", lambda: nn.gpt(11, 8, 2, 2, 8), (ids(11, 2, 5),),
          zero_grad_ok=KEY_BIAS),
     Case("gpt", "tiny_dropout_train", lambda: nn.gpt(11, 8, 1, 2, 8, dropout=0.2),
@@ -266,7 +294,7 @@ CASES: list[Case] = [
     Case("remat.checkpoint", "dots_stateful",
          lambda: remat.checkpoint(nn.serial(nn.dense(4), nn.batch_norm(), nn.tanh(),
                                             nn.dense(3)), "dots"),
-         (normal(4, 3),), train=True),
+         (normal(4, 3),), train=True, zero_grad_ok=BIAS_BEFORE_BN),
     Case("remat.checkpoint", "names_transformer_block_dropout",
          lambda: remat.checkpoint(nn.transformer_block(8, 2, mlp_ratio=2, dropout=0.2),
                                   "names:attention_out,mlp_hidden"),
@@ -278,7 +306,8 @@ CASES: list[Case] = [
                               remat="block"), (normal(3, 4),), train=True, key=True),
     Case("remat.repeat", "sqrt_stateful",
          lambda: remat.repeat(nn.serial(nn.dense(4), nn.batch_norm(), nn.tanh()), 4,
-                              remat="sqrt", segment=2), (normal(5, 4),), train=True),
+                              remat="sqrt", segment=2), (normal(5, 4),), train=True,
+         zero_grad_ok=BIAS_BEFORE_BN),
 ]
 
 
@@ -329,13 +358,14 @@ def _initial_state(shapes: Any) -> Any:
     return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def _vdot(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return float(sum(np.vdot(x, y) for x, y in zip(a, b, strict=True)))
-
-
 def _case_params(cases: list[Case]) -> list[Any]:
-    return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else [])
-            for c in cases]
+    def marks(c: Case) -> list[Any]:
+        out = [pytest.mark.slow] if c.slow else []
+        if c.xfail:
+            out.append(pytest.mark.xfail(reason=c.xfail, strict=True))
+        return out
+
+    return [pytest.param(c, id=c.id, marks=marks(c)) for c in cases]
 
 
 # --------------------------------------------------------------------------- the standard
@@ -369,8 +399,8 @@ def test_gradient_matches_finite_differences(case: Case) -> None:
         if case.eval_after_train:
             assert module.stateful and not train
             state = jax.jit(lambda p, *a: nn.apply_with_state(module, p, *a, state=state,
-                                                              train=True)[1])(
-                params, *inputs(fxs))
+                                                              train=True)[1],
+                            compiler_options=JIT_OPTIONS)(params, *inputs(fxs))
             assert all(int(c) > 0 for c in jax.tree.leaves(state) if c.dtype == jnp.int32)
 
         def forward(args: list[Any]) -> Any:
@@ -384,13 +414,20 @@ def test_gradient_matches_finite_differences(case: Case) -> None:
 
         def loss(args: list[Any]) -> Any:
             outs = jax.tree.leaves(forward(args))
-            return sum(jnp.sum(o * c) for o, c in zip(outs, cot, strict=True))
+            value = sum(jnp.sum(o * c) for o, c in zip(outs, cot, strict=True))
+            size = sum(jnp.sum(jnp.abs(o * c)) for o, c in zip(outs, cot, strict=True))
+            return value, size
 
         # One compilation per case: the value is the finite-difference loss, the gradient
         # the analytic one (the same forward computation either way).
-        value_and_grad = jax.jit(jax.value_and_grad(loss))
-        _, grads = value_and_grad(args)
+        value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                 compiler_options=JIT_OPTIONS)
+        (_, size), grads = value_and_grad(args)
         grads = [np.asarray(g) for g in grads]
+        # The rounding error of a float64 loss, divided by the step: what a finite
+        # difference cannot resolve (with a 64x margin). It is ~1e-8 of |out * cot| at
+        # eps 1e-6, so it only matters for leaves whose own effect is that small.
+        noise = 64 * np.finfo(np.float64).eps * float(size) / case.eps
 
         names = ([f"params/{keystr(p)}" for p, _ in
                   jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -398,45 +435,58 @@ def test_gradient_matches_finite_differences(case: Case) -> None:
         zero_ok = [any(fnmatch.fnmatchcase(n, pat) for pat in case.zero_grad_ok)
                    for n in names]
 
-        # Every gradient is float64 and finite; none that should move the output is zero.
+        # Every gradient is float64 and finite; none that should move the output is zero,
+        # where zero means below 1e-10 of the largest (a cut-off leaf can get rounding).
         problems = []
+        largest = max(float(np.max(np.abs(g), initial=0.0)) for g in grads)
         for name, g, ok in zip(names, grads, zero_ok, strict=True):
+            top = float(np.max(np.abs(g), initial=0.0))
             if g.dtype != np.float64:
                 problems.append(f"{name}: gradient dtype {g.dtype}, expected float64")
             if not np.all(np.isfinite(g)):
                 problems.append(f"{name}: non-finite gradient")
-            elif ok and np.max(np.abs(g), initial=0.0) > 1e-9:
+            elif ok and top > 1e-10 * largest:
                 problems.append(f"{name}: expected a zero gradient (zero_grad_ok), got max "
-                                f"|g| = {np.max(np.abs(g)):.3g}")
-            elif not ok and not np.any(g != 0):
-                problems.append(f"{name}: gradient is all zero")
+                                f"|g| = {top:.3g} (largest of any leaf {largest:.3g})")
+            elif not ok and not top > 1e-10 * largest:
+                problems.append(f"{name}: gradient is (all but) zero: max |g| = {top:.3g}, "
+                                f"largest of any leaf {largest:.3g}")
 
-        # Directions: params only, inputs only, both, then one per leaf.
-        def direction(which: Callable[[int], bool]) -> list[np.ndarray]:
-            return [rng.standard_normal(a.shape) if which(i) else np.zeros(a.shape)
-                    for i, a in enumerate(args)]
+        # Directions {arg index: vector}: params only, inputs only, both, then one per leaf.
+        def direction(indices: Any) -> dict[int, np.ndarray]:
+            return {i: rng.standard_normal(args[i].shape) for i in indices}
 
+        everything = range(len(args))
         directions = []
         if n_params:
-            directions.append(("params", direction(lambda i: i < n_params)))
+            directions.append(("params", direction(everything[:n_params])))
         if fxs:
-            directions.append(("inputs", direction(lambda i: i >= n_params)))
+            directions.append(("inputs", direction(everything[n_params:])))
         if n_params and fxs:
-            directions.append(("params+inputs", direction(lambda i: True)))
-        directions += [(name, direction(lambda i, j=j: i == j))
-                       for j, (name, ok) in enumerate(zip(names, zero_ok, strict=True))
-                       if not ok and len(names) > 1]
+            directions.append(("params+inputs", direction(everything)))
+        per_leaf = [i for i, ok in enumerate(zero_ok) if not ok] if len(args) > 1 else []
+        if len(per_leaf) > MAX_LEAF_DIRECTIONS:  # big models: a fixed random sample
+            per_leaf = sorted(rng.choice(per_leaf, MAX_LEAF_DIRECTIONS, replace=False))
+        directions += [(names[i], direction([i])) for i in per_leaf]
         assert directions, "a case with neither params nor float inputs checks nothing"
 
+        def moved(v: dict[int, np.ndarray], step: float) -> list[Any]:
+            out = list(args)
+            for i, d in v.items():
+                out[i] = args[i] + step * d
+            return out
+
         for what, v in directions:
-            plus, _ = value_and_grad([a + EPS * d for a, d in zip(args, v, strict=True)])
-            minus, _ = value_and_grad([a - EPS * d for a, d in zip(args, v, strict=True)])
-            fd = (float(plus) - float(minus)) / (2 * EPS)
-            analytic = _vdot(grads, v)
-            rel = abs(fd - analytic) / max(abs(fd), abs(analytic), FLOOR)
-            if not rel < RTOL:
+            (plus, _), _ = value_and_grad(moved(v, case.eps))
+            (minus, _), _ = value_and_grad(moved(v, -case.eps))
+            fd = (float(plus) - float(minus)) / (2 * case.eps)
+            analytic = float(sum(np.vdot(grads[i], d) for i, d in v.items()))
+            scale = max(abs(fd), abs(analytic), FLOOR)
+            if not abs(fd - analytic) <= RTOL * scale + noise:
                 problems.append(f"direction {what}: finite difference {fd:.12g}, analytic "
-                                f"{analytic:.12g}, relative error {rel:.3g}")
+                                f"{analytic:.12g}, relative error "
+                                f"{abs(fd - analytic) / scale:.3g} (rounding allows "
+                                f"{noise / scale:.2g} more)")
         assert not problems, f"{case.id}:\n  " + "\n  ".join(problems)
 
 
@@ -447,6 +497,7 @@ NOT_FACTORIES = {
     "Module",                                   # the type itself
     "ModuleError", "ModuleTypeError",           # errors
     "named",                                    # renames a module; changes no math
+    "summary",                                  # a table of shapes and sizes, no math
     "init_with_state", "apply_with_state",      # uniform init/apply helpers (used above)
     "initializers", "models",                   # subpackages
     # initializers: make arrays, are not modules
@@ -465,10 +516,34 @@ def test_every_factory_has_a_case() -> None:
         f"funtrain.nn exports {missing} without a gradient case: add a Case to CASES in "
         f"tests/nn/test_gradients.py (or, if it is not a layer, combinator or model "
         f"factory, add it to NOT_FACTORIES with a comment)")
-    unknown = sorted(n for n in covered - exported if not n.startswith("remat."))
+    unknown = sorted(n for n in covered - exported if not n.startswith(("remat.", "models.")))
     assert not unknown, f"cases name factories nn does not export: {unknown}"
 
 
 def test_case_ids_are_unique() -> None:
     ids_ = [c.id for c in CASES]
     assert len(ids_) == len(set(ids_)), sorted(i for i in ids_ if ids_.count(i) > 1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_attention_gradient_matches_funtrain_path(causal: bool) -> None:
+    """implementation="xla" (float32 softmax, see XLA_ATTENTION_F32) against the
+    FD-checked "funtrain" path: same params, inputs and mask, float32-level agreement."""
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x = rng.standard_normal((2, 5, 8))
+        mask = np.asarray(PAD_MASK(rng))
+        xla, ours = (nn.multi_head_attention(2, causal=causal, implementation=impl)
+                     for impl in ("xla", "funtrain"))
+        params = _random_params(rng, jax.eval_shape(ours.init, jax.random.key(0), x, mask))
+        cot = rng.standard_normal(x.shape)
+
+        def grads(module: nn.Module) -> list[np.ndarray]:
+            loss = lambda p, x: jnp.sum(module.apply(p, x, mask) * cot)
+            g = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=JIT_OPTIONS)(params, x)
+            return [np.asarray(a) for a in jax.tree.leaves(g)]
+
+        expected = grads(ours)
+        atol = 1e-5 * max(np.max(np.abs(g)) for g in expected)
+        for a, b in zip(grads(xla), expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
