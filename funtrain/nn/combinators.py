@@ -78,7 +78,8 @@ def _check_extra_keys(kind: str, params: Any, names: Sequence[str], what: str = 
                           f"{type(params).__name__}")
     extra = sorted(set(params) - set(names))
     if extra:
-        raise ModuleError(kind, f"{what} do not match the model: unexpected key path(s) "
+        verb = "does" if what == "model state" else "do"
+        raise ModuleError(kind, f"{what} {verb} not match the model: unexpected key path(s) "
                           + ", ".join(f"'{{at}}{k}'" for k in extra)
                           + f" (children with {what} are {list(names)})")
 

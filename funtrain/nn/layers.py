@@ -9,6 +9,7 @@ the layer's key path with the expected and actual shapes.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -650,7 +651,10 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
 
     Params are ``{"scale", "bias"}`` and the state ``{"mean", "var", "count"}``, each of
     shape ``(channels,)`` except ``count``, the number of train-mode updates (PyTorch's
-    ``num_batches_tracked``). Eval mode before any update is an error.
+    ``num_batches_tracked``). Eval mode before any update is an error where it can be seen:
+    in an eager call, and in ``train.make_eval_step``/``train.evaluate``, which check each
+    new state on the host; inside a function you ``jax.jit`` yourself the count is not
+    known, and fresh statistics (mean 0, variance 1) are used, as PyTorch does.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -666,7 +670,7 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
                          f"{sorted(BATCH_NORM_CONVENTIONS)}, got {convention!r}")
     if momentum is None:
         momentum = BATCH_NORM_CONVENTIONS[convention]
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
             or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"batch_norm: momentum must be a float in [0, 1], got {momentum!r}")
     if not epsilon > 0:
@@ -699,14 +703,18 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
                                   f"{f} channels (was it made by another model?)")
 
     def batch_stats(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Any]:
+        # Two passes (mean, then mean of squared deviations): E[x^2] - E[x]^2 cancels
+        # badly in float32 when the mean is large against the spread.
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         mean = jnp.mean(xf, axis=axes)
-        meansq = jnp.mean(jnp.square(xf), axis=axes)
+        if axis_name is not None:
+            mean = lax.pmean(mean, axis_name)
+        var = jnp.mean(jnp.square(xf - mean), axis=axes)
         n = math.prod(x.shape[a] for a in axes)
         if axis_name is not None:
-            mean, meansq = lax.pmean((mean, meansq), axis_name)
+            var = lax.pmean(var, axis_name)
             n = n * lax.psum(1, axis_name)
-        return mean, jnp.maximum(meansq - jnp.square(mean), 0.0), n
+        return mean, var, n
 
     def apply(params: Params, x: Array, *, state: Any = None, key: PRNGKey | None = None,
               train: bool = False) -> tuple[Array, Any]:

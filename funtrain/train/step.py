@@ -258,9 +258,15 @@ def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True
         return dict(out)
 
     compiled = jax.jit(run) if jit else run
+    wants_state = _positional(eval_fn)[1] >= 3
     checked: list[Any] = []  # the state leaves last found ready (checked once per state)
 
     def eval_step(params: Params, batch: Batch, model_state: Any = None) -> Metrics:
+        if model_state is None and wants_state:
+            raise ValueError("eval_step: eval_fn takes a model_state (the model has state, "
+                             "e.g. BatchNorm statistics) but none was given; call "
+                             "eval_step(params, batch, state.model_state), or "
+                             "evaluate(eval_step, params, data, model_state=...)")
         if model_state is not None:
             leaves = jax.tree.leaves(model_state)
             if len(leaves) != len(checked) or any(

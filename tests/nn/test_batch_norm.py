@@ -13,6 +13,12 @@ RNG = np.random.default_rng(0)
 KEY = jax.random.key(0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws the same data whether it runs alone or after others."""
+    RNG.bit_generator.state = np.random.default_rng(0).bit_generator.state
+
+
 def batch(*shape, step=0):
     """Random float32 with a different mean and spread per channel and per step."""
     c = shape[-1]
@@ -122,6 +128,19 @@ def test_matches_torch(shape, affine):
     tree_equal(same, state)  # eval mode leaves the state as it came
 
 
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+def test_running_variance_matches_torch_for_inputs_far_from_zero(offset):
+    """Two-pass statistics: E[x^2] - E[x]^2 would cancel in float32 far from zero."""
+    torch = pytest.importorskip("torch")
+    x = batch(8, 5, 5, 3) + offset
+    bn = nn.batch_norm()
+    params, state = bn.init(KEY, x)
+    _, state = bn.apply(params, x, state=state, train=True)
+    tbn = torch.nn.BatchNorm2d(3)
+    tbn(torch.from_numpy(to_torch(x)))
+    close(state["var"], tbn.running_var.numpy())
+
+
 # ----------------------------------------------------------------------------- flax
 
 
@@ -217,24 +236,30 @@ def test_with_policy_keeps_statistics_float32():
     x = jnp.asarray(batch(16, 5))
     params, state = model.init(KEY, x)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-    y, new = jax.jit(lambda p, s: model.apply(p, x, state=s, train=True))(params, state)
-    assert y.dtype == jnp.float32
+
+    @jax.jit
+    def run(params, state):
+        y, new = model.apply(params, x, state=state, train=True)
+        # the model run by hand on bf16 params and inputs
+        bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+        _, ref = plain.apply(bf16, x.astype(jnp.bfloat16), state=state, train=True)
+        y_eval, same = model.apply(params, x, state=new)
+        grads = jax.grad(lambda p: jnp.sum(model.apply(p, x, state=state, train=True)[0] ** 2)
+                         )(params)
+        return y, new, ref, y_eval, same, grads
+
+    y, new, ref, y_eval, same, grads = run(params, state)
+    assert y.dtype == y_eval.dtype == jnp.float32
     for s in bn_states(new):
         assert (s["mean"].dtype, s["var"].dtype, s["count"].dtype) == (
             jnp.float32, jnp.float32, jnp.int32)
         assert int(s["count"]) == 1
-    # the same statistics as the model run by hand on bf16 params and inputs
-    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    _, ref = plain.apply(bf16, x.astype(jnp.bfloat16), state=state, train=True)
     tree_close(new, ref, 1e-6)
-    y_eval, same = model.apply(params, x, state=new)
-    assert y_eval.dtype == jnp.float32
     tree_equal(same, new)
     # a grad through the policy reaches the float32 master params
-    g = jax.grad(lambda p: jnp.sum(model.apply(p, x, state=state, train=True)[0] ** 2))(params)
-    assert all(v.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(v)))
-               for v in jax.tree.leaves(g))
-    assert float(jnp.abs(g["dense_0"]["w"]).sum()) > 0
+    assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+               for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["dense_0"]["w"]).sum()) > 0
 
 
 # ----------------------------------------------------------------------------- axis_name
@@ -278,10 +303,12 @@ def test_axis_name_equals_one_batch(shape):
 # ----------------------------------------------------------------------------- composition
 
 
-def small_cnn(checkpoint=None):
-    return nn.serial(nn.conv(4, 3), nn.batch_norm(), nn.relu(), nn.conv(4, 3),
-                     nn.batch_norm(momentum=0.3), nn.relu(), nn.dense(4), nn.batch_norm(),
-                     nn.global_avg_pool(), nn.dense(3), checkpoint=checkpoint)
+def deep_mlp(checkpoint=None):
+    """Nine layers, three BatchNorms (two conventions): "sqrt" cuts it into three segments,
+    each with a BatchNorm."""
+    return nn.serial(nn.dense(6), nn.batch_norm(), nn.relu(), nn.dense(6),
+                     nn.batch_norm(momentum=0.3), nn.relu(), nn.dense(6),
+                     nn.batch_norm(convention="flax"), nn.dense(3), checkpoint=checkpoint)
 
 
 def loss_and_state(model, params, state, x):
@@ -294,39 +321,43 @@ def loss_and_state(model, params, state, x):
 
 
 def test_jit_matches_eager():
-    model = small_cnn()
-    x = jnp.asarray(batch(4, 6, 6, 2))
+    model = nn.serial(nn.dense(4), nn.batch_norm(), nn.relu(), nn.dense(3),
+                      nn.batch_norm(convention="flax"))
+    x = jnp.asarray(batch(6, 5))
     params, state = model.init(KEY, x)
     y, new = model.apply(params, x, state=state, train=True)
     jy, jnew = jax.jit(lambda p, s, x: model.apply(p, x, state=s, train=True))(params, state, x)
     close(jy, y, 1e-6)
     tree_close(jnew, new, 1e-6)
-    assert [int(s["count"]) for s in bn_states(jnew)] == [1, 1, 1]
+    assert [int(s["count"]) for s in bn_states(jnew)] == [1, 1]
     e, same = jax.jit(lambda p, s, x: model.apply(p, x, state=s))(params, new, x)
     close(e, model.apply(params, x, state=new)[0], 1e-6)
     tree_equal(same, new)
 
 
+@pytest.fixture(scope="module")
+def plain_run():
+    model = deep_mlp()
+    x = jnp.asarray(batch(8, 5))
+    params, state = model.init(KEY, x)
+    return params, state, x, jax.jit(loss_and_state, static_argnums=0)(model, params, state, x)
+
+
 @pytest.mark.parametrize("wrap", ["checkpoint", "sqrt", 2])
-def test_remat_matches_the_plain_model(wrap):
+def test_remat_matches_the_plain_model(wrap, plain_run):
     """remat.checkpoint and serial(checkpoint=...) give the same outputs, new state and
     gradients (params and input) as the model without checkpointing."""
-    plain = small_cnn()
-    model = remat.checkpoint(plain) if wrap == "checkpoint" else small_cnn(checkpoint=wrap)
-    x = jnp.asarray(batch(4, 6, 6, 2))
-    params, state = plain.init(KEY, x)
-    p2, s2 = model.init(KEY, x)
-    assert jax.tree.structure((p2, s2)) == jax.tree.structure((params, state))
-    run = jax.jit(loss_and_state, static_argnums=0)
-    y, new, grads = run(model, params, state, x)
-    ry, rnew, rgrads = run(plain, params, state, x)
+    params, state, x, (ry, rnew, rgrads) = plain_run
+    model = remat.checkpoint(deep_mlp()) if wrap == "checkpoint" else deep_mlp(checkpoint=wrap)
+    assert jax.tree.structure(model.init(KEY, x)) == jax.tree.structure((params, state))
+    y, new, grads = jax.jit(loss_and_state, static_argnums=0)(model, params, state, x)
     close(y, ry, 1e-6)
     tree_close(new, rnew, 1e-6)
     tree_close(grads, rgrads, 1e-5)
     assert [int(s["count"]) for s in bn_states(new)] == [1, 1, 1]
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
     e, same = model.apply(params, x, state=new)
-    close(e, plain.apply(params, x, state=new)[0], 1e-6)
+    close(e, deep_mlp().apply(params, x, state=new)[0], 1e-6)
     tree_equal(same, new)
 
 
@@ -341,29 +372,33 @@ def test_repeat_stacks_state_and_equals_the_blocks_one_by_one(mode):
     assert jax.tree.map(jnp.shape, state) == {
         "batch_norm_0": {"mean": (n, 5), "var": (n, 5), "count": (n,)}}
 
-    def by_hand(params, x):
+    def by_hand(params, state, train=True):
         h, states = x, []
         for i in range(n):
             p, s = jax.tree.map(lambda a, i=i: a[i], (params, state))
-            h, s = block.apply(p, h, state=s, train=True)
+            h, s = block.apply(p, h, state=s, train=train)
             states.append(s)
         return h, jax.tree.map(lambda *a: jnp.stack(a), *states)
 
-    y, new = deep.apply(params, x, state=state, train=True)
-    ry, rnew = by_hand(params, x)
+    def train_loss(apply, p):
+        y, new = apply(p, state)
+        return jnp.sum(y ** 2), (y, new)
+
+    @jax.jit
+    def run(params):
+        got = jax.grad(train_loss, argnums=1, has_aux=True)(
+            lambda p, s: deep.apply(p, x, state=s, train=True), params)
+        want = jax.grad(train_loss, argnums=1, has_aux=True)(by_hand, params)
+        new = got[1][1]
+        return got, want, deep.apply(params, x, state=new), by_hand(params, new, train=False)
+
+    (g, (y, new)), (rg, (ry, rnew)), (e, same), (re, _) = run(params)
     close(y, ry, 1e-6)
     tree_close(new, rnew, 1e-6)
     np.testing.assert_array_equal(new["batch_norm_0"]["count"], np.ones(n))
-    g = jax.grad(lambda p: jnp.sum(deep.apply(p, x, state=state, train=True)[0] ** 2))(params)
-    rg = jax.grad(lambda p: jnp.sum(by_hand(p, x)[0] ** 2))(params)
     tree_close(g, rg, 1e-5)
-    e, same = deep.apply(params, x, state=new)
+    close(e, re, 1e-6)
     tree_equal(same, new)
-    h = x
-    for i in range(n):
-        h, _ = block.apply(*jax.tree.map(lambda a, i=i: a[i], (params,)), h,
-                           state=jax.tree.map(lambda a, i=i: a[i], new))
-    close(e, h, 1e-6)
 
 
 def test_grad_flows_to_params_and_inputs_in_train_mode():
@@ -386,13 +421,23 @@ def test_grad_flows_to_params_and_inputs_in_train_mode():
 # ----------------------------------------------------------------------------- errors
 
 
+def shapes_of(model, x):
+    """``(params, state)`` as ShapeDtypeStructs: no init compute (a ResNet's eager init is
+    slow), and errors raised while tracing ``apply`` need no values."""
+    return jax.eval_shape(model.init, KEY, x)
+
+
 def test_missing_state_is_an_error():
-    x = jnp.ones((2, 4, 4, 1))
+    x = jnp.ones((2, 8, 8, 1))
     for model in (nn.batch_norm(), nn.models.resnet(18, 10, stem="cifar", width=2)):
-        params, _ = model.init(KEY, x)
+        params, _ = shapes_of(model, x)
         with pytest.raises(nn.ModuleError, match=r"\(at the root\): this layer has model "
                                                  r"state .* but none was passed"):
-            model.apply(params, x)
+            jax.eval_shape(lambda p, model=model: model.apply(p, x), params)
+    params, _ = nn.batch_norm().init(KEY, x)
+    with pytest.raises(nn.ModuleError, match=r"batch_norm layer \(at the root\): this layer "
+                                             r"has model state"):
+        nn.batch_norm().apply(params, x, train=True)  # eager, and in train mode too
     # nested: the missing entry is named by its key path
     model = nn.serial(nn.dense(3), nn.serial(nn.dense(3), nn.batch_norm(name="bn"),
                                              name="inner"))
@@ -405,17 +450,23 @@ def test_missing_state_is_an_error():
 
 
 def test_state_from_another_model_is_an_error():
-    x = jnp.ones((2, 8, 8, 1))
+    x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
     model = nn.models.resnet(18, 10, stem="cifar", width=4)
-    params, _ = model.init(KEY, x)
-    _, other = nn.models.resnet(18, 10, stem="cifar", width=2).init(KEY, x)
+    params, _ = shapes_of(model, x)
+
+    def apply(state):
+        return jax.eval_shape(lambda p, s: model.apply(p, x, state=s, train=True), params,
+                              state)
+
+    _, narrower = shapes_of(nn.models.resnet(18, 10, stem="cifar", width=2), x)
     with pytest.raises(nn.ModuleError, match=r"batch_norm layer 'bn1': model state "
                                              r"'bn1/mean' has shape \(2,\), expected \(4,\)"):
-        model.apply(params, x, state=other, train=True)
-    _, deeper = nn.models.resnet(34, 10, stem="cifar", width=4).init(KEY, x)
+        apply(narrower)
+    _, deeper = shapes_of(nn.models.resnet(34, 10, stem="cifar", width=4), x)
     with pytest.raises(nn.ModuleError, match=r"serial layer 'layer1': model state .*"
                                              r"unexpected key path\(s\) 'layer1/2'"):
-        model.apply(params, x, state=deeper, train=True)
+        apply(deeper)
+    # a state dict with the wrong keys, eager
     bn_model = nn.serial(nn.dense(3), nn.batch_norm(name="bn"))
     p, s = bn_model.init(KEY, jnp.ones((2, 3)))
     wrong = {"bn": {"mean": s["bn"]["mean"], "variance": s["bn"]["var"]}}
@@ -423,9 +474,8 @@ def test_state_from_another_model_is_an_error():
                                              r"dict with keys \['count', 'mean', 'var'\], got "
                                              r"\['mean', 'variance'\]"):
         bn_model.apply(p, jnp.ones((2, 3)), state=wrong, train=True)
-    with pytest.raises(nn.ModuleError, match=r"'<root>' \(children with model state"
-                                             r"|unexpected key path\(s\) 'batch_norm_1'"):
-        bn_model.apply(p, jnp.ones((2, 3)), state={"bn": s["bn"], "batch_norm_1": s["bn"]})
+    with pytest.raises(nn.ModuleError, match=r"unexpected key path\(s\) 'extra'"):
+        bn_model.apply(p, jnp.ones((2, 3)), state={**s, "extra": s["bn"]}, train=True)
 
 
 def test_eval_before_any_statistics_is_an_error():
@@ -435,14 +485,20 @@ def test_eval_before_any_statistics_is_an_error():
     with pytest.raises(nn.ModuleError, match=r"batch_norm layer \(at the root\): eval mode "
                                              r"\(train=False\) before any statistics exist"):
         bn.apply(params, x, state=state)
-    model = nn.models.resnet(18, 10, stem="cifar", width=2)
+    # nested, eager: the first BatchNorm reached names itself
+    model = nn.serial(nn.flatten(), nn.dense(4, name="fc0"), nn.batch_norm(name="bn1"),
+                      nn.relu(), nn.residual(nn.dense(4), nn.batch_norm(name="bn"), name="block"),
+                      nn.dense(10, name="fc"))
     params, state = model.init(KEY, x)
     with pytest.raises(nn.ModuleError, match=r"batch_norm layer 'bn1': eval mode"):
         model.apply(params, x, state=state)
+    with pytest.raises(nn.ModuleError, match=r"batch_norm layer 'block/bn': eval mode"):
+        model.apply(params, x, state={**state, "bn1": {**state["bn1"], "count": 1}})
+    # the eval step and evaluate check every BatchNorm before running
     eval_step = train.make_eval_step(train.classifier_eval(model))
     batches = [{"x": x, "y": jnp.zeros(4, jnp.int32)}]
     match = r"eval_step: eval mode before any statistics exist: the BatchNorm state at 'bn1'"
-    with pytest.raises(ValueError, match=match + r", 'layer1/0/bn1'"):
+    with pytest.raises(ValueError, match=match + r", 'block/bn' has never been updated"):
         eval_step(params, batches[0], state)
     with pytest.raises(ValueError, match=match):
         train.evaluate(eval_step, params, batches, model_state=state)
@@ -450,10 +506,17 @@ def test_eval_before_any_statistics_is_an_error():
     _, trained = model.apply(params, x, state=state, train=True)
     metrics = train.evaluate(eval_step, params, batches, model_state=trained)
     assert set(metrics) == {"loss", "accuracy"}
-    # a state where only some layers were updated names just those
-    partly = {**trained, "bn1": state["bn1"]}
-    with pytest.raises(ValueError, match=r"the BatchNorm state at 'bn1' has never"):
-        eval_step(params, batches[0], partly)
+    with pytest.raises(ValueError, match=r"the BatchNorm state at 'block/bn' has never"):
+        eval_step(params, batches[0], {**trained, "block": state["block"]})
+    # a ResNet's eval step names every layer (its params and state are cheap zeros)
+    resnet = nn.models.resnet(18, 10, stem="cifar", width=2)
+    params, state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes_of(resnet, x))
+    resnet_eval = train.make_eval_step(train.classifier_eval(resnet))
+    with pytest.raises(ValueError, match=match + r", 'layer1/0/bn1', 'layer1/0/bn2', .*"
+                                                 r"'layer4/1/bn2' has never been updated"):
+        resnet_eval(params, batches[0], state)
+    with pytest.raises(nn.ModuleError, match=r"batch_norm layer 'bn1': eval mode"):
+        resnet.apply(params, x, state=state)
 
 
 @pytest.mark.parametrize("kwargs, match", [
