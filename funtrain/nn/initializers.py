@@ -20,6 +20,7 @@ The normal variants draw from an untruncated normal, as PyTorch's
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +31,28 @@ import jax.numpy as jnp
 from funtrain._typing import Array, PRNGKey
 
 Initializer = Callable[[PRNGKey, Sequence[int], Any], Array]
+
+
+# Compiling the PRNG for a new shape costs about a second on a CPU, and a model has many
+# shapes (ResNet-18: ~20), so params of up to _BLOCK entries are cut from one fixed-size draw
+# with a single compiled sampler; larger ones are drawn at their own shape.
+_BLOCK = 1 << 18
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _block(key: PRNGKey, distribution: str) -> Array:
+    sample = jax.random.normal if distribution == "normal" else jax.random.uniform
+    return sample(key, (_BLOCK,), jnp.float32)
+
+
+def _standard(key: PRNGKey, shape: Sequence[int], distribution: str) -> Array:
+    """float32 samples of N(0, 1) or U(0, 1) of ``shape``."""
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape)
+    if n > _BLOCK:
+        sample = jax.random.normal if distribution == "normal" else jax.random.uniform
+        return sample(key, shape, jnp.float32)
+    return _block(key, distribution)[:n].reshape(shape)
 
 
 def compute_fans(shape: Sequence[int], in_axis: int = -2, out_axis: int = -1) -> tuple[int, int]:
@@ -66,9 +89,9 @@ def variance_scaling(scale: float, mode: str, distribution: str, in_axis: int = 
         fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
         variance = scale / max(1.0, fan)
         if distribution == "normal":
-            return (math.sqrt(variance) * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+            return (math.sqrt(variance) * _standard(key, shape, "normal")).astype(dtype)
         limit = math.sqrt(3.0 * variance)
-        return jax.random.uniform(key, shape, jnp.float32, -limit, limit).astype(dtype)
+        return (limit * (2.0 * _standard(key, shape, "uniform") - 1.0)).astype(dtype)
 
     return init
 
@@ -124,7 +147,7 @@ def normal(stddev: float = 1e-2) -> Initializer:
         raise ValueError(f"normal: stddev must be > 0, got {stddev}")
 
     def init(key: PRNGKey, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
-        return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        return (stddev * _standard(key, shape, "normal")).astype(dtype)
 
     return init
 
@@ -133,5 +156,5 @@ def uniform(limit: float = 1e-2) -> Initializer:
     """``U(-limit, limit)``."""
     if limit <= 0:
         raise ValueError(f"uniform: limit must be > 0, got {limit}")
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-        key, shape, jnp.float32, -limit, limit).astype(dtype)
+    return lambda key, shape, dtype=jnp.float32: (
+        limit * (2.0 * _standard(key, shape, "uniform") - 1.0)).astype(dtype)

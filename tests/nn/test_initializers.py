@@ -52,3 +52,23 @@ def test_constant_initializers_and_dtype():
         nn.normal(0.0)
     with pytest.raises(ValueError, match="mode must be 'fan_in', 'fan_out' or 'fan_avg'"):
         nn.variance_scaling(1.0, "fan_sum", "normal")
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 8, 16), (600, 500)])  # one block / its own draw
+def test_samples_are_the_same_eager_jitted_and_vmapped(shape):
+    """Small params are cut from one fixed-size draw (one compiled sampler for every shape);
+    the values must not depend on how init is called."""
+    init = nn.he_normal()
+    k = jax.random.key(3)
+    eager = init(k, shape)
+    # (to rounding: XLA may fuse the scaling into the sampler differently under jit)
+    np.testing.assert_allclose(eager, jax.jit(lambda k: init(k, shape))(k), rtol=1e-6)
+    np.testing.assert_allclose(eager, jax.vmap(lambda k: init(k, shape))(k[None])[0],
+                               rtol=1e-6)
+    fan_in = np.prod(shape[:-1])
+    assert abs(float(eager.std()) - np.sqrt(2 / fan_in)) < 0.05 * np.sqrt(2 / fan_in)
+    u = nn.lecun_uniform()(k, shape)
+    limit = np.sqrt(3 / fan_in)
+    assert float(u.min()) >= -limit and float(u.max()) <= limit
+    # Different keys, different values; two params of one layer never share values.
+    assert not np.allclose(eager, init(jax.random.key(4), shape))
