@@ -48,7 +48,9 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
     ``(out, in)`` transposed; a rank-3 or rank-4 ``w`` (conv, ``(*kernel, in, out)``) comes
     from torch's ``(out, in, *kernel)``; ``w_ih`` and ``w_hh`` are transposed; everything
     else is taken as is. Each result has the template leaf's dtype and shape. Transposed
-    convolutions (``conv_transpose``) are not converted: their torch layout differs.
+    convolutions are not supported: their rank-4 ``w`` cannot be told from a conv's here;
+    load them by hand (``w = np.moveaxis(weight, (0, 1), (-2, -1))``, torch's
+    ``ConvTranspose`` weight being ``(in, out, *kernel)``).
 
     Args:
       params_template: the params to fill, e.g. from ``model.init``; only the structure,

@@ -159,6 +159,11 @@ def _padding(padding: Padding, n: int, kind: str) -> str | tuple[tuple[int, int]
     return pairs
 
 
+def _is_torch_padding(padding: Any) -> bool:
+    """An int, or one int per dimension (PyTorch's form), rather than (lo, hi) pairs."""
+    return isinstance(padding, int) or all(isinstance(p, int) for p in padding)
+
+
 def _spatial_dims(x: Any, kernel_size: Any, kind: str) -> int:
     """1 or 2 spatial dims, from a tuple kernel_size or else from the input's rank."""
     if isinstance(kernel_size, int):
@@ -272,9 +277,13 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
                    param_dtype: Any = jnp.float32, name: str | None = None) -> Module:
     """1-D or 2-D transposed convolution (the gradient of ``conv``), channels last.
 
-    With ``padding="SAME"`` each spatial size grows by ``strides`` (``H -> H * s``); with
-    ``"VALID"`` it becomes ``(H - 1) * s + k``. Explicit ``((lo, hi), ...)`` pairs pad the
-    stride-dilated input, as ``jax.lax.conv_transpose`` defines them.
+    Each input pixel scatters ``x[i] * w`` into the output at ``i * strides``, as PyTorch's
+    ``ConvTranspose`` and Keras's ``Conv2DTranspose`` define it: ``w[(*k, in, features)]``
+    here is torch's ``weight`` ``(in, features, *k)`` with its axes moved.
+    With ``padding="VALID"`` the output size is ``(H - 1) * s + d * (k - 1) + 1``; an int
+    ``p`` (or one per dimension) crops ``p`` from both sides, PyTorch's ``padding=p``;
+    ``"SAME"`` gives ``H * s``. Explicit ``((lo, hi), ...)`` pairs pad the stride-dilated
+    input, as ``jax.lax.conv_transpose`` defines them.
 
     Args:
       features: output channels.
@@ -315,11 +324,18 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
             raise ModuleError(kind, f"expected an input with {w.shape[-2]} channels on the "
                               f"last axis (w has shape {tuple(w.shape)}), got input of shape "
                               f"{tuple(x.shape)}")
+        ks, dil = w.shape[:n], _tuple(dilation, n, "dilation", kind)
+        pad = _padding(padding, n, kind)
+        if not isinstance(padding, str) and _is_torch_padding(padding):
+            # PyTorch's padding=p crops p from the full (VALID) output on each side.
+            pad = tuple((d * (k - 1) - lo, d * (k - 1) - hi)
+                        for (lo, hi), k, d in zip(pad, ks, dil, strict=True))
+        # The scatter form: lax.conv_transpose correlates, so flip the kernel spatially.
         y = lax.conv_transpose(
-            x, w.astype(jnp.result_type(x, w)),
+            x, jnp.flip(w, axis=tuple(range(n))).astype(jnp.result_type(x, w)),
             strides=_tuple(strides, n, "strides", kind),
-            padding=_padding(padding, n, kind),
-            rhs_dilation=_tuple(dilation, n, "dilation", kind),
+            padding=pad,
+            rhs_dilation=dil,
             dimension_numbers=_CONV_SPEC[n],
         )
         if use_bias:

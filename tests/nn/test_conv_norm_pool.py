@@ -1,0 +1,165 @@
+"""group_norm, conv_transpose, grouped/depthwise conv and padded pooling, forward, against
+float64 numpy written from their definitions and against torch (skipped without it)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import nn
+
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def nchw(x):
+    return np.ascontiguousarray(np.moveaxis(x, -1, 1))
+
+
+def nhwc(x):
+    return np.moveaxis(np.asarray(x), 1, -1)
+
+
+# ----------------------------------------------------------------------------- group_norm
+
+
+def np_group_norm(x, g, scale, bias, eps=1e-5):
+    n, *spatial, c = x.shape
+    xg = x.astype(np.float64).reshape(n, -1, g, c // g)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = xg.var(axis=(1, 3), keepdims=True)
+    y = ((xg - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    return y * scale + bias
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_group_norm_matches_numpy(groups):
+    x = rand(3, 4, 5, 6) * 3 + 1
+    layer = nn.group_norm(groups)
+    params = layer.init(jax.random.key(0), x)
+    params = {"scale": jnp.asarray(rand(6)), "bias": jnp.asarray(rand(6))}
+    ref = np_group_norm(x, groups, np.asarray(params["scale"]), np.asarray(params["bias"]))
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_matches_torch_and_errors():
+    torch = pytest.importorskip("torch")
+    x = rand(2, 5, 5, 8)
+    layer = nn.group_norm(4)
+    t = torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(rand(8)))
+        t.bias.copy_(torch.from_numpy(rand(8)))
+    params = {"scale": jnp.asarray(t.weight.detach().numpy()),
+              "bias": jnp.asarray(t.bias.detach().numpy())}
+    ref = nhwc(t(torch.from_numpy(nchw(x))).detach().numpy())
+    np.testing.assert_allclose(layer.apply(params, x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"channels \(6, input shape \(2, 6\)\) must be "
+                                         r"divisible by num_groups \(4\)"):
+        layer.init(jax.random.key(0), jnp.zeros((2, 6)))
+
+
+# ----------------------------------------------------------------------------- conv_transpose
+
+
+def np_conv_transpose(x, w, stride, crop=0):
+    """Scatter: each input pixel adds x[i] * w at i * stride; then crop each side."""
+    n, h, wd, _ = x.shape
+    kh, kw, _, o = w.shape
+    out = np.zeros((n, (h - 1) * stride + kh, (wd - 1) * stride + kw, o))
+    for i in range(h):
+        for j in range(wd):
+            out[:, i * stride:i * stride + kh, j * stride:j * stride + kw] += np.einsum(
+                "nc,hwco->nhwo", x[:, i, j].astype(np.float64), w)
+    return out[:, crop:out.shape[1] - crop, crop:out.shape[2] - crop]
+
+
+@pytest.mark.parametrize("stride,padding", [(1, "VALID"), (2, "VALID"), (2, 1), (3, 2)])
+def test_conv_transpose_is_the_scatter_of_its_kernel(stride, padding):
+    x = rand(2, 4, 5, 3)
+    layer = nn.conv_transpose(4, 3, strides=stride, padding=padding, use_bias=False)
+    params = layer.init(jax.random.key(0), x)
+    crop = 0 if padding == "VALID" else padding
+    ref = np_conv_transpose(x, np.asarray(params["w"], np.float64), stride, crop)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_transpose_matches_torch_and_sizes():
+    torch = pytest.importorskip("torch")
+    x = rand(2, 5, 6, 3)
+    layer = nn.conv_transpose(4, (3, 2), strides=2, padding=1)
+    params = layer.init(jax.random.key(0), x)
+    tw = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(params["w"]),
+                                                            (2, 3, 0, 1))))
+    ref = torch.nn.functional.conv_transpose2d(
+        torch.from_numpy(nchw(x)), tw, torch.from_numpy(np.array(params["b"])), stride=2,
+        padding=1)
+    np.testing.assert_allclose(layer.apply(params, x), nhwc(ref.numpy()), rtol=1e-5,
+                               atol=1e-5)
+    same = nn.conv_transpose(2, 3, strides=2)
+    assert same.apply(same.init(jax.random.key(0), x), x).shape == (2, 10, 12, 2)
+    one_d = nn.conv_transpose(2, 4, strides=2, padding="VALID")
+    x1 = rand(2, 5, 3)
+    assert one_d.apply(one_d.init(jax.random.key(0), x1), x1).shape == (2, 12, 2)
+
+
+# ----------------------------------------------------------------------------- conv
+
+
+@pytest.mark.parametrize("groups,features", [(3, 6), (6, 6), (6, 12)])  # grouped, depthwise
+def test_grouped_and_depthwise_conv_match_torch(groups, features):
+    torch = pytest.importorskip("torch")
+    x = rand(2, 7, 6, 6)
+    layer = nn.conv(features, 3, strides=2, padding=1, feature_group_count=groups)
+    params = layer.init(jax.random.key(0), x)
+    assert params["w"].shape == (3, 3, 6 // groups, features)
+    tw = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(params["w"]),
+                                                            (3, 2, 0, 1))))
+    ref = torch.nn.functional.conv2d(torch.from_numpy(nchw(x)), tw,
+                                     torch.from_numpy(np.array(params["b"])), stride=2,
+                                     padding=1, groups=groups)
+    np.testing.assert_allclose(layer.apply(params, x), nhwc(ref.numpy()), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_conv_group_errors():
+    with pytest.raises(ValueError, match=r"features \(5\) must be divisible by "
+                                         r"feature_group_count \(2\)"):
+        nn.conv(5, 3, feature_group_count=2)
+    with pytest.raises(ValueError, match=r"input channels \(3, input shape .*\) must be "
+                                         r"divisible by feature_group_count \(2\)"):
+        nn.conv(4, 3, feature_group_count=2).init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)))
+    with pytest.raises(ValueError, match="padding must be 'SAME', 'VALID', an int"):
+        nn.conv(4, 3, padding="FULL")
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def test_padded_pools_match_torch():
+    torch = pytest.importorskip("torch")
+    x = rand(2, 7, 6, 3)
+    tx = torch.from_numpy(nchw(x))
+    got = nn.max_pool(3, strides=2, padding=1).apply({}, x)
+    ref = torch.nn.functional.max_pool2d(tx, 3, stride=2, padding=1)
+    np.testing.assert_allclose(got, nhwc(ref.numpy()), rtol=1e-6)
+    for include in (True, False):
+        got = nn.avg_pool(3, strides=2, padding=1, count_include_pad=include).apply({}, x)
+        ref = torch.nn.functional.avg_pool2d(tx, 3, stride=2, padding=1,
+                                             count_include_pad=include)
+        np.testing.assert_allclose(got, nhwc(ref.numpy()), rtol=1e-5, atol=1e-6)
+
+
+def test_max_pool_gradient_under_jit_routes_to_the_max():
+    """The first release's bug: no jitted gradient through pooling, so no CNN trained."""
+    x = jnp.asarray(rand(1, 4, 4, 1))
+    g = jax.jit(jax.grad(lambda x: jnp.sum(nn.max_pool(2).apply({}, x))))(x)
+    blocks = np.asarray(x).reshape(2, 2, 2, 2).transpose(0, 2, 1, 3).reshape(4, 4)
+    expected = (blocks == blocks.max(axis=1, keepdims=True)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(g).reshape(2, 2, 2, 2).transpose(0, 2, 1, 3)
+                                  .reshape(4, 4), expected)
+    g_avg = jax.jit(jax.grad(lambda x: jnp.sum(nn.avg_pool(2, padding="SAME").apply({}, x))))(x)
+    np.testing.assert_allclose(g_avg, np.full((1, 4, 4, 1), 0.25))
