@@ -183,6 +183,26 @@ def _check_kernel_size(kernel_size: Any, kind: str) -> None:
                          f"got {kernel_size!r}")
 
 
+def _kernel_params(key: PRNGKey, x: Any, kind: str, kernel_size: Any, in_features: int,
+                   features: int, use_bias: bool, w_init: Initializer, b_init: Initializer,
+                   param_dtype: Any) -> Params:
+    """A conv-like layer's params: ``w`` of shape ``(*kernel, in_features, features)``, ``b``."""
+    n = _spatial_dims(x, kernel_size, kind)
+    kw, kb = jax.random.split(key)
+    ks = _tuple(kernel_size, n, "kernel_size", kind)
+    params = {"w": w_init(kw, (*ks, in_features, features), param_dtype)}
+    if use_bias:
+        params["b"] = b_init(kb, (features,), param_dtype)
+    return params
+
+
+def _add_bias(params: Params, y: Array, use_bias: bool, kind: str) -> Array:
+    if not use_bias:
+        return y
+    check_param_shape(params, "b", (params["w"].shape[-1],), kind)
+    return y + params["b"]
+
+
 _CONV_SPEC = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
 
 
@@ -237,13 +257,8 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
         return c
 
     def init(key: PRNGKey, x: Any) -> Params:
-        n = _spatial_dims(x, kernel_size, kind)
-        ks = _tuple(kernel_size, n, "kernel_size", kind)
-        kw, kb = jax.random.split(key)
-        params = {"w": w_init(kw, (*ks, in_channels(x) // groups, features), param_dtype)}
-        if use_bias:
-            params["b"] = b_init(kb, (features,), param_dtype)
-        return params
+        return _kernel_params(key, x, kind, kernel_size, in_channels(x) // groups, features,
+                              use_bias, w_init, b_init, param_dtype)
 
     def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
@@ -262,10 +277,7 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
             dimension_numbers=_CONV_SPEC[n],
             feature_group_count=groups,
         )
-        if use_bias:
-            check_param_shape(params, "b", (w.shape[-1],), kind)
-            y = y + params["b"]
-        return y
+        return _add_bias(params, y, use_bias, kind)
 
     return _make(kind, init, apply, name)
 
@@ -307,13 +319,8 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
     keys = ("w", "b") if use_bias else ("w",)
 
     def init(key: PRNGKey, x: Any) -> Params:
-        n = _spatial_dims(x, kernel_size, kind)
-        ks = _tuple(kernel_size, n, "kernel_size", kind)
-        kw, kb = jax.random.split(key)
-        params = {"w": w_init(kw, (*ks, int(x.shape[-1]), features), param_dtype)}
-        if use_bias:
-            params["b"] = b_init(kb, (features,), param_dtype)
-        return params
+        return _kernel_params(key, x, kind, kernel_size, int(x.shape[-1]), features, use_bias,
+                              w_init, b_init, param_dtype)
 
     def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
@@ -338,10 +345,7 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
             rhs_dilation=dil,
             dimension_numbers=_CONV_SPEC[n],
         )
-        if use_bias:
-            check_param_shape(params, "b", (w.shape[-1],), kind)
-            y = y + params["b"]
-        return y
+        return _add_bias(params, y, use_bias, kind)
 
     return _make(kind, init, apply, name)
 
