@@ -79,7 +79,9 @@ class TrainState(NamedTuple):
         params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), params)
         if loss_scale is not None:
             loss_scale = jax.tree.map(lambda x: jnp.array(x, dtype=x.dtype), loss_scale)
-        if isinstance(params, tuple) and len(params) == 2 and model_state is None:
+        # A stateful model's init returns (params dict, state dict): catch passing it whole.
+        if (model_state is None and isinstance(params, tuple) and len(params) == 2
+                and all(isinstance(p, dict) for p in params)):
             raise TypeError("TrainState.create: params is a (params, state) pair, as a "
                             "stateful model's init returns; pass "
                             "TrainState.create(params, optimizer, key, model_state=state)")
