@@ -42,7 +42,9 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
     ``weight_ih_l0``/``weight_hh_l0``/``bias_ih_l0``/``bias_hh_l0``; in the model state
     ``mean``, ``var`` and ``count`` are ``running_mean``, ``running_var`` and
     ``num_batches_tracked``. So a torchvision ResNet's ``layer1.0.bn1.running_mean`` fills
-    ``layer1/0/bn1/mean`` of ``funtrain.nn.models.resnet``'s state.
+    ``layer1/0/bn1/mean`` of ``funtrain.nn.models.resnet``'s state. ``num_batches_tracked``
+    may be absent (older files), and a loaded count is at least 1: loaded statistics count
+    as trained ones in eval mode.
 
     Layouts are converted by the template leaf: a rank-2 ``w`` (dense) is torch's
     ``(out, in)`` transposed; a rank-3 or rank-4 ``w`` (conv, ``(*kernel, in, out)``) comes
@@ -110,6 +112,11 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
             tkey = _torch_key(parts, fpath, names, rename)
             shape = tuple(leaf.shape)
             if tkey not in state_dict:
+                if what == "model_state" and parts and parts[-1] == "count":
+                    # Older PyTorch files have no num_batches_tracked: the statistics
+                    # are still trained ones.
+                    leaves.append(jnp.ones(shape, leaf.dtype))
+                    continue
                 missing.append((what, fpath, tkey))
                 leaves.append(leaf)
                 continue
@@ -125,6 +132,10 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
                 continue
             if perm:
                 value = np.transpose(value, perm)
+            if what == "model_state" and parts and parts[-1] == "count":
+                # torch leaves num_batches_tracked at 0 when it loads an old checkpoint; the
+                # loaded statistics are trained ones, so eval mode must accept them.
+                value = np.maximum(value, 1)
             leaves.append(jnp.asarray(value, dtype=leaf.dtype))
         return jax.tree_util.tree_unflatten(treedef, leaves)
 

@@ -28,6 +28,7 @@ from funtrain.nn.module import (
     ModuleError,
     _check_name,
     apply_with_state,
+    check_eval_state,
     init_with_state,
 )
 
@@ -97,6 +98,7 @@ def checkpoint(module: Module, policy: str | Callable[..., Any] | None = "nothin
                 return module.apply(p, *xs_, state=s, key=k, train=train)
             return module.apply(p, *xs_, key=k, train=train)
 
+        check_eval_state(state, train, f"{module.kind} (checkpointed)")
         return jax.checkpoint(run, policy=pol)(params, xs, key, state)
 
     if name is not None:
@@ -210,6 +212,7 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
 
     def apply(params: Params, x: Any, *, state: Any = None, key: PRNGKey | None = None,
               train: bool = False) -> Any:
+        check_eval_state(state, train, kind)
         keys = None if key is None else jax.random.split(key, n)
 
         def body(h: Any, inp: tuple[Any, Any, Any]) -> tuple[Any, Any]:

@@ -319,3 +319,20 @@ def test_the_module_never_imports_torch():
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if n.split(".")[0] == "torch"]
+
+
+def test_batch_norm_statistics_without_or_with_zero_num_batches_tracked():
+    """Older PyTorch files have no num_batches_tracked, and torch sets it to 0 when it loads
+    them: the loaded statistics are trained ones all the same, so eval mode accepts them."""
+    model = nn.serial(nn.dense(4), nn.batch_norm())
+    params, state = model.init(jax.random.key(0), jnp.zeros((2, 3)))
+    sd = {"dense_0.weight": np.ones((4, 3), np.float32), "dense_0.bias": np.zeros(4, np.float32),
+          "batch_norm_0.weight": np.ones(4, np.float32),
+          "batch_norm_0.bias": np.zeros(4, np.float32),
+          "batch_norm_0.running_mean": np.full(4, 0.5, np.float32),
+          "batch_norm_0.running_var": np.full(4, 2.0, np.float32)}
+    for extra in ({}, {"batch_norm_0.num_batches_tracked": np.array(0)}):
+        p, s = from_torch(params, {**sd, **extra}, model_state=state)
+        assert int(s["batch_norm_0"]["count"]) == 1
+        y, _ = model.apply(p, jnp.ones((2, 3)), state=s)  # eval mode: no error
+        np.testing.assert_allclose(y, (3.0 - 0.5) / np.sqrt(2.0 + 1e-5), rtol=1e-5)

@@ -23,6 +23,8 @@ echo "== bench/remat.py $GPU_FLAG"
 "$PY" bench/remat.py $GPU_FLAG 2>&1 | tee "$OUT/remat.txt" || status=1
 echo "== bench/models.py $GPU_FLAG"
 "$PY" bench/models.py $GPU_FLAG 2>&1 | tee "$OUT/models.txt" || status=1
+echo "== bench/gpu/attention_check.py"
+"$PY" bench/gpu/attention_check.py 2>&1 | tee "$OUT/attention.txt" || status=1
 echo "== bench/train_step.py"
 "$PY" bench/train_step.py 2>&1 | tee "$OUT/train_step.txt" || status=1
 exit $status

@@ -34,8 +34,9 @@ Initializer = Callable[[PRNGKey, Sequence[int], Any], Array]
 
 
 # Compiling the PRNG for a new shape costs about a second on a CPU, and a model has many
-# shapes (ResNet-18: ~20), so params of up to _BLOCK entries are cut from one fixed-size draw
-# with a single compiled sampler; larger ones are drawn at their own shape.
+# shapes (ResNet-18: ~20), so eagerly, params of up to _BLOCK entries are cut from one
+# fixed-size draw with a single compiled sampler; larger ones are drawn at their own shape.
+# With the default (partitionable threefry) keys the values equal a draw at the real shape.
 _BLOCK = 1 << 18
 
 
@@ -49,7 +50,8 @@ def _standard(key: PRNGKey, shape: Sequence[int], distribution: str) -> Array:
     """float32 samples of N(0, 1) or U(0, 1) of ``shape``."""
     shape = tuple(int(d) for d in shape)
     n = math.prod(shape)
-    if n > _BLOCK:
+    # Traced (jit/vmap of init): one program anyway, so draw just what is needed.
+    if n > _BLOCK or isinstance(key, jax.core.Tracer):
         sample = jax.random.normal if distribution == "normal" else jax.random.uniform
         return sample(key, shape, jnp.float32)
     return _block(key, distribution)[:n].reshape(shape)

@@ -375,14 +375,15 @@ def _pool(kind: str, reducer: str, window: int | Sequence[int],
             floating = jnp.issubdtype(x.dtype, jnp.floating)
             init_val = -jnp.inf if floating else int(jnp.iinfo(x.dtype).min)
             return lax.reduce_window(x, init_val, lax.max, win, st, pad)
-        total = lax.reduce_window(x, 0.0 if jnp.issubdtype(x.dtype, jnp.floating) else 0,
-                                  lax.add, win, st, pad)
+        # Sums in float32 at least (bf16/fp16 sums lose digits or overflow).
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        total = lax.reduce_window(x.astype(acc), 0.0, lax.add, win, st, pad)
         if count_include_pad:
-            return total / math.prod(win)
+            return (total / math.prod(win)).astype(x.dtype)
         # Divide by the number of real (unpadded) elements in each window.
-        ones = jnp.ones((1, *x.shape[1:-1], 1), x.dtype)
+        ones = jnp.ones((1, *x.shape[1:-1], 1), acc)
         count = lax.reduce_window(ones, 0.0, lax.add, win, st, pad)
-        return total / count
+        return (total / count).astype(x.dtype)
 
     return _make(kind, lambda key, x: {}, apply, name)
 
@@ -658,8 +659,8 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
     - ``"flax"`` (``flax.linen.BatchNorm``): ``momentum`` (default 0.99) is the decay,
       :math:`r \leftarrow m\,r + (1 - m)\,b`, with the biased batch variance.
 
-    Statistics are always computed and kept in float32, whatever the input dtype or
-    precision policy; the output has the input's dtype.
+    Statistics are always computed and kept in float32 (float64 for a float64 input),
+    whatever the precision policy; the output has the input's dtype.
 
     Args:
       momentum: see the conventions; ``None`` takes the convention's default.
@@ -706,7 +707,8 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
 
     def init(key: PRNGKey, x: Any) -> tuple[Params, Any]:
         f = features(x)
-        state = {"mean": jnp.zeros((f,), jnp.float32), "var": jnp.ones((f,), jnp.float32),
+        dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 under x64
+        state = {"mean": jnp.zeros((f,), dtype), "var": jnp.ones((f,), dtype),
                  "count": jnp.zeros((), jnp.int32)}
         return _init_affine(f, use_scale, use_bias), state
 
@@ -952,14 +954,15 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
     ``(batch, heads, seq, seq)``; both may be used together. With ``dropout > 0`` and
     ``train=True`` the attention weights are dropped (needs ``key``).
 
-    The attention itself is ``jax.nn.dot_product_attention``, so on a GPU it runs cuDNN's
-    fused kernel where that applies. ``implementation``: ``None`` picks it on GPUs and, on
-    CPU/TPU, for float64 or when attention dropout is active, funtrain's own path, whose float32
-    softmax keeps only compute-dtype tensors for the backward pass (half the saved bytes
-    under bf16); ``"xla"`` or ``"cudnn"`` force ``jax.nn.dot_product_attention`` with that
-    implementation; ``"funtrain"`` forces funtrain's path. All agree to rounding. Logits and
-    softmax run in float32 whatever the input dtype. Params: ``query``, ``key``,
-    ``value`` and ``out``, each ``{"w", "b"}``.
+    On a GPU, in bf16/fp16, the attention is ``jax.nn.dot_product_attention`` with
+    cuDNN's fused kernel (``implementation=None`` picks it there when the head size is a
+    multiple of 8 up to 128 and no attention dropout is active). Elsewhere it is funtrain's
+    own path, whose float32 softmax keeps only compute-dtype tensors for the backward pass
+    (half the saved bytes under bf16; jax's XLA path keeps float32 copies). ``"xla"`` or
+    ``"cudnn"`` force ``jax.nn.dot_product_attention`` with that implementation;
+    ``"funtrain"`` forces funtrain's path. All agree to rounding. Logits and softmax run in
+    float32 whatever the input dtype. A 2-D ``mask`` is always a ``(batch, seq)`` padding
+    mask. Params: ``query``, ``key``, ``value`` and ``out``, each ``{"w", "b"}``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -1047,9 +1050,12 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
         m = as_mask(mask, b, t)
         impl = implementation
         if impl is None:
-            # jax.nn.dot_product_attention runs its softmax in float32 even for float64.
-            lean = drop or jax.default_backend() != "gpu" or x.dtype == jnp.float64
-            impl = "funtrain" if lean else None
+            # cuDNN's fused kernel on GPUs for half precision; everywhere else funtrain's
+            # path (jax's own XLA path saves f32 copies of the weights for the backward).
+            fused = (not drop and jax.default_backend() == "gpu"
+                     and x.dtype in (jnp.bfloat16, jnp.float16) and (d // h) % 8 == 0
+                     and d // h <= 128)
+            impl = "cudnn" if fused else "funtrain"
         if impl == "funtrain":
             acc = jnp.promote_types(x.dtype, jnp.float32)
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k_, preferred_element_type=acc)

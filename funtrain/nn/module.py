@@ -178,6 +178,16 @@ def check_statistics(model_state: Any, where: str) -> None:
                          f"variance), or load trained statistics")
 
 
+def check_eval_state(state: Any, train: bool, where: str) -> None:
+    """Eager eval-mode check for wrappers whose tracing (``jax.checkpoint``, ``lax.scan``)
+    would hide the count from ``batch_norm``; traced calls are checked by the eval step."""
+    if train or state is None:
+        return
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(state)):
+        return
+    check_statistics(state, where)
+
+
 # The summary records each child's output while tracing a model (summary.py); it is off
 # otherwise, and never touches values.
 _RECORD: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("_RECORD",

@@ -258,7 +258,8 @@ def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True
         return dict(out)
 
     compiled = jax.jit(run) if jit else run
-    wants_state = _positional(eval_fn)[1] >= 3
+    accepts, requires = _positional(eval_fn)
+    wants_state = requires >= 3
     checked: list[Any] = []  # the state leaves last found ready (checked once per state)
 
     def eval_step(params: Params, batch: Batch, model_state: Any = None) -> Metrics:
@@ -267,6 +268,11 @@ def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True
                              "e.g. BatchNorm statistics) but none was given; call "
                              "eval_step(params, batch, state.model_state), or "
                              "evaluate(eval_step, params, data, model_state=...)")
+        if model_state is not None and accepts < 3:
+            raise TypeError("eval_step: a model_state was given (the model has state, e.g. "
+                            "BatchNorm statistics) but eval_fn takes (params, batch); write "
+                            "eval_fn(params, batch, model_state), or use "
+                            "classifier_eval(model)")
         if model_state is not None:
             leaves = jax.tree.leaves(model_state)
             if len(leaves) != len(checked) or any(

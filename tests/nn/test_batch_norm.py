@@ -545,3 +545,21 @@ def test_bad_inputs_name_the_layer():
     with pytest.raises(nn.ModuleError, match=r"batch_norm layer \(at the root\): expected an "
                                              r"input of rank >= 2"):
         nn.batch_norm().init(KEY, jnp.ones(3))
+
+
+def test_eval_before_statistics_is_caught_through_remat_wrappers_and_float64_state():
+    """remat.checkpoint and remat.repeat trace the model (the count is a tracer inside), so
+    they check an eager eval-mode call's state first."""
+    x = jnp.ones((2, 3))
+    block = nn.serial(nn.dense(3), nn.batch_norm(name="bn"))
+    for model, where in ((remat.checkpoint(block), r"serial \(checkpointed\)"),
+                         (remat.repeat(block, 2), "repeat")):
+        params, state = model.init(KEY, x)
+        with pytest.raises(ValueError, match=where + r": eval mode before any statistics "
+                                                     r"exist: the BatchNorm state at 'bn'"):
+            model.apply(params, x, state=state)
+        _, trained = model.apply(params, x, state=state, train=True)
+        model.apply(params, x, state=trained)  # trained: fine
+    with jax.enable_x64(True):
+        params, state = nn.batch_norm().init(KEY, jnp.zeros((2, 3), jnp.float64))
+        assert state["mean"].dtype == jnp.float64  # float64 statistics for float64 inputs

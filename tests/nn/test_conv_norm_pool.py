@@ -163,3 +163,13 @@ def test_max_pool_gradient_under_jit_routes_to_the_max():
                                   .reshape(4, 4), expected)
     g_avg = jax.jit(jax.grad(lambda x: jnp.sum(nn.avg_pool(2, padding="SAME").apply({}, x))))(x)
     np.testing.assert_allclose(g_avg, np.full((1, 4, 4, 1), 0.25))
+
+
+def test_avg_pool_sums_in_float32():
+    x = jnp.full((1, 8, 8, 1), 2000.0, jnp.float16)  # a float16 sum would overflow to inf
+    y = nn.avg_pool(8).apply({}, x)
+    assert y.dtype == jnp.float16 and float(y[0, 0, 0, 0]) == 2000.0
+    xb = jnp.asarray(rand(2, 7, 7, 3) + 10, jnp.bfloat16)
+    ref = np.asarray(xb, np.float64).reshape(2, 1, 7, 1, 7, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(np.asarray(nn.avg_pool(7).apply({}, xb), np.float64), ref,
+                               rtol=4e-3)

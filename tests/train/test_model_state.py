@@ -205,6 +205,11 @@ def test_eval_without_model_state_is_a_clear_error():
                                          r"given; call eval_step\(params, batch, "
                                          r"state.model_state\)"):
         train.evaluate(eval_step, params, batches(1))
+    two_args = train.make_eval_step(lambda p, b: {"loss": jnp.zeros(())})
+    _, state = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE)))
+    with pytest.raises(TypeError, match=r"a model_state was given .* but eval_fn takes "
+                                        r"\(params, batch\)"):
+        train.evaluate(two_args, params, batches(1), model_state=state)
 
 
 def test_nonfinite_step_leaves_the_model_state_bitwise_unchanged():
