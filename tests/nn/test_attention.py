@@ -112,3 +112,19 @@ def test_mask_errors():
         nn.multi_head_attention(2, implementation="flash")
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         nn.multi_head_attention(2, dropout=1.0)
+
+
+def test_padding_mask_through_transformer_block_and_gpt():
+    block = nn.transformer_block(8, 2, causal=False)
+    params = block.init(jax.random.key(0), X)
+    x2 = X.at[0, 3:].set(50.0)
+    a, b = block.apply(params, X, PAD), block.apply(params, x2, PAD)
+    np.testing.assert_allclose(a[0, :3], b[0, :3], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(block.apply(params, X)[0, :3], block.apply(params, x2)[0, :3])
+    model = nn.models.gpt(32, 8, 2, 2, 16)
+    ids = jax.random.randint(jax.random.key(2), (2, 8), 0, 32)
+    gp = model.init(jax.random.key(3), ids)
+    left_pad = jnp.array([[0, 0] + [1] * 6, [1] * 8], bool)
+    l1 = jax.jit(model.apply)(gp, ids, left_pad)
+    l2 = jax.jit(model.apply)(gp, ids.at[0, :2].set(5), left_pad)
+    np.testing.assert_allclose(l1[0, 2:], l2[0, 2:], rtol=1e-5, atol=1e-5)

@@ -41,6 +41,8 @@ def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
 
     ``x + dropout(attention(layer_norm(x)))``, then ``x + dropout(mlp(layer_norm(x)))``
     with a GELU MLP of width ``mlp_ratio * d_model``. Params: ``{"attn": ..., "mlp": ...}``.
+    ``apply(params, x, mask=None)`` passes an attention mask (e.g. a ``(batch, seq)``
+    padding mask, True = a real token) to the attention, alongside ``causal``.
     The attention output and the MLP hidden activation are tagged ``attention_out`` and
     ``mlp_hidden`` for ``remat.checkpoint(block, "names:attention_out,mlp_hidden")``.
 
@@ -57,15 +59,41 @@ def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
       (2, 8, 32)
     """
     attn_rate = dropout if attention_dropout is None else attention_dropout
-    return serial(
-        residual(layer_norm(),
-                 multi_head_attention(num_heads, causal=causal, dropout=attn_rate,
-                                      w_init=w_init),
-                 layers.dropout(dropout), name="attn"),
-        residual(layer_norm(), dense(mlp_ratio * d_model, w_init=w_init), gelu(),
-                 stateless(lambda h: checkpoint_name(h, "mlp_hidden"), kind="tag"),
-                 dense(d_model, w_init=w_init), layers.dropout(dropout), name="mlp"),
-        name=name)
+    attention = multi_head_attention(num_heads, causal=causal, dropout=attn_rate,
+                                     w_init=w_init)
+
+    def build(attn: Module) -> Module:
+        return serial(
+            residual(layer_norm(), attn, layers.dropout(dropout), name="attn"),
+            residual(layer_norm(), dense(mlp_ratio * d_model, w_init=w_init), gelu(),
+                     stateless(lambda h: checkpoint_name(h, "mlp_hidden"), kind="tag"),
+                     dense(d_model, w_init=w_init), layers.dropout(dropout), name="mlp"),
+            name=name)
+
+    block = build(attention)
+
+    def apply(params: Params, x: Array, mask: Any = None, *, key: PRNGKey | None = None,
+              train: bool = False) -> Array:
+        if mask is None:
+            return block.apply(params, x, key=key, train=train)
+        # The same block, its attention bound to this call's mask (modules are closures:
+        # building one inside a trace costs nothing at run time).
+        return build(with_mask(attention, mask)).apply(params, x, key=key, train=train)
+
+    def init(key: PRNGKey, x: Any, mask: Any = None) -> Params:
+        return block.init(key, x)
+
+    return block._replace(init=init, apply=apply)
+
+
+def with_mask(module: Module, mask: Any) -> Module:
+    """``module`` with ``mask`` passed as its second input on every call."""
+
+    def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
+              train: bool = False) -> Array:
+        return module.apply(params, x, mask, key=key, train=train)
+
+    return module._replace(apply=apply)
 
 
 # Paths, inside one block's params, of the projections that write into the residual
@@ -90,7 +118,8 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
 
     Params: ``wte`` (token embedding, ``(vocab_size, d_model)``), ``wpe`` (positions,
     ``(block_size, d_model)``), ``h`` (the blocks ``block_0`` ... ``block_{n-1}``) and
-    ``ln_f``.
+    ``ln_f``. ``apply(params, ids, mask=None)``: an optional ``(batch, seq)`` padding mask
+    (True = a real token) joins the causal mask in every block.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -112,10 +141,10 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
     if name is not None:
         _check_name(name, kind)
     std = 0.02
-    blocks = serial(*(transformer_block(d_model, n_head, mlp_ratio=mlp_ratio,
-                                        dropout=dropout, w_init=inits.normal(std),
-                                        name=f"block_{i}") for i in range(n_layer)),
-                    name="h")
+    block_list = [transformer_block(d_model, n_head, mlp_ratio=mlp_ratio, dropout=dropout,
+                                    w_init=inits.normal(std), name=f"block_{i}")
+                  for i in range(n_layer)]
+    blocks = serial(*block_list, name="h")
     ln_f = layer_norm()
     drop = layers.dropout(dropout)
 
@@ -130,7 +159,7 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
             raise ModuleError(kind, f"sequence length {idx.shape[1]} exceeds block_size "
                               f"{block_size}")
 
-    def init(key: PRNGKey, idx: Any) -> Params:
+    def init(key: PRNGKey, idx: Any, mask: Any = None) -> Params:
         check_ids(idx)
         k_wte, k_wpe, k_h = jax.random.split(key, 3)
         x = jax.ShapeDtypeStruct((*idx.shape, d_model), jnp.float32)
@@ -148,7 +177,7 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
                 "h": h,
                 "ln_f": ln_f.init(None, x)}
 
-    def apply(params: Params, idx: Array, *, key: PRNGKey | None = None,
+    def apply(params: Params, idx: Array, mask: Any = None, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
         check_ids(idx)
         missing = sorted({"wte", "wpe", "h", "ln_f"} - set(params))
@@ -159,7 +188,8 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
         t = idx.shape[1]
         x = jnp.take(wte, idx, axis=0) + params["wpe"]["embedding"][:t]
         x = drop.apply({}, x, key=k_drop, train=train)
-        x, _ = run_child("h", blocks, params["h"], (x,), key=k_h, train=train)
+        h = blocks if mask is None else serial(*(with_mask(b, mask) for b in block_list))
+        x, _ = run_child("h", h, params["h"], (x,), key=k_h, train=train)
         x, _ = run_child("ln_f", ln_f, params["ln_f"], (x,))
         return x @ wte.T.astype(x.dtype)  # the head is tied to the token embedding
 
