@@ -956,9 +956,10 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
 
     On a GPU, in bf16/fp16, the attention is ``jax.nn.dot_product_attention`` with
     cuDNN's fused kernel (``implementation=None`` picks it there when the head size is a
-    multiple of 8 up to 128 and no attention dropout is active). Elsewhere it is funtrain's
-    own path, whose float32 softmax keeps only compute-dtype tensors for the backward pass
-    (half the saved bytes under bf16; jax's XLA path keeps float32 copies). ``"xla"`` or
+    multiple of 8 up to 128, with ``causal`` or no mask, and no attention dropout).
+    Elsewhere it is funtrain's own path, whose float32 softmax keeps only compute-dtype
+    tensors for the backward pass (half the saved bytes under bf16; jax's XLA path keeps
+    float32 copies). ``"xla"`` or
     ``"cudnn"`` force ``jax.nn.dot_product_attention`` with that implementation;
     ``"funtrain"`` forces funtrain's path. All agree to rounding. Logits and softmax run in
     float32 whatever the input dtype. A 2-D ``mask`` is always a ``(batch, seq)`` padding
@@ -1052,7 +1053,7 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
         if impl is None:
             # cuDNN's fused kernel on GPUs for half precision; everywhere else funtrain's
             # path (jax's own XLA path saves f32 copies of the weights for the backward).
-            fused = (not drop and jax.default_backend() == "gpu"
+            fused = (not drop and m is None and jax.default_backend() == "gpu"
                      and x.dtype in (jnp.bfloat16, jnp.float16) and (d // h) % 8 == 0
                      and d // h <= 128)
             impl = "cudnn" if fused else "funtrain"
