@@ -23,13 +23,10 @@ import jax.numpy as jnp
 from funtrain import losses, nn, optim, train
 
 
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def flax_resnet18(width, num_classes, dtype):
@@ -163,8 +160,8 @@ def main() -> None:
         # Interleave the two so drift on a shared machine hits both alike.
         ta, tb = [], []
         for _ in range(args.repeats):
-            ta.append(timed(a, 1) / n)
-            tb.append(timed(b, 1) / n)
+            ta.append(seconds(a) / n)
+            tb.append(seconds(b) / n)
         rows.append((label, statistics.median(ta), statistics.median(tb)))
     print(f"{'':12s}{'funtrain':>12s}{'flax+optax':>12s}{'ratio':>8s}")
     for label, a, b in rows:

@@ -555,6 +555,27 @@ softmax_lowp = jax.custom_vjp(_softmax_impl, nondiff_argnums=(2, 3))
 softmax_lowp.defvjp(_softmax_fwd, _softmax_bwd)
 
 
+def _affine_params(params: Params, f: int, kind: str, use_scale: bool, use_bias: bool
+                   ) -> tuple[Array, Array]:
+    """A norm's ``scale`` and ``bias`` (ones/zeros when switched off), shape-checked."""
+    keys = [k for k, on in (("scale", use_scale), ("bias", use_bias)) if on]
+    check_params(params, keys, kind)
+    for k in keys:
+        check_param_shape(params, k, (f,), kind)
+    scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
+    bias = params["bias"] if use_bias else jnp.zeros((f,), jnp.float32)
+    return scale, bias
+
+
+def _init_affine(f: int, use_scale: bool, use_bias: bool) -> Params:
+    params = {}
+    if use_scale:
+        params["scale"] = jnp.ones((f,), jnp.float32)
+    if use_bias:
+        params["bias"] = jnp.zeros((f,), jnp.float32)
+    return params
+
+
 def layer_norm(*, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
                name: str | None = None) -> Module:
     """Normalize over the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``.
@@ -565,25 +586,13 @@ def layer_norm(*, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool 
     kind = "layer_norm"
     if epsilon <= 0:
         raise ValueError(f"layer_norm: epsilon must be > 0, got {epsilon}")
-    keys = tuple(k for k, on in (("scale", use_scale), ("bias", use_bias)) if on)
 
     def init(key: PRNGKey, x: Any) -> Params:
-        f = _features_of(x, kind)
-        params = {}
-        if use_scale:
-            params["scale"] = jnp.ones((f,), jnp.float32)
-        if use_bias:
-            params["bias"] = jnp.zeros((f,), jnp.float32)
-        return params
+        return _init_affine(_features_of(x, kind), use_scale, use_bias)
 
     def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
-        check_params(params, keys, kind)
-        f = _features_of(x, kind)
-        for k in keys:
-            check_param_shape(params, k, (f,), kind)
-        scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
-        bias = params["bias"] if use_bias else jnp.zeros((f,), jnp.float32)
+        scale, bias = _affine_params(params, _features_of(x, kind), kind, use_scale, use_bias)
         return _normalize(x, scale, bias, epsilon, True, (-1,))
 
     return _make(kind, init, apply, name)
@@ -615,26 +624,6 @@ def rms_norm(*, epsilon: float = 1e-6, use_scale: bool = True,
         return _normalize(x, scale, jnp.zeros((f,), scale.dtype), epsilon, False, (-1,))
 
     return _make(kind, init, apply, name)
-
-
-def _affine_params(params: Params, keys: tuple[str, ...], f: int, kind: str,
-                   use_scale: bool, use_bias: bool) -> tuple[Array, Array]:
-    """A norm's ``scale`` and ``bias`` (ones/zeros when switched off), shape-checked."""
-    check_params(params, keys, kind)
-    for k in keys:
-        check_param_shape(params, k, (f,), kind)
-    scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
-    bias = params["bias"] if use_bias else jnp.zeros((f,), jnp.float32)
-    return scale, bias
-
-
-def _init_affine(f: int, use_scale: bool, use_bias: bool) -> Params:
-    params = {}
-    if use_scale:
-        params["scale"] = jnp.ones((f,), jnp.float32)
-    if use_bias:
-        params["bias"] = jnp.zeros((f,), jnp.float32)
-    return params
 
 
 BATCH_NORM_CONVENTIONS = {"pytorch": 0.1, "flax": 0.99}
@@ -698,7 +687,6 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
         raise ValueError(f"batch_norm: epsilon must be > 0, got {epsilon!r}")
     # The weight the new batch gets in the running average.
     new_weight = momentum if convention == "pytorch" else 1.0 - momentum
-    keys = tuple(k for k, on in (("scale", use_scale), ("bias", use_bias)) if on)
 
     def features(x: Any) -> int:
         check_rank(x, None, kind, "an input of rank >= 2 (N, ..., C), channels last",
@@ -741,7 +729,7 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
     def apply(params: Params, x: Array, *, state: Any = None, key: PRNGKey | None = None,
               train: bool = False) -> tuple[Array, Any]:
         f = features(x)
-        scale, bias = _affine_params(params, keys, f, kind, use_scale, use_bias)
+        scale, bias = _affine_params(params, f, kind, use_scale, use_bias)
         check_stats(state, f)
         axes = tuple(range(x.ndim - 1))
         if not train:
@@ -795,7 +783,6 @@ def group_norm(num_groups: int = 32, *, epsilon: float = 1e-5, use_scale: bool =
     _positive_int(num_groups, "num_groups", kind)
     if not epsilon > 0:
         raise ValueError(f"group_norm: epsilon must be > 0, got {epsilon!r}")
-    keys = tuple(k for k, on in (("scale", use_scale), ("bias", use_bias)) if on)
 
     def features(x: Any) -> int:
         check_rank(x, None, kind, "an input of rank >= 2 (N, ..., C), channels last",
@@ -812,7 +799,7 @@ def group_norm(num_groups: int = 32, *, epsilon: float = 1e-5, use_scale: bool =
     def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
         f = features(x)
-        scale, bias = _affine_params(params, keys, f, kind, use_scale, use_bias)
+        scale, bias = _affine_params(params, f, kind, use_scale, use_bias)
         g = num_groups
         xg = x.reshape(*x.shape[:-1], g, f // g)
         axes = (*range(1, x.ndim - 1), xg.ndim - 1)  # spatial axes and the group's channels
