@@ -95,12 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                       help="compute dtype; params stay float32 (master weights); fp16 adds "
                       "dynamic loss scaling")
-    demo.add_argument("--steps-per-call", type=_positive_int, default=1,
-                      help="training steps per device call (lax.scan)")
+    demo.add_argument("--steps-per-call", type=_positive_int, default=None,
+                      help="training steps per device call (lax.scan); default: fit's choice")
     demo.add_argument("--checkpoint-dir", default=None,
                       help="save the train state there every epoch (atomic checkpoints)")
     demo.add_argument("--resume", action="store_true",
-                      help="continue from the latest checkpoint in --checkpoint-dir")
+                      help="continue the run saved in --checkpoint-dir (a finished run is "
+                      "reported, not trained again)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -131,13 +132,20 @@ def demo(args: argparse.Namespace) -> float:
         state, step, loader, epochs=args.epochs, eval_step=eval_step,
         eval_data=test_set.batches(256), steps_per_call=args.steps_per_call,
         progress=not args.no_progress, log_every=10, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=len(loader) if args.checkpoint_dir else None, resume=args.resume)
+        resume=args.resume)
     acc = history.eval[-1]["accuracy"]
+    if history.interrupted:
+        print(f"interrupted at step {int(state.step)}"
+              + (f"; continue with --resume" if args.checkpoint_dir else ""))
     if state.loss_scale is not None:
         print(f"loss scale {float(state.loss_scale.loss_scale):g}, "
               f"skipped steps {int(state.skipped_steps)}")
-    print(f"final train loss {history.train['loss'][-1]:.4f}; "
-          f"test loss {history.eval[-1]['loss']:.4f}")
+    if history.train["loss"]:
+        print(f"final train loss {history.train['loss'][-1]:.4f}; "
+              f"test loss {history.eval[-1]['loss']:.4f}")
+    else:
+        print(f"the run in {args.checkpoint_dir} had finished at step {int(state.step)}; "
+              f"test loss {history.eval[-1]['loss']:.4f}")
     print(f"test accuracy: {acc:.4f}  ({time.perf_counter() - t0:.1f} s in all)")
     return acc
 

@@ -82,6 +82,15 @@ def test_demo_checkpoints_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "test accuracy" in second.stdout
     assert checkpoint.latest_step(ckpt) == 2 * per_epoch
+    # the same command again: the finished run is reported, not trained or crashed
+    third = run_cli("demo", "--epochs", "2", "--checkpoint-dir", ckpt, "--resume",
+                    "--no-progress")
+    assert third.returncode == 0, third.stderr
+    assert "had finished at step 88" in third.stdout and "test accuracy" in third.stdout
+    # a new run into the folder of another is an error, not a silent mix
+    fourth = run_cli("demo", "--epochs", "1", "--checkpoint-dir", ckpt, "--no-progress")
+    assert fourth.returncode != 0 and "already holds checkpoints of another run" in \
+        fourth.stderr
     assert run_cli("demo", "--resume").returncode == 2
 
 

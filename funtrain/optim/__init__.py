@@ -5,7 +5,7 @@
 - ``optimizers``: ``sgd`` ... ``muon``, each a short chain of blocks;
 - ``schedules``: learning-rate schedules ``step -> value``;
 - ``wrappers``: ``masked``, ``partition``, ``freeze``, ``multi_steps``, ``apply_if_finite``,
-  ``inject_hyperparams``.
+  ``inject_hyperparams``, ``ema``.
 """
 
 from funtrain.optim import schedules
@@ -59,12 +59,15 @@ from funtrain.optim.transforms import (
 )
 from funtrain.optim.wrappers import (
     ApplyIfFiniteState,
+    EmaState,
     InjectHyperparamsState,
     MaskedNode,
     MaskedState,
     MultiStepsState,
     PartitionState,
     apply_if_finite,
+    ema,
+    ema_params,
     freeze,
     inject_hyperparams,
     masked,
@@ -91,6 +94,7 @@ __all__ = [
     "radam", "lion", "lamb", "lars", "adafactor", "schedule_free_adamw",
     "schedule_free_eval_params", "muon", "newton_schulz", "OPTIMIZERS",
     "masked", "partition", "freeze", "multi_steps", "apply_if_finite", "inject_hyperparams",
+    "ema", "ema_params", "EmaState",
     "MaskedState", "MaskedNode", "PartitionState", "MultiStepsState", "ApplyIfFiniteState",
     "InjectHyperparamsState",
     "schedules",

@@ -7,6 +7,8 @@
 - ``apply_if_finite``: skip steps whose gradients hold an inf or a NaN.
 - ``inject_hyperparams``: keep numeric hyperparameters in the state, so a jitted step can
   read and change them without recompiling.
+- ``ema``: keep an exponential moving average of the params, to evaluate on
+  (``ema_params``).
 
 Each returns an ``Optimizer(init_state, update)`` over a NamedTuple state, so the wrappers
 nest and chain like any other block. Masks and labels decide the state's structure, so they
@@ -27,8 +29,8 @@ from jax import lax
 
 from funtrain._tree import check_same_structure, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
-from funtrain.optim.base import EmptyState, Optimizer
-from funtrain.optim.transforms import safe_increment
+from funtrain.optim.base import EmptyState, Optimizer, apply_updates
+from funtrain.optim.transforms import _need_params, safe_increment
 
 __all__ = [
     "MaskedNode", "MaskedState", "masked",
@@ -37,6 +39,7 @@ __all__ = [
     "MultiStepsState", "multi_steps",
     "ApplyIfFiniteState", "apply_if_finite",
     "InjectHyperparamsState", "inject_hyperparams",
+    "EmaState", "ema", "ema_params",
 ]
 
 MaskOrFn = Any  # a pytree of bools like params, or a function params -> such a pytree
@@ -696,3 +699,76 @@ def _named_arguments(sig: inspect.Signature, bound: inspect.BoundArguments) -> d
         elif kind is not inspect.Parameter.VAR_POSITIONAL:
             named[name] = value
     return named
+
+
+# --------------------------------------------------------------------------- ema
+
+
+class EmaState(NamedTuple):
+    """``inner``: the wrapped optimizer's state; ``ema``: the average of the params."""
+
+    inner: OptState
+    ema: Params
+
+
+def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
+    r"""Keep an exponential moving average of the params in the optimizer state.
+
+    After each update, with :math:`p_t` the params it produces,
+
+    .. math:: e_t = \delta\, e_{t-1} + (1 - \delta)\, p_t, \qquad e_0 = p_0,
+
+    as ``torch.optim.swa_utils.get_ema_multi_avg_fn`` (no bias correction; optax's
+    ``ema`` averages updates instead). The average is kept in float32 at least, checkpoints
+    and shards with the state, and leaves the updates unchanged. Evaluate on it with
+    ``fit(eval_params=optim.ema_params)``.
+
+    Args:
+      opt: the optimizer whose params to average.
+      decay: :math:`\delta` in ``[0, 1)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from funtrain import optim
+      >>> opt = ema(optim.sgd(1.0), decay=0.5)
+      >>> params = {"w": jnp.zeros(())}
+      >>> _, state = opt.update({"w": jnp.ones(())}, opt.init(params), params)
+      >>> float(ema_params(state)["w"])  # 0.5 * 0 + 0.5 * (0 - 1)
+      -0.5
+    """
+    where = "ema"
+    _check_optimizer(where, "opt", opt)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating)) \
+            or not 0.0 <= float(decay) < 1.0:
+        raise ValueError(f"{where}: decay must be a float in [0, 1), got {decay!r}")
+
+    def init_state(params: Params) -> EmaState:
+        average = jax.tree.map(
+            lambda p: jnp.array(p, jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)),
+            params)
+        return EmaState(opt.init(params), average)
+
+    def update(grads: Grads, state: EmaState, params: Params | None = None
+               ) -> tuple[Updates, EmaState]:
+        params = _need_params(where, params)
+        updates, inner = opt.update(grads, state.inner, params)
+        new = apply_updates(params, updates)
+        average = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype),
+                               state.ema, new)
+        return updates, EmaState(inner, average)
+
+    return Optimizer(init_state, update)
+
+
+def ema_params(state: Any) -> Params:
+    """The averaged params of the one ``ema`` in ``state``: an optimizer state, or a whole
+    ``TrainState`` (then cast to its params' dtypes), so ``fit(eval_params=ema_params)``."""
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, EmaState))
+             if isinstance(s, EmaState)]
+    if len(found) != 1:
+        raise ValueError(f"ema_params: expected the state of one optim.ema optimizer, "
+                         f"found {len(found)}")
+    params = getattr(state, "params", None)
+    if params is None:
+        return found[0].ema
+    return jax.tree.map(lambda e, p: e.astype(p.dtype), found[0].ema, params)

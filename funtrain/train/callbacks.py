@@ -3,23 +3,33 @@
 A callback is any object with some of these methods (all optional):
 
 - ``on_step(step, metrics)``: for every step, called in batches at ``fit``'s logging points
-  (so there is no host sync per step); ``metrics`` are floats;
-- ``on_eval(epoch, metrics)``: after each evaluation;
+  (so there is no host sync per step). ``step`` is the global step *after* the update
+  (``state.step``), ``metrics`` are floats;
+- ``on_eval(step, metrics)``: after each evaluation, at the same global step as the train
+  metrics of the last step before it (so TensorBoard overlays them);
 - ``on_epoch_end(epoch, state)``;
 - ``on_checkpoint(step, path)``: after a checkpoint is safely on disk;
-- ``close()``: at the end of ``fit``, also on error.
+- ``close()``: at the end of every ``fit`` call, also on error;
+- ``state_dict()`` / ``load_state_dict(d)``: JSON-able state, saved in every checkpoint and
+  restored on resume, so a resumed run behaves as an uninterrupted one.
 
-A callback stops training by setting ``stop_training = True`` (``EarlyStopping`` does).
+A callback stops training by setting ``stop_training = True``, and says why in
+``stop_reason`` (``EarlyStopping`` does); ``fit`` resets ``stop_training`` when it starts.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
 
 
 def _jsonable(value: Any) -> Any:
@@ -28,62 +38,139 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class JsonlLogger:
-    """One JSON object per line: ``{"step": 12, "loss": ...}``, ``{"epoch": 0, "eval": {...}}``."""
+class _AppendFile:
+    """A text file written through ``fit`` runs: opened lazily, truncated on first write
+    unless appending, and rewound to a checkpoint's size on resume (so every line is
+    written exactly once, however often the run was killed and resumed)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: Path, append: bool) -> None:
+        self.path, self.append = path, append
+        self._file: io.TextIOWrapper | None = None
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a" if self.append else "w", encoding="utf-8",
+                                        newline="")
+            self.append = True  # later reopenings (a second fit call) continue the file
+        self._file.write(text)
+
+    def size(self) -> int:
+        """Flush to disk (fsync) and return the file's size: the state a checkpoint keeps."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def rewind(self, size: int, owner: str) -> None:
+        """Cut the file back to ``size`` bytes (the lines written after the checkpoint)."""
+        self.close()
+        have = self.path.stat().st_size if self.path.exists() else 0
+        if have < size:
+            warnings.warn(f"{owner}: {self.path} has {have} bytes, fewer than the {size} it had "
+                          f"at the checkpoint; appending to it as it is", stacklevel=3)
+        elif self.path.exists():
+            with self.path.open("r+b") as f:
+                f.truncate(size)
+        self.append = True
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class JsonlLogger:
+    """One JSON object per line: ``{"step": 12, "loss": ...}`` and
+    ``{"step": 60, "eval": {...}}``.
+
+    Args:
+      path: the file.
+      append: keep what the file holds and append; by default a new run starts it afresh.
+        A resumed run always continues it, from its size at the checkpoint.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, append: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._out = _AppendFile(self.path, append)
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._out.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._write({"step": step, **metrics})
 
-    def on_eval(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._write({"epoch": epoch, "eval": {k: _jsonable(v) for k, v in metrics.items()}})
-        self._file.flush()
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._write({"step": step, "eval": {k: _jsonable(v) for k, v in metrics.items()}})
+        self._out.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bytes": self._out.size()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._out.rewind(int(state["bytes"]), "JsonlLogger")
 
     def close(self) -> None:
-        self._file.close()
+        self._out.close()
 
 
 class CsvLogger:
-    """Per-step metrics as CSV rows; the columns are those of the first step (plus ``step``).
+    """Per-step metrics as CSV rows, columns ``step`` and the first step's metrics.
 
-    Evaluations go to a sibling file ``<name>_eval.csv``.
+    Evaluations go to a sibling file ``<name>_eval.csv`` (columns ``step`` and the metrics).
+    ``append`` as for ``JsonlLogger``.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, append: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._files: dict[Path, Any] = {}
-        self._writers: dict[Path, csv.DictWriter] = {}
+        self.eval_path = self.path.with_name(self.path.stem + "_eval.csv")
+        self._out = {p: _AppendFile(p, append) for p in (self.path, self.eval_path)}
+        self._fields: dict[Path, list[str]] = {}
 
     def _row(self, path: Path, row: dict[str, Any]) -> None:
-        if path not in self._writers:
-            f = path.open("w", newline="", encoding="utf-8")
-            self._files[path] = f
-            self._writers[path] = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore",
-                                                 restval="")
-            self._writers[path].writeheader()
-        self._writers[path].writerow(row)
+        text = io.StringIO()
+        if path not in self._fields:
+            self._fields[path] = list(row)
+            if not self._out[path].append or self._out[path].size() == 0:
+                csv.writer(text).writerow(self._fields[path])
+        csv.DictWriter(text, fieldnames=self._fields[path], extrasaction="ignore",
+                       restval="").writerow(row)
+        self._out[path].write(text.getvalue())
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._row(self.path, {"step": step, **metrics})
 
-    def on_eval(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._row(self.path.with_name(self.path.stem + "_eval.csv"), {"epoch": epoch, **metrics})
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._row(self.eval_path, {"step": step, **metrics})
+        self._out[self.eval_path].flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {p.name: {"bytes": out.size(), "fields": self._fields.get(p)}
+                for p, out in self._out.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for p, out in self._out.items():
+            saved = state.get(p.name, {"bytes": 0, "fields": None})
+            out.rewind(int(saved["bytes"]), "CsvLogger")
+            if saved["fields"] is not None:
+                self._fields[p] = list(saved["fields"])
+            else:
+                self._fields.pop(p, None)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
+        for out in self._out.values():
+            out.close()
 
 
 class TensorBoardLogger:
-    """Scalars for TensorBoard, through ``tensorboardX`` (or ``torch.utils.tensorboard``)."""
+    """Scalars for TensorBoard, through ``tensorboardX`` (or ``torch.utils.tensorboard``).
+
+    Train and eval metrics use the same global step, so their curves overlay.
+    """
 
     def __init__(self, logdir: str | os.PathLike):
         try:
@@ -101,22 +188,26 @@ class TensorBoardLogger:
         for k, v in metrics.items():
             self.writer.add_scalar(f"train/{k}", v, step)
 
-    def on_eval(self, epoch: int, metrics: dict[str, float]) -> None:
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
-            self.writer.add_scalar(f"eval/{k}", v, epoch)
+            self.writer.add_scalar(f"eval/{k}", v, step)
 
     def close(self) -> None:
-        self.writer.close()
+        self.writer.flush()
 
 
 class EarlyStopping:
     """Stop ``fit`` when an evaluation metric stops improving.
+
+    Its counters are saved with every checkpoint and restored on resume.
 
     Args:
       monitor: an eval metric name (e.g. ``"loss"``, ``"accuracy"``).
       mode: ``"min"`` or ``"max"``.
       patience: evaluations without improvement before stopping.
       min_delta: the smallest change that counts as an improvement.
+
+    After it stops, ``stop_reason`` says why (``fit`` copies it to ``History.stop_reason``).
     """
 
     def __init__(self, monitor: str = "loss", mode: str = "min", patience: int = 3,
@@ -127,10 +218,12 @@ class EarlyStopping:
             raise ValueError(f"EarlyStopping: patience must be an int >= 1, got {patience!r}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
+        self.best_step: int | None = None
         self.bad_evals = 0
         self.stop_training = False
+        self.stop_reason: str | None = None
 
-    def on_eval(self, epoch: int, metrics: dict[str, float]) -> None:
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self.monitor not in metrics:
             raise ValueError(f"EarlyStopping: monitored metric {self.monitor!r} is not among "
                              f"the eval metrics {sorted(metrics)}")
@@ -139,7 +232,59 @@ class EarlyStopping:
                   (value < self.best - self.min_delta if self.mode == "min"
                    else value > self.best + self.min_delta))
         if better:
-            self.best, self.bad_evals = value, 0
-        else:
-            self.bad_evals += 1
-            self.stop_training = self.bad_evals >= self.patience
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.patience:
+            self.stop_training = True
+            self.stop_reason = (f"EarlyStopping: eval {self.monitor} did not improve for "
+                                f"{self.bad_evals} evaluations (best {self.best:.6g} at step "
+                                f"{self.best_step}, mode {self.mode!r}, min_delta "
+                                f"{self.min_delta:g})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.bad_evals = int(state["bad_evals"])
+
+
+class ProgressBar:
+    """``fit``'s progress bar (``tqdm.auto``: a widget in notebooks).
+
+    It shows the running means of ``loss`` and ``accuracy`` since its last refresh (not one
+    step's noisy values), the last evaluation, and an ETA that leaves compile time out.
+    """
+
+    SHOWN = ("loss", "accuracy")
+
+    def __init__(self, total: int | None, initial: int, desc: str) -> None:
+        self.desc = desc
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
+                        dynamic_ncols=True)
+        self._postfix: dict[str, str] = {}
+
+    def set_epoch(self, epoch: int, epochs: int | None) -> None:
+        self.bar.set_description(f"{self.desc} {epoch + 1}/{epochs}" if epochs else
+                                 f"{self.desc} {epoch + 1}", refresh=False)
+
+    def exclude_time(self, seconds: float) -> None:
+        """Leave ``seconds`` (a compile) out of the elapsed time the rate and ETA use."""
+        self.bar.start_t += seconds
+        self.bar.last_print_t += seconds
+
+    def advance(self, steps: int, metrics: dict[str, Any]) -> None:
+        """Move by ``steps`` and show the means of their ``metrics`` (arrays over them)."""
+        self._postfix.update({k: f"{float(np.mean(metrics[k])):.4g}" for k in self.SHOWN
+                              if k in metrics})
+        self.bar.set_postfix(self._postfix, refresh=False)
+        self.bar.update(steps)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._postfix.update({f"eval_{k}": f"{v:.4g}" for k, v in metrics.items()
+                              if k in self.SHOWN})
+        self.bar.set_postfix(self._postfix, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -5,8 +5,8 @@ A checkpoint of step ``s`` is the folder ``directory/step_{s:08d}/`` holding
 * ``arrays.npz``: one uncompressed array per leaf, named by its index in flattening order.
   Dtypes numpy cannot store (bfloat16 and the other ``ml_dtypes``) are stored as unsigned
   integer views of their bytes; typed PRNG keys as their ``key_data``.
-* ``manifest.json``: every leaf's key path, dtype, shape and SHA-256, the step,
-  ``funtrain.__version__``, the user's metadata and the SHA-256 of ``arrays.npz``.
+* ``manifest.json``: the format version, the step, the user's metadata, the size and
+  SHA-256 of ``arrays.npz``, and every leaf's key path, dtype, shape and SHA-256.
 
 ``save`` writes both files into a ``.tmp_*`` folder, fsyncs them and the folder, renames it
 to its final name and fsyncs ``directory``, so a process killed at any moment leaves every
@@ -50,6 +50,7 @@ PathLike = str | os.PathLike
 ARRAYS = "arrays.npz"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+KNOWN_FORMATS = (1,)  # manifest formats restore can read
 _STEP_RE = re.compile(r"step_(\d{8,})")
 
 
@@ -186,8 +187,6 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
       >>> save(tempfile.mkdtemp(), {"w": jnp.zeros(2)}, 3).name
       'step_00000003'
     """
-    import funtrain
-
     step = _checked_step(step)
     directory = Path(directory)
     final = step_dir(directory, step)
@@ -199,7 +198,7 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint.save: metadata must be JSON-serializable: {e}") from None
 
-    entries, leaves, treedef = _flatten(state)
+    entries, leaves, _ = _flatten(state)
     arrays = {}
     for i, (entry, leaf) in enumerate(zip(entries, leaves, strict=True)):
         info, arrays[str(i)] = _encode(entry["path"], leaf)
@@ -216,10 +215,7 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
         manifest = {
             "format": FORMAT_VERSION,
             "step": step,
-            "funtrain_version": funtrain.__version__,
             "metadata": metadata,
-            "treedef": str(treedef),
-            "arrays_file": ARRAYS,
             "arrays_sha256": _sha256_file(tmp / ARRAYS),
             "arrays_bytes": (tmp / ARRAYS).stat().st_size,
             "leaves": entries,
@@ -281,8 +277,8 @@ def _resolve_step(directory: PathLike, step: Any, where: str) -> int:
 
 
 def read_manifest(directory: PathLike, step: Any = None) -> dict[str, Any]:
-    """The manifest of ``step`` (default: latest) as a dict: ``step``, ``metadata``,
-    ``funtrain_version``, ``leaves`` (key path, dtype, shape ...) and checksums."""
+    """The manifest of ``step`` (default: latest) as a dict: ``format``, ``step``,
+    ``metadata``, ``leaves`` (key path, dtype, shape ...) and checksums."""
     step = _resolve_step(directory, step, "checkpoint.read_manifest")
     folder = step_dir(directory, step)
     path = folder / MANIFEST
@@ -294,10 +290,19 @@ def read_manifest(directory: PathLike, step: Any = None) -> dict[str, Any]:
                               f"is incomplete or damaged")
     try:
         manifest = json.loads(path.read_text())
-        _ = manifest["step"], manifest["arrays_sha256"], manifest["leaves"]
+        if not isinstance(manifest, dict) or manifest.get("format") not in KNOWN_FORMATS:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise CheckpointError(f"checkpoint: {path} has format {found!r}; this funtrain "
+                                  f"reads format {', '.join(map(str, KNOWN_FORMATS))}. It was "
+                                  f"written by another version of funtrain: restore it with "
+                                  f"that version")
+        _ = manifest["step"], manifest["arrays_sha256"], manifest["arrays_bytes"]
+        _ = manifest["leaves"]
         for leaf in manifest["leaves"]:
             _ = leaf["path"], leaf["keys"], leaf["name"], leaf["kind"], leaf["dtype"]
             _ = leaf["shape"], leaf["stored_dtype"], leaf["sha256"]
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint: {path} is unreadable or malformed "
                               f"({type(e).__name__}: {e})") from None
@@ -316,8 +321,8 @@ def _load_arrays(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray
     if not path.is_file():
         raise CheckpointError(f"checkpoint: {path} is missing")
     size = path.stat().st_size
-    expected_size = manifest.get("arrays_bytes")
-    if expected_size is not None and size != expected_size:
+    expected_size = manifest["arrays_bytes"]
+    if size != expected_size:
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupted: it has {size} "
                               f"bytes, the manifest expects {expected_size}")
     if _sha256_file(path) != manifest["arrays_sha256"]:
@@ -514,3 +519,67 @@ class CheckpointManager:
     def read_manifest(self, step: Any = None) -> dict[str, Any]:
         """:func:`read_manifest` from this manager's folder."""
         return read_manifest(self.directory, step)
+
+
+# ----------------------------------------------------------------------------- fit's runs
+
+
+class RunCheckpoints:
+    """``fit``'s checkpoints: the ``TrainState``, and in the manifest's metadata (under
+    ``"fit"``) what an exact resume needs besides it:
+
+    - ``run_start``: the step the interrupted ``fit`` call started from (its ``epochs``
+      count from there);
+    - ``data``: the data position's basis (``steps_per_epoch``, ``batch_size``,
+      ``examples``), checked on resume;
+    - ``eval``: the run's evaluation records;
+    - ``callbacks``: each callback's ``state_dict()`` (loggers' file sizes,
+      ``EarlyStopping``'s counters), by class name and position;
+    - ``skip_streak``: the non-finite guard's count of consecutive skipped steps.
+    """
+
+    def __init__(self, directory: PathLike, keep_last: int | None, basis: dict[str, Any]
+                 ) -> None:
+        self.manager = CheckpointManager(directory, keep_last=keep_last)
+        self.basis = basis
+        self.last_saved: int | None = None
+
+    def begin(self, state: Any, *, resume: bool | str, overwrite: bool
+              ) -> tuple[Any, dict[str, Any] | None]:
+        """The state to train from and, when resuming, the saved run metadata."""
+        where, directory = "fit", self.manager.directory
+        steps = self.manager.all_steps()
+        if resume and steps:
+            manifest = self.manager.read_manifest()
+            info = (manifest.get("metadata") or {}).get("fit")
+            if info is None:
+                raise CheckpointError(f"{where}: the latest checkpoint in {directory} (step "
+                                      f"{manifest['step']}) was not written by fit; restore "
+                                      f"it with checkpoint.restore and pass the state to fit")
+            if info["data"] != self.basis and resume != "rederive":
+                raise CheckpointError(
+                    f"{where}: the checkpoint at step {manifest['step']} was trained on data "
+                    f"with {info['data']}, but train_data now has {self.basis}, so its data "
+                    f"position cannot be found. Pass the same data, or resume='rederive' to "
+                    f"continue at epoch, batch = divmod(step, steps_per_epoch) of the new data")
+            self.last_saved = manifest["step"]
+            return self.manager.restore(target=state), info
+        later = [s for s in steps if s > int(state.step)]
+        if later and not overwrite:
+            raise CheckpointError(
+                f"{where}: {directory} already holds checkpoints of another run (steps up to "
+                f"{steps[-1]}, beyond this state's step {int(state.step)}). Pass resume=True "
+                f"to continue that run, overwrite=True to delete its checkpoints, or another "
+                f"checkpoint_dir")
+        if overwrite:
+            for s in steps:
+                _remove(step_dir(directory, s))
+        elif int(state.step) in steps:  # continuing the state saved there: not saved again
+            self.last_saved = int(state.step)
+        return state, None
+
+    def save(self, state: Any, step: int, run: dict[str, Any]) -> Path:
+        """Save ``state`` as ``step`` with ``run`` (run_start, eval, callbacks, ...)."""
+        path = self.manager.save(state, step, {"fit": {**run, "data": self.basis}})
+        self.last_saved = step
+        return path

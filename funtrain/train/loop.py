@@ -1,20 +1,41 @@
-"""``fit``: epochs × batches with evaluation, a progress bar and a history."""
+"""``fit``: the training loop, read top to bottom; its small collaborators follow it.
+
+- ``train.feed``: the chunk plan, and the feeds that run it (device-resident epochs for a
+  ``Loader``, background prefetch for any other data);
+- ``_Pending``: metrics still on the device, brought to the host at logging points;
+- ``_Guard``: the non-finite guard's host side (stop mode, and the limit on skipped steps);
+- ``checkpoint.RunCheckpoints``: the state plus what an exact resume needs;
+- ``callbacks``: loggers, ``EarlyStopping``, and the ``ProgressBar``;
+- ``_Interrupts``: Ctrl-C asks the loop to stop at the next chunk boundary.
+"""
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import jax.monitoring
 import numpy as np
-from tqdm.auto import tqdm
 
 from funtrain._typing import Batch, Params
-from funtrain.data.checks import check_batch
+from funtrain.data.dataset import Loader
+from funtrain.train.callbacks import ProgressBar
+from funtrain.train.checkpoint import RunCheckpoints
+from funtrain.train.feed import (
+    DeviceFeed,
+    HostFeed,
+    auto_steps_per_call,
+    epoch_batches,
+    fits_on_device,
+)
 from funtrain.train.state import TrainState
-from funtrain.train.step import Metrics, StepFn, scan_steps
+from funtrain.train.step import Metrics, StepFn
 
 Data = Any  # a Loader (has .epoch(e)), a callable epoch -> iterable, or a re-iterable
 
@@ -24,32 +45,25 @@ class History:
     """What ``fit`` measured.
 
     Attributes:
-      train: per-step metrics, ``train["loss"][i]`` is the loss of step ``i`` (also
-        ``train["step"]``).
-      eval: one dict per evaluation (each epoch), with ``epoch`` and ``step``.
-      seconds: wall-clock time of the whole ``fit`` call, evaluation included.
+      train: this call's per-step metrics: ``train["loss"][i]`` is the loss of the update
+        that took the state to step ``train["step"][i]`` (global steps, counted after the
+        update, as ``state.step``).
+      eval: one dict per evaluation of the run, with ``epoch`` and ``step`` (the global
+        step evaluated, as for ``train``). A resumed run's list starts with the
+        evaluations restored from its checkpoint.
+      seconds: wall-clock time of the ``fit`` call, evaluation included.
+      interrupted: the call was stopped by Ctrl-C (``KeyboardInterrupt``).
+      stop_reason: why the run stopped before its last step (a callback's
+        ``stop_reason``, or the interruption), else ``None``.
+      resumed_from: the checkpoint step a resumed call started from, else ``None``.
     """
 
-    train: dict[str, list[float]] = field(default_factory=dict)
+    train: dict[str, list[float]] = field(default_factory=lambda: {"step": []})
     eval: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
-
-    def _add_train(self, first_step: int, metrics: list[dict[str, Any]]) -> None:
-        for i, m in enumerate(metrics):
-            self.train.setdefault("step", []).append(first_step + i)
-            for k, v in m.items():
-                self.train.setdefault(k, []).append(float(v))
-
-
-def _epoch_batches(data: Data, epoch: int, where: str) -> Iterator[Batch]:
-    if hasattr(data, "epoch"):
-        return iter(data.epoch(epoch))
-    if callable(data):
-        return iter(data(epoch))
-    if isinstance(data, Iterable):
-        return iter(data)
-    raise TypeError(f"{where}: expected a Loader, a callable epoch -> batches, or an "
-                    f"iterable of batches, got {type(data).__name__}")
+    interrupted: bool = False
+    stop_reason: str | None = None
+    resumed_from: int | None = None
 
 
 def _batch_size(batch: Batch) -> int:
@@ -65,12 +79,12 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
     """Mean of ``eval_step``'s metrics over ``data``, weighted by batch size (exact means).
 
     ``model_state`` (a stateful model's, e.g. ``state.model_state``) is passed to
-    ``eval_step`` as its third argument.
+    ``eval_step`` as its third argument. The sums stay on the device: one host transfer.
     """
     totals: dict[str, Any] = {}
     count = 0
     extra = () if model_state is None else (model_state,)
-    for batch in _epoch_batches(data, 0, "evaluate"):
+    for batch in epoch_batches(data, 0, "evaluate"):
         n = _batch_size(batch)
         for k, v in eval_step(params, batch, *extra).items():
             totals[k] = totals.get(k, 0.0) + v * n
@@ -80,232 +94,442 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
     return {k: float(v) / count for k, v in jax.device_get(totals).items()}
 
 
-def _stack(batches: list[Batch]) -> Batch:
-    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
-
-
-def _same_shapes(batches: list[Batch]) -> bool:
-    shapes = [jax.tree.map(np.shape, b) for b in batches]
-    return all(s == shapes[0] for s in shapes[1:])
+# ----------------------------------------------------------------------------- fit
 
 
 def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int = 1,
-        eval_step: Callable[[Params, Batch], Metrics] | None = None, eval_data: Data = None,
-        steps_per_call: int = 1, log_every: int = 50,
-        log_fn: Callable[[int, dict[str, float]], None] | None = None,
-        progress: bool = True, desc: str = "train", checkpoint_dir: Any = None,
-        checkpoint_every: int | None = None, keep_last: int | None = 3,
-        resume: bool = False, callbacks: Sequence[Any] = (), check_data: bool = False,
-        num_classes: int | None = None) -> tuple[TrainState, History]:
-    """Train for ``epochs`` over ``train_data``, evaluating after each epoch.
+        eval_step: Callable[..., Metrics] | None = None, eval_data: Data = None,
+        eval_every: int | None = None,
+        eval_params: Callable[[TrainState], Params] | None = None,
+        callbacks: Sequence[Any] = (), log_every: int = 50, progress: bool = True,
+        desc: str = "train", checkpoint_dir: Any = None, checkpoint_every: int | None = None,
+        keep_last: int | None = 3, resume: bool | str = False, overwrite: bool = False,
+        steps_per_call: int | None = None, device_data: bool | None = None,
+        check_data: bool = False, num_classes: int | None = None,
+        max_consecutive_skips: int = 100) -> tuple[TrainState, History]:
+    """Train for ``epochs`` passes over ``train_data``, evaluating as it goes.
 
-    Metrics stay on the device between logging points: the host syncs only every
-    ``log_every`` steps (and at epoch ends), never once per step.
+    Steps run ``steps_per_call`` at a time in one device call (``lax.scan``), metrics reach
+    the host only at logging points, and a ``Loader``'s in-memory dataset is served from
+    the device, so ``fit`` outpaces a hand-written per-batch loop (``bench/fit.py``).
 
     Args:
-      state: the initial ``TrainState`` (donated to the step: use the returned one).
-      train_step: from ``make_train_step``.
+      state: the ``TrainState`` to train (donated: use the returned one).
+      train_step: from ``make_train_step``. Its compiled chunks are cached, so another
+        ``fit`` call with the same step and shapes compiles nothing.
       train_data: a ``Loader`` (``.epoch(e)`` yields batches), a callable
         ``epoch -> batches``, or a re-iterable such as a list.
-      epochs: passes over ``train_data``.
-      eval_step, eval_data: from ``make_eval_step``, and the data it runs on after
-        every epoch (``evaluate``).
-      steps_per_call: run this many steps per device call with ``lax.scan``
-        (``scan_steps``); the result is the same as one step per call.
-      log_every: steps between host syncs for the progress bar and ``log_fn``.
-      log_fn: called as ``log_fn(step, metrics)`` at each logging point, with the index
-        of the last finished step (as in ``History.train["step"]``) and its metrics.
+      epochs: passes of *this call*: calling ``fit`` again continues the training, at the
+        data position of ``state.step`` when the data has a ``len()``.
+      eval_step, eval_data: from ``make_eval_step``, and the data ``evaluate`` runs it on.
+      eval_every: evaluate every this many steps (and at the end of the call) instead of
+        after every epoch.
+      eval_params: the params to evaluate, from the state, instead of ``state.params``:
+        ``optim.ema_params`` for an ``optim.ema`` optimizer, or
+        ``lambda s: optim.schedule_free_eval_params(s.opt_state, s.params)``.
+      callbacks: objects with any of ``on_step``, ``on_eval``, ``on_epoch_end``,
+        ``on_checkpoint``, ``close``, ``state_dict``/``load_state_dict`` (see
+        ``train.callbacks``: JSONL/CSV/TensorBoard loggers, ``EarlyStopping``).
+      log_every: steps between host syncs for metrics, callbacks and the progress bar.
       progress: show a ``tqdm.auto`` bar (a widget in notebooks).
       desc: the bar's label.
       checkpoint_dir: save the whole ``TrainState`` there (``train.checkpoint``, atomic)
-        every ``checkpoint_every`` steps and at the end, keeping the ``keep_last`` newest.
-      callbacks: objects with any of ``on_step``, ``on_eval``, ``on_epoch_end``,
-        ``on_checkpoint``, ``close`` (see ``train.callbacks``: JSONL/CSV/TensorBoard
-        loggers, ``EarlyStopping``). Step metrics include ``steps_per_second``.
-      check_data: the checked mode: every batch is checked on the host before it is sent
-        (``data.check_batch``: shared leading dimension, no NaN/inf, and with
-        ``num_classes`` integer labels ``batch["y"]`` in range). Costs a scan per batch.
-      resume: continue from the latest checkpoint in ``checkpoint_dir`` (``state`` is then
-        only the template it is restored into). The data position is derived from the
-        step: epoch ``step // len(train_data)``, skipping the batches already seen, so with a
-        ``Loader`` the resumed run's losses are bitwise those of an uninterrupted run.
+        after every epoch's evaluation (or every ``checkpoint_every`` steps), at the end,
+        and on Ctrl-C, keeping the ``keep_last`` newest. A checkpoint holds the run's
+        evaluations and callback states too, so a resume is exact.
+      resume: continue the run saved in ``checkpoint_dir`` (``state`` is then only the
+        template it is restored into; an empty folder starts afresh). ``epochs`` count from
+        the step where the saved call started, so rerunning a script with ``resume=True``
+        finishes it, and a finished run returns its history without training. With
+        ``"rederive"``, data of another length is accepted and the position re-derived as
+        ``divmod(step, steps_per_epoch)``.
+      overwrite: delete the checkpoints of another run found in ``checkpoint_dir``
+        (without it, they are an error).
+      steps_per_call: steps per device call; by default up to 64, dividing the epoch (and
+        ``checkpoint_every``/``eval_every``) so one function compiles. Results do not
+        depend on it beyond float reassociation; a resume should keep it.
+      device_data: serve a ``Loader``'s dataset from the device (default: when it takes at
+        most a quarter of the device memory twice, 4 GiB twice on CPU).
+      check_data: the checked mode: batches (a device-resident dataset: all of it, once)
+        are checked on the host before use (``data.check_batch``: shared leading dimension,
+        no NaN/inf, and with ``num_classes`` integer labels ``batch["y"]`` in range).
+      max_consecutive_skips: with ``make_train_step(skip_nonfinite=True)`` (or a loss
+        scale), this many skipped steps in a row stop the run with an error that names
+        the cause.
 
     Returns:
-      ``(state, history)``.
+      ``(state, history)``. On Ctrl-C the loop stops at the next chunk boundary, saves a
+      checkpoint (with ``checkpoint_dir``) and returns, with ``history.interrupted``. On
+      any other exception, the last state is on the exception as ``err.state`` (and the
+      history as ``err.history``).
+
+    Raises:
+      FloatingPointError: a step's loss, gradients or updated params are not finite (the
+        guard's stop mode; nothing non-finite is ever checkpointed), or too many steps in a
+        row were skipped.
     """
-    where = "fit"
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"{where}: epochs must be an int >= 1, got {epochs!r}")
-    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) \
-            or steps_per_call < 1:
-        raise ValueError(f"{where}: steps_per_call must be an int >= 1, got {steps_per_call!r}")
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise ValueError(f"{where}: log_every must be an int >= 1, got {log_every!r}")
-    if (eval_step is None) != (eval_data is None):
-        raise ValueError(f"{where}: pass eval_step and eval_data together (got only "
-                         f"{'eval_step' if eval_data is None else 'eval_data'})")
-    if epochs > 1 and isinstance(train_data, Iterator):
-        raise TypeError(f"{where}: train_data is a one-shot iterator, but epochs={epochs} "
-                        f"needs a new pass each epoch; pass a Loader, a list, or a callable "
-                        f"epoch -> batches")
-    multi = scan_steps(train_step) if steps_per_call > 1 else None
-    try:
-        steps_per_epoch: int | None = len(train_data)
-    except TypeError:
-        steps_per_epoch = None
-    total = epochs * steps_per_epoch if steps_per_epoch is not None else None
-
-    manager = None
-    if checkpoint_dir is not None:
-        from funtrain.train.checkpoint import CheckpointManager
-
-        manager = CheckpointManager(checkpoint_dir, keep_last=keep_last)
-    elif resume or checkpoint_every:
-        raise ValueError(f"{where}: resume and checkpoint_every need checkpoint_dir")
-    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or
-                                         not isinstance(checkpoint_every, int) or
-                                         checkpoint_every < 1):
-        raise ValueError(f"{where}: checkpoint_every must be an int >= 1, got "
-                         f"{checkpoint_every!r}")
-    if resume and manager is not None and manager.latest_step() is not None:
-        state = manager.restore(target=state)
-    first_step = int(state.step)
-    start_epoch, skip = 0, 0
-    if first_step:
-        if steps_per_epoch is None:
-            raise ValueError(f"{where}: resuming at step {first_step} needs train_data with a "
-                             f"len() (a Loader) to find the data position")
-        start_epoch, skip = divmod(first_step, steps_per_epoch)
-    last_saved = first_step
-    bar = tqdm(total=total, initial=min(first_step, total or first_step), desc=desc,
-               disable=not progress, unit="step", dynamic_ncols=True)
+    steps_per_epoch = _check_arguments(locals())
+    cuts = tuple(c for c in (checkpoint_every, eval_every) if c)
+    k = steps_per_call or auto_steps_per_call(steps_per_epoch, cuts)
+    on_device = device_data if device_data is not None else fits_on_device(train_data)
+    feed = (DeviceFeed(train_data, train_step, k, cuts) if on_device else
+            HostFeed(train_data, train_step, k, cuts, steps_per_epoch))
+    if check_data:
+        feed.check(num_classes)
     history = History()
-    # Metrics still on the device: (None, one step's dict) or (k, dict stacked over k steps).
-    pending: list[tuple[int | None, Metrics]] = []
-    first_pending = int(state.step)
-    last_logged = first_pending
-    postfix: dict[str, str] = {}
-    start = time.perf_counter()
+    checkpoints = (RunCheckpoints(checkpoint_dir, keep_last, _data_basis(train_data))
+                   if checkpoint_dir is not None else None)
 
-    def flush() -> None:
-        nonlocal pending, first_pending
-        if not pending:
-            return
-        # One transfer for everything pending; stacked (scanned) metrics are split on the host.
-        host: list[dict[str, Any]] = []
-        for count, metrics in jax.device_get(pending):
-            if count is None:
-                host.append(metrics)
-            else:
-                host.extend({k: v[i] for k, v in metrics.items()} for i in range(count))
-        check_finite(first_pending, host)
-        now = time.perf_counter()
-        host[-1] = {**host[-1], "steps_per_second": len(host) / max(now - last_flush[0], 1e-9)}
-        last_flush[0] = now
-        history._add_train(first_pending, host)
-        for i, m in enumerate(host):
-            hook("on_step", first_pending + i, {k: float(v) for k, v in m.items()})
-        first_pending += len(host)
-        pending = []
-        last = {k: float(v) for k, v in host[-1].items()}
-        postfix.update({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "accuracy")})
-        bar.set_postfix(postfix, refresh=False)
-        if log_fn is not None:
-            log_fn(first_pending - 1, last)  # the index of the step these metrics belong to
+    # Where this call starts and ends: a resume continues the saved call's plan.
+    run_start, saved = int(state.step), None
+    if checkpoints is not None:
+        state, saved = checkpoints.begin(state, resume=resume, overwrite=overwrite)
+        if saved is not None:
+            run_start = saved["run_start"]
+            history.resumed_from = int(state.step)
+            history.eval = list(saved["eval"])
+            _load_callback_states(callbacks, saved["callbacks"])
+    first = int(state.step)
+    if first and steps_per_epoch is None and saved is not None:
+        raise ValueError(f"fit: resuming at step {first} needs train_data with a len() (a "
+                         f"Loader) to find the data position")
+    end = None if steps_per_epoch is None else run_start + epochs * steps_per_epoch
+    if saved is not None and (saved["stopped"] or first >= end):
+        history.stop_reason = saved["stopped"]  # a finished run: nothing left to train
+        return state, history
 
-    last_flush = [time.perf_counter()]
+    for cb in callbacks:
+        if hasattr(cb, "stop_training"):
+            cb.stop_training = False
+    bar = (ProgressBar(None if end is None else end - run_start, first - run_start, desc)
+           if progress else None)
+    hooks = [*callbacks, *([bar] if bar else [])]
+    pending, guard = _Pending(), _Guard(max_consecutive_skips,
+                                        saved["skip_streak"] if saved else 0)
+    started = time.perf_counter()
+    step, last_eval, last = first, None, None  # last: the last chunk run
 
-    def hook(name: str, *args: Any) -> None:
-        for cb in callbacks:
-            fn = getattr(cb, name, None)
-            if fn is not None:
-                fn(*args)
+    def run_info(stopped: str | None = None) -> dict[str, Any]:
+        return {"run_start": run_start, "eval": history.eval, "stopped": stopped,
+                "callbacks": _callback_states(callbacks), "skip_streak": guard.streak}
 
-    def check_finite(first: int, host: list[dict[str, Any]]) -> None:
-        """The guard's stop mode: fail at the first non-finite step that was not skipped."""
-        for i, m in enumerate(host):
-            if int(m.get("skipped", 0)):
-                continue
-            bad = [k for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])]
-            if bad:
-                where_ckpt = (f"; the last checkpoint (step {last_saved}) is intact"
-                              if manager is not None and last_saved else "")
-                raise FloatingPointError(
-                    f"fit: step {first + i}: {bad[0]} is {float(m[bad[0]])} (not finite)"
-                    f"{where_ckpt}. Pass skip_nonfinite=True to make_train_step to skip such "
-                    f"steps instead")
+    def record() -> None:  # bring the pending metrics to the host, check and log them
+        if pending.count:
+            _record(history, *pending.take(), guard, hooks, bar, checkpoints)
 
-    def pending_steps() -> int:
-        return sum(1 if c is None else c for c, _ in pending)
+    def run_eval(epoch: int) -> None:
+        record()
+        params = state.params if eval_params is None else eval_params(state)
+        result = evaluate(eval_step, params, eval_data, state.model_state)
+        history.eval.append({"epoch": epoch, "step": step, **result})
+        _call(hooks, "on_eval", step, result)
 
-    def run(group: list[Batch]) -> None:
-        nonlocal state, last_logged
-        # Only full groups go through the scan: a short remainder would compile it again.
-        if multi is not None and len(group) == steps_per_call and _same_shapes(group):
-            state, stacked = multi(state, _stack(group))
-            pending.append((len(group), stacked))
-        else:
-            for batch in group:
-                state, metrics = train_step(state, batch)
-                pending.append((None, metrics))
-        bar.update(len(group))
-        done = first_pending + pending_steps()
-        if done - last_logged >= log_every:
-            last_logged = done
-            flush()
-        save_if_due()
-
-    def save_if_due(final: bool = False) -> None:
-        nonlocal last_saved
-        if manager is None:
-            return
-        done = first_pending + pending_steps()
-        due = checkpoint_every and done // checkpoint_every > last_saved // checkpoint_every
-        if (due or final) and done != last_saved:
-            flush()  # checks the pending steps: never checkpoint a non-finite state
-            path = manager.save(state, done)
-            hook("on_checkpoint", done, path)
-            last_saved = done
+    def save(stopped: str | None = None) -> None:
+        record()  # the guard checks every pending step first: nothing non-finite is saved
+        if checkpoints is not None and checkpoints.last_saved != step:
+            path = checkpoints.save(state, step, run_info(stopped))
+            _call(hooks, "on_checkpoint", step, path)
 
     try:
-        for epoch in range(start_epoch, epochs):
-            bar.set_description(f"{desc} {epoch + 1}/{epochs}")
-            group: list[Batch] = []
-            seen = 0
-            for i, batch in enumerate(_epoch_batches(train_data, epoch, where)):
-                seen += 1
-                if epoch == start_epoch and i < skip:
-                    continue  # seen before the checkpoint we resumed from
-                if check_data:
-                    check_batch(batch, num_classes=num_classes,
-                                where=f"fit: epoch {epoch} batch {i}")
-                group.append(batch)
-                if len(group) == steps_per_call:
-                    run(group)
-                    group = []
-            if group:
-                run(group)
-            if seen == 0:
-                raise ValueError(f"{where}: train_data yielded no batches in epoch {epoch}; "
-                                 f"a generator is used up after one pass, so pass a Loader, "
-                                 f"a list, or a callable epoch -> batches")
-            flush()
-            if eval_step is not None:
-                result = evaluate(eval_step, state.params, eval_data, state.model_state)
-                history.eval.append({"epoch": epoch, "step": int(state.step), **result})
-                postfix.update({f"eval_{k}": f"{v:.4g}" for k, v in result.items()})
-                bar.set_postfix(postfix, refresh=True)
-                hook("on_eval", epoch, result)
-            hook("on_epoch_end", epoch, state)
-            if any(getattr(cb, "stop_training", False) for cb in callbacks):
-                break
-        flush()
-        save_if_due(final=True)
+        with _Interrupts() as interrupts:
+            for chunk, batches in feed.chunks(first, end, epochs):
+                if bar is not None and (last is None or chunk.epoch != last.epoch):
+                    bar.set_epoch(chunk.epoch - run_start // (steps_per_epoch or 1), epochs)
+                compiling = _compile_seconds()
+                state, metrics = feed.run(state, chunk, batches)
+                if bar is not None:
+                    bar.exclude_time(_compile_seconds() - compiling)
+                step, last = chunk.first + chunk.size, chunk
+                pending.add(chunk.first, chunk.size, metrics)
+                if pending.count >= log_every:
+                    record()
+                if eval_step is not None and (eval_every is None and chunk.epoch_end or
+                                              eval_every and step % eval_every == 0):
+                    run_eval(chunk.epoch)
+                    last_eval = step
+                if chunk.epoch_end:
+                    _call(hooks, "on_epoch_end", chunk.epoch, state)
+                stop = _stop_reason(callbacks) or interrupts.reason
+                if checkpoints is not None and (stop or (
+                        step % checkpoint_every == 0 if checkpoint_every else chunk.epoch_end)):
+                    save(stop if not interrupts.reason else None)
+                if stop:
+                    history.stop_reason = stop
+                    history.interrupted = interrupts.reason is not None
+                    break
+            record()
+            if (eval_step is not None and eval_every and last is not None
+                    and last_eval != step and not history.interrupted):
+                run_eval(last.epoch)
+            save(None if history.interrupted else history.stop_reason)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a callback
+        if not _alive(state):
+            raise
+        history.interrupted = True
+        history.stop_reason = f"interrupted (KeyboardInterrupt) at step {step}"
+        try:
+            save()
+        except Exception as err:  # noqa: BLE001 - report, but still hand back the state
+            print(f"fit: could not save the interrupted run: {err}", file=sys.stderr)
+    except BaseException as err:
+        _attach(err, state, history)
+        raise
     finally:
-        bar.close()
-        for cb in callbacks:
-            if hasattr(cb, "close"):
-                cb.close()
-    history.train.setdefault("step", [])
-    history.seconds = time.perf_counter() - start
+        for hook in hooks:
+            if hasattr(hook, "close"):
+                hook.close()
+        history.seconds = time.perf_counter() - started
     return state, history
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _positive_int(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"fit: {name} must be an int >= 1{' or None' if optional else ''}, "
+                         f"got {value!r}")
+
+
+def _check_arguments(args: dict[str, Any]) -> int | None:
+    """Validate ``fit``'s arguments once; returns the batches per epoch (``None`` if the
+    data has no ``len()``)."""
+    _positive_int("epochs", args["epochs"])
+    _positive_int("log_every", args["log_every"])
+    _positive_int("max_consecutive_skips", args["max_consecutive_skips"])
+    for name in ("steps_per_call", "checkpoint_every", "eval_every"):
+        _positive_int(name, args[name], optional=True)
+    if (args["eval_step"] is None) != (args["eval_data"] is None):
+        raise ValueError(f"fit: pass eval_step and eval_data together (got only "
+                         f"{'eval_step' if args['eval_data'] is None else 'eval_data'})")
+    if args["checkpoint_dir"] is None and (args["resume"] or args["checkpoint_every"]
+                                           or args["overwrite"]):
+        raise ValueError("fit: resume, overwrite and checkpoint_every need checkpoint_dir")
+    if args["resume"] not in (True, False, "rederive"):
+        raise ValueError(f"fit: resume must be True, False or 'rederive', got "
+                         f"{args['resume']!r}")
+    if args["device_data"] and not isinstance(args["train_data"], Loader):
+        raise TypeError("fit: device_data=True needs train_data to be a Loader over an "
+                        "in-memory ArrayDataset")
+    data = args["train_data"]
+    if args["epochs"] > 1 and isinstance(data, Iterator):
+        raise TypeError(f"fit: train_data is a one-shot iterator, but epochs="
+                        f"{args['epochs']} needs a new pass each epoch; pass a Loader, a "
+                        f"list, or a callable epoch -> batches")
+    try:
+        steps = len(data)
+    except TypeError:
+        return None
+    if steps == 0:
+        raise ValueError("fit: train_data yielded no batches in epoch 0 (its len() is 0)")
+    return steps
+
+
+def _data_basis(data: Data) -> dict[str, Any]:
+    """What the data position depends on, kept in checkpoints to check a resume against."""
+    try:
+        steps = len(data)
+    except TypeError:
+        steps = None
+    dataset = getattr(data, "dataset", None)
+    return {"steps_per_epoch": steps, "batch_size": getattr(data, "batch_size", None),
+            "examples": len(dataset) if dataset is not None else None}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class _Pending:
+    """Step metrics still on the device; their host copies start as soon as they exist."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int, list[Metrics]]] = []
+        self.count = 0
+
+    def add(self, first: int, size: int, metrics: list[Metrics]) -> None:
+        for m in metrics:
+            for v in m.values():
+                if hasattr(v, "copy_to_host_async"):
+                    v.copy_to_host_async()
+        self.items.append((first, size, metrics))
+        self.count += size
+
+    def take(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(global steps after each update, metrics as arrays over those steps)."""
+        host = jax.device_get([m for _, _, ms in self.items for m in ms])
+        steps = np.concatenate([np.arange(first + 1, first + size + 1)
+                                for first, size, _ in self.items])
+        names = list(host[0])
+        out = {k: np.concatenate([np.atleast_1d(m[k]) for m in host]) for k in names}
+        self.items, self.count = [], 0
+        return steps, out
+
+
+_NONFINITE_CAUSES = {1: "the loss", 2: "the gradients", 4: "the updated params"}
+
+
+def _causes(bits: int) -> str:
+    return " and ".join(name for bit, name in _NONFINITE_CAUSES.items() if bits & bit)
+
+
+class _Guard:
+    """The non-finite guard on the host: in stop mode any non-finite step is an error; in
+    skip mode (the step skipped it on the device) ``limit`` skips in a row are."""
+
+    def __init__(self, limit: int, streak: int = 0) -> None:
+        self.limit, self.streak = limit, streak
+
+    def check(self, steps: np.ndarray, metrics: dict[str, np.ndarray], last_saved: Any
+              ) -> None:
+        nonfinite = metrics.get("nonfinite")
+        if nonfinite is None:  # a step not from make_train_step: look at what it reports
+            nonfinite = np.zeros(len(steps), np.int32)
+            for key, bit in (("loss", 1), ("grad_norm", 2)):
+                if key in metrics:
+                    nonfinite |= np.where(np.isfinite(metrics[key]), 0, bit).astype(np.int32)
+        skipped = metrics.get("skipped", np.zeros(len(steps), np.int32))
+        saved = f"; the last checkpoint (step {last_saved}) is intact" if last_saved else ""
+        for i in np.flatnonzero((nonfinite != 0) & (skipped == 0)):
+            values = ", ".join(f"{k} {float(metrics[k][i]):.6g}" for k in ("loss", "grad_norm")
+                               if k in metrics)
+            raise FloatingPointError(
+                f"fit: step {steps[i]}: {_causes(int(nonfinite[i]))} "
+                f"{'is' if nonfinite[i] == 1 else 'are'} not finite ({values}){saved}. Lower "
+                f"the learning rate or check the data, or pass skip_nonfinite=True to "
+                f"make_train_step to skip such steps")
+        if not skipped.any():
+            self.streak = 0
+            return
+        for i, s in enumerate(skipped):
+            self.streak = self.streak + 1 if s else 0
+            if self.streak >= self.limit:
+                raise FloatingPointError(
+                    f"fit: {self.streak} steps in a row were skipped as non-finite (steps "
+                    f"{steps[i] - self.streak + 1} to {steps[i]}), the last because "
+                    f"{_causes(int(nonfinite[i])) or 'its values'} were not finite: the run "
+                    f"is not learning{saved}. Lower the learning rate or check the data "
+                    f"(max_consecutive_skips={self.limit})")
+
+
+def _record(history: History, steps: np.ndarray, metrics: dict[str, np.ndarray],
+            guard: _Guard, hooks: list[Any], bar: ProgressBar | None,
+            checkpoints: RunCheckpoints | None) -> None:
+    """Check the steps, add them to the history, and hand them to the callbacks."""
+    guard.check(steps, metrics, checkpoints.last_saved if checkpoints else None)
+    metrics.pop("nonfinite", None)  # the guard's input, not a training metric
+    history.train["step"].extend(steps.tolist())
+    columns = {k: v.tolist() for k, v in metrics.items()}
+    for k, v in columns.items():
+        history.train.setdefault(k, []).extend(v)
+    if bar is not None:
+        bar.advance(len(steps), metrics)
+    receivers = [h.on_step for h in hooks if hasattr(h, "on_step")]
+    if receivers:
+        for i, step in enumerate(steps.tolist()):
+            row = {k: v[i] for k, v in columns.items()}
+            for on_step in receivers:
+                on_step(step, row)
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+def _call(hooks: list[Any], name: str, *args: Any) -> None:
+    for hook in hooks:
+        fn = getattr(hook, name, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _stop_reason(callbacks: Sequence[Any]) -> str | None:
+    for cb in callbacks:
+        if getattr(cb, "stop_training", False):
+            return getattr(cb, "stop_reason", None) or f"{type(cb).__name__} stopped training"
+    return None
+
+
+def _callback_states(callbacks: Sequence[Any]) -> list[dict[str, Any]]:
+    return [{"class": type(cb).__name__, "state": cb.state_dict()}
+            for cb in callbacks if hasattr(cb, "state_dict")]
+
+
+def _load_callback_states(callbacks: Sequence[Any], saved: list[dict[str, Any]]) -> None:
+    """Give each callback the state saved for the callback of its class at its position
+    among those of that class; callbacks the checkpoint does not know start fresh."""
+    by_class: dict[str, list[Any]] = {}
+    for entry in saved:
+        by_class.setdefault(entry["class"], []).append(entry["state"])
+    seen: dict[str, int] = {}
+    for cb in callbacks:
+        if not hasattr(cb, "load_state_dict"):
+            continue
+        name = type(cb).__name__
+        index = seen[name] = seen.get(name, -1) + 1
+        if index < len(by_class.get(name, [])):
+            cb.load_state_dict(by_class[name][index])
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+class _Interrupts:
+    """Within ``fit``: the first Ctrl-C asks the loop to stop at the next chunk boundary
+    (``reason`` is set); a second one raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = "interrupted (Ctrl-C)"
+        print("\nfit: stopping at the next step boundary (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handler)
+            except ValueError:  # signals unavailable here (e.g. some embedded interpreters)
+                self._previous = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _alive(state: Any) -> bool:
+    """Whether no buffer of ``state`` was donated to a call that did not return."""
+    return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
+
+
+def _attach(err: BaseException, state: Any, history: History) -> None:
+    """Put the last good state on an exception leaving ``fit``, so no work is lost."""
+    if not _alive(state):
+        return
+    try:
+        err.state, err.history = state, history  # type: ignore[attr-defined]
+        err.add_note(f"fit: the state after step {int(state.step)} is err.state (the history "
+                     f"so far is err.history)")
+    except (AttributeError, TypeError):  # exceptions that take no attributes
+        pass
+
+
+_COMPILE_SECONDS = [0.0]
+
+
+def _on_jax_event(event: str, seconds: float, **kwargs: Any) -> None:
+    if event.startswith("/jax/core/compile/"):
+        _COMPILE_SECONDS[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
+
+
+def _compile_seconds() -> float:
+    """Seconds JAX has spent tracing, lowering and compiling in this process."""
+    return _COMPILE_SECONDS[0]

@@ -112,9 +112,10 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         otherwise params and optimizer state stay bitwise unchanged and
         ``state.skipped_steps`` grows by one. The scale is then adjusted.
       skip_nonfinite: the non-finite guard's skip mode, on the device with no host sync:
-        a step whose loss or gradients are not all finite leaves params and optimizer
-        state bitwise unchanged and counts one more ``skipped_steps`` (always on with a
-        loss scale). Without it, ``fit`` stops at such a step with an error.
+        a step whose loss, gradients or updated params are not all finite leaves params
+        and optimizer state bitwise unchanged and counts one more ``skipped_steps``
+        (always on with a loss scale). Without it, ``fit`` stops at such a step with an
+        error; with it, ``fit`` stops after ``max_consecutive_skips`` skips in a row.
       learning_rate: a float or schedule to report as the ``learning_rate`` metric (the
         optimizer's own is used). Without it, an ``optim.inject_hyperparams`` optimizer's
         current ``learning_rate`` is reported.
@@ -124,8 +125,10 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
 
     Returns:
       The step. ``metrics`` holds ``loss``, ``grad_norm`` (global L2 norm of the
-      unscaled gradients), whatever ``aux_metrics`` ``loss_fn`` returned and, with a
-      loss scale, ``loss_scale`` and ``skipped_steps``.
+      unscaled gradients), whatever ``aux_metrics`` ``loss_fn`` returned, ``nonfinite``
+      (an int: +1 the loss, +2 the gradients, +4 the updated params are not all finite;
+      ``fit``'s guard reads it and leaves it out of the history) and, in skip mode or
+      with a loss scale, ``skipped``, ``skipped_steps`` and ``loss_scale``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -185,16 +188,20 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         guarded = scale is not None or skip_nonfinite
         if scale is not None:
             grads = scale.unscale(grads)
-        if guarded:
-            finite = all_finite(grads) & jnp.isfinite(loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": global_norm(grads), **aux}
+        # Which of loss (1), gradients (2) and updated params (4) are not finite: fit's
+        # guard reads this; an overflowing update (too large a learning rate) shows as 4.
+        loss_ok, grads_ok, params_ok = jnp.isfinite(loss), all_finite(grads), all_finite(params)
+        nonfinite = (jnp.where(loss_ok, 0, 1) + jnp.where(grads_ok, 0, 2)
+                     + jnp.where(params_ok, 0, 4)).astype(jnp.int32)
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), **aux, "nonfinite": nonfinite}
         lr = _learning_rate(learning_rate, state)
         if lr is not None:
             metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
         skipped = state.skipped_steps
         if guarded:
+            finite = loss_ok & grads_ok & params_ok
             params = _select(finite, params, state.params)
             opt_state = _select(finite, opt_state, state.opt_state)
             model_state = _select(finite, model_state, state.model_state)
@@ -203,7 +210,7 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
             metrics["skipped"] = jnp.where(finite, 0, 1).astype(jnp.int32)
             metrics["skipped_steps"] = skipped
         if scale is not None:
-            scale = scale.adjust(finite)
+            scale = scale.adjust(loss_ok & grads_ok)  # params overflow is no scale problem
             metrics["loss_scale"] = scale.loss_scale
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=state.rng, loss_scale=scale, skipped_steps=skipped,

@@ -41,16 +41,31 @@ def test_loggers_write_parseable_files(tmp_path):
     train.fit(state, step, loader, epochs=2, eval_step=ev, eval_data=test, progress=False,
               log_every=3, callbacks=[jl, cl])
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "step" in r]
-    assert [r["step"] for r in steps] == list(range(8))
-    for key in ("loss", "grad_norm", "learning_rate", "loss_scale", "steps_per_second"):
+    steps = [r for r in records if "eval" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for key in ("loss", "grad_norm", "learning_rate", "loss_scale", "skipped_steps"):
         assert key in steps[-1], key
+    assert "nonfinite" not in steps[-1]
     assert steps[0]["learning_rate"] == pytest.approx(1e-2)
-    assert [r["epoch"] for r in records if "eval" in r] == [0, 1]
+    # evaluations sit at the global step of the train metrics they follow
+    assert [r["step"] for r in records if "eval" in r] == [4, 8]
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))
     assert len(rows) == 8 and float(rows[3]["loss"]) == pytest.approx(steps[3]["loss"])
     evals = list(csv.DictReader((tmp_path / "log_eval.csv").open()))
-    assert [int(r["epoch"]) for r in evals] == [0, 1] and "accuracy" in evals[0]
+    assert [int(r["step"]) for r in evals] == [4, 8] and "accuracy" in evals[0]
+
+
+def test_loggers_start_afresh_or_append(tmp_path):
+    state, step, loader, ev, test = setup()
+    (tmp_path / "log.jsonl").write_text('{"old": 1}\n')
+    state, _ = train.fit(state, step, loader, progress=False,
+                         callbacks=[train.JsonlLogger(tmp_path / "log.jsonl")])
+    assert "old" not in (tmp_path / "log.jsonl").read_text()  # a new run: a new file
+    logger = train.JsonlLogger(tmp_path / "log.jsonl", append=True)
+    state, _ = train.fit(state, step, loader, progress=False, callbacks=[logger])
+    state, _ = train.fit(state, step, loader, progress=False, callbacks=[logger])  # again
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").open()]
+    assert steps == list(range(1, 13))
 
 
 def test_hooks_fire_in_order(tmp_path):
@@ -60,7 +75,8 @@ def test_hooks_fire_in_order(tmp_path):
               checkpoint_dir=tmp_path, checkpoint_every=2, callbacks=[rec])
     names = [n for n, _ in rec.calls]
     assert names.count("on_step") == 4 and names.count("on_checkpoint") == 2
-    assert names[-3:] == ["on_eval", "on_epoch_end", "close"]
+    # the epoch-end checkpoint comes after that epoch's evaluation
+    assert names[-4:] == ["on_eval", "on_epoch_end", "on_checkpoint", "close"]
 
 
 def test_early_stopping():
@@ -70,6 +86,9 @@ def test_early_stopping():
                         progress=False, callbacks=[stopper])
     assert len(hist.eval) == 3  # best at epoch 0, then 2 evaluations without improvement
     assert stopper.stop_training
+    assert hist.stop_reason == stopper.stop_reason and hist.stop_reason.startswith(
+        "EarlyStopping: eval loss did not improve for 2 evaluations (best ")
+    assert len(hist.train["step"]) == 12
 
 
 def test_schedule_learning_rate_is_reported():
@@ -96,3 +115,17 @@ def test_early_stopping_arguments():
         train.EarlyStopping(mode="up")
     with pytest.raises(ValueError, match="monitored metric 'acc' is not among"):
         train.EarlyStopping(monitor="acc").on_eval(0, {"loss": 1.0})
+
+
+def test_eval_every_and_eval_params_from_an_ema():
+    """Evaluation every N steps (and at the end) on the EMA of the params."""
+    state, step, loader, ev, test = setup(opt=optim.ema(optim.adam(1e-2), decay=0.9))
+    seen = []
+    probe = lambda s: seen.append(int(s.step)) or optim.ema_params(s)
+    state, hist = train.fit(state, step, loader, epochs=3, eval_step=ev, eval_data=test,
+                            eval_every=5, eval_params=probe, progress=False)
+    assert [e["step"] for e in hist.eval] == [5, 10, 12] and seen == [5, 10, 12]
+    ema = optim.ema_params(state)
+    direct = train.evaluate(ev, ema, test)
+    assert hist.eval[-1]["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+    assert train.evaluate(ev, state.params, test)["loss"] != pytest.approx(direct["loss"])

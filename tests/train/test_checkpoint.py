@@ -83,7 +83,8 @@ def test_manifest_contents(tmp_path):
     checkpoint.save(tmp_path, state, 3, metadata={"lr": 0.1, "note": "x"})
     m = checkpoint.read_manifest(tmp_path)
     assert m["step"] == 3 and m["metadata"] == {"lr": 0.1, "note": "x"}
-    assert m["funtrain_version"] == funtrain.__version__
+    assert set(m) == {"format", "step", "metadata", "arrays_sha256", "arrays_bytes", "leaves"}
+    assert m["format"] == checkpoint.FORMAT_VERSION
     assert len(m["arrays_sha256"]) == 64
     by_path = {leaf["path"]: leaf for leaf in m["leaves"]}
     assert by_path["params/dense_0/w"]["dtype"] == "bfloat16"
@@ -93,6 +94,20 @@ def test_manifest_contents(tmp_path):
     assert "loss_scale/min_scale" in by_path
     assert all(len(leaf["sha256"]) == 64 for leaf in m["leaves"])
     assert [leaf["name"] for leaf in m["leaves"]] == [str(i) for i in range(len(m["leaves"]))]
+
+
+def test_an_unknown_format_is_a_clear_error(tmp_path):
+    import json
+
+    checkpoint.save(tmp_path, {"w": jnp.ones(2)}, 1)
+    path = checkpoint.step_dir(tmp_path, 1) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format"] = 99
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.CheckpointError, match=r"has format 99; this funtrain reads "
+                                                         r"format 1\. It was written by another "
+                                                         r"version of funtrain"):
+        checkpoint.restore(tmp_path)
 
 
 def test_restore_without_target_gives_nested_dicts(tmp_path):

@@ -1,4 +1,4 @@
-"""fit on digits: accuracy bar, determinism, steps_per_call, history, data errors."""
+"""fit: accuracy on digits, determinism, both feeds, continuing, caching, data errors."""
 
 import jax
 import jax.numpy as jnp
@@ -6,43 +6,63 @@ import numpy as np
 import pytest
 
 from funtrain import data, nn, optim, train
+from funtrain.train import feed
 
-pytest.importorskip("sklearn")
+
+class Recorder:
+    """A callback that records every call (and optionally raises at a step)."""
+
+    def __init__(self, raise_at=None, error=KeyboardInterrupt):
+        self.calls, self.steps, self.raise_at, self.error = [], {}, raise_at, error
+
+    def on_step(self, step, metrics):
+        self.steps[step] = metrics
+        if step == self.raise_at:
+            raise self.error
+
+    def __getattr__(self, name):
+        if name.startswith("on_") or name == "close":
+            return lambda *a: self.calls.append((name, a[0] if a else None))
+        raise AttributeError(name)
 
 
 @pytest.fixture(scope="module")
 def digits():
+    pytest.importorskip("sklearn")
     return data.load_digits()
 
 
-def run(digits, *, seed=0, epochs=6, steps_per_call=1, progress=False, log_fn=None):
+def run(digits, *, seed=0, epochs=6, **kw):
     train_set, test_set = digits
     model = nn.mlp([256, 10])
     k_init, k_shuffle, k_run = jax.random.split(jax.random.key(seed), 3)
     params = model.init(k_init, jnp.zeros((1, 64)))
     opt = optim.sgd(0.05, momentum=0.9)
     state = train.TrainState.create(params, opt, k_run)
+    kw = {"progress": False, "log_every": 7, **kw}
     return train.fit(
         state, train.make_train_step(train.classifier_loss(model), opt),
         train_set.batches(32, key=k_shuffle, drop_remainder=True), epochs=epochs,
         eval_step=train.make_eval_step(train.classifier_eval(model)),
-        eval_data=test_set.batches(256), steps_per_call=steps_per_call, progress=progress,
-        log_every=7, log_fn=log_fn)
+        eval_data=test_set.batches(256), **kw)
 
 
 def test_fit_reaches_accuracy_bar_and_fills_history(digits):
-    logged = []
-    state, history = run(digits, log_fn=lambda step, m: logged.append((step, m["loss"])))
+    rec = Recorder()
+    state, history = run(digits, callbacks=[rec])
     steps = 6 * (len(digits[0]) // 32)
     assert int(state.step) == steps
     assert len(history.train["loss"]) == steps
-    assert history.train["step"] == list(range(steps))
+    assert history.train["step"] == list(range(1, steps + 1))  # global step after the update
+    assert "nonfinite" not in history.train  # the guard's input, not a metric
     assert [e["epoch"] for e in history.eval] == list(range(6))
+    assert [e["step"] for e in history.eval] == [steps // 6 * (i + 1) for i in range(6)]
     assert history.eval[-1]["accuracy"] >= 0.95
     assert np.mean(history.train["loss"][-20:]) < np.mean(history.train["loss"][:20])
-    assert logged
-    for step, loss in logged:  # log_fn gets the step index and that step's metrics
-        assert history.train["loss"][step] == pytest.approx(loss)
+    assert sorted(rec.steps) == history.train["step"]  # every step reaches the callbacks
+    for i, step in enumerate(history.train["step"]):
+        assert rec.steps[step]["loss"] == history.train["loss"][i]
+    assert not history.interrupted and history.stop_reason is None
 
 
 def test_same_seed_gives_identical_params(digits):
@@ -52,20 +72,114 @@ def test_same_seed_gives_identical_params(digits):
     assert h1.train["loss"] == h2.train["loss"]
 
 
-def test_steps_per_call_matches_one_step_per_call(digits):
-    s1, h1 = run(digits, epochs=1)
-    s4, h4 = run(digits, epochs=1, steps_per_call=4)
-    np.testing.assert_allclose(h1.train["loss"], h4.train["loss"], rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("kw", [{"device_data": False}, {"steps_per_call": 4},
+                                {"steps_per_call": 5, "device_data": False}])
+def test_feeds_and_chunk_sizes_agree(digits, kw):
+    """The device-resident feed (default for a Loader), the host feed, and any number of
+    steps per call train the same run (up to float reassociation)."""
+    s1, h1 = run(digits, epochs=1, steps_per_call=1)
+    s2, h2 = run(digits, epochs=1, **kw)
+    np.testing.assert_allclose(h1.train["loss"], h2.train["loss"], rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 s1.params, s4.params)
+                 s1.params, s2.params)
 
 
-def test_progress_bar_runs(digits, capsys):
+def test_device_epochs_are_the_loaders_batches():
+    """The device feed serves each epoch in the Loader's order, bit for bit, and its
+    smaller last batch too (drop_remainder=False)."""
+    rng = np.random.default_rng(0)
+    ds = data.ArrayDataset(x=rng.standard_normal((23, 3)).astype(np.float32),
+                           y=np.arange(23, dtype=np.int32))
+    seen = []
+
+    def step(state, batch):  # records each batch's labels through the metrics
+        return state, {"y": jnp.pad(batch["y"], (0, 5 - batch["y"].shape[0]),
+                                    constant_values=-1)}
+
+    loader = ds.batches(5, key=jax.random.key(3))
+    state = train.TrainState.create({"w": jnp.zeros(1)}, optim.sgd(0.1), jax.random.key(0))
+    _, history = train.fit(state, step, loader, epochs=2, progress=False, steps_per_call=2,
+                           device_data=True)
+    seen = np.asarray(history.train["y"])
+    expected = [b["y"] for e in range(2) for b in loader.epoch(e)]
+    assert len(seen) == len(expected) == 10
+    for got, want in zip(seen, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(got)[:len(want)], want)
+
+
+def test_calling_fit_again_continues_bitwise(digits):
+    """epochs counts the passes of each call; two calls equal one call of both."""
+    train_set, _ = digits
+    model = nn.mlp([32, 10])
+    opt = optim.adam(1e-2)
+    step = train.make_train_step(train.classifier_loss(model), opt)
+    loader = train_set.batches(64, key=jax.random.key(1), drop_remainder=True)
+    fresh = lambda: train.TrainState.create(model.init(jax.random.key(0), jnp.zeros((1, 64))),
+                                            opt, jax.random.key(2))
+    whole, hw = train.fit(fresh(), step, loader, epochs=2, progress=False)
+    part, h1 = train.fit(fresh(), step, loader, epochs=1, progress=False)
+    part, h2 = train.fit(part, step, loader, epochs=1, progress=False)
+    assert int(part.step) == int(whole.step) == 2 * len(loader)
+    assert h2.train["step"][0] == len(loader) + 1
+    assert h1.train["loss"] + h2.train["loss"] == hw.train["loss"]
+    jax.tree.map(np.testing.assert_array_equal, part.params, whole.params)
+
+
+def test_a_second_fit_call_compiles_nothing(digits):
+    train_set, test_set = digits
+    model = nn.mlp([16, 10])
+    opt = optim.adamw(1e-3)
+    step = train.make_train_step(train.classifier_loss(model), opt)
+    ev = train.make_eval_step(train.classifier_eval(model))
+    state = train.TrainState.create(model.init(jax.random.key(0), jnp.zeros((1, 64))), opt,
+                                    jax.random.key(1))
+    args = dict(eval_step=ev, eval_data=test_set.batches(256), progress=False)
+    state, _ = train.fit(state, step, train_set.batches(32, key=jax.random.key(2)), **args)
+    compiles = []
+    listener = lambda name, secs, **kw: compiles.append(name) if name.endswith(
+        "backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        # a new Loader object over the same data: nothing about it is compiled in
+        state, history = train.fit(state, step, train_set.batches(32, key=jax.random.key(2)),
+                                   epochs=2, **args)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert int(state.step) == 3 * -(-len(train_set) // 32)
+    assert compiles == []
+
+
+def test_data_of_unknown_length_and_host_checks():
+    opt = optim.sgd(0.1)
+    loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"] - 1.0) ** 2)
+    step = train.make_train_step(loss_fn, opt)
+    make = lambda: train.TrainState.create({"w": jnp.zeros(2)}, opt, jax.random.key(0))
+    batches = lambda epoch: ({"x": np.full((4, 2), epoch + 1.0, np.float32)} for _ in range(3))
+    state, history = train.fit(make(), step, batches, epochs=2, progress=False)
+    assert int(state.step) == 6 and history.train["step"] == [1, 2, 3, 4, 5, 6]
+    bad = [{"x": np.ones((4, 2), np.float32)}, {"x": np.full((4, 2), np.nan, np.float32)}]
+    with pytest.raises(ValueError, match=r"fit: epoch 0 batch 1: 'x' has 8 non-finite"):
+        train.fit(make(), step, bad, progress=False, check_data=True)
+
+
+def test_checked_mode_checks_a_device_resident_dataset_once():
+    x = np.ones((8, 2), np.float32)
+    ds = data.ArrayDataset(x=x, y=np.array([0, 1, 2, 0, 1, 2, 0, 5], np.int32))
+    opt = optim.sgd(0.1)
+    state = train.TrainState.create({"w": jnp.zeros(2)}, opt, jax.random.key(0))
+    step = train.make_train_step(lambda p, b: jnp.mean(b["x"] @ p["w"]), opt)
+    with pytest.raises(ValueError, match=r"fit: train_data: labels out of range: 'y' "
+                                         r"contains 5, expected values in \[0, 3\)"):
+        train.fit(state, step, ds.batches(4), progress=False, check_data=True, num_classes=3)
+
+
+def test_progress_bar_shows_running_means(digits, capsys):
     run(digits, epochs=1, progress=True)
-    assert "train 1/1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train 1/1" in err and "loss=" in err and "eval_accuracy=" in err
 
 
-def test_fit_rejects_one_shot_iterators_and_empty_data():
+def test_fit_rejects_one_shot_iterators_and_bad_arguments():
     opt = optim.sgd(0.1)
     state = train.TrainState.create({"w": jnp.zeros(2)}, opt, jax.random.key(0))
     step = train.make_train_step(lambda p, b: jnp.sum((b["x"] @ p["w"]) ** 2), opt)
@@ -74,10 +188,16 @@ def test_fit_rejects_one_shot_iterators_and_empty_data():
         train.fit(state, step, batches, epochs=2, progress=False)
     with pytest.raises(ValueError, match="train_data yielded no batches in epoch 0"):
         train.fit(state, step, [], epochs=1, progress=False)
+    with pytest.raises(ValueError, match="train_data yielded no batches in epoch 0"):
+        train.fit(state, step, lambda e: iter(()), epochs=1, progress=False)
     with pytest.raises(ValueError, match="pass eval_step and eval_data together"):
         train.fit(state, step, [], eval_step=lambda p, b: {}, progress=False)
     with pytest.raises(ValueError, match="epochs must be an int >= 1, got 0"):
         train.fit(state, step, [], epochs=0, progress=False)
+    with pytest.raises(ValueError, match="steps_per_call must be an int >= 1 or None"):
+        train.fit(state, step, [{}], steps_per_call=0, progress=False)
+    with pytest.raises(TypeError, match="device_data=True needs train_data to be a Loader"):
+        train.fit(state, step, [{"x": np.ones((2, 2))}], device_data=True, progress=False)
 
 
 def test_evaluate_weights_by_batch_size():
@@ -85,3 +205,13 @@ def test_evaluate_weights_by_batch_size():
     step = train.make_eval_step(lambda p, b: {"mean": jnp.mean(b["x"])})
     result = train.evaluate(step, {}, ds.batches(4))  # batches of 4, 4, 2
     assert result["mean"] == pytest.approx(4.5)
+
+
+def test_plan_cuts_at_epochs_multiples_and_intervals():
+    chunks = list(feed.plan(3, 20, 8, 4, cuts=(6,)))
+    assert [(c.first, c.size) for c in chunks] == [(3, 1), (4, 2), (6, 2), (8, 4), (12, 4),
+                                                   (16, 2), (18, 2)]
+    assert [c.scanned for c in chunks] == [False, False, False, True, True, False, False]
+    assert [c.epoch_end for c in chunks] == [False, False, True, False, True, False, False]
+    assert feed.auto_steps_per_call(468) == 52 and feed.auto_steps_per_call(1875) == 25
+    assert feed.auto_steps_per_call(6, (2,)) == 2 and feed.auto_steps_per_call(1877) == 32

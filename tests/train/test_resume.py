@@ -1,6 +1,10 @@
-"""fit(checkpoint_dir=..., resume=True) continues bitwise where an interrupted run stopped."""
+"""Interrupts and resumes: Ctrl-C returns a live state, any error carries it, and a run
+killed anywhere, then resumed, equals an uninterrupted one bit for bit, logs included."""
 
+import json
+import os
 import random
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -10,53 +14,191 @@ import pytest
 from funtrain import data, nn, optim, train
 
 
-class Interrupt(Exception):
-    pass
+class Killed(BaseException):
+    """Stands for the process dying: fit saves nothing on it."""
 
 
-def setup():
+class At:
+    """Calls ``action`` once, when the step ``step`` reaches the callbacks."""
+
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_step(self, step, metrics):
+        if step == self.step:
+            self.action()
+
+
+def raise_(error):
+    def action():
+        raise error
+    return action
+
+
+def setup(lr=1e-2):
     rng = np.random.default_rng(0)
     ds = data.ArrayDataset(x=rng.standard_normal((96, 8)).astype(np.float32),
                            y=rng.integers(0, 3, 96).astype(np.int32))
     model = nn.serial(nn.dense(16), nn.relu(), nn.dropout(0.2), nn.dense(3))
-    opt = optim.adamw(1e-2)
+    opt = optim.adamw(lr)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8)))
     state = train.TrainState.create(params, opt, jax.random.key(1))
     step = train.make_train_step(train.classifier_loss(model), opt)
     loader = ds.batches(16, key=jax.random.key(2), drop_remainder=True)  # 6 steps an epoch
-    return state, step, loader
+    ev = train.make_eval_step(train.classifier_eval(model))
+    return state, step, loader, dict(eval_step=ev, eval_data=ds.batches(32))
 
 
-def test_resume_after_an_interruption_is_bitwise(tmp_path):
-    state, step, loader = setup()
-    _, full = train.fit(state, step, loader, epochs=3, progress=False)
+def fit(tmp_path=None, *, epochs=3, extra=(), logs=None, stopper=None, lr=1e-2, **kw):
+    """One fit call of the reference run, with fresh loggers on ``logs`` (a folder)."""
+    state, step, loader, ev = setup(lr)
+    callbacks = list(extra)
+    if logs is not None:
+        callbacks += [train.JsonlLogger(logs / "log.jsonl"), train.CsvLogger(logs / "log.csv")]
+    if stopper is not None:
+        callbacks.append(stopper())
+    if tmp_path is not None:
+        kw.setdefault("checkpoint_dir", tmp_path / "ck")
+    return train.fit(state, step, loader, epochs=epochs, progress=False, log_every=1,
+                     callbacks=callbacks, **ev, **kw)
 
-    stop_at = random.Random(7).randrange(3, 17)  # some step inside the run
 
-    def log_fn(i, metrics):
-        if i == stop_at:
-            raise Interrupt
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
-    state, step, loader = setup()
-    with pytest.raises(Interrupt):
-        train.fit(state, step, loader, epochs=3, progress=False, log_every=1, log_fn=log_fn,
-                  checkpoint_dir=tmp_path, checkpoint_every=2)
-    saved = train.checkpoint.latest_step(tmp_path)
-    assert saved is not None and saved <= stop_at + 1
 
-    template, step, loader = setup()
-    resumed_state, resumed = train.fit(template, step, loader, epochs=3, progress=False,
-                                       checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
-    assert resumed.train["step"][0] == saved
+def same_tree(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                 a, b)
+
+
+def test_resume_after_a_kill_is_bitwise(tmp_path):
+    full_state, full = fit(epochs=3)
+    stop_at = random.Random(7).randrange(3, 17)
+    with pytest.raises(Killed) as err:
+        fit(tmp_path, extra=[At(stop_at, raise_(Killed))], checkpoint_every=2)
+    assert int(err.value.state.step) >= stop_at  # the last state rides on the exception
+    saved = train.checkpoint.latest_step(tmp_path / "ck")
+    assert saved is not None and saved <= stop_at
+    state, resumed = fit(tmp_path, checkpoint_every=2, resume=True)
+    assert resumed.resumed_from == saved and resumed.train["step"][0] == saved + 1
     assert resumed.train["loss"] == full.train["loss"][saved:]
-    assert int(resumed_state.step) == 18
-    assert train.checkpoint.latest_step(tmp_path) == 18
+    assert resumed.eval == full.eval  # restored evaluations, then the new ones
+    assert int(state.step) == 18 and train.checkpoint.latest_step(tmp_path / "ck") == 18
+    same_tree(state.params, full_state.params)
+
+
+@pytest.mark.parametrize("with_stopper", [False, True])
+def test_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_path, with_stopper):
+    """Several kills in one run, each resumed: params, losses (from the JSONL log), eval
+    records, both loggers' files and EarlyStopping's decision equal an uninterrupted run's."""
+    stopper = (lambda: train.EarlyStopping("loss", patience=1, min_delta=0.04)) \
+        if with_stopper else None
+    (tmp_path / "a").mkdir()
+    full_state, full = fit(epochs=6, logs=tmp_path / "a", stopper=stopper, lr=3e-2)
+    (tmp_path / "b").mkdir()
+    kills = sorted(random.Random(int(with_stopper)).sample(range(2, full.train["step"][-1]), 3))
+    for kill in kills:
+        with pytest.raises(Killed):
+            fit(tmp_path, epochs=6, logs=tmp_path / "b", stopper=stopper, lr=3e-2,
+                extra=[At(kill, raise_(Killed))], checkpoint_every=4, resume=True)
+    state, last = fit(tmp_path, epochs=6, logs=tmp_path / "b", stopper=stopper, lr=3e-2,
+                      checkpoint_every=4, resume=True)
+    assert int(state.step) == int(full_state.step)
+    same_tree(state.params, full_state.params)
+    same_tree(state.opt_state, full_state.opt_state)
+    assert last.eval == full.eval
+    assert last.stop_reason == full.stop_reason
+    assert files(tmp_path / "b") == files(tmp_path / "a")
+    logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().split("\n")
+              if line and "eval" not in line]
+    assert [r["loss"] for r in logged] == full.train["loss"]
+    if with_stopper:  # it did stop early, and a resume of the stopped run trains no more
+        assert full.stop_reason.startswith("EarlyStopping: eval loss did not improve")
+        assert int(full_state.step) < 36
+        again_state, again = fit(tmp_path, epochs=6, stopper=stopper, lr=3e-2,
+                                 checkpoint_every=4, resume=True)
+        assert again.train["step"] == [] and again.stop_reason == full.stop_reason
+        assert int(again_state.step) == int(full_state.step)
+
+
+def test_ctrl_c_stops_at_a_step_boundary_saves_and_returns(tmp_path):
+    full_state, full = fit(epochs=2)
+    sigint = lambda: os.kill(os.getpid(), signal.SIGINT)
+    state, history = fit(tmp_path, epochs=2, extra=[At(5, sigint)])
+    assert history.interrupted and history.stop_reason == "interrupted (Ctrl-C)"
+    stopped = int(state.step)
+    assert 5 <= stopped < 12 and history.train["step"][-1] == stopped
+    assert train.checkpoint.latest_step(tmp_path / "ck") == stopped  # saved first
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    state, rest = fit(tmp_path, epochs=2, resume=True)
+    assert history.train["loss"] + rest.train["loss"] == full.train["loss"]
+    same_tree(state.params, full_state.params)
+
+
+def test_keyboard_interrupt_from_a_callback_returns_a_live_state(tmp_path):
+    state, history = fit(tmp_path, epochs=2, extra=[At(4, raise_(KeyboardInterrupt))])
+    assert history.interrupted and "KeyboardInterrupt" in history.stop_reason
+    assert int(state.step) >= 4 and np.isfinite(np.asarray(state.params["dense_0"]["w"])).all()
+    assert train.checkpoint.latest_step(tmp_path / "ck") == int(state.step)
+    state, history = fit(epochs=1, extra=[At(3, raise_(KeyboardInterrupt))])  # no checkpoints
+    assert history.interrupted and int(state.step) >= 3
+
+
+def test_any_other_error_carries_the_last_state():
+    with pytest.raises(RuntimeError, match="boom") as err:
+        fit(epochs=2, extra=[At(7, raise_(RuntimeError("boom")))])
+    state = err.value.state
+    assert int(state.step) >= 7 and not any(x.is_deleted() for x in jax.tree.leaves(state))
+    assert err.value.history.train["step"][:7] == list(range(1, 8))
+    assert "err.state" in "".join(err.value.__notes__)
+
+
+def test_resuming_a_finished_run_returns_its_history(tmp_path):
+    _, first = fit(tmp_path, epochs=2)
+    state, again = fit(tmp_path, epochs=2, resume=True)
+    assert again.train["step"] == [] and again.eval == first.eval and again.eval[-1]
+    assert int(state.step) == 12 and again.resumed_from == 12
+    state, more = fit(tmp_path, epochs=3, resume=True)  # a longer plan: one more epoch
+    assert more.train["step"][0] == 13 and int(state.step) == 18 and len(more.eval) == 3
+
+
+def test_a_directory_of_another_run_is_an_error(tmp_path):
+    fit(tmp_path, epochs=1)
+    with pytest.raises(train.CheckpointError, match=r"already holds checkpoints of another "
+                                                    r"run \(steps up to 6, beyond this state's "
+                                                    r"step 0\)\. Pass resume=True"):
+        fit(tmp_path, epochs=1)
+    state, history = fit(tmp_path, epochs=1, overwrite=True)
+    assert train.checkpoint.all_steps(tmp_path / "ck") == [6]
+    # continuing the live state into the same folder is no other run
+    _, step, loader, ev = setup()
+    state, history = train.fit(state, step, loader, progress=False, checkpoint_dir=tmp_path /
+                               "ck", **ev)
+    assert train.checkpoint.all_steps(tmp_path / "ck") == [6, 12]
+
+
+def test_resume_with_other_data_is_an_error_unless_rederived(tmp_path):
+    fit(tmp_path, epochs=1, checkpoint_every=4)
+    template, step, loader, ev = setup()
+    other = loader.dataset.batches(32, key=jax.random.key(2), drop_remainder=True)
+    kw = dict(epochs=2, progress=False, checkpoint_dir=tmp_path / "ck", **ev)
+    with pytest.raises(train.CheckpointError, match=r"trained on data with \{'steps_per_epoch"
+                                                    r"': 6, 'batch_size': 16, 'examples': 96\}"
+                                                    r", but train_data now has .*'batch_size': "
+                                                    r"32.*resume='rederive'"):
+        train.fit(template, step, other, resume=True, **kw)
+    state, history = train.fit(template, step, other, resume="rederive", **kw)
+    assert history.resumed_from == 6 and int(state.step) == 6  # 0 + 2 epochs of 3 steps
 
 
 def test_checkpoint_arguments_are_checked(tmp_path):
-    state, step, loader = setup()
-    with pytest.raises(ValueError, match="resume and checkpoint_every need checkpoint_dir"):
+    state, step, loader, _ = setup()
+    with pytest.raises(ValueError, match="resume, overwrite and checkpoint_every need "
+                                         "checkpoint_dir"):
         train.fit(state, step, loader, resume=True, progress=False)
-    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1 or None, got 0"):
         train.fit(state, step, loader, checkpoint_dir=tmp_path, checkpoint_every=0,
                   progress=False)
+    with pytest.raises(ValueError, match="resume must be True, False or 'rederive'"):
+        train.fit(state, step, loader, checkpoint_dir=tmp_path, resume="yes", progress=False)

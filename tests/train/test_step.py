@@ -52,7 +52,7 @@ def test_aux_metrics_and_key_are_passed():
     opt = optim.sgd(0.1)
     step = train.make_train_step(loss_fn, opt, jit=False)
     state, metrics = step(fresh_state(opt), linear_problem())
-    assert set(metrics) == {"loss", "grad_norm", "bias"}
+    assert set(metrics) == {"loss", "grad_norm", "bias", "nonfinite"}
     assert jax.dtypes.issubdtype(seen[0].dtype, jax.dtypes.prng_key)
 
 

@@ -1,0 +1,295 @@
+"""How ``fit`` feeds its step: the chunk plan, device-resident epochs, prefetched batches.
+
+``fit`` runs its steps in *chunks*: ``K`` steps in one device call (a ``lax.scan`` over the
+step), so Python dispatches once per ``K`` steps. The plan of chunks depends only on the
+global step and the settings (never on timing), so a resumed run executes exactly the
+chunks of an uninterrupted one and stays bitwise equal to it.
+
+Two feeds run the chunks:
+
+- ``DeviceFeed`` (a ``Loader`` over an in-memory ``ArrayDataset``): the dataset moves to the
+  device once per ``fit`` call; each epoch is permuted there (the ``Loader``'s own order,
+  bit for bit), and a chunk slices its batches out of the permuted arrays inside the scan.
+  No batch crosses the host boundary.
+- ``HostFeed`` (any other data): batches are read, checked, stacked ``K`` at a time and put
+  on the device by a background thread while the device computes.
+
+The compiled chunk functions are module-level ``jax.jit``s with the step as a static
+argument, so a second ``fit`` call with the same step and shapes compiles nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from funtrain._typing import Batch
+from funtrain.data.checks import check_batch
+from funtrain.data.dataset import Loader
+from funtrain.data.prefetch import prefetch
+
+StepFn = Callable[..., Any]
+
+# ----------------------------------------------------------------------------- the plan
+
+
+class Chunk(NamedTuple):
+    """``size`` steps from global step ``first``: epoch ``epoch``, its batches
+    ``batch, batch + 1, ...``; ``scanned`` when it runs as one scanned call of ``K`` steps;
+    ``epoch_end`` when its last batch is the epoch's last."""
+
+    first: int
+    size: int
+    epoch: int
+    batch: int
+    scanned: bool
+    epoch_end: bool
+
+
+def plan(first: int, end: int, steps_per_epoch: int, k: int, cuts: Iterable[int]
+         ) -> Iterator[Chunk]:
+    """The chunks from global step ``first`` to ``end``.
+
+    A chunk ends at the epoch's end, at a multiple of ``k`` counted from the epoch's start,
+    and at each multiple of every ``cut`` (checkpoint and evaluation steps), so those land
+    exactly on chunk boundaries. Chunks of ``k`` steps are scanned; shorter ones run step by
+    step (one compiled function per chunk length would cost a compile each).
+    """
+    cuts = [c for c in cuts if c]
+    step = first
+    while step < end:
+        epoch, batch = divmod(step, steps_per_epoch)
+        stop = min(end, (epoch + 1) * steps_per_epoch,
+                   epoch * steps_per_epoch + (batch // k + 1) * k,
+                   *((step // c + 1) * c for c in cuts))
+        size = stop - step
+        yield Chunk(step, size, epoch, batch, size == k and k > 1,
+                    stop == (epoch + 1) * steps_per_epoch)
+        step = stop
+
+
+def auto_steps_per_call(steps_per_epoch: int | None, cuts: Iterable[int] = (),
+                        target: int = 64) -> int:
+    """Steps per device call when the user gives none: the largest divisor of the epoch
+    length (and of the checkpoint/eval intervals) up to ``target``, so every chunk is a full
+    scan and only one function compiles; 32 with short remainders when that divisor is tiny.
+    """
+    if steps_per_epoch is None:
+        return 1
+    g = math.gcd(steps_per_epoch, *[c for c in cuts if c])
+    best = max(d for d in range(1, min(g, target) + 1) if g % d == 0)
+    return best if best >= 16 or best == g else min(32, g)
+
+
+# ----------------------------------------------------------------------------- compiled runs
+
+
+@functools.partial(jax.jit, static_argnames=("step", "size", "batch_size"),
+                   donate_argnames=("state",))
+def _steps_on_device(state: Any, arrays: Any, batch: Any, *, step: StepFn, size: int,
+                     batch_size: int) -> tuple[Any, Any]:
+    """``size`` steps on batches ``batch, batch + 1, ...`` sliced from device ``arrays``."""
+
+    def body(state: Any, i: Any) -> tuple[Any, Any]:
+        start = (batch + i) * batch_size
+        return step(state, jax.tree.map(
+            lambda a: lax.dynamic_slice_in_dim(a, start, batch_size), arrays))
+
+    return lax.scan(body, state, jnp.arange(size))
+
+
+@functools.partial(jax.jit, static_argnames=("step",), donate_argnames=("state",))
+def _scanned(state: Any, batches: Any, *, step: StepFn) -> tuple[Any, Any]:
+    """One step per slice of ``batches`` (stacked on a leading axis), in one call."""
+    return lax.scan(step, state, batches)
+
+
+@jax.jit
+def _permuted(arrays: Any, key: Any, epoch: Any) -> Any:
+    """The arrays in the order of ``Loader.order(epoch)`` (same key, same permutation)."""
+    n = jax.tree.leaves(arrays)[0].shape[0]
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    return jax.tree.map(lambda a: a[order], arrays)
+
+
+# ----------------------------------------------------------------------------- feeds
+
+
+def _nbytes(arrays: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in arrays.values())
+
+
+def _device_budget() -> int:
+    """Bytes an in-memory dataset may take on the device (it is held twice: as given and in
+    the epoch's order): a quarter of the device memory where JAX reports it, else 4 GiB."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory stats
+        stats = {}
+    return int(stats["bytes_limit"]) // 4 if "bytes_limit" in stats else 4 << 30
+
+
+def fits_on_device(data: Any) -> bool:
+    """Whether ``fit`` serves ``data`` from the device by default: a ``Loader`` over an
+    in-memory dataset that takes at most ``_device_budget()`` bytes twice."""
+    return isinstance(data, Loader) and 2 * _nbytes(data.dataset.arrays) <= _device_budget()
+
+
+class DeviceFeed:
+    """Chunks over a ``Loader``'s dataset held on the device (see the module docstring)."""
+
+    def __init__(self, loader: Loader, step: StepFn, k: int, cuts: tuple[int, ...]) -> None:
+        self.loader, self.step, self.k, self.cuts = loader, step, k, cuts
+        self.steps_per_epoch = len(loader)
+        self.batch_size = int(loader.batch_size)
+        n = len(loader.dataset)
+        self.full_batches = n // self.batch_size
+        self.tail = 0 if loader.drop_remainder else n % self.batch_size
+        self.arrays = jax.device_put(loader.dataset.arrays)
+        self._epoch: tuple[int, Any] | None = None
+
+    def check(self, num_classes: int | None) -> None:
+        """The checked mode: the whole dataset is checked once, before it is used."""
+        check_batch(self.loader.dataset.arrays, num_classes=num_classes,
+                    where="fit: train_data")
+
+    def _epoch_arrays(self, epoch: int) -> Any:
+        if self._epoch is None or self._epoch[0] != epoch:
+            key = self.loader.key
+            self._epoch = (epoch, self.arrays if key is None else
+                           _permuted(self.arrays, key, np.int32(epoch)))
+        return self._epoch[1]
+
+    def chunks(self, first: int, end: int | None, epochs: int = 1
+               ) -> Iterator[tuple[Chunk, Any]]:
+        """The chunks from step ``first`` to ``end``, each with its epoch's device arrays."""
+        assert end is not None
+        for chunk in plan(first, end, self.steps_per_epoch, self.k, self.cuts):
+            yield chunk, self._epoch_arrays(chunk.epoch)
+
+    def run(self, state: Any, chunk: Chunk, arrays: Any) -> tuple[Any, list[Any]]:
+        """Run ``chunk``; returns the new state and its metrics, each stacked over steps."""
+        if chunk.scanned:
+            state, metrics = _steps_on_device(state, arrays, np.int32(chunk.batch),
+                                              step=self.step, size=chunk.size,
+                                              batch_size=self.batch_size)
+            return state, [metrics]
+        out = []
+        for b in range(chunk.batch, chunk.batch + chunk.size):
+            if b < self.full_batches:
+                state, metrics = _steps_on_device(state, arrays, np.int32(b), step=self.step,
+                                                  size=1, batch_size=self.batch_size)
+            else:  # the smaller last batch (drop_remainder=False)
+                tail = jax.tree.map(lambda a: a[b * self.batch_size:], arrays)
+                state, metrics = _steps_on_device(state, tail, np.int32(0), step=self.step,
+                                                  size=1, batch_size=self.tail)
+            out.append(metrics)
+        return state, out
+
+
+def epoch_batches(data: Any, epoch: int, where: str = "fit") -> Iterator[Batch]:
+    """The batches of ``epoch``: ``data.epoch(e)`` (a ``Loader``), ``data(e)`` (a callable),
+    or ``iter(data)`` (a re-iterable such as a list)."""
+    if hasattr(data, "epoch"):
+        return iter(data.epoch(epoch))
+    if callable(data):
+        return iter(data(epoch))
+    if isinstance(data, Iterable):
+        return iter(data)
+    raise TypeError(f"{where}: expected a Loader, a callable epoch -> batches, or an "
+                    f"iterable of batches, got {type(data).__name__}")
+
+
+def _same_shapes(batches: list[Batch]) -> bool:
+    shapes = [jax.tree.map(np.shape, b) for b in batches]
+    return all(s == shapes[0] for s in shapes[1:])
+
+
+class HostFeed:
+    """Chunks over batches read on the host, prepared ahead by a background thread.
+
+    With a ``len()`` (batches per epoch) the plan is ``plan``'s; without one, every chunk is
+    one step and an epoch ends when its iterator does.
+    """
+
+    def __init__(self, data: Any, step: StepFn, k: int, cuts: tuple[int, ...],
+                 steps_per_epoch: int | None) -> None:
+        self.data, self.step, self.k, self.cuts = data, step, k, cuts
+        self.steps_per_epoch = steps_per_epoch
+        self.num_classes: int | None = None
+        self.checked = False
+
+    def check(self, num_classes: int | None) -> None:
+        """The checked mode: every batch is checked on the host before it is sent."""
+        self.checked, self.num_classes = True, num_classes
+
+    def _checked(self, batch: Batch, epoch: int, index: int) -> Batch:
+        if self.checked:
+            check_batch(batch, num_classes=self.num_classes,
+                        where=f"fit: epoch {epoch} batch {index}")
+        return batch
+
+    def _planned(self, first: int, end: int) -> Iterator[tuple[Chunk, Any]]:
+        """Runs in the prefetch thread: read, check and stack each chunk's batches."""
+        assert self.steps_per_epoch is not None
+        epoch, batches = None, iter(())
+        for chunk in plan(first, end, self.steps_per_epoch, self.k, self.cuts):
+            if chunk.epoch != epoch:
+                epoch = chunk.epoch
+                batches = epoch_batches(self.data, epoch)
+                for _ in range(chunk.batch):  # resuming: skip the batches seen before
+                    next(batches, None)
+            group = []
+            for i in range(chunk.batch, chunk.batch + chunk.size):
+                batch = next(batches, None)
+                if batch is None:
+                    raise ValueError(f"fit: train_data yielded only {i} batches in epoch "
+                                     f"{epoch}, but its len() is {self.steps_per_epoch}")
+                group.append(self._checked(batch, epoch, i))
+            if chunk.scanned and _same_shapes(group):
+                yield chunk, jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *group))
+            else:
+                yield chunk._replace(scanned=False), [jax.device_put(b) for b in group]
+
+    def _open(self, first: int, epochs: int) -> Iterator[tuple[Chunk, Any]]:
+        """Runs in the prefetch thread: one step per chunk, epochs end with their data."""
+        step = first
+        for epoch in range(epochs):
+            batches = epoch_batches(self.data, epoch)
+            ahead = next(batches, None)
+            if ahead is None:
+                raise ValueError(f"fit: train_data yielded no batches in epoch {epoch}; a "
+                                 f"generator is used up after one pass, so pass a Loader, a "
+                                 f"list, or a callable epoch -> batches")
+            index = 0
+            while ahead is not None:
+                batch, ahead = ahead, next(batches, None)
+                batch = self._checked(batch, epoch, index)
+                yield (Chunk(step, 1, epoch, index, False, ahead is None),
+                       [jax.device_put(batch)])
+                step, index = step + 1, index + 1
+
+    def chunks(self, first: int, end: int | None, epochs: int = 1
+               ) -> Iterator[tuple[Chunk, Any]]:
+        """The chunks from step ``first`` to ``end`` (or over ``epochs`` passes when the
+        data has no length), each with its batches already on the device."""
+        work = self._open(first, epochs) if end is None else self._planned(first, end)
+        return prefetch(work, size=2, transform=lambda item: item)
+
+    def run(self, state: Any, chunk: Chunk, batches: Any) -> tuple[Any, list[Any]]:
+        """Run ``chunk``; returns the new state and its metrics (stacked when scanned)."""
+        if chunk.scanned:
+            state, metrics = _scanned(state, batches, step=self.step)
+            return state, [metrics]
+        out = []
+        for batch in batches:
+            state, metrics = self.step(state, batch)
+            out.append(metrics)
+        return state, out
