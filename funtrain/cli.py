@@ -140,7 +140,7 @@ def demo(args: argparse.Namespace) -> float:
     if state.loss_scale is not None:
         print(f"loss scale {float(state.loss_scale.loss_scale):g}, "
               f"skipped steps {int(state.skipped_steps)}")
-    if history.train["loss"]:
+    if history.train.get("loss"):
         print(f"final train loss {history.train['loss'][-1]:.4f}; "
               f"test loss {history.eval[-1]['loss']:.4f}")
     else:
@@ -156,7 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo" and args.resume and not args.checkpoint_dir:
         parser.error("--resume needs --checkpoint-dir")
     if args.command == "demo":
-        demo(args)
+        try:
+            demo(args)
+        except train.CheckpointError as err:  # a user error (wrong folder, other data)
+            print(f"funtrain demo: error: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

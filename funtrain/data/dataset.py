@@ -63,9 +63,9 @@ class Loader:
     Args:
       dataset: an ``ArrayDataset``.
       batch_size: examples per batch (> 0).
-      key: shuffle with this PRNG key; epoch ``e`` uses ``fold_in(key, e)``, so the
-        order is the same on every run and resuming at an epoch is exact. ``None``
-        keeps the dataset order.
+      key: shuffle with this PRNG key: epoch ``e``'s order is a numpy permutation seeded
+        by the key's data and ``e`` (no compilation, the same on every run and backend), so
+        resuming at an epoch is exact. ``None`` keeps the dataset order.
       drop_remainder: drop the last, smaller batch (keeps every batch the same
         shape, which avoids a second compilation of a jitted step).
 
@@ -104,7 +104,11 @@ class Loader:
         n = len(self.dataset)
         if self.key is None:
             return np.arange(n)
-        return np.asarray(jax.random.permutation(jax.random.fold_in(self.key, epoch), n))
+        key = self.key
+        if jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        seed = [int(v) for v in np.asarray(key).ravel()] + [int(epoch)]
+        return np.random.default_rng(seed).permutation(n)
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Yield the batches of epoch ``epoch`` (numpy arrays, on the host)."""

@@ -8,9 +8,9 @@ chunks of an uninterrupted one and stays bitwise equal to it.
 Two feeds run the chunks:
 
 - ``DeviceFeed`` (a ``Loader`` over an in-memory ``ArrayDataset``): the dataset moves to the
-  device once per ``fit`` call; each epoch is permuted there (the ``Loader``'s own order,
-  bit for bit), and a chunk slices its batches out of the permuted arrays inside the scan.
-  No batch crosses the host boundary.
+  device once per ``fit`` call; each epoch is gathered there into the ``Loader``'s order
+  (one gather per epoch), and a chunk slices its batches out of the permuted arrays inside
+  the scan, which costs less than a gather per step. No batch crosses the host boundary.
 - ``HostFeed`` (any other data): batches are read, checked, stacked ``K`` at a time and put
   on the device by a background thread while the device computes.
 
@@ -76,10 +76,13 @@ def plan(first: int, end: int, steps_per_epoch: int, k: int, cuts: Iterable[int]
 
 
 def auto_steps_per_call(steps_per_epoch: int | None, cuts: Iterable[int] = (),
-                        target: int = 64) -> int:
+                        target: int = 2048) -> int:
     """Steps per device call when the user gives none: the largest divisor of the epoch
     length (and of the checkpoint/eval intervals) up to ``target``, so every chunk is a full
     scan and only one function compiles; 32 with short remainders when that divisor is tiny.
+
+    The per-call cost is far from negligible (dispatch, and on a CPU waking the thread
+    pool), so a whole epoch per call is the default when it is short enough.
     """
     if steps_per_epoch is None:
         return 1
@@ -92,17 +95,21 @@ def auto_steps_per_call(steps_per_epoch: int | None, cuts: Iterable[int] = (),
 
 
 @functools.partial(jax.jit, static_argnames=("step", "size", "batch_size"),
-                   donate_argnames=("state",))
+                   donate_argnames=("state", "arrays"))
 def _steps_on_device(state: Any, arrays: Any, batch: Any, *, step: StepFn, size: int,
-                     batch_size: int) -> tuple[Any, Any]:
-    """``size`` steps on batches ``batch, batch + 1, ...`` sliced from device ``arrays``."""
+                     batch_size: int) -> tuple[Any, Any, Any]:
+    """``size`` steps on batches ``batch, batch + 1, ...`` sliced from device ``arrays``.
+
+    ``arrays`` is donated and handed back unchanged: a read-only argument would be copied
+    into the scan's loop state on every call (the whole dataset, each time)."""
 
     def body(state: Any, i: Any) -> tuple[Any, Any]:
         start = (batch + i) * batch_size
         return step(state, jax.tree.map(
             lambda a: lax.dynamic_slice_in_dim(a, start, batch_size), arrays))
 
-    return lax.scan(body, state, jnp.arange(size))
+    state, metrics = lax.scan(body, state, jnp.arange(size))
+    return state, arrays, metrics
 
 
 @functools.partial(jax.jit, static_argnames=("step",), donate_argnames=("state",))
@@ -112,11 +119,10 @@ def _scanned(state: Any, batches: Any, *, step: StepFn) -> tuple[Any, Any]:
 
 
 @jax.jit
-def _permuted(arrays: Any, key: Any, epoch: Any) -> Any:
-    """The arrays in the order of ``Loader.order(epoch)`` (same key, same permutation)."""
-    n = jax.tree.leaves(arrays)[0].shape[0]
-    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-    return jax.tree.map(lambda a: a[order], arrays)
+def _permuted(arrays: Any, order: Any) -> Any:
+    """The arrays in the epoch's ``order`` (from ``Loader.order``)."""
+    return jax.tree.map(lambda a: a.at[order].get(unique_indices=True,
+                                                 mode="promise_in_bounds"), arrays)
 
 
 # ----------------------------------------------------------------------------- feeds
@@ -163,33 +169,43 @@ class DeviceFeed:
     def _epoch_arrays(self, epoch: int) -> Any:
         if self._epoch is None or self._epoch[0] != epoch:
             key = self.loader.key
-            self._epoch = (epoch, self.arrays if key is None else
-                           _permuted(self.arrays, key, np.int32(epoch)))
+            if key is not None:
+                arrays = _permuted(self.arrays, self.loader.order(epoch).astype(np.int32))
+            elif self._epoch is not None:  # unshuffled: every epoch is the same
+                arrays = self._epoch[1]
+            else:  # chunks donate the arrays they are given: keep self.arrays apart
+                arrays = jax.tree.map(jnp.copy, self.arrays)
+            self._epoch = (epoch, arrays)
         return self._epoch[1]
 
     def chunks(self, first: int, end: int | None, epochs: int = 1
                ) -> Iterator[tuple[Chunk, Any]]:
-        """The chunks from step ``first`` to ``end``, each with its epoch's device arrays."""
+        """The chunks from step ``first`` to ``end`` (the epoch's arrays are the feed's)."""
         assert end is not None
         for chunk in plan(first, end, self.steps_per_epoch, self.k, self.cuts):
-            yield chunk, self._epoch_arrays(chunk.epoch)
+            yield chunk, chunk.epoch
 
-    def run(self, state: Any, chunk: Chunk, arrays: Any) -> tuple[Any, list[Any]]:
+    def run(self, state: Any, chunk: Chunk, epoch: int) -> tuple[Any, list[Any]]:
         """Run ``chunk``; returns the new state and its metrics, each stacked over steps."""
+        arrays = self._epoch_arrays(epoch)
         if chunk.scanned:
-            state, metrics = _steps_on_device(state, arrays, np.int32(chunk.batch),
-                                              step=self.step, size=chunk.size,
-                                              batch_size=self.batch_size)
+            state, arrays, metrics = _steps_on_device(
+                state, arrays, np.int32(chunk.batch), step=self.step, size=chunk.size,
+                batch_size=self.batch_size)
+            self._epoch = (epoch, arrays)
             return state, [metrics]
         out = []
         for b in range(chunk.batch, chunk.batch + chunk.size):
             if b < self.full_batches:
-                state, metrics = _steps_on_device(state, arrays, np.int32(b), step=self.step,
-                                                  size=1, batch_size=self.batch_size)
+                state, arrays, metrics = _steps_on_device(
+                    state, arrays, np.int32(b), step=self.step, size=1,
+                    batch_size=self.batch_size)
+                self._epoch = (epoch, arrays)
             else:  # the smaller last batch (drop_remainder=False)
                 tail = jax.tree.map(lambda a: a[b * self.batch_size:], arrays)
-                state, metrics = _steps_on_device(state, tail, np.int32(0), step=self.step,
-                                                  size=1, batch_size=self.tail)
+                state, _, metrics = _steps_on_device(state, tail, np.int32(0),
+                                                     step=self.step, size=1,
+                                                     batch_size=self.tail)
             out.append(metrics)
         return state, out
 

@@ -213,5 +213,7 @@ def test_plan_cuts_at_epochs_multiples_and_intervals():
                                                    (16, 2), (18, 2)]
     assert [c.scanned for c in chunks] == [False, False, False, True, True, False, False]
     assert [c.epoch_end for c in chunks] == [False, False, True, False, True, False, False]
-    assert feed.auto_steps_per_call(468) == 52 and feed.auto_steps_per_call(1875) == 25
-    assert feed.auto_steps_per_call(6, (2,)) == 2 and feed.auto_steps_per_call(1877) == 32
+    auto = feed.auto_steps_per_call
+    assert auto(468) == 468 and auto(1877) == 1877 and auto(6, (2,)) == 2  # whole epochs
+    assert auto(468, target=64) == 52 and auto(1875, target=64) == 25
+    assert auto(1877, target=64) == 32  # a prime: chunks of 32, remainders step by step
