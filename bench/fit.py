@@ -158,7 +158,7 @@ def measure(name: str, repeats: int, sides: dict[str, Callable[[int], float]], e
     for _ in range(repeats):
         for count in (epochs, 1):
             for side, run in sides.items():
-                seconds, loss = best_time(lambda run=run: run(count))
+                seconds, loss = best_time(lambda run=run, count=count: run(count))
                 if not np.isfinite(loss):
                     raise SystemExit(f"{name} {side}: the loss is {loss}")
                 times[side]["E" if count == epochs else "1"].append(seconds)

@@ -136,7 +136,7 @@ def demo(args: argparse.Namespace) -> float:
     acc = history.eval[-1]["accuracy"]
     if history.interrupted:
         print(f"interrupted at step {int(state.step)}"
-              + (f"; continue with --resume" if args.checkpoint_dir else ""))
+              + ("; continue with --resume" if args.checkpoint_dir else ""))
     if state.loss_scale is not None:
         print(f"loss scale {float(state.loss_scale.loss_scale):g}, "
               f"skipped steps {int(state.skipped_steps)}")

@@ -202,7 +202,7 @@ class DeviceFeed:
                     batch_size=self.batch_size)
                 self._epoch = (epoch, arrays)
             else:  # the smaller last batch (drop_remainder=False)
-                tail = jax.tree.map(lambda a: a[b * self.batch_size:], arrays)
+                tail = jax.tree.map(lambda a, s=b * self.batch_size: a[s:], arrays)
                 state, _, metrics = _steps_on_device(state, tail, np.int32(0),
                                                      step=self.step, size=1,
                                                      batch_size=self.tail)

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import funtrain
 from funtrain import optim, precision
 from funtrain.train import TrainState, checkpoint
 from funtrain.train.checkpoint import CheckpointError, CheckpointManager
