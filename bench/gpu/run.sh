@@ -25,6 +25,8 @@ echo "== bench/models.py $GPU_FLAG"
 "$PY" bench/models.py $GPU_FLAG 2>&1 | tee "$OUT/models.txt" || status=1
 echo "== bench/gpu/attention_check.py"
 "$PY" bench/gpu/attention_check.py 2>&1 | tee "$OUT/attention.txt" || status=1
+echo "== bench/fit.py $GPU_FLAG"
+"$PY" bench/fit.py --repeats ${FIT_REPEATS:-3} $GPU_FLAG 2>&1 | tee "$OUT/fit.txt" || status=1
 echo "== bench/train_step.py"
 "$PY" bench/train_step.py 2>&1 | tee "$OUT/train_step.txt" || status=1
 exit $status
