@@ -635,3 +635,53 @@ def test_matches_optax():
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                          u, r)
             p = optim.apply_updates(p, u)
+
+
+# --------------------------------------------------------------------------- ema
+
+
+def test_ema_follows_a_float64_reference():
+    """e_0 = p_0, e_t = d e_{t-1} + (1 - d) p_t over Adam's params (torch's EMA convention),
+    against numpy float64 with a hand-written Adam; the updates pass through unchanged."""
+    decay, lr, b1, b2, eps = 0.9, 0.1, 0.9, 0.999, 1e-8
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(5)
+    grads = rng.standard_normal((6, 5))
+    with jax.enable_x64(True):
+        opt = optim.ema(optim.adam(lr, b1=b1, b2=b2, eps=eps), decay=decay)
+        params = {"w": jnp.asarray(p0)}
+        state = opt.init(params)
+        plain = optim.adam(lr, b1=b1, b2=b2, eps=eps)
+        plain_state = plain.init(params)
+        p, m, v, e = p0.copy(), np.zeros(5), np.zeros(5), p0.copy()
+        for t, g in enumerate(grads, start=1):
+            updates, state = opt.update({"w": jnp.asarray(g)}, state, params)
+            plain_updates, plain_state = plain.update({"w": jnp.asarray(g)}, plain_state, params)
+            np.testing.assert_array_equal(updates["w"], plain_updates["w"])
+            params = optim.apply_updates(params, updates)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+            e = decay * e + (1 - decay) * p
+            np.testing.assert_allclose(optim.ema_params(state)["w"], e, rtol=1e-12)
+        np.testing.assert_allclose(params["w"], p, rtol=1e-12)
+
+
+def test_ema_keeps_float32_for_low_precision_params_and_casts_back_for_a_train_state():
+    from funtrain import train
+
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    opt = optim.ema(optim.sgd(0.1))
+    state = train.TrainState.create(params, opt, jax.random.key(0))
+    assert state.opt_state.ema["w"].dtype == jnp.float32
+    assert optim.ema_params(state)["w"].dtype == jnp.bfloat16
+    assert optim.ema_params(state.opt_state)["w"].dtype == jnp.float32
+
+
+def test_ema_errors():
+    with pytest.raises(ValueError, match=r"ema: decay must be a float in \[0, 1\), got 1.0"):
+        optim.ema(optim.sgd(0.1), decay=1.0)
+    with pytest.raises(TypeError, match="ema: opt must be an Optimizer"):
+        optim.ema("adam")
+    with pytest.raises(ValueError, match="ema_params: expected the state of one optim.ema"):
+        optim.ema_params(optim.sgd(0.1).init({"w": jnp.ones(2)}))

@@ -217,3 +217,19 @@ def test_plan_cuts_at_epochs_multiples_and_intervals():
     assert auto(468) == 468 and auto(1877) == 1877 and auto(6, (2,)) == 2  # whole epochs
     assert auto(468, target=64) == 52 and auto(1875, target=64) == 25
     assert auto(1877, target=64) == 32  # a prime: chunks of 32, remainders step by step
+
+
+def test_the_progress_bar_leaves_compile_time_out_of_its_rate():
+    from funtrain.train import loop
+    from funtrain.train.callbacks import ProgressBar
+
+    before = loop._compile_seconds()
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.25)(jnp.ones(7))  # something new to compile
+    assert loop._compile_seconds() > before
+    bar = ProgressBar(total=10, initial=0, desc="t")
+    start = bar.bar.start_t
+    bar.exclude_time(2.5)
+    assert bar.bar.start_t == pytest.approx(start + 2.5)
+    bar.advance(4, {"loss": np.array([1.0, 2.0, 3.0, 6.0]), "accuracy": np.array([0.5] * 4)})
+    assert bar._postfix == {"loss": "3", "accuracy": "0.5"}  # means since the last refresh
+    bar.close()
