@@ -126,8 +126,8 @@ def scan_limit(ds: data.ArrayDataset, batch: int, epochs: int, gather: bool) -> 
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    @jax.jit
-    def epoch(carry, key):
+    @jax.jit  # the data are arguments: captured as constants they slow compiling
+    def epoch(carry, x_all, y_all, key):
         perm = jax.random.permutation(key, len(ds))[:steps * batch]
         if gather:
             def body(c, idx):
@@ -138,7 +138,7 @@ def scan_limit(ds: data.ArrayDataset, batch: int, epochs: int, gather: bool) -> 
 
     carry = (params, opt_state)
     for e in range(epochs):
-        carry, losses = epoch(carry, jax.random.key(e))
+        carry, losses = epoch(carry, x_all, y_all, jax.random.key(e))
     return float(losses[-1])
 
 
