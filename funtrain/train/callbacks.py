@@ -271,8 +271,9 @@ class ProgressBar:
 
     def exclude_time(self, seconds: float) -> None:
         """Leave ``seconds`` (a compile) out of the elapsed time the rate and ETA use."""
-        self.bar.start_t += seconds
-        self.bar.last_print_t += seconds
+        if seconds and hasattr(self.bar, "start_t"):  # a disabled bar has no clock
+            self.bar.start_t += seconds
+            self.bar.last_print_t += seconds
 
     def advance(self, steps: int, metrics: dict[str, Any]) -> None:
         """Move by ``steps`` and show the means of their ``metrics`` (arrays over them)."""

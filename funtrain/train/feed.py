@@ -185,15 +185,15 @@ class DeviceFeed:
         for chunk in plan(first, end, self.steps_per_epoch, self.k, self.cuts):
             yield chunk, chunk.epoch
 
-    def run(self, state: Any, chunk: Chunk, epoch: int) -> tuple[Any, list[Any]]:
-        """Run ``chunk``; returns the new state and its metrics, each stacked over steps."""
+    def run(self, state: Any, chunk: Chunk, epoch: int) -> tuple[Any, list[Any], bool]:
+        """Run ``chunk``: the new state, its metrics and ``True`` (they are stacked)."""
         arrays = self._epoch_arrays(epoch)
         if chunk.scanned:
             state, arrays, metrics = _steps_on_device(
                 state, arrays, np.int32(chunk.batch), step=self.step, size=chunk.size,
                 batch_size=self.batch_size)
             self._epoch = (epoch, arrays)
-            return state, [metrics]
+            return state, [metrics], True
         out = []
         for b in range(chunk.batch, chunk.batch + chunk.size):
             if b < self.full_batches:
@@ -207,7 +207,7 @@ class DeviceFeed:
                                                      step=self.step, size=1,
                                                      batch_size=self.tail)
             out.append(metrics)
-        return state, out
+        return state, out, True
 
 
 def epoch_batches(data: Any, epoch: int, where: str = "fit") -> Iterator[Batch]:
@@ -299,13 +299,14 @@ class HostFeed:
         work = self._open(first, epochs) if end is None else self._planned(first, end)
         return prefetch(work, size=2, transform=lambda item: item)
 
-    def run(self, state: Any, chunk: Chunk, batches: Any) -> tuple[Any, list[Any]]:
-        """Run ``chunk``; returns the new state and its metrics (stacked when scanned)."""
+    def run(self, state: Any, chunk: Chunk, batches: Any) -> tuple[Any, list[Any], bool]:
+        """Run ``chunk``: the new state, its metrics, and whether they are stacked (a
+        scanned chunk) or one dict per step."""
         if chunk.scanned:
             state, metrics = _scanned(state, batches, step=self.step)
-            return state, [metrics]
+            return state, [metrics], True
         out = []
         for batch in batches:
             state, metrics = self.step(state, batch)
             out.append(metrics)
-        return state, out
+        return state, out, False

@@ -196,7 +196,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         raise ValueError(f"fit: resuming at step {first} needs train_data with a len() (a "
                          f"Loader) to find the data position")
     end = None if steps_per_epoch is None else run_start + epochs * steps_per_epoch
-    if saved is not None and (saved["stopped"] or first >= end):
+    if saved is not None and (saved["stopped"] or end is not None and first >= end):
         history.stop_reason = saved["stopped"]  # a finished run: nothing left to train
         return state, history
 
@@ -238,11 +238,11 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                 if bar is not None and (last is None or chunk.epoch != last.epoch):
                     bar.set_epoch(chunk.epoch - run_start // (steps_per_epoch or 1), epochs)
                 compiling = _compile_seconds()
-                state, metrics = feed.run(state, chunk, batches)
+                state, metrics, stacked = feed.run(state, chunk, batches)
                 if bar is not None:
                     bar.exclude_time(_compile_seconds() - compiling)
                 step, last = chunk.first + chunk.size, chunk
-                pending.add(chunk.first, chunk.size, metrics)
+                pending.add(chunk.first, chunk.size, metrics, stacked)
                 if pending.count >= log_every:
                     record()
                 if eval_step is not None and (eval_every is None and chunk.epoch_end or
@@ -344,27 +344,33 @@ def _data_basis(data: Data) -> dict[str, Any]:
 
 
 class _Pending:
-    """Step metrics still on the device; their host copies start as soon as they exist."""
+    """Step metrics still on the device; their host copies start as soon as they exist.
+
+    A chunk's metrics come as a list of dicts, either stacked over its steps (scanned
+    calls) or one dict per step."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[int, int, list[Metrics]]] = []
+        self.items: list[tuple[int, int, list[Metrics], bool]] = []
         self.count = 0
 
-    def add(self, first: int, size: int, metrics: list[Metrics]) -> None:
+    def add(self, first: int, size: int, metrics: list[Metrics], stacked: bool) -> None:
         for m in metrics:
             for v in m.values():
                 if hasattr(v, "copy_to_host_async"):
                     v.copy_to_host_async()
-        self.items.append((first, size, metrics))
+        self.items.append((first, size, metrics, stacked))
         self.count += size
 
     def take(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(global steps after each update, metrics as arrays over those steps)."""
-        host = jax.device_get([m for _, _, ms in self.items for m in ms])
+        host = jax.device_get([ms for _, _, ms, _ in self.items])
         steps = np.concatenate([np.arange(first + 1, first + size + 1)
-                                for first, size, _ in self.items])
-        names = list(host[0])
-        out = {k: np.concatenate([np.atleast_1d(m[k]) for m in host]) for k in names}
+                                for first, size, _, _ in self.items])
+        names = list(host[0][0])
+        out = {k: np.concatenate([np.asarray(m[k]) if stacked else np.asarray(m[k])[None]
+                                  for (_, _, _, stacked), ms in zip(self.items, host,
+                                                                    strict=True)
+                                  for m in ms]) for k in names}
         self.items, self.count = [], 0
         return steps, out
 

@@ -84,9 +84,10 @@ def test_feeds_and_chunk_sizes_agree(digits, kw):
                  s1.params, s2.params)
 
 
-def test_device_epochs_are_the_loaders_batches():
-    """The device feed serves each epoch in the Loader's order, bit for bit, and its
-    smaller last batch too (drop_remainder=False)."""
+@pytest.mark.parametrize("device_data", [True, False])
+def test_device_epochs_are_the_loaders_batches(device_data):
+    """Both feeds serve each epoch in the Loader's order, bit for bit, and its smaller last
+    batch too (drop_remainder=False); per-step vector metrics keep their shape."""
     rng = np.random.default_rng(0)
     ds = data.ArrayDataset(x=rng.standard_normal((23, 3)).astype(np.float32),
                            y=np.arange(23, dtype=np.int32))
@@ -99,7 +100,7 @@ def test_device_epochs_are_the_loaders_batches():
     loader = ds.batches(5, key=jax.random.key(3))
     state = train.TrainState.create({"w": jnp.zeros(1)}, optim.sgd(0.1), jax.random.key(0))
     _, history = train.fit(state, step, loader, epochs=2, progress=False, steps_per_call=2,
-                           device_data=True)
+                           device_data=device_data)
     seen = np.asarray(history.train["y"])
     expected = [b["y"] for e in range(2) for b in loader.epoch(e)]
     assert len(seen) == len(expected) == 10
