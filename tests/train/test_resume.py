@@ -88,16 +88,15 @@ def test_resume_after_a_kill_is_bitwise(tmp_path):
     same_tree(state.params, full_state.params)
 
 
-@pytest.mark.parametrize("with_stopper", [False, True])
-def test_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_path, with_stopper):
+@pytest.mark.slow
+def test_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_path):
     """Several kills in one run, each resumed: params, losses (from the JSONL log), eval
     records, both loggers' files and EarlyStopping's decision equal an uninterrupted run's."""
-    stopper = (lambda: train.EarlyStopping("loss", patience=1, min_delta=0.04)) \
-        if with_stopper else None
+    stopper = lambda: train.EarlyStopping("loss", patience=1, min_delta=0.04)  # noqa: E731
     (tmp_path / "a").mkdir()
     full_state, full = fit(epochs=6, logs=tmp_path / "a", stopper=stopper, lr=3e-2)
     (tmp_path / "b").mkdir()
-    kills = sorted(random.Random(int(with_stopper)).sample(range(2, full.train["step"][-1]), 3))
+    kills = sorted(random.Random(1).sample(range(2, full.train["step"][-1]), 3))
     for kill in kills:
         with pytest.raises(Killed):
             fit(tmp_path, epochs=6, logs=tmp_path / "b", stopper=stopper, lr=3e-2,
@@ -113,13 +112,58 @@ def test_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_path, wit
     logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().split("\n")
               if line and "eval" not in line]
     assert [r["loss"] for r in logged] == full.train["loss"]
-    if with_stopper:  # it did stop early, and a resume of the stopped run trains no more
-        assert full.stop_reason.startswith("EarlyStopping: eval loss did not improve")
-        assert int(full_state.step) < 36
-        again_state, again = fit(tmp_path, epochs=6, stopper=stopper, lr=3e-2,
-                                 checkpoint_every=4, resume=True)
-        assert again.train["step"] == [] and again.stop_reason == full.stop_reason
-        assert int(again_state.step) == int(full_state.step)
+    # it did stop early, and a resume of the stopped run trains no more
+    assert full.stop_reason.startswith("EarlyStopping: eval loss did not improve")
+    assert int(full_state.step) < 36
+    again_state, again = fit(tmp_path, epochs=6, stopper=stopper, lr=3e-2,
+                             checkpoint_every=4, resume=True)
+    assert again.train["step"] == [] and again.stop_reason == full.stop_reason
+    assert int(again_state.step) == int(full_state.step)
+
+
+KILLED_RUN = """
+import pathlib, sys, time
+from tests.train.test_resume import fit
+
+class Slow:  # long enough a run to be killed inside it
+    def on_step(self, step, metrics):
+        time.sleep(0.02)
+
+fit(pathlib.Path(sys.argv[1]), epochs=6, logs=pathlib.Path(sys.argv[2]), lr=3e-2,
+    extra=[Slow()], checkpoint_every=4, resume=True)
+"""
+
+
+def test_a_process_killed_by_sigkill_resumes_bitwise(tmp_path):
+    """A real kill (SIGKILL, nothing flushed or closed) at a random moment after the first
+    checkpoint; the resumed run's params and log files equal an uninterrupted run's."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    (tmp_path / "a").mkdir()
+    full_state, full = fit(epochs=6, logs=tmp_path / "a", lr=3e-2)
+    (tmp_path / "b").mkdir()
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path), str(tmp_path / "b")],
+                            cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        deadline = time.monotonic() + 120
+        while train.checkpoint.latest_step(tmp_path / "ck") is None:
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(random.Random(3).uniform(0.0, 0.3))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = train.checkpoint.latest_step(tmp_path / "ck")
+    assert killed_at < 36, "killed after the run finished: nothing was tested"
+    state, _ = fit(tmp_path, epochs=6, logs=tmp_path / "b", lr=3e-2, checkpoint_every=4,
+                   resume=True)
+    same_tree(state.params, full_state.params)
+    assert files(tmp_path / "b") == files(tmp_path / "a")
 
 
 def test_ctrl_c_stops_at_a_step_boundary_saves_and_returns(tmp_path):
