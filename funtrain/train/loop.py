@@ -215,9 +215,12 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         return {"run_start": run_start, "eval": history.eval, "stopped": stopped,
                 "callbacks": _callback_states(callbacks), "skip_streak": guard.streak}
 
-    def record() -> None:  # bring the pending metrics to the host, check and log them
-        if pending.count:
-            _record(history, *pending.take(), guard, hooks, bar, checkpoints)
+    def record(ready_only: bool = False) -> None:
+        """Bring pending metrics to the host, check and log them; with ``ready_only`` only
+        those computed already, so the host never waits while the device has work."""
+        taken = pending.take(pending.ready() if ready_only else None)
+        if taken is not None:
+            _record(history, *taken, guard, hooks, bar, checkpoints)
 
     def run_eval(epoch: int) -> None:
         record()
@@ -244,7 +247,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                 step, last = chunk.first + chunk.size, chunk
                 pending.add(chunk.first, chunk.size, metrics, stacked)
                 if pending.count >= log_every:
-                    record()
+                    record(ready_only=True)
                 if eval_step is not None and (eval_every is None and chunk.epoch_end or
                                               eval_every and step % eval_every == 0):
                     run_eval(chunk.epoch)
@@ -361,17 +364,32 @@ class _Pending:
         self.items.append((first, size, metrics, stacked))
         self.count += size
 
-    def take(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(global steps after each update, metrics as arrays over those steps)."""
-        host = jax.device_get([ms for _, _, ms, _ in self.items])
+    def ready(self) -> int:
+        """How many of the oldest chunks have all their metrics computed (no waiting)."""
+        done = 0
+        for _, _, metrics, _ in self.items:
+            if not all(getattr(v, "is_ready", lambda: True)() for m in metrics
+                       for v in m.values()):
+                break
+            done += 1
+        return done
+
+    def take(self, chunks: int | None = None
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """The oldest ``chunks`` (default: all) as (global steps after each update, metrics
+        as arrays over those steps), or ``None`` when there is nothing to take."""
+        items = self.items if chunks is None else self.items[:chunks]
+        if not items:
+            return None
+        host = jax.device_get([ms for _, _, ms, _ in items])
         steps = np.concatenate([np.arange(first + 1, first + size + 1)
-                                for first, size, _, _ in self.items])
+                                for first, size, _, _ in items])
         names = list(host[0][0])
         out = {k: np.concatenate([np.asarray(m[k]) if stacked else np.asarray(m[k])[None]
-                                  for (_, _, _, stacked), ms in zip(self.items, host,
-                                                                    strict=True)
+                                  for (_, _, _, stacked), ms in zip(items, host, strict=True)
                                   for m in ms]) for k in names}
-        self.items, self.count = [], 0
+        self.items = self.items[len(items):]
+        self.count -= len(steps)
         return steps, out
 
 
