@@ -23,8 +23,10 @@ import jax
 import jax.monitoring
 import numpy as np
 
+from funtrain._tree import keystr
 from funtrain._typing import Batch, Params
 from funtrain.data.dataset import Loader
+from funtrain.precision import all_finite
 from funtrain.train.callbacks import ProgressBar
 from funtrain.train.checkpoint import RunCheckpoints
 from funtrain.train.feed import (
@@ -232,6 +234,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
     def save(stopped: str | None = None) -> None:
         record()  # the guard checks every pending step first: nothing non-finite is saved
         if checkpoints is not None and checkpoints.last_saved != step:
+            _check_finite_params(state, step, checkpoints.last_saved)
             path = checkpoints.save(state, step, run_info(stopped))
             _call(hooks, "on_checkpoint", step, path)
 
@@ -437,6 +440,24 @@ class _Guard:
                     f"{_causes(int(nonfinite[i])) or 'its values'} were not finite: the run "
                     f"is not learning{saved}. Lower the learning rate or check the data "
                     f"(max_consecutive_skips={self.limit})")
+
+
+_all_finite = jax.jit(all_finite)
+
+
+def _check_finite_params(state: TrainState, step: int, last_saved: int | None) -> None:
+    """Before a checkpoint: the params and model state must be finite (in stop mode the
+    step tests loss and gradients only; an update can still overflow)."""
+    tree = {"params": state.params, "model_state": state.model_state}
+    if bool(_all_finite(tree)):
+        return
+    bad = [keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if not bool(all_finite(jax.device_get(leaf)))]
+    saved = f"; the last checkpoint (step {last_saved}) is intact" if last_saved else ""
+    raise FloatingPointError(
+        f"fit: step {step}: the updated params are not finite ({', '.join(bad[:4])}), so "
+        f"they were not checkpointed{saved}. The update overflowed: lower the learning "
+        f"rate, or pass skip_nonfinite=True to make_train_step to skip such steps")
 
 
 def _record(history: History, steps: np.ndarray, metrics: dict[str, np.ndarray],

@@ -114,8 +114,9 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
       skip_nonfinite: the non-finite guard's skip mode, on the device with no host sync:
         a step whose loss, gradients or updated params are not all finite leaves params
         and optimizer state bitwise unchanged and counts one more ``skipped_steps``
-        (always on with a loss scale). Without it, ``fit`` stops at such a step with an
-        error; with it, ``fit`` stops after ``max_consecutive_skips`` skips in a row.
+        (always on with a loss scale). Without it, ``fit`` stops at a step whose loss or
+        gradients are not finite, and refuses to checkpoint params that are not; with it,
+        ``fit`` stops after ``max_consecutive_skips`` skips in a row.
       learning_rate: a float or schedule to report as the ``learning_rate`` metric (the
         optimizer's own is used). Without it, an ``optim.inject_hyperparams`` optimizer's
         current ``learning_rate`` is reported.
@@ -126,7 +127,8 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
     Returns:
       The step. ``metrics`` holds ``loss``, ``grad_norm`` (global L2 norm of the
       unscaled gradients), whatever ``aux_metrics`` ``loss_fn`` returned, ``nonfinite``
-      (an int: +1 the loss, +2 the gradients, +4 the updated params are not all finite;
+      (an int: +1 the loss, +2 the gradients, +4 (skip mode) the updated params are not
+      all finite;
       ``fit``'s guard reads it and leaves it out of the history) and, in skip mode or
       with a loss scale, ``skipped``, ``skipped_steps`` and ``loss_scale``.
 
@@ -190,13 +192,15 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
             grads = scale.unscale(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates)
-        # Which of loss (1), gradients (2) and updated params (4) are not finite: fit's
-        # guard reads this; an overflowing update (too large a learning rate) shows as 4.
-        # The gradients' test is their float32 norm's (one reduction fewer to compile and
-        # run; it also flags gradients whose squares overflow, beyond 1e19).
+        # Which of loss (1), gradients (2) and, in skip mode, updated params (4) are not
+        # finite: fit's guard reads this. The gradients' test is their float32 norm's (one
+        # reduction fewer; it also flags gradients whose squares overflow, beyond 1e19).
+        # The params' test costs a pass over them, so only skip mode, which must decide on
+        # the device, pays it every step; in stop mode fit checks the params on the host
+        # before each checkpoint.
         grad_norm = global_norm(grads)
         loss_ok, grads_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
-        params_ok = all_finite(params)
+        params_ok = all_finite(params) if guarded else jnp.bool_(True)
         nonfinite = (jnp.where(loss_ok, 0, 1) + jnp.where(grads_ok, 0, 2)
                      + jnp.where(params_ok, 0, 4)).astype(jnp.int32)
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux, "nonfinite": nonfinite}
