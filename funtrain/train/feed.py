@@ -96,17 +96,24 @@ def auto_steps_per_call(steps_per_epoch: int | None, cuts: Iterable[int] = (),
 
 @functools.partial(jax.jit, static_argnames=("step", "size", "batch_size"),
                    donate_argnames=("state", "arrays"))
-def _steps_on_device(state: Any, arrays: Any, batch: Any, *, step: StepFn, size: int,
-                     batch_size: int) -> tuple[Any, Any, Any]:
-    """``size`` steps on batches ``batch, batch + 1, ...`` sliced from device ``arrays``.
+def _steps_on_device(state: Any, arrays: Any, order: Any, batch: Any, *, step: StepFn,
+                     size: int, batch_size: int) -> tuple[Any, Any, Any]:
+    """``size`` steps on batches ``batch, batch + 1, ...`` of device ``arrays``: sliced
+    from arrays already in the epoch's order, or gathered through ``order``.
 
     ``arrays`` is donated and handed back unchanged: a read-only argument would be copied
     into the scan's loop state on every call (the whole dataset, each time)."""
 
     def body(state: Any, i: Any) -> tuple[Any, Any]:
         start = (batch + i) * batch_size
-        return step(state, jax.tree.map(
-            lambda a: lax.dynamic_slice_in_dim(a, start, batch_size), arrays))
+        if order is None:
+            batch_ = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, batch_size),
+                                  arrays)
+        else:
+            rows = lax.dynamic_slice_in_dim(order, start, batch_size)
+            batch_ = jax.tree.map(lambda a: a.at[rows].get(unique_indices=True,
+                                                          mode="promise_in_bounds"), arrays)
+        return step(state, batch_)
 
     state, metrics = lax.scan(body, state, jnp.arange(size))
     return state, arrays, metrics
@@ -149,7 +156,17 @@ def fits_on_device(data: Any) -> bool:
 
 
 class DeviceFeed:
-    """Chunks over a ``Loader``'s dataset held on the device (see the module docstring)."""
+    """Chunks over a ``Loader``'s dataset held on the device (see the module docstring).
+
+    Each epoch's order is served one of two ways. Small batches are sliced from a copy of
+    the dataset gathered into the epoch's order once per epoch: a gather inside the scan
+    has a fixed cost per step that dominates small steps. Batches of ``GATHER_BYTES`` or
+    more are gathered through the order inside the scan: the whole-dataset gather would
+    write the dataset out and read it back each epoch, where a batch's gather stays in
+    cache for the step that uses it. Both measured in ``bench/fit.py``.
+    """
+
+    GATHER_BYTES = 64 << 10
 
     def __init__(self, loader: Loader, step: StepFn, k: int, cuts: tuple[int, ...]) -> None:
         self.loader, self.step, self.k, self.cuts = loader, step, k, cuts
@@ -158,25 +175,35 @@ class DeviceFeed:
         n = len(loader.dataset)
         self.full_batches = n // self.batch_size
         self.tail = 0 if loader.drop_remainder else n % self.batch_size
-        self.arrays = jax.device_put(loader.dataset.arrays)
-        self._epoch: tuple[int, Any] | None = None
+        host = loader.dataset.arrays
+        row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in host.values())
+        self.gather = loader.key is not None and self.batch_size * row_bytes >= self.GATHER_BYTES
+        # Chunks donate the arrays they serve from, so the feed owns device copies.
+        self.arrays = jax.tree.map(jnp.copy, jax.device_put(host))
+        self._epoch: tuple[int, Any, Any] | None = None  # (epoch, arrays, order)
 
     def check(self, num_classes: int | None) -> None:
         """The checked mode: the whole dataset is checked once, before it is used."""
         check_batch(self.loader.dataset.arrays, num_classes=num_classes,
                     where="fit: train_data")
 
-    def _epoch_arrays(self, epoch: int) -> Any:
+    def _source(self, epoch: int) -> tuple[Any, Any]:
+        """The epoch's (arrays, order): ``order`` is ``None`` when the arrays are in the
+        epoch's order already (or the loader does not shuffle)."""
         if self._epoch is None or self._epoch[0] != epoch:
-            key = self.loader.key
-            if key is not None:
-                arrays = _permuted(self.arrays, self.loader.order(epoch).astype(np.int32))
-            elif self._epoch is not None:  # unshuffled: every epoch is the same
-                arrays = self._epoch[1]
-            else:  # chunks donate the arrays they are given: keep self.arrays apart
-                arrays = jax.tree.map(jnp.copy, self.arrays)
-            self._epoch = (epoch, arrays)
-        return self._epoch[1]
+            if self.loader.key is None:
+                self._epoch = (epoch, self.arrays, None)
+            else:
+                order = jnp.asarray(self.loader.order(epoch).astype(np.int32))
+                self._epoch = ((epoch, self.arrays, order) if self.gather else
+                               (epoch, _permuted(self.arrays, order), None))
+        return self._epoch[1], self._epoch[2]
+
+    def _keep(self, epoch: int, arrays: Any, order: Any) -> None:
+        """Hold on to the arrays a chunk handed back (its input was donated)."""
+        if self._epoch is not None and self._epoch[1] is self.arrays:
+            self.arrays = arrays
+        self._epoch = (epoch, arrays, order)
 
     def chunks(self, first: int, end: int | None, epochs: int = 1
                ) -> Iterator[tuple[Chunk, Any]]:
@@ -187,23 +214,25 @@ class DeviceFeed:
 
     def run(self, state: Any, chunk: Chunk, epoch: int) -> tuple[Any, list[Any], bool]:
         """Run ``chunk``: the new state, its metrics and ``True`` (they are stacked)."""
-        arrays = self._epoch_arrays(epoch)
+        arrays, order = self._source(epoch)
         if chunk.scanned:
             state, arrays, metrics = _steps_on_device(
-                state, arrays, np.int32(chunk.batch), step=self.step, size=chunk.size,
-                batch_size=self.batch_size)
-            self._epoch = (epoch, arrays)
+                state, arrays, order, np.int32(chunk.batch), step=self.step,
+                size=chunk.size, batch_size=self.batch_size)
+            self._keep(epoch, arrays, order)
             return state, [metrics], True
         out = []
         for b in range(chunk.batch, chunk.batch + chunk.size):
             if b < self.full_batches:
                 state, arrays, metrics = _steps_on_device(
-                    state, arrays, np.int32(b), step=self.step, size=1,
+                    state, arrays, order, np.int32(b), step=self.step, size=1,
                     batch_size=self.batch_size)
-                self._epoch = (epoch, arrays)
-            else:  # the smaller last batch (drop_remainder=False)
-                tail = jax.tree.map(lambda a, s=b * self.batch_size: a[s:], arrays)
-                state, _, metrics = _steps_on_device(state, tail, np.int32(0),
+                self._keep(epoch, arrays, order)
+            else:  # the smaller last batch (drop_remainder=False): its own shapes
+                start = b * self.batch_size
+                tail = (jax.tree.map(lambda a, s=start: a[s:], arrays) if order is None
+                        else jax.tree.map(lambda a, s=start: a[order[s:]], arrays))
+                state, _, metrics = _steps_on_device(state, tail, None, np.int32(0),
                                                      step=self.step, size=1,
                                                      batch_size=self.tail)
             out.append(metrics)

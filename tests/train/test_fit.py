@@ -84,10 +84,13 @@ def test_feeds_and_chunk_sizes_agree(digits, kw):
                  s1.params, s2.params)
 
 
-@pytest.mark.parametrize("device_data", [True, False])
-def test_device_epochs_are_the_loaders_batches(device_data):
-    """Both feeds serve each epoch in the Loader's order, bit for bit, and its smaller last
+@pytest.mark.parametrize("feed_kind", ["device, sliced", "device, gathered", "host"])
+def test_device_epochs_are_the_loaders_batches(feed_kind, monkeypatch):
+    """Every feed serves each epoch in the Loader's order, bit for bit, and its smaller last
     batch too (drop_remainder=False); per-step vector metrics keep their shape."""
+    if feed_kind == "device, gathered":  # large batches gather rows inside the scan
+        monkeypatch.setattr(feed.DeviceFeed, "GATHER_BYTES", 0)
+    device_data = feed_kind != "host"
     rng = np.random.default_rng(0)
     ds = data.ArrayDataset(x=rng.standard_normal((23, 3)).astype(np.float32),
                            y=np.arange(23, dtype=np.int32))
