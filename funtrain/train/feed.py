@@ -178,8 +178,9 @@ class DeviceFeed:
         host = loader.dataset.arrays
         row_bytes = sum(a.itemsize * math.prod(a.shape[1:]) for a in host.values())
         self.gather = loader.key is not None and self.batch_size * row_bytes >= self.GATHER_BYTES
-        # Chunks donate the arrays they serve from, so the feed owns device copies.
-        self.arrays = jax.tree.map(jnp.copy, jax.device_put(host))
+        # Chunks donate the arrays they serve from: device_put gives the feed its own
+        # copies (it never aliases the host arrays).
+        self.arrays = jax.device_put(host)
         self._epoch: tuple[int, Any, Any] | None = None  # (epoch, arrays, order)
 
     def check(self, num_classes: int | None) -> None:
