@@ -522,12 +522,18 @@ def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: floa
     return Optimizer(init_state, update)
 
 
-def schedule_free_eval_params(state: Any, params: Params) -> Params:
+def schedule_free_eval_params(state: Any, params: Params | None = None) -> Params:
     r"""The params to evaluate a schedule-free run at: :math:`x = (y - (1-\beta_1) z)/\beta_1`.
 
     ``state`` is the optimizer state of ``schedule_free_adamw`` (it may sit anywhere inside
-    a ``chain``'s state tuple).
+    a ``chain``'s state tuple) with ``params`` the current params, or a whole ``TrainState``
+    alone, so ``fit(eval_params=optim.schedule_free_eval_params)`` evaluates at ``x``.
     """
+    if params is None and hasattr(state, "opt_state") and hasattr(state, "params"):
+        state, params = state.opt_state, state.params
+    if params is None:
+        raise TypeError("schedule_free_eval_params: pass (opt_state, params), or a "
+                        "TrainState alone")
     found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, ScheduleFreeState))
              if isinstance(s, ScheduleFreeState)]
     if len(found) != 1:

@@ -128,7 +128,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         after every epoch.
       eval_params: the params to evaluate, from the state, instead of ``state.params``:
         ``optim.ema_params`` for an ``optim.ema`` optimizer, or
-        ``lambda s: optim.schedule_free_eval_params(s.opt_state, s.params)``.
+        ``optim.schedule_free_eval_params`` for ``schedule_free_adamw``.
       callbacks: objects with any of ``on_step``, ``on_eval``, ``on_epoch_end``,
         ``on_checkpoint``, ``close``, ``state_dict``/``load_state_dict`` (see
         ``train.callbacks``: JSONL/CSV/TensorBoard loggers, ``EarlyStopping``).

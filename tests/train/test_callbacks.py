@@ -129,3 +129,14 @@ def test_eval_every_and_eval_params_from_an_ema():
     direct = train.evaluate(ev, ema, test)
     assert hist.eval[-1]["loss"] == pytest.approx(direct["loss"], rel=1e-6)
     assert train.evaluate(ev, state.params, test)["loss"] != pytest.approx(direct["loss"])
+
+
+def test_eval_params_at_schedule_free_evaluation_point():
+    opt = optim.schedule_free_adamw(1e-2)
+    state, step, loader, ev, test = setup(opt=opt)
+    state, hist = train.fit(state, step, loader, epochs=2, eval_step=ev, eval_data=test,
+                            eval_params=optim.schedule_free_eval_params, progress=False)
+    x = optim.schedule_free_eval_params(state.opt_state, state.params)
+    assert hist.eval[-1]["loss"] == pytest.approx(train.evaluate(ev, x, test)["loss"], rel=1e-6)
+    assert hist.eval[-1]["loss"] != pytest.approx(
+        train.evaluate(ev, state.params, test)["loss"], rel=1e-6)
