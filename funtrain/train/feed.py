@@ -151,8 +151,14 @@ def _device_budget() -> int:
 
 def fits_on_device(data: Any) -> bool:
     """Whether ``fit`` serves ``data`` from the device by default: a ``Loader`` over an
-    in-memory dataset that takes at most ``_device_budget()`` bytes twice."""
-    return isinstance(data, Loader) and 2 * _nbytes(data.dataset.arrays) <= _device_budget()
+    in-memory dataset of numeric arrays that takes at most ``_device_budget()`` bytes
+    twice (strings or objects stay on the host)."""
+    if not isinstance(data, Loader):
+        return False
+    arrays = data.dataset.arrays
+    numeric = all(a.dtype.kind in "biuf" or a.dtype.name == "bfloat16"
+                  for a in arrays.values())
+    return numeric and 2 * _nbytes(arrays) <= _device_budget()
 
 
 class DeviceFeed:

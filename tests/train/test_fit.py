@@ -237,3 +237,11 @@ def test_the_progress_bar_leaves_compile_time_out_of_its_rate():
     bar.advance(4, {"loss": np.array([1.0, 2.0, 3.0, 6.0]), "accuracy": np.array([0.5] * 4)})
     assert bar._postfix == {"loss": "3", "accuracy": "0.5"}  # means since the last refresh
     bar.close()
+
+
+def test_only_numeric_in_memory_loaders_go_to_the_device():
+    ds = data.ArrayDataset(x=np.ones((4, 2), np.float32), y=np.arange(4))
+    assert feed.fits_on_device(ds.batches(2))
+    named = data.ArrayDataset(x=np.ones((4, 2), np.float32), name=np.array(list("abcd")))
+    assert not feed.fits_on_device(named.batches(2))
+    assert not feed.fits_on_device([{"x": np.ones((2, 2))}])
