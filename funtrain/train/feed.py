@@ -8,9 +8,9 @@ chunks of an uninterrupted one and stays bitwise equal to it.
 Two feeds run the chunks:
 
 - ``DeviceFeed`` (a ``Loader`` over an in-memory ``ArrayDataset``): the dataset moves to the
-  device once per ``fit`` call; each epoch is gathered there into the ``Loader``'s order
-  (one gather per epoch), and a chunk slices its batches out of the permuted arrays inside
-  the scan, which costs less than a gather per step. No batch crosses the host boundary.
+  device once per ``fit`` call and each epoch is served there in the ``Loader``'s order:
+  small batches sliced from a copy permuted once per epoch, large ones gathered inside the
+  scan. No batch crosses the host boundary.
 - ``HostFeed`` (any other data): batches are read, checked, stacked ``K`` at a time and put
   on the device by a background thread while the device computes.
 
@@ -81,8 +81,9 @@ def auto_steps_per_call(steps_per_epoch: int | None, cuts: Iterable[int] = (),
     length (and of the checkpoint/eval intervals) up to ``target``, so every chunk is a full
     scan and only one function compiles; 32 with short remainders when that divisor is tiny.
 
-    The per-call cost is far from negligible (dispatch, and on a CPU waking the thread
-    pool), so a whole epoch per call is the default when it is short enough.
+    The per-call cost is far from negligible: a call takes the state the previous call is
+    still computing, so it waits for it and the host's per-call work is not hidden. Hence a
+    whole epoch per call by default, when it is short enough.
     """
     if steps_per_epoch is None:
         return 1
