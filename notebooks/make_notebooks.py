@@ -85,6 +85,26 @@ QUICKSTART = [
         "ax.plot(history.train['loss'], label='fit', alpha=0.7)\n"
         "ax.set_yscale('log'); ax.set_xlabel('step'); ax.set_ylabel('train loss'); ax.legend()\n"
         "plt.show()"),
+    new_markdown_cell(
+        "## Keep going, and never lose a run\n"
+        "Calling `fit` again continues from `state.step` (the data position follows it), and "
+        "compiles nothing the first call compiled. With `checkpoint_dir=`, each epoch's end is "
+        "saved after its evaluation; `resume=True` continues an interrupted run exactly "
+        "(bitwise on CPU) and returns a finished run's evaluations without training."),
+    new_code_cell(
+        "import tempfile\n\n"
+        "state, more = train.fit(state, train_step, loader, epochs=1, eval_step=eval_step,\n"
+        "                        eval_data=test_set.batches(256), progress=False)\n"
+        "print('continued to step', int(state.step), more.eval[-1])\n"
+        "runs = tempfile.mkdtemp()\n"
+        "state, saved = train.fit(state, train_step, loader, epochs=1, eval_step=eval_step,\n"
+        "                         eval_data=test_set.batches(256), progress=False,\n"
+        "                         checkpoint_dir=runs)\n"
+        "_, again = train.fit(state, train_step, loader, epochs=1, eval_step=eval_step,\n"
+        "                     eval_data=test_set.batches(256), progress=False,\n"
+        "                     checkpoint_dir=runs, resume=True)  # finished: nothing to train\n"
+        "assert again.train['step'] == [] and again.eval == saved.eval\n"
+        "print('checkpoints:', train.checkpoint.all_steps(runs))"),
 ]
 
 OPTIMIZERS = [
