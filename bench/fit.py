@@ -149,7 +149,7 @@ def scan_limit(ds: data.ArrayDataset, batch: int, epochs: int, gather: bool) -> 
 # ----------------------------------------------------------------------------- timing
 
 
-def best_time(fn: Callable[[], float]) -> tuple[float, float]:
+def timed(fn: Callable[[], float]) -> tuple[float, float]:
     t0 = time.perf_counter()
     result = fn()
     return time.perf_counter() - t0, result
@@ -162,7 +162,7 @@ def measure(name: str, repeats: int, sides: dict[str, Callable[[int], float]], e
     for _ in range(repeats):
         for count in (epochs, 1):
             for side, run in sides.items():
-                seconds, loss = best_time(lambda run=run, count=count: run(count))
+                seconds, loss = timed(lambda run=run, count=count: run(count))
                 if not np.isfinite(loss):
                     raise SystemExit(f"{name} {side}: the loss is {loss}")
                 times[side]["E" if count == epochs else "1"].append(seconds)

@@ -265,9 +265,8 @@ class ProgressBar:
                         dynamic_ncols=True)
         self._postfix: dict[str, str] = {}
 
-    def set_epoch(self, epoch: int, epochs: int | None) -> None:
-        self.bar.set_description(f"{self.desc} {epoch + 1}/{epochs}" if epochs else
-                                 f"{self.desc} {epoch + 1}", refresh=False)
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        self.bar.set_description(f"{self.desc} {epoch + 1}/{epochs}", refresh=False)
 
     def exclude_time(self, seconds: float) -> None:
         """Leave ``seconds`` (a compile) out of the elapsed time the rate and ETA use."""

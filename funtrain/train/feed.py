@@ -34,6 +34,7 @@ from funtrain._typing import Batch
 from funtrain.data.checks import check_batch
 from funtrain.data.dataset import Loader
 from funtrain.data.prefetch import prefetch
+from funtrain.train.step import scan_steps
 
 StepFn = Callable[..., Any]
 
@@ -118,12 +119,6 @@ def _steps_on_device(state: Any, arrays: Any, order: Any, batch: Any, *, step: S
 
     state, metrics = lax.scan(body, state, jnp.arange(size))
     return state, arrays, metrics
-
-
-@functools.partial(jax.jit, static_argnames=("step",), donate_argnames=("state",))
-def _scanned(state: Any, batches: Any, *, step: StepFn) -> tuple[Any, Any]:
-    """One step per slice of ``batches`` (stacked on a leading axis), in one call."""
-    return lax.scan(step, state, batches)
 
 
 @jax.jit
@@ -340,7 +335,7 @@ class HostFeed:
         """Run ``chunk``: the new state, its metrics, and whether they are stacked (a
         scanned chunk) or one dict per step."""
         if chunk.scanned:
-            state, metrics = _scanned(state, batches, step=self.step)
+            state, metrics = scan_steps(self.step)(state, batches)
             return state, [metrics], True
         out = []
         for batch in batches:

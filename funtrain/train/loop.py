@@ -181,7 +181,8 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
     if check_data:
         feed.check(num_classes)
     history = History()
-    checkpoints = (RunCheckpoints(checkpoint_dir, keep_last, _data_basis(train_data))
+    checkpoints = (RunCheckpoints(checkpoint_dir, keep_last,
+                                  _data_basis(train_data, steps_per_epoch))
                    if checkpoint_dir is not None else None)
 
     # Where this call starts and ends: a resume continues the saved call's plan.
@@ -335,14 +336,11 @@ def _check_arguments(args: dict[str, Any]) -> int | None:
     return steps
 
 
-def _data_basis(data: Data) -> dict[str, Any]:
+def _data_basis(data: Data, steps_per_epoch: int | None) -> dict[str, Any]:
     """What the data position depends on, kept in checkpoints to check a resume against."""
-    try:
-        steps = len(data)
-    except TypeError:
-        steps = None
     dataset = getattr(data, "dataset", None)
-    return {"steps_per_epoch": steps, "batch_size": getattr(data, "batch_size", None),
+    return {"steps_per_epoch": steps_per_epoch,
+            "batch_size": getattr(data, "batch_size", None),
             "examples": len(dataset) if dataset is not None else None}
 
 
@@ -537,16 +535,19 @@ class _Interrupts:
               file=sys.stderr)
 
     def __enter__(self) -> _Interrupts:
+        self._installed = False
         if threading.current_thread() is threading.main_thread():
             try:
                 self._previous = signal.signal(signal.SIGINT, self._handler)
+                self._installed = True
             except ValueError:  # signals unavailable here (e.g. some embedded interpreters)
-                self._previous = None
+                pass
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:  # None: the previous handler was not set from Python
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None
+                          else signal.default_int_handler)
 
 
 def _alive(state: Any) -> bool:

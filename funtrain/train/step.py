@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -128,9 +129,8 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
       The step. ``metrics`` holds ``loss``, ``grad_norm`` (global L2 norm of the
       unscaled gradients), whatever ``aux_metrics`` ``loss_fn`` returned, ``nonfinite``
       (an int: +1 the loss, +2 the gradients, +4 (skip mode) the updated params are not
-      all finite;
-      ``fit``'s guard reads it and leaves it out of the history) and, in skip mode or
-      with a loss scale, ``skipped``, ``skipped_steps`` and ``loss_scale``.
+      all finite; ``fit``'s guard reads it and leaves it out of the history) and, in skip
+      mode or with a loss scale, ``skipped``, ``skipped_steps`` and ``loss_scale``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -230,21 +230,28 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
+def _scan(state: TrainState, batches: Batch, *, step: StepFn
+          ) -> tuple[TrainState, Metrics]:
+    return lax.scan(step, state, batches)
+
+
+# Module-level, with the step static: the compiled scan is cached across calls (and fit's).
+_scan_donating = jax.jit(_scan, static_argnames=("step",), donate_argnames=("state",))
+_scan_keeping = jax.jit(_scan, static_argnames=("step",))
+
+
 def scan_steps(step: StepFn, *, jit: bool = True, donate: bool = True
                ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Run several steps in one device call: batches stacked on a new leading axis.
 
     ``scan_steps(step)(state, stacked)`` equals calling ``step`` once per slice of
     ``stacked``; metrics come back stacked. This cuts per-step dispatch overhead
-    for small models.
+    for small models. The compiled scan is cached per step and shapes, so calling
+    ``scan_steps(step)`` again compiles nothing.
     """
-
-    def multi(state: TrainState, batches: Batch) -> tuple[TrainState, Metrics]:
-        return lax.scan(step, state, batches)
-
     if not jit:
-        return multi
-    return jax.jit(multi, donate_argnums=(0,) if donate else ())
+        return functools.partial(_scan, step=step)
+    return functools.partial(_scan_donating if donate else _scan_keeping, step=step)
 
 
 def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True

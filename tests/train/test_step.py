@@ -77,11 +77,22 @@ def test_scan_steps_equals_single_steps():
     for i in range(6):
         s1, m = single(s1, {"x": xs[i], "y": ys[i]})
         losses_single.append(float(m["loss"]))
-    multi = train.scan_steps(train.make_train_step(loss_fn, opt))
+    step = train.make_train_step(loss_fn, opt)
+    multi = train.scan_steps(step)
     s2, m2 = multi(train.TrainState.create(params, opt, jax.random.key(9)), {"x": xs, "y": ys})
     np.testing.assert_allclose(m2["loss"], losses_single, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  s1.params, s2.params)
+    # scan_steps(step) again, as fit does on each call: the compiled scan is reused
+    compiles = []
+    listener = lambda name, secs, **kw: compiles.append(name) if name.endswith(
+        "backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train.scan_steps(step)(s2, {"x": xs, "y": ys})
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
 
 
 def test_bad_loss_fn_outputs():
