@@ -85,6 +85,8 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: floa
     Args:
       logits: ``(..., C)`` unnormalised scores.
       labels: integer class ids of shape ``(...)``, or one-hot/probabilities ``(..., C)``.
+        An integer label outside ``[0, C)`` gives a NaN loss for its example (unless
+        ``mask`` leaves it out), never a silently wrapped class.
       label_smoothing: ``ε`` in ``[0, 1)``; mixes the target with the uniform distribution,
         as PyTorch's ``CrossEntropyLoss(label_smoothing=ε)``.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -103,10 +105,15 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: floa
     log_p = jax.nn.log_softmax(logits, axis=-1)
     num_classes = logits.shape[-1]
     if is_index:
-        nll = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+        # A label outside [0, C) gives NaN (never a wrapped or clipped class), so a bad
+        # label cannot train silently; a masked-out one costs nothing.
+        valid = (labels >= 0) & (labels < num_classes)
+        safe = jnp.where(valid, labels, 0)
+        nll = -jnp.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
         if label_smoothing:
             smooth = -jnp.mean(log_p, axis=-1)
             nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+        nll = jnp.where(valid, nll, jnp.nan)
     else:
         q = _f32(labels)
         if label_smoothing:
@@ -161,6 +168,16 @@ def huber(predictions: Array, targets: Array, *, delta: float = 1.0, reduction: 
     quad = jnp.minimum(r, delta)
     loss = 0.5 * quad * quad + delta * (r - quad)
     return reduce(loss, reduction, mask, "huber")
+
+
+def invalid_labels(logits: Array, labels: Array) -> Array:
+    """How many integer labels lie outside ``[0, C)``, ``C = logits.shape[-1]`` (an int32;
+    0 for one-hot or probability labels). ``softmax_cross_entropy`` is NaN for them."""
+    labels, is_index = _class_targets("invalid_labels", jnp.asarray(logits), labels)
+    if not is_index:
+        return jnp.zeros((), jnp.int32)
+    bad = (labels < 0) | (labels >= jnp.shape(logits)[-1])
+    return jnp.sum(bad, dtype=jnp.int32)
 
 
 def accuracy(logits: Array, labels: Array, *, mask: Array | None = None) -> Array:

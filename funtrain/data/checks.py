@@ -27,7 +27,10 @@ def check_batch(batch: Any, *, num_classes: int | None = None, labels: str = "y"
 
     Args:
       batch: a pytree of arrays (usually a dict).
-      num_classes: if given, integer ``batch[labels]`` must lie in ``[0, num_classes)``.
+      num_classes: if given, integer ``batch[labels]`` must lie in ``[0, num_classes)``;
+        one-hot or probability labels must have ``num_classes`` entries on the last
+        axis, each >= 0, summing to 1 per example. A batch may also be a tuple
+        ``(inputs, labels)``.
       labels: the key of the labels.
       where: how to name the batch in messages.
 
@@ -44,13 +47,38 @@ def check_batch(batch: Any, *, num_classes: int | None = None, labels: str = "y"
                 raise ValueError(f"{where}: '{path}' has {int(bad.sum())} non-finite value(s) "
                                  f"(nan/inf), the first at index {first}")
     if num_classes is not None:
-        if not isinstance(batch, dict) or labels not in batch:
+        if isinstance(batch, tuple) and len(batch) == 2:  # (inputs, labels)
+            labels, y = "[1]", batch[1]
+        elif isinstance(batch, dict) and labels in batch:
+            y = batch[labels]
+        else:
             raise ValueError(f"{where}: no labels under key {labels!r} to check against "
                              f"num_classes={num_classes}")
-        y = np.asarray(jax.device_get(batch[labels]))
-        if np.issubdtype(y.dtype, np.integer) and y.size:
+        y = np.asarray(jax.device_get(y))
+        if not np.issubdtype(y.dtype, np.integer):
+            _check_distributions(y, num_classes, labels, where)
+        elif y.size:
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= num_classes:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"{where}: labels out of range: '{labels}' contains {bad}, "
                                  f"expected values in [0, {num_classes})")
+
+
+def _check_distributions(y: np.ndarray, num_classes: int, labels: str, where: str) -> None:
+    """One-hot or probability labels: ``(..., num_classes)``, non-negative, rows sum to 1."""
+    if y.ndim == 0 or y.shape[-1] != num_classes:
+        raise ValueError(f"{where}: labels '{labels}' are not integers, so they must be "
+                         f"one-hot or probabilities of shape (..., {num_classes}), got shape "
+                         f"{y.shape}")
+    y = y.astype(np.float64)
+    if (y < 0).any():
+        first = tuple(int(i) for i in np.argwhere(y < 0)[0])
+        raise ValueError(f"{where}: labels '{labels}' have a negative probability "
+                         f"{y[first]:.6g} at index {first}")
+    sums = y.sum(axis=-1)
+    off = np.abs(sums - 1.0) > 1e-2  # room for bfloat16 and smoothed labels
+    if off.any():
+        first = tuple(int(i) for i in np.argwhere(off)[0])
+        raise ValueError(f"{where}: labels '{labels}' at example {first} sum to "
+                         f"{sums[first]:.6g}, expected one-hot or probabilities summing to 1")

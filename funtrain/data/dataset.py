@@ -85,6 +85,14 @@ class Loader:
         if not isinstance(self.dataset, ArrayDataset):
             raise TypeError(f"Loader: dataset must be an ArrayDataset, got "
                             f"{type(self.dataset).__name__}")
+        key = self.key
+        typed = jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
+        raw = getattr(key, "dtype", None) == np.uint32 and np.shape(key) == (2,)  # PRNGKey
+        if key is not None and not (typed and np.shape(key) == () or raw):
+            got = (f"{type(key).__name__} {key!r}" if np.ndim(key) == 0 else
+                   f"an array of shape {np.shape(key)} and dtype {getattr(key, 'dtype', '?')}")
+            raise TypeError(f"Loader: key must be a PRNG key such as jax.random.key(0) (or "
+                            f"None for no shuffling), got {got}")
         n = len(self.dataset)
         bs = self.batch_size
         if isinstance(bs, bool) or not isinstance(bs, (int, np.integer)) or bs <= 0:

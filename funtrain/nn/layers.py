@@ -99,6 +99,11 @@ def dense(features: int, *, use_bias: bool = True, w_init: Initializer | None = 
             raise ModuleError(kind, f"expected an input with {w.shape[0]} features on the "
                               f"last axis (w has shape {tuple(w.shape)}), got input of shape "
                               f"{tuple(x.shape)}")
+        if w.shape[1] != features:  # params of another (wider or narrower) model
+            raise ModuleError(kind, f"w has shape {tuple(w.shape)}, but this layer has "
+                              f"{features} output features: expected w of shape "
+                              f"({fan_in}, {features}); were the params made by another "
+                              f"model's init?")
         y = jnp.matmul(x, w)
         if use_bias:
             check_param_shape(params, "b", (w.shape[1],), kind)
@@ -269,6 +274,11 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
             raise ModuleError(kind, f"expected an input with {w.shape[-2] * groups} channels "
                               f"on the last axis (w has shape {tuple(w.shape)}), got input of "
                               f"shape {tuple(x.shape)}")
+        expected = (*_tuple(kernel_size, n, "kernel_size", kind), w.shape[-2], features)
+        if tuple(w.shape) != expected:  # params of another model
+            raise ModuleError(kind, f"w has shape {tuple(w.shape)}, but this layer expects "
+                              f"{expected} (kernel_size, in channels, {features} features); "
+                              f"were the params made by another model's init?")
         y = lax.conv_general_dilated(
             x, w.astype(jnp.result_type(x, w)),
             window_strides=_tuple(strides, n, "strides", kind),

@@ -21,6 +21,8 @@ def check_scalar(where: str, name: str, value: Any, *, low: float | None = None,
                         f"({value!r})")
     if math.isnan(value):
         raise ValueError(f"{where}: {name} must be a number, got nan")
+    if math.isinf(value):
+        raise ValueError(f"{where}: {name} must be finite, got {value}")
     lo_bad = low is not None and (value <= low if low_open else value < low)
     hi_bad = high is not None and (value >= high if high_open else value > high)
     if lo_bad or hi_bad:

@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,11 +62,39 @@ def constant(value: float) -> Schedule:
 
 def as_schedule(value: float | Schedule, where: str, name: str = "learning_rate",
                 *, low: float | None = 0.0) -> Schedule:
-    """Turn a float into a constant schedule; check a float's range; pass callables through."""
+    """Turn a float into a constant schedule; check a float's range, or a schedule's value
+    at step 0 (see ``check_schedule``)."""
     if callable(value):
+        check_schedule(value, where, name, low=low)
         return value
     check_scalar(where, name, value, low=low)
     return lambda step: value
+
+
+def check_schedule(schedule: Schedule, where: str, name: str = "learning_rate", *,
+                   low: float | None = 0.0) -> None:
+    """Call ``schedule(0)`` once, when the optimizer is built: it must take the step count
+    and return a finite real scalar (``>= low``). A wrong shape would silently reshape every
+    param it scales; a negative learning rate would climb the loss."""
+    what = f"{where}: {name} is a schedule"
+    try:
+        out = schedule(jnp.zeros((), jnp.int32))
+    except TypeError as e:
+        raise TypeError(f"{what}, so it must take the step count, schedule(count) -> value; "
+                        f"calling it with count 0 raised TypeError: {e}") from None
+    if out is None or isinstance(out, (str, bytes)) or not hasattr(out, "__float__") and \
+            not hasattr(out, "dtype"):
+        raise TypeError(f"{what}; it must return a scalar, got {type(out).__name__} "
+                        f"at count 0")
+    shape = tuple(jnp.shape(out))
+    if shape != ():
+        raise ValueError(f"{what}; it must return a scalar, got shape {shape} at count 0")
+    dtype = jnp.result_type(out)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{what}; it must return a real number, got dtype {dtype} at count 0")
+    if isinstance(out, jax.core.Tracer):  # built inside a trace: only the shape is known
+        return
+    check_scalar(where, f"{name}(0)", float(out), low=low)
 
 
 def value_at(schedule: float | Schedule, step: Any) -> Any:

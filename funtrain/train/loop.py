@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from funtrain.train.feed import (
     fits_on_device,
 )
 from funtrain.train.state import TrainState
-from funtrain.train.step import Metrics, StepFn
+from funtrain.train.step import Metrics, StepFn, _is_deleted, donated_state_error
 
 Data = Any  # a Loader (has .epoch(e)), a callable epoch -> iterable, or a re-iterable
 
@@ -323,6 +323,14 @@ def _check_arguments(args: dict[str, Any]) -> int | None:
         raise TypeError("fit: device_data=True needs train_data to be a Loader over an "
                         "in-memory ArrayDataset")
     data = args["train_data"]
+    if isinstance(data, Mapping) or isinstance(data, tuple) and data and \
+            all(hasattr(a, "shape") for a in data):
+        raise TypeError(f"fit: train_data is a single batch ({type(data).__name__} of "
+                        f"arrays); pass batches: a Loader (data.ArrayDataset(**arrays)"
+                        f".batches(32, key=...)), a list of batches ([batch]), or a callable "
+                        f"epoch -> batches")
+    if _is_deleted(args["state"]):
+        raise donated_state_error("fit")
     if args["epochs"] > 1 and isinstance(data, Iterator):
         raise TypeError(f"fit: train_data is a one-shot iterator, but epochs="
                         f"{args['epochs']} needs a new pass each epoch; pass a Loader, a "
@@ -418,6 +426,13 @@ class _Guard:
                     nonfinite |= np.where(np.isfinite(metrics[key]), 0, bit).astype(np.int32)
         skipped = metrics.get("skipped", np.zeros(len(steps), np.int32))
         saved = f"; the last checkpoint (step {last_saved}) is intact" if last_saved else ""
+        labels = metrics.get("invalid_labels", np.zeros(len(steps), np.int32))
+        for i in np.flatnonzero((labels != 0) & (skipped == 0)):
+            raise ValueError(
+                f"fit: step {steps[i]}: {int(labels[i])} integer label(s) of the batch lie "
+                f"outside [0, classes), the classes being the logits' last axis; their "
+                f"cross-entropy is NaN{saved}. Check the labels: fit(check_data=True, "
+                f"num_classes=...) names the batch")
         for i in np.flatnonzero((nonfinite != 0) & (skipped == 0)):
             values = ", ".join(f"{k} {float(metrics[k][i]):.6g}" for k in ("loss", "grad_norm")
                                if k in metrics)
@@ -463,7 +478,8 @@ def _record(history: History, steps: np.ndarray, metrics: dict[str, np.ndarray],
             checkpoints: RunCheckpoints | None) -> None:
     """Check the steps, add them to the history, and hand them to the callbacks."""
     guard.check(steps, metrics, checkpoints.last_saved if checkpoints else None)
-    metrics.pop("nonfinite", None)  # the guard's input, not a training metric
+    for name in ("nonfinite", "invalid_labels"):  # the guard's input, not training metrics
+        metrics.pop(name, None)
     history.train["step"].extend(steps.tolist())
     columns = {k: v.tolist() for k, v in metrics.items()}
     for k, v in columns.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from funtrain import losses
+from funtrain._tree import keystr
 from funtrain._typing import Array, Batch, Params, PRNGKey
 from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module, check_statistics
@@ -80,6 +82,80 @@ def _learning_rate(learning_rate: Any, state: TrainState) -> Any:
     return None
 
 
+def _check_opt_state(where: str, optimizer: Optimizer, state: TrainState) -> None:
+    """``state.opt_state`` must be what ``optimizer.init_state(state.params)`` builds: the
+    same key paths, shapes and dtypes. Checked while tracing (``eval_shape``: no compute)."""
+    expected = jax.eval_shape(optimizer.init_state, state.params)
+    want = {keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    got = {keystr(p): leaf for p, leaf in
+           jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
+    fix = ("Create the state with TrainState.create(params, optimizer, key) using the "
+           "optimizer given to make_train_step")
+    if list(want) != list(got) or (jax.tree.structure(expected)
+                                   != jax.tree.structure(state.opt_state)):
+        missing = [p for p in want if p not in got][:3]
+        extra = [p for p in got if p not in want][:3]
+        detail = "; ".join(part for part in (
+            f"the optimizer's state has {', '.join(repr(p) for p in missing)}" if missing
+            else "", f"the given state has {', '.join(repr(p) for p in extra)}" if extra
+            else "") if part) or "the same key paths in other containers"
+        raise ValueError(f"{where}: state.opt_state was not made by this optimizer's "
+                         f"init_state ({detail}). {fix}")
+    for path, w in want.items():
+        g = got[path]
+        shape, dtype = tuple(jnp.shape(g)), jnp.result_type(g)
+        if shape != tuple(w.shape) or dtype != w.dtype:
+            raise ValueError(f"{where}: state.opt_state at {path!r} has shape {shape} and "
+                             f"dtype {dtype}, but for these params the optimizer keeps "
+                             f"{tuple(w.shape)} and {w.dtype}: the state was built for other "
+                             f"params. {fix}")
+
+
+def _warn_low_precision_params(where: str, params: Params) -> None:
+    """16-bit params take the update in 16 bits: small updates round away."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits <= 16:
+            warnings.warn(
+                f"{where}: params {keystr(path)!r} are {dtype}, so the update is added in "
+                f"{dtype} and any update below ~2^-{jnp.finfo(dtype).nmant + 1} of a weight "
+                f"rounds away (with sgd(1e-3) most weights stop moving). Keep float32 params "
+                f"and compute in {dtype} with policy='p=f32,c={dtype}': the update then "
+                f"runs on float32 master params", stacklevel=4)
+            return
+
+
+def _is_deleted(tree: Any) -> bool:
+    return any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves(tree))
+
+
+def donated_state_error(where: str) -> ValueError:
+    return ValueError(f"{where}: the state passed in was donated to an earlier step or fit "
+                      f"call, so its buffers are deleted. Use the state that call returned "
+                      f"(state, metrics = step(state, batch)), or build the step with "
+                      f"donate=False to keep its input alive")
+
+
+class _JittedStep:
+    """``jax.jit(step)``, with a clear error for a state already donated (XLA's says only
+    "Buffer has been deleted or donated"). Other attributes are the jitted function's."""
+
+    def __init__(self, step: StepFn, donate: bool) -> None:
+        self.jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+        functools.update_wrapper(self, step)
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        try:
+            return self.jitted(state, batch)
+        except (RuntimeError, ValueError):
+            if _is_deleted(state):
+                raise donated_state_error("step") from None
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.jitted, name)
+
+
 def _select(pred: Array, new: Any, old: Any) -> Any:
     """``new`` where ``pred`` else ``old``, leaf by leaf (bitwise ``old`` when false)."""
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
@@ -129,8 +205,16 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
       The step. ``metrics`` holds ``loss``, ``grad_norm`` (global L2 norm of the
       unscaled gradients), whatever ``aux_metrics`` ``loss_fn`` returned, ``nonfinite``
       (an int: +1 the loss, +2 the gradients, +4 (skip mode) the updated params are not
-      all finite; ``fit``'s guard reads it and leaves it out of the history) and, in skip
-      mode or with a loss scale, ``skipped``, ``skipped_steps`` and ``loss_scale``.
+      all finite; ``fit``'s guard reads it and leaves it out of the history), in skip
+      mode or with a loss scale ``skipped``, ``skipped_steps`` and ``loss_scale``, and
+      ``invalid_labels`` when ``loss_fn`` reports that count (``classifier_loss`` does:
+      integer labels outside ``[0, classes)``, whose cross-entropy is NaN; the guard names
+      them as the cause).
+
+      While tracing, the step checks that ``state.opt_state`` is what
+      ``optimizer.init_state(state.params)`` builds, and warns when params are 16-bit
+      floats (small updates round away in them). The jitted step turns XLA's error for a
+      donated state passed in again into one that says so.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -185,8 +269,11 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
                              f"state.model_state is None; create the state with "
                              f"TrainState.create(params, optimizer, key, model_state=...) from "
                              f"`params, model_state = model.init(key, x)`")
+        _check_opt_state(where, optimizer, state)
+        _warn_low_precision_params(where, state.params)
         (_, (loss, aux, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, batch, key, scale, state.model_state)
+        bad_labels = aux.pop("invalid_labels", None)  # classifier_loss's count, for the guard
         guarded = scale is not None or skip_nonfinite
         if scale is not None:
             grads = scale.unscale(grads)
@@ -204,6 +291,8 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         nonfinite = (jnp.where(loss_ok, 0, 1) + jnp.where(grads_ok, 0, 2)
                      + jnp.where(params_ok, 0, 4)).astype(jnp.int32)
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux, "nonfinite": nonfinite}
+        if bad_labels is not None:
+            metrics["invalid_labels"] = jnp.asarray(bad_labels, jnp.int32)
         lr = _learning_rate(learning_rate, state)
         if lr is not None:
             metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
@@ -227,7 +316,7 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
 
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return _JittedStep(step, donate)
 
 
 def _scan(state: TrainState, batches: Batch, *, step: StepFn
@@ -306,30 +395,53 @@ def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True
     return eval_step
 
 
+def _inputs_and_labels(batch: Batch, x: str, y: str, where: str) -> tuple[Array, Array]:
+    """``(batch[x], batch[y])`` of a dict batch, or a batch given as a tuple ``(x, y)``."""
+    if isinstance(batch, tuple) and len(batch) == 2:
+        return batch
+    if isinstance(batch, Mapping):
+        missing = [k for k in (x, y) if k not in batch]
+        if missing:
+            raise ValueError(f"{where}: the batch has no key {missing[0]!r} (its keys: "
+                             f"{', '.join(map(repr, batch))}); name the keys with "
+                             f"{where}(model, x=..., y=...)")
+        return batch[x], batch[y]
+    got = f"a tuple of {len(batch)}" if isinstance(batch, tuple) else type(batch).__name__
+    raise TypeError(f"{where}: a batch is a dict {{{x!r}: inputs, {y!r}: labels}} or a tuple "
+                    f"(inputs, labels), got {got}")
+
+
 def classifier_loss(model: Module, *, label_smoothing: float = 0.0, x: str = "x",
                     y: str = "y") -> Callable[..., Any]:
     """``loss_fn`` for classification: softmax cross-entropy on ``model(batch[x])``.
 
-    Runs the model with ``train=True`` and the step's key (for dropout), and also
-    reports ``accuracy``. For a stateful model (BatchNorm) the loss takes and returns
-    the model state: ``loss_fn(params, batch, key, model_state) -> (loss, aux, state)``.
+    A batch is a dict with inputs under ``x`` and labels under ``y``, or a tuple
+    ``(inputs, labels)``. Runs the model with ``train=True`` and the step's key (for
+    dropout), and also reports ``accuracy`` and ``invalid_labels`` (how many integer labels
+    lie outside ``[0, classes)``: their loss is NaN, and ``fit``'s guard names them). For a
+    stateful model (BatchNorm) the loss takes and returns the model state:
+    ``loss_fn(params, batch, key, model_state) -> (loss, aux, state)``.
     """
+    where = "classifier_loss"
 
     def metrics(logits: Array, labels: Array) -> tuple[Array, Metrics]:
         loss = losses.softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        return loss, {"accuracy": losses.accuracy(logits, labels)}
+        return loss, {"accuracy": losses.accuracy(logits, labels),
+                      "invalid_labels": losses.invalid_labels(logits, labels)}
 
     if model.stateful:
         def stateful_loss_fn(params: Params, batch: Batch, key: PRNGKey, model_state: Any
                              ) -> tuple[Array, Metrics, Any]:
-            logits, model_state = model.apply(params, batch[x], state=model_state, key=key,
+            inputs, labels = _inputs_and_labels(batch, x, y, where)
+            logits, model_state = model.apply(params, inputs, state=model_state, key=key,
                                               train=True)
-            return (*metrics(logits, batch[y]), model_state)
+            return (*metrics(logits, labels), model_state)
 
         return stateful_loss_fn
 
     def loss_fn(params: Params, batch: Batch, key: PRNGKey) -> tuple[Array, Metrics]:
-        return metrics(model.apply(params, batch[x], key=key, train=True), batch[y])
+        inputs, labels = _inputs_and_labels(batch, x, y, where)
+        return metrics(model.apply(params, inputs, key=key, train=True), labels)
 
     return loss_fn
 
@@ -341,17 +453,21 @@ def classifier_eval(model: Module, *, x: str = "x", y: str = "y") -> Callable[..
     in eval mode on the running statistics.
     """
 
+    where = "classifier_eval"
+
     def metrics(logits: Array, labels: Array) -> Metrics:
         return {"loss": losses.softmax_cross_entropy(logits, labels),
                 "accuracy": losses.accuracy(logits, labels)}
 
     if model.stateful:
         def stateful_eval_fn(params: Params, batch: Batch, model_state: Any) -> Metrics:
-            return metrics(model.apply(params, batch[x], state=model_state)[0], batch[y])
+            inputs, labels = _inputs_and_labels(batch, x, y, where)
+            return metrics(model.apply(params, inputs, state=model_state)[0], labels)
 
         return stateful_eval_fn
 
     def eval_fn(params: Params, batch: Batch) -> Metrics:
-        return metrics(model.apply(params, batch[x]), batch[y])
+        inputs, labels = _inputs_and_labels(batch, x, y, where)
+        return metrics(model.apply(params, inputs), labels)
 
     return eval_fn

@@ -209,3 +209,17 @@ def test_random_trees_keep_structure_and_stay_finite(shapes, name):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
     assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(params),
                                                    strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_zero_size_leaves_are_left_alone(name):
+    # An empty leaf (a layer with 0 units, a masked-out embedding) must not divide by its
+    # size or norm: it stays empty and the other leaves update as without it.
+    opt = getattr(optim, name)(**CONFIGS[name])
+    params = {"w": jnp.ones((3, 4)), "empty": jnp.zeros((0, 4)), "e1": jnp.zeros((0,))}
+    grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+    updates, _ = jax.jit(opt.update)(grads, opt.init_state(params), params)
+    assert updates["empty"].shape == (0, 4) and updates["e1"].shape == (0,)
+    alone = {"w": params["w"]}
+    ref, _ = jax.jit(opt.update)({"w": grads["w"]}, opt.init_state(alone), alone)
+    np.testing.assert_allclose(updates["w"], ref["w"], rtol=1e-6)
