@@ -1,4 +1,5 @@
-"""Atomic, verified checkpoints of any pytree (a ``TrainState`` above all).
+"""Atomic, verified checkpoints of any pytree (a ``TrainState`` above all), safe to share
+between processes.
 
 A checkpoint of step ``s`` is the folder ``directory/step_{s:08d}/`` holding
 
@@ -6,12 +7,38 @@ A checkpoint of step ``s`` is the folder ``directory/step_{s:08d}/`` holding
   Dtypes numpy cannot store (bfloat16 and the other ``ml_dtypes``) are stored as unsigned
   integer views of their bytes; typed PRNG keys as their ``key_data``.
 * ``manifest.json``: the format version, the step, the user's metadata, the size and
-  SHA-256 of ``arrays.npz``, and every leaf's key path, dtype, shape and SHA-256.
+  SHA-256 of ``arrays.npz``, every leaf's key path, dtype, shape and SHA-256, and (format 2)
+  the manifest's own SHA-256, ``manifest_sha256``, taken over its canonical JSON (sorted
+  keys, no spaces) without that field. Format 1, without it, is still read.
 
-``save`` writes both files into a ``.tmp_*`` folder, fsyncs them and the folder, renames it
-to its final name and fsyncs ``directory``, so a process killed at any moment leaves every
-earlier checkpoint intact, and a final folder is always complete. ``restore`` checks the
-checksums and, given a ``target`` tree, its structure, shapes and dtypes: every problem is a
+Writing. ``save`` writes both files into a temporary folder, fsyncs them and the folder,
+renames it to its final name and fsyncs ``directory``. A final name is only ever created by
+renaming a complete folder, so a process killed at any moment leaves every earlier
+checkpoint intact, and a ``step_*`` folder that is not complete (its manifest missing or
+edited) is damage: reading it is an error naming the step, never a silent fall-back to an
+older step. ``overwrite=True`` moves the old folder aside (``.old_step_*``), renames the new
+one into place, and only then deletes the old one, so a reader finds the old or the new
+checkpoint, never neither; a process killed between the two renames leaves the old copy
+aside, and the next :class:`CheckpointManager` puts it back.
+
+Sharing a directory. Several processes (and hosts) may read and write one directory. Every
+name that is not final carries its owner, ``{host}_{pid}_{8 random hex digits}``:
+
+* ``.tmp_step_{s:08d}_{owner}``: a save being written;
+* ``.old_step_{s:08d}_{owner}``: the previous copy during ``overwrite=True``;
+* ``.tmp_delete_step_{s:08d}_{owner}``: a folder being deleted.
+
+``host`` is the machine's name, plus its pid namespace on Linux (containers may share a
+name, and pids mean something only inside one namespace). A process deletes only its own
+folders, and a :class:`CheckpointManager` on construction deletes *stale* ones: those of a
+pid on this host that is no longer alive, and those of any host (and any ``.tmp*`` name
+without an owner) not modified for :data:`STALE_AGE_S`. A live writer's are never touched.
+Two writers of one step: the first rename wins and the other gets a
+:class:`CheckpointError`. Deleting what another process deleted first is a no-op, so
+concurrent ``keep_last`` pruning is safe.
+
+``restore`` checks the checksums and, given a ``target`` tree, its structure, shapes and
+dtypes (without one, the manifest's dtypes against the stored arrays): every problem is a
 :class:`CheckpointError` that names the key path, never a silently wrong tree.
 
 Example:
@@ -27,11 +54,14 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -49,9 +79,12 @@ __all__ = ["CheckpointError", "CheckpointManager", "save", "restore", "latest_st
 PathLike = str | os.PathLike
 ARRAYS = "arrays.npz"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-KNOWN_FORMATS = (1,)  # manifest formats restore can read
+FORMAT_VERSION = 2
+KNOWN_FORMATS = (1, 2)  # manifest formats restore can read; 2 adds manifest_sha256
+STALE_AGE_S = 24 * 3600  # a leftover whose owner cannot be checked is stale after this
 _STEP_RE = re.compile(r"step_(\d{8,})")
+_OWNED_RE = re.compile(r"\.(?P<kind>tmp|old|tmp_delete)_step_(?P<step>\d{8,})_"
+                       r"(?P<host>[A-Za-z0-9.-]+)_(?P<pid>\d+)_(?P<rand>[0-9a-f]{8})")
 
 
 class CheckpointError(ValueError):
@@ -93,6 +126,14 @@ def _sha256_file(path: Path) -> str:
 
 def _sha256_array(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _manifest_sha256(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys, no spaces) without this field,
+    so that rewriting the file with other whitespace keeps it valid."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
 
 
 def _key_component(entry: Any) -> str:
@@ -145,6 +186,115 @@ def _flatten(tree: Any) -> tuple[list[dict[str, Any]], list[Any], Any]:
     return entries, [leaf for _, leaf in flat], treedef
 
 
+# ----------------------------------------------------------------------------- owners
+
+
+def _host_tag() -> str:
+    name = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "localhost"
+    try:  # pids are comparable only inside one pid namespace, and containers share names
+        return f"{name}-pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return name
+
+
+_HOST = _host_tag()
+
+
+def _owned_name(directory: Path, kind: str, step: int) -> Path:
+    """A new folder name of ``kind`` (``tmp``, ``old``, ``tmp_delete``) owned by this
+    process: ``.{kind}_step_{step:08d}_{host}_{pid}_{random}``."""
+    rand = uuid.uuid4().hex[:8]
+    return directory / f".{kind}_step_{step:08d}_{_HOST}_{os.getpid()}_{rand}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix" or not 0 < pid < 2 ** 31:
+        return True  # cannot tell: only the age rule applies
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _is_stale(path: Path, owner: re.Match[str] | None) -> bool:
+    """Whether a leftover's writer is gone: a dead pid on this host, or (any host, or no
+    owner in the name) not modified for ``STALE_AGE_S``."""
+    if owner is not None and owner["host"] == _HOST and not _pid_alive(int(owner["pid"])):
+        return True
+    try:
+        return time.time() - path.stat().st_mtime > STALE_AGE_S
+    except FileNotFoundError:  # already removed by its owner or another clean-up
+        return False
+
+
+def _children(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _is_collision(e: BaseException) -> bool:
+    """Whether a rename failed because its destination exists (another writer's)."""
+    return isinstance(e, FileExistsError) or (
+        isinstance(e, OSError) and e.errno == errno.ENOTEMPTY)
+
+
+def _remove(path: Path, step: int) -> None:
+    """Delete a checkpoint folder (or an old copy): rename it to a ``.tmp_delete`` name
+    first, so a process killed mid-delete never leaves a half-deleted folder under a name
+    that is read or put back. A folder another process removed first is no concern."""
+    trash = _owned_name(path.parent, "tmp_delete", step)
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _recover(directory: Path) -> None:
+    """Put back the old copies of overwrites killed between their two renames, then delete
+    the other stale leftovers. Only stale folders are touched (see the module docstring)."""
+    olds, others = [], []
+    for path in _children(directory):
+        owner = _OWNED_RE.fullmatch(path.name)
+        if not path.name.startswith(".tmp") and not (owner and owner["kind"] == "old"):
+            continue  # not ours
+        if path.is_dir() and _is_stale(path, owner):
+            (olds if owner and owner["kind"] == "old" else others).append((path, owner))
+    for path, owner in sorted(olds, key=lambda po: _mtime(po[0]), reverse=True):
+        _put_back(path, int(owner["step"]))  # the newest copy of a step wins
+    for path, _ in others:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _put_back(old: Path, step: int) -> None:
+    """Rename a stale old copy back to its final name if that is free, else delete it."""
+    final = step_dir(old.parent, step)
+    if not final.exists():
+        try:
+            os.rename(old, final)
+            _fsync_dir(old.parent)
+            return
+        except FileNotFoundError:
+            return  # another process put it back or removed it first
+        except OSError as e:
+            if not _is_collision(e):
+                raise
+    _remove(old, step)  # a complete final folder is there already
+
+
 # ----------------------------------------------------------------------------- save
 
 
@@ -177,10 +327,15 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
         empty subtree), e.g. a ``TrainState``.
       step: a non-negative integer (or 0-d integer array such as ``state.step``).
       metadata: anything JSON-serializable, kept in the manifest (see :func:`read_manifest`).
-      overwrite: replace an existing checkpoint of ``step`` instead of raising.
+      overwrite: replace an existing checkpoint of ``step`` instead of raising. Readers see
+        the old or the new checkpoint, never neither (see the module docstring).
 
     Returns:
       the final folder, ``directory/step_{step:08d}``.
+
+    Raises:
+      CheckpointError: the step exists (without ``overwrite``), or another process saved
+        the same step first (the first rename wins; this save is discarded).
 
     Example:
       >>> import jax.numpy as jnp, tempfile
@@ -205,64 +360,99 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
         entry.update(info, name=str(i))
 
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".tmp_step_{step:08d}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    tmp = _owned_name(directory, "tmp", step)
     tmp.mkdir()
     try:
-        with open(tmp / ARRAYS, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        manifest = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "metadata": metadata,
-            "arrays_sha256": _sha256_file(tmp / ARRAYS),
-            "arrays_bytes": (tmp / ARRAYS).stat().st_size,
-            "leaves": entries,
-        }
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # overwrite: move the old one aside (a .tmp name is never read)
-            _remove(final)
-        os.rename(tmp, final)
-        _fsync_dir(directory)
+        _write(tmp, arrays, {"format": FORMAT_VERSION, "step": step, "metadata": metadata,
+                             "leaves": entries})
+        _publish(tmp, final, step, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own; already gone once published
         raise
     return final
 
 
-def _remove(path: Path) -> None:
-    """Delete a checkpoint folder: rename it to a ``.tmp`` name first, so a process killed
-    mid-delete never leaves a half-deleted folder under a final name."""
-    trash = path.parent / f".tmp_delete_{path.name}_{uuid.uuid4().hex[:8]}"
-    os.rename(path, trash)
-    _fsync_dir(path.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+def _write(folder: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+    """Write and fsync ``arrays.npz``, then the manifest with the file's checksums and its
+    own."""
+    with open(folder / ARRAYS, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    manifest = {**manifest, "arrays_sha256": _sha256_file(folder / ARRAYS),
+                "arrays_bytes": (folder / ARRAYS).stat().st_size}
+    manifest = json.loads(json.dumps(manifest))  # as a reader sees it: string keys, lists
+    manifest["manifest_sha256"] = _manifest_sha256(manifest)
+    with open(folder / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _publish(tmp: Path, final: Path, step: int, overwrite: bool) -> None:
+    """Rename the complete folder ``tmp`` to ``final``. With ``overwrite``, the old final
+    folder is moved aside first and deleted only once the new one is in place: at every
+    moment the step is complete under its final name or (old copy) aside."""
+    aside = _move_aside(final, step) if overwrite else None
+    try:
+        os.rename(tmp, final)
+    except BaseException as e:
+        collided = _is_collision(e)
+        if aside is not None and collided:
+            _remove(aside, step)  # another writer's new copy is in place: the old is surplus
+        elif aside is not None:
+            _rename_quietly(aside, final)  # else a CheckpointManager puts it back later
+        if collided:
+            raise CheckpointError(
+                f"checkpoint.save: another writer saved step {step} in {final.parent} first; "
+                f"this save of it was discarded (the first to finish a step wins)") from None
+        raise
+    _fsync_dir(final.parent)
+    if aside is not None:
+        _remove(aside, step)
+
+
+def _move_aside(final: Path, step: int) -> Path | None:
+    """Rename an existing final folder to an ``.old_step_*`` name owned by this process."""
+    if not final.exists():
+        return None
+    aside = _owned_name(final.parent, "old", step)
+    try:
+        os.utime(final)  # its age counts from now, so no one takes it for a stale copy
+        os.rename(final, aside)
+    except FileNotFoundError:
+        return None  # another process removed it meanwhile
+    return aside
+
+
+def _rename_quietly(src: Path, dst: Path) -> None:
+    try:
+        os.rename(src, dst)
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- listing
 
 
 def all_steps(directory: PathLike) -> list[int]:
-    """Sorted steps whose final folder exists and holds a manifest (``.tmp*`` and other
-    names are ignored); ``[]`` when ``directory`` does not exist."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
+    """Sorted steps that have a final folder ``step_XXXXXXXX`` (``.tmp*``, ``.old*`` and
+    other names are ignored); ``[]`` when ``directory`` does not exist.
+
+    A final folder is only ever created by renaming a complete one, so every listed step
+    is complete unless it was damaged since; reading a damaged one is an error that says
+    so (it is listed, so that it is never skipped in silence)."""
     steps = []
-    for child in directory.iterdir():
+    for child in _children(Path(directory)):
         m = _STEP_RE.fullmatch(child.name)
-        if m and child.is_dir() and (child / MANIFEST).is_file():
+        if m and child.is_dir():  # False when it vanished meanwhile
             steps.append(int(m.group(1)))
     return sorted(steps)
 
 
 def latest_step(directory: PathLike) -> int | None:
-    """The highest complete step in ``directory``, or ``None`` when there is none."""
+    """The highest step in ``directory``, or ``None`` when there is none."""
     steps = all_steps(directory)
     return steps[-1] if steps else None
 
@@ -271,41 +461,68 @@ def _resolve_step(directory: PathLike, step: Any, where: str) -> int:
     if step is None:
         step = latest_step(directory)
         if step is None:
-            raise CheckpointError(f"{where}: no checkpoint in {directory} (no step_* folder "
-                                  f"with a {MANIFEST})")
+            raise CheckpointError(f"{where}: no checkpoint in {directory} (no step_* folder)")
     return _checked_step(step)
+
+
+def _damaged(directory: PathLike, step: int, problem: str) -> CheckpointError:
+    """The error for a final folder that is not a complete checkpoint."""
+    folder = step_dir(directory, step)
+    others = [s for s in all_steps(directory) if s != step]
+    earlier = [s for s in others if s < step] or others
+    fix = (f"restore another step with step={earlier[-1]} or delete the folder {folder}"
+           if others else f"delete the folder {folder}")
+    return CheckpointError(f"checkpoint of step {step} in {directory} is damaged: {problem}; "
+                           f"{fix}")
+
+
+def _missing(directory: PathLike, step: int) -> CheckpointError:
+    folder = step_dir(directory, step)
+    hint = ""
+    for child in _children(Path(directory)):
+        owner = _OWNED_RE.fullmatch(child.name)
+        if owner and owner["kind"] == "old" and int(owner["step"]) == step:
+            hint = (f"; an overwrite of it was interrupted and its previous copy is aside "
+                    f"({child.name}): CheckpointManager({str(directory)!r}) puts it back "
+                    f"once its writer has exited")
+    return CheckpointError(f"checkpoint: no checkpoint of step {step}: {folder} does not "
+                           f"exist (steps present: {all_steps(directory)}){hint}")
 
 
 def read_manifest(directory: PathLike, step: Any = None) -> dict[str, Any]:
     """The manifest of ``step`` (default: latest) as a dict: ``format``, ``step``,
-    ``metadata``, ``leaves`` (key path, dtype, shape ...) and checksums."""
+    ``metadata``, ``leaves`` (key path, dtype, shape ...) and checksums.
+
+    Raises:
+      CheckpointError: no such step, or its manifest is missing, malformed or fails its
+        own checksum (the message names the step and another step to restore)."""
     step = _resolve_step(directory, step, "checkpoint.read_manifest")
-    folder = step_dir(directory, step)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint: no checkpoint of step {step}: {folder} does not "
-                              f"exist (steps present: {all_steps(directory)})")
+    path = step_dir(directory, step) / MANIFEST
+    if not path.parent.is_dir():
+        raise _missing(directory, step)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint: {path} is missing; the checkpoint of step {step} "
-                              f"is incomplete or damaged")
+        raise _damaged(directory, step, f"{MANIFEST} is missing")
     try:
         manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict) or manifest.get("format") not in KNOWN_FORMATS:
-            found = manifest.get("format") if isinstance(manifest, dict) else None
-            raise CheckpointError(f"checkpoint: {path} has format {found!r}; this funtrain "
-                                  f"reads format {', '.join(map(str, KNOWN_FORMATS))}. It was "
-                                  f"written by another version of funtrain: restore it with "
-                                  f"that version")
+    except (OSError, ValueError) as e:
+        raise _damaged(directory, step, f"{MANIFEST} is unreadable or malformed "
+                                        f"({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in KNOWN_FORMATS:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"checkpoint: {path} has format {found!r}; this funtrain reads "
+                              f"formats {', '.join(map(str, KNOWN_FORMATS))}. It was written "
+                              f"by another version of funtrain: restore it with that version")
+    if manifest["format"] >= 2 and manifest.get("manifest_sha256") != _manifest_sha256(manifest):
+        raise _damaged(directory, step, f"{MANIFEST} does not match its own checksum "
+                                        f"(manifest_sha256): it was edited or corrupted")
+    try:
         _ = manifest["step"], manifest["arrays_sha256"], manifest["arrays_bytes"]
-        _ = manifest["leaves"]
         for leaf in manifest["leaves"]:
             _ = leaf["path"], leaf["keys"], leaf["name"], leaf["kind"], leaf["dtype"]
             _ = leaf["shape"], leaf["stored_dtype"], leaf["sha256"]
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint: {path} is unreadable or malformed "
-                              f"({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError) as e:
+        raise _damaged(directory, step, f"{MANIFEST} is unreadable or malformed "
+                                        f"({type(e).__name__}: {e})") from None
     if manifest["step"] != step:
         raise CheckpointError(f"checkpoint: {path} says step {manifest['step']}, but its "
                               f"folder is step {step}")
@@ -316,7 +533,8 @@ def read_manifest(directory: PathLike, step: Any = None) -> dict[str, Any]:
 
 
 def _load_arrays(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Every stored array, after checking the file's size and SHA-256 and each array's."""
+    """Every stored array, after checking the file's size and SHA-256, and that it holds
+    exactly the manifest's arrays (each array's own SHA-256 is checked by ``_decode``)."""
     path = folder / ARRAYS
     if not path.is_file():
         raise CheckpointError(f"checkpoint: {path} is missing")
@@ -326,23 +544,80 @@ def _load_arrays(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray
         raise CheckpointError(f"checkpoint: {path} is truncated or corrupted: it has {size} "
                               f"bytes, the manifest expects {expected_size}")
     if _sha256_file(path) != manifest["arrays_sha256"]:
-        raise CheckpointError(f"checkpoint: {path} is corrupted: its SHA-256 does not match "
-                              f"the manifest's (checksum mismatch)")
-    out = {}
+        raise _corrupted(path, manifest)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            names = set(npz.files)
-            for leaf in manifest["leaves"]:
-                if leaf["name"] not in names:
-                    raise CheckpointError(f"checkpoint: key path {leaf['path']!r}: array "
-                                          f"{leaf['name']!r} is missing from {path}")
-                out[leaf["name"]] = npz[leaf["name"]]
+            _check_names(path, manifest, npz.files)
+            return {leaf["name"]: npz[leaf["name"]] for leaf in manifest["leaves"]}
     except CheckpointError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise CheckpointError(f"checkpoint: {path} is truncated or unreadable "
                               f"({type(e).__name__}: {e})") from None
-    return out
+
+
+def _check_names(path: Path, manifest: dict[str, Any], names: list[str]) -> None:
+    """The file must hold exactly the manifest's arrays: a dropped leaf entry (in a format 1
+    manifest, which has no checksum of its own) must not go unnoticed."""
+    listed = {leaf["name"] for leaf in manifest["leaves"]}
+    problems = [f"key path {leaf['path']!r}: array {leaf['name']!r} is missing"
+                for leaf in manifest["leaves"] if leaf["name"] not in names]
+    extra = sorted(set(names) - listed, key=lambda n: (len(n), n))
+    if extra:
+        problems.append(f"arrays {', '.join(map(repr, extra))} are not in the manifest (it "
+                        f"lists {len(listed)} leaves, the file holds {len(names)} arrays: "
+                        f"leaf entries were dropped from it)")
+    if problems:
+        raise CheckpointError(f"checkpoint: {path} does not match its manifest: "
+                              + "; ".join(problems))
+
+
+def _corrupted(path: Path, manifest: dict[str, Any]) -> CheckpointError:
+    """The error for an arrays file whose SHA-256 does not match: it names the damaged
+    leaves' key paths, or says the file is corrupted when no array can be blamed."""
+    damaged = _damaged_leaves(path, manifest)
+    if damaged:
+        return CheckpointError(f"checkpoint: {path} is corrupted (checksum mismatch): the "
+                               f"arrays of key paths {', '.join(map(repr, damaged))} are "
+                               f"damaged")
+    return CheckpointError(f"checkpoint: {path} is corrupted: its SHA-256 does not match the "
+                           f"manifest's (checksum mismatch), and no single array can be "
+                           f"blamed (the damage is in the zip file's structure)")
+
+
+def _damaged_leaves(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """Key paths whose array does not read back (zip CRC, npy header) or fails its own
+    SHA-256; ``[]`` when the file cannot be opened at all."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception:  # an unreadable zip directory: no single array to blame
+        return []
+    damaged = []
+    with npz:
+        for leaf in manifest["leaves"]:
+            try:
+                intact = _sha256_array(npz[leaf["name"]]) == leaf["sha256"]
+            except Exception:  # any failure to read it back means its bytes are damaged
+                intact = False
+            if not intact:
+                damaged.append(leaf["path"])
+    return damaged
+
+
+def _stored_as(leaf: dict[str, Any], stored: np.dtype) -> bool:
+    """Whether the manifest's dtype agrees with the stored one: equal, the unsigned view of
+    a dtype numpy cannot store, or (a key) unsigned key data."""
+    kind, name = leaf["kind"], leaf["dtype"]
+    if kind == "key":
+        return stored.kind == "u"  # wrap_key_data checks the rest against the impl
+    if kind == "scalar":
+        return stored.kind in {"bool": "b", "int": "iu", "float": "f",
+                               "complex": "c"}.get(name, "")
+    try:
+        dtype = _dtype_from_name(name)
+    except (TypeError, ValueError):
+        return False
+    return stored == (dtype if _is_native(dtype) else np.dtype(f"uint{dtype.itemsize * 8}"))
 
 
 def _decode(leaf: dict[str, Any], stored: np.ndarray) -> Any:
@@ -354,6 +629,10 @@ def _decode(leaf: dict[str, Any], stored: np.ndarray) -> Any:
     if _sha256_array(stored) != leaf["sha256"]:
         raise CheckpointError(f"checkpoint: key path {path!r}: array is corrupted "
                               f"(checksum mismatch)")
+    if not _stored_as(leaf, stored.dtype):
+        raise CheckpointError(f"checkpoint: key path {path!r}: the manifest says dtype "
+                              f"{leaf['dtype']}, but the array is stored as "
+                              f"{stored.dtype.name}; the manifest was edited or damaged")
     shape = tuple(leaf["shape"])
     kind = leaf["kind"]
     try:
@@ -436,9 +715,12 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
       is numpy), typed PRNG keys and Python scalars.
 
     Raises:
-      CheckpointError: a missing or malformed manifest, a missing, truncated or corrupted
-        arrays file (checksum mismatch), or a structure, shape or dtype mismatch with
-        ``target``; the message names the key path.
+      CheckpointError: a missing step; a damaged step (its manifest missing, malformed or
+        failing its own checksum: the message names the step and another one to restore);
+        a missing, truncated or corrupted arrays file (checksum mismatch: the message names
+        the damaged key paths); arrays that do not match the manifest (missing or extra
+        arrays, a dtype the stored array contradicts); or a structure, shape or dtype
+        mismatch with ``target``. The message names the key path.
 
     Example:
       >>> import jax.numpy as jnp, tempfile
@@ -467,8 +749,12 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
 class CheckpointManager:
     """Saves into one folder and keeps the ``keep_last`` newest checkpoints.
 
-    It assumes it is the only writer of ``directory``: on construction it removes ``.tmp*``
-    folders that a killed process left behind.
+    Several managers, in several processes or on several hosts, may share the folder. On
+    construction a manager puts back the old copy of any ``overwrite=True`` that was killed
+    between its two renames, and deletes the stale leftovers of writers that are gone; it
+    never touches a live writer's folders (the rule is in the module docstring). With
+    ``keep_last``, each save then deletes the oldest steps in the folder, whoever wrote
+    them (never the one just written); a step another process deleted first is skipped.
 
     Example:
       >>> import jax.numpy as jnp, tempfile
@@ -486,10 +772,7 @@ class CheckpointManager:
                              f"got {keep_last!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
-        if self.directory.is_dir():
-            for child in self.directory.iterdir():
-                if child.name.startswith(".tmp") and child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
+        _recover(self.directory)
 
     def save(self, state: Any, step: Any, metadata: Any = None, *,
              overwrite: bool = False) -> Path:
@@ -498,18 +781,17 @@ class CheckpointManager:
         step = _checked_step(step)
         final = save(self.directory, state, step, metadata, overwrite=overwrite)
         if self.keep_last is not None:
-            steps = self.all_steps()
-            for old in steps[:-self.keep_last]:
+            for old in self.all_steps()[:-self.keep_last]:
                 if old != step:
-                    _remove(step_dir(self.directory, old))
+                    _remove(step_dir(self.directory, old), old)
         return final
 
     def latest_step(self) -> int | None:
-        """The highest complete step, or ``None``."""
+        """The highest step, or ``None``."""
         return latest_step(self.directory)
 
     def all_steps(self) -> list[int]:
-        """The complete steps, sorted."""
+        """The steps, sorted (see :func:`all_steps`)."""
         return all_steps(self.directory)
 
     def restore(self, target: Any = None, step: Any = None) -> Any:
@@ -550,7 +832,10 @@ class RunCheckpoints:
         where, directory = "fit", self.manager.directory
         steps = self.manager.all_steps()
         if resume and steps:
-            manifest = self.manager.read_manifest()
+            try:
+                manifest = self.manager.read_manifest()
+            except CheckpointError as e:  # a damaged newest checkpoint: never skip it
+                raise CheckpointError(f"{where}: cannot resume from {directory}: {e}") from None
             info = (manifest.get("metadata") or {}).get("fit")
             if info is None:
                 raise CheckpointError(f"{where}: the latest checkpoint in {directory} (step "
@@ -563,7 +848,7 @@ class RunCheckpoints:
                     f"position cannot be found. Pass the same data, or resume='rederive' to "
                     f"continue at epoch, batch = divmod(step, steps_per_epoch) of the new data")
             self.last_saved = manifest["step"]
-            return self.manager.restore(target=state), info
+            return self.manager.restore(target=state, step=manifest["step"]), info
         later = [s for s in steps if s > int(state.step)]
         if later and not overwrite:
             raise CheckpointError(
@@ -573,7 +858,7 @@ class RunCheckpoints:
                 f"checkpoint_dir")
         if overwrite:
             for s in steps:
-                _remove(step_dir(directory, s))
+                _remove(step_dir(directory, s), s)
         elif int(state.step) in steps:  # continuing the state saved there: not saved again
             self.last_saved = int(state.step)
         return state, None

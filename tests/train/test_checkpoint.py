@@ -38,6 +38,20 @@ def _state(dtype=jnp.float32, hidden=128, seed=0):
                              loss_scale=precision.DynamicLossScale())
 
 
+def _rewrite_manifest(folder, manifest):
+    """Write an edited manifest with a valid checksum of its own (as a careful editor
+    would), so only the other checks can catch the edit."""
+    manifest["manifest_sha256"] = checkpoint._manifest_sha256(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _dead_pid():
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def _assert_bitwise_equal(a, b):
     la, ta = jax.tree.flatten(a)
     lb, tb = jax.tree.flatten(b)
@@ -82,9 +96,11 @@ def test_manifest_contents(tmp_path):
     checkpoint.save(tmp_path, state, 3, metadata={"lr": 0.1, "note": "x"})
     m = checkpoint.read_manifest(tmp_path)
     assert m["step"] == 3 and m["metadata"] == {"lr": 0.1, "note": "x"}
-    assert set(m) == {"format", "step", "metadata", "arrays_sha256", "arrays_bytes", "leaves"}
-    assert m["format"] == checkpoint.FORMAT_VERSION
+    assert set(m) == {"format", "step", "metadata", "arrays_sha256", "arrays_bytes", "leaves",
+                      "manifest_sha256"}
+    assert m["format"] == checkpoint.FORMAT_VERSION == 2
     assert len(m["arrays_sha256"]) == 64
+    assert m["manifest_sha256"] == checkpoint._manifest_sha256(m)
     by_path = {leaf["path"]: leaf for leaf in m["leaves"]}
     assert by_path["params/dense_0/w"]["dtype"] == "bfloat16"
     assert by_path["params/dense_0/w"]["stored_dtype"] == "uint16"
@@ -96,16 +112,14 @@ def test_manifest_contents(tmp_path):
 
 
 def test_an_unknown_format_is_a_clear_error(tmp_path):
-    import json
-
     checkpoint.save(tmp_path, {"w": jnp.ones(2)}, 1)
     path = checkpoint.step_dir(tmp_path, 1) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["format"] = 99
     path.write_text(json.dumps(manifest))
     with pytest.raises(checkpoint.CheckpointError, match=r"has format 99; this funtrain reads "
-                                                         r"format 1\. It was written by another "
-                                                         r"version of funtrain"):
+                                                         r"formats 1, 2\. It was written by "
+                                                         r"another version of funtrain"):
         checkpoint.restore(tmp_path)
 
 
@@ -177,13 +191,22 @@ def test_latest_step_ignores_temp_and_malformed(tmp_path):
     checkpoint.save(tmp_path, {"w": jnp.ones(2)}, 4)
     (tmp_path / ".tmp_step_00000009_123_abcd").mkdir()  # a save killed mid-way
     (tmp_path / ".tmp_step_00000009_123_abcd" / "manifest.json").write_text("{}")
-    (tmp_path / "step_00000008").mkdir()  # no manifest
+    (tmp_path / ".old_step_00000010_host_1_0123abcd").mkdir()  # an overwrite's old copy
     (tmp_path / "step_12").mkdir()  # malformed name
     (tmp_path / "step_00000012").write_text("a file, not a folder")
     (tmp_path / "notes.txt").write_text("hello")
     assert checkpoint.latest_step(tmp_path) == 4
     assert checkpoint.all_steps(tmp_path) == [4]
     np.testing.assert_array_equal(checkpoint.restore(tmp_path)["w"], jnp.ones(2))
+    # a final folder is only made by renaming a complete one: without a manifest it is
+    # damage, listed and an error, never skipped in favour of an older step
+    (tmp_path / "step_00000008").mkdir()
+    assert checkpoint.all_steps(tmp_path) == [4, 8]
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 8 in .* is damaged: "
+                                              r"manifest.json is missing; restore another "
+                                              r"step with step=4 or delete the folder"):
+        checkpoint.restore(tmp_path)
+    np.testing.assert_array_equal(checkpoint.restore(tmp_path, step=4)["w"], jnp.ones(2))
     with pytest.raises(CheckpointError, match="no checkpoint of step 3"):
         checkpoint.restore(tmp_path, step=3)
     with pytest.raises(CheckpointError, match="no checkpoint in"):
@@ -205,9 +228,10 @@ def test_manager_keep_last(tmp_path):
     m.save({"w": jnp.zeros(3)}, 5)
     assert 5 in m.all_steps()
     # leftovers of a killed process are cleaned up by a new manager
-    (tmp_path / ".tmp_step_00000099_1_ffff").mkdir()
+    leftover = tmp_path / f".tmp_step_00000099_{checkpoint._HOST}_{_dead_pid()}_0123abcd"
+    leftover.mkdir()
     CheckpointManager(tmp_path)
-    assert not (tmp_path / ".tmp_step_00000099_1_ffff").exists()
+    assert not leftover.exists()
     with pytest.raises(ValueError, match="keep_last must be a positive int"):
         CheckpointManager(tmp_path, keep_last=0)
 
@@ -222,14 +246,33 @@ def saved(tmp_path):
     return tmp_path, tmp_path / "step_00000001"
 
 
-def test_flipped_byte_is_a_checksum_error(saved):
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_is_a_checksum_error_naming_the_key_path(saved):
     d, folder = saved
-    data = bytearray((folder / "arrays.npz").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (folder / "arrays.npz").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"arrays.npz is corrupted.*checksum mismatch"):
+    w = np.asarray(_state().params["dense_0"]["w"]).tobytes()
+    offset = (folder / "arrays.npz").read_bytes().find(w)
+    assert offset > 0
+    _flip(folder / "arrays.npz", offset + len(w) // 2)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "arrays.npz is corrupted (checksum mismatch): the arrays of key paths "
+            "'params/dense_0/w' are damaged")):
         checkpoint.restore(d, target=_state())
-    with pytest.raises(CheckpointError, match="checksum mismatch"):
+    with pytest.raises(CheckpointError, match=r"checksum mismatch.*'params/dense_0/w'"):
+        checkpoint.restore(d)
+
+
+def test_flipped_byte_in_the_zip_structure_blames_the_file(saved):
+    d, folder = saved
+    data = (folder / "arrays.npz").read_bytes()
+    _flip(folder / "arrays.npz", data.rfind(b"PK\x05\x06") + 20)  # the end record's comment size
+    with pytest.raises(CheckpointError, match=r"arrays.npz is corrupted: its SHA-256 does not "
+                                              r"match the manifest's \(checksum mismatch\), "
+                                              r"and no single array can be blamed"):
         checkpoint.restore(d)
 
 
@@ -246,7 +289,7 @@ def test_flipped_byte_with_rewritten_file_checksum_names_key_path(saved):
     np.savez(folder / "arrays.npz", **arrays)
     m["arrays_sha256"] = checkpoint._sha256_file(folder / "arrays.npz")
     m["arrays_bytes"] = (folder / "arrays.npz").stat().st_size
-    (folder / "manifest.json").write_text(json.dumps(m))
+    _rewrite_manifest(folder, m)
     with pytest.raises(CheckpointError,
                        match=r"key path 'params/dense_0/w': array is corrupted"):
         checkpoint.restore(d, target=state)
@@ -267,7 +310,7 @@ def test_unreadable_npz_with_matching_checksum(saved):
     m = json.loads((folder / "manifest.json").read_text())
     m["arrays_sha256"] = checkpoint._sha256_file(folder / "arrays.npz")
     m["arrays_bytes"] = (folder / "arrays.npz").stat().st_size
-    (folder / "manifest.json").write_text(json.dumps(m))
+    _rewrite_manifest(folder, m)
     with pytest.raises(CheckpointError, match="arrays.npz is truncated or unreadable"):
         checkpoint.restore(d)
 
@@ -280,9 +323,9 @@ def test_missing_array(saved):
     np.savez(folder / "arrays.npz", **arrays)
     m["arrays_sha256"] = checkpoint._sha256_file(folder / "arrays.npz")
     m["arrays_bytes"] = (folder / "arrays.npz").stat().st_size
-    (folder / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(CheckpointError,
-                       match=r"key path 'params/dense_0/w': array '2' is missing"):
+    _rewrite_manifest(folder, m)
+    with pytest.raises(CheckpointError, match=r"arrays.npz does not match its manifest: key "
+                                              r"path 'params/dense_0/w': array '2' is missing"):
         checkpoint.restore(d)
 
 
@@ -290,13 +333,98 @@ def test_missing_and_malformed_manifest(saved):
     d, folder = saved
     text = (folder / "manifest.json").read_text()
     (folder / "manifest.json").write_text(text[: len(text) // 2])
-    with pytest.raises(CheckpointError, match="manifest.json is unreadable or malformed"):
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 1 in .* is damaged: "
+                                              r"manifest.json is unreadable or malformed "
+                                              r"\(JSONDecodeError: .*\); delete the folder"):
         checkpoint.restore(d, step=1)
     (folder / "manifest.json").unlink()
-    assert checkpoint.latest_step(d) is None  # no longer a complete checkpoint
-    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+    assert checkpoint.latest_step(d) == 1  # listed: damage is an error, not a skipped step
+    with pytest.raises(CheckpointError, match="step 1 .* is damaged: manifest.json is missing"):
         checkpoint.restore(d, step=1)
-    with pytest.raises(CheckpointError, match="no checkpoint in"):
+    with pytest.raises(CheckpointError, match="step 1 .* is damaged: manifest.json is missing"):
+        checkpoint.restore(d)
+
+
+def test_a_deleted_newest_manifest_is_an_error_not_a_fall_back(tmp_path):
+    for s in (1, 2):
+        checkpoint.save(tmp_path, {"w": jnp.full(2, s)}, s)
+    (checkpoint.step_dir(tmp_path, 2) / "manifest.json").unlink()
+    assert checkpoint.latest_step(tmp_path) == 2
+    damaged = (r"checkpoint of step 2 in .* is damaged: manifest.json is missing; restore "
+               r"another step with step=1 or delete the folder .*step_00000002")
+    with pytest.raises(CheckpointError, match=damaged):
+        checkpoint.restore(tmp_path)
+    with pytest.raises(CheckpointError, match=damaged):
+        checkpoint.read_manifest(tmp_path)
+    np.testing.assert_array_equal(checkpoint.restore(tmp_path, step=1)["w"], jnp.full(2, 1))
+    # fit's resume says so too, rather than resuming from step 1
+    runs = checkpoint.RunCheckpoints(tmp_path, None, {"steps_per_epoch": 1})
+    with pytest.raises(CheckpointError, match=r"fit: cannot resume from .*: " + damaged):
+        runs.begin(_state(), resume=True, overwrite=False)
+
+
+def _edit(folder, edit, *, format_1=False):
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m)
+    if format_1:  # an older funtrain's manifest: no checksum of its own
+        m["format"] = 1
+        del m["manifest_sha256"]
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def _set_dtype(path, dtype):
+    def edit(m):
+        next(x for x in m["leaves"] if x["path"] == path)["dtype"] = dtype
+    return edit
+
+
+def _drop_leaf(path):
+    def edit(m):
+        m["leaves"] = [x for x in m["leaves"] if x["path"] != path]
+    return edit
+
+
+def test_an_edited_manifest_fails_its_own_checksum(saved):
+    d, folder = saved
+    original = (folder / "manifest.json").read_text()
+    for edit in (_set_dtype("params/dense_0/w", "int32"), _drop_leaf("params/dense_0/w")):
+        (folder / "manifest.json").write_text(original)
+        _edit(folder, edit)
+        with pytest.raises(CheckpointError, match=r"checkpoint of step 1 in .* is damaged: "
+                                                  r"manifest.json does not match its own "
+                                                  r"checksum \(manifest_sha256\): it was edited "
+                                                  r"or corrupted; delete the folder"):
+            checkpoint.restore(d)
+    # other whitespace is no edit: the checksum is over the canonical JSON
+    m = json.loads(original)
+    (folder / "manifest.json").write_text(json.dumps(m, indent=4, sort_keys=True))
+    _assert_bitwise_equal(checkpoint.restore(d, target=_state()), _state())
+
+
+def test_a_format_1_manifest_restores_and_is_checked_against_the_data(saved):
+    d, folder = saved
+    original = (folder / "manifest.json").read_text()
+    _edit(folder, lambda m: None, format_1=True)
+    _assert_bitwise_equal(checkpoint.restore(d, target=_state()), _state())
+    assert checkpoint.restore(d)["params"]["dense_0"]["w"].dtype == jnp.float32
+    # without a checksum of its own, an edited dtype is caught against the stored array
+    (folder / "manifest.json").write_text(original)
+    _edit(folder, _set_dtype("params/dense_0/w", "int32"), format_1=True)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "key path 'params/dense_0/w': the manifest says dtype int32, but the array is "
+            "stored as float32; the manifest was edited or damaged")):
+        checkpoint.restore(d)
+    (folder / "manifest.json").write_text(original)
+    _edit(folder, _set_dtype("params/dense_0/b", "bfloat16"), format_1=True)
+    with pytest.raises(CheckpointError, match="'params/dense_0/b': the manifest says dtype "
+                                              "bfloat16, but the array is stored as float32"):
+        checkpoint.restore(d)
+    # and a dropped leaf entry against the arrays the file holds
+    (folder / "manifest.json").write_text(original)
+    _edit(folder, _drop_leaf("params/dense_0/w"), format_1=True)
+    with pytest.raises(CheckpointError, match=r"arrays.npz does not match its manifest: arrays "
+                                              r"'2' are not in the manifest \(it lists \d+ "
+                                              r"leaves, the file holds \d+ arrays"):
         checkpoint.restore(d)
 
 
