@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def keystr(path: tuple[Any, ...]) -> str:
@@ -47,3 +48,22 @@ def check_same_structure(expected: Any, actual: Any, *, what: str, expected_name
             f"{jax.tree.structure(expected)}, got {jax.tree.structure(actual)}."
         )
     raise ValueError(" ".join(parts))
+
+
+JOIN_MAX_SIZE = 1 << 16  # leaves of at most this many elements are reduced together
+
+
+def reduction_groups(leaves: list[Any], dtype: Any = None) -> list[Any]:
+    """The leaves as few flat arrays for a reduction over all of them: every small leaf
+    (``<= JOIN_MAX_SIZE`` elements) raveled into one vector, each larger leaf on its own.
+
+    One reduction per leaf costs XLA a kernel per leaf and compile time that grows faster
+    than the tree (a 2,000-leaf step compiled 4x slower). Joining only small leaves keeps
+    the copy small, and large (possibly sharded) leaves are never concatenated.
+    ``dtype``: cast every leaf to it first (else the leaves must share a dtype).
+    """
+    cast = [jnp.asarray(x) if dtype is None else jnp.asarray(x).astype(dtype) for x in leaves]
+    small = [x.ravel() for x in cast if x.size <= JOIN_MAX_SIZE]
+    large = [x for x in cast if x.size > JOIN_MAX_SIZE]
+    joined = [jnp.concatenate(small)] if len(small) > 1 else small
+    return joined + large

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from funtrain._tree import reduction_groups
 from funtrain._typing import Array, PyTree
 
 __all__ = [
@@ -393,10 +394,15 @@ def all_finite(tree: PyTree) -> Array:
       >>> bool(all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf], jnp.float16)}))
       False
     """
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _is_inexact(x)]
+    floats = [jnp.asarray(x) for x in jax.tree.leaves(tree) if _is_inexact(x)]
+    by_dtype: dict[Any, list[Any]] = {}
+    for x in floats:  # joined per dtype: isfinite stays exact in each leaf's own dtype
+        by_dtype.setdefault(x.dtype, []).append(x)
+    checks = [jnp.all(jnp.isfinite(g)) for group in by_dtype.values()
+              for g in reduction_groups(group)]
     if not checks:
         return jnp.array(True)
-    return jnp.all(jnp.stack(checks))
+    return checks[0] if len(checks) == 1 else jnp.all(jnp.stack(checks))
 
 
 # --------------------------------------------------------------------------- loss scales

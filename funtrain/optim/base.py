@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from funtrain._tree import check_same_structure
+from funtrain._tree import check_same_structure, reduction_groups
 from funtrain._typing import Grads, OptState, Params, Updates
 
 InitStateFn = Callable[[Params], OptState]
@@ -115,15 +115,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 def global_norm(tree: Any) -> jax.Array:
     """The L2 norm of all leaves taken together, accumulated in float32 at least."""
-    leaves = jax.tree.leaves(tree)
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    total = sum(
-        jnp.sum(jnp.square(jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype,
-                                                                      jnp.float32))))
-        for x in leaves
-    )
-    return jnp.sqrt(total)
+    dtype = jnp.result_type(jnp.float32, *leaves)
+    # No chain of one add per leaf: compile time must grow linearly with the tree.
+    squares = [jnp.sum(jnp.square(x)) for x in reduction_groups(leaves, dtype)]
+    return jnp.sqrt(squares[0] if len(squares) == 1 else jnp.sum(jnp.stack(squares)))
 
 
 def state_bytes(state: Any) -> int:
