@@ -11,8 +11,10 @@
   (``ema_params``).
 
 Each returns an ``Optimizer(init_state, update)`` over a NamedTuple state, so the wrappers
-nest and chain like any other block. Masks and labels decide the state's structure, so they
-are static: Python bools and strings, not arrays.
+nest and chain like any other block. Labels decide the state's structure, so they are static
+strings. A mask leaf is a Python bool (per leaf, static: it decides the state's structure) or
+a bool array broadcastable to the leaf (per element). The two mask conventions: in ``masked``
+True means *the optimizer applies*; in ``freeze`` True means *frozen*.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ __all__ = [
     "EmaState", "ema", "ema_params",
 ]
 
-MaskOrFn = Any  # a pytree of bools like params, or a function params -> such a pytree
+MaskOrFn = Any  # a pytree like params of Python bools (per leaf) or bool arrays (per
+# element), or a function params -> such a pytree
 LabelsOrFn = Any  # a pytree of str like params, or a function params -> such a pytree
 
 
@@ -86,9 +89,50 @@ def _static_leaves(where: str, name: str, tree: Any, params: Any, ok: tuple[type
     return jax.tree.leaves(tree)
 
 
-def _mask_leaves(where: str, mask: Any, params: Any) -> list[bool]:
-    leaves = _static_leaves(where, "mask", mask, params, (bool, np.bool_), "Python bools")
-    return [bool(m) for m in leaves]
+def _mask_leaf(where: str, path: str, m: Any, shape: tuple[int, ...] | None) -> Any:
+    """One mask leaf, checked: a Python bool (static), or a bool array broadcastable to
+    ``shape`` (the leaf's shape; ``None`` checks the type and dtype only)."""
+    if isinstance(m, (bool, np.bool_)):
+        return bool(m)
+    if not isinstance(m, (np.ndarray, jax.Array)):  # jax.Array covers tracers
+        raise TypeError(f"{where}: mask leaves must be Python bools (per leaf, static: they "
+                        f"decide the state's structure) or bool arrays (per element), got "
+                        f"{type(m).__name__} ({m!r}) at key path {path}")
+    if m.dtype != np.bool_:
+        # A float mask is ambiguous (a 0/1 gate? a weight?) and jnp.where would silently
+        # read any nonzero as True, so ask for the comparison instead.
+        raise TypeError(f"{where}: the mask at key path {path} has dtype {m.dtype}; use a "
+                        f"bool array (e.g. mask != 0)")
+    if shape is not None:
+        try:
+            fits = np.broadcast_shapes(m.shape, shape) == tuple(shape)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{where}: the mask at key path {path} has shape {m.shape}, which "
+                             f"does not broadcast to the leaf's shape {tuple(shape)}; give it "
+                             f"that shape or one with 1s where it repeats (trailing axes "
+                             f"align, as in numpy)")
+    return m
+
+
+def _check_mask_types(where: str, mask: Any) -> None:
+    """At construction: the leaf types and dtypes of a mask given as a tree (not a function)."""
+    if not callable(mask):
+        for path, m in leaf_paths(mask).items():
+            _mask_leaf(where, path, m, None)
+
+
+def _mask_leaves(where: str, mask: Any, tree: Any) -> list[Any]:
+    """Per leaf of ``tree``: a Python bool, or a bool array broadcastable to the leaf.
+
+    Checks the mask's structure against ``tree`` (params or grads), then each leaf's type,
+    dtype and shape, naming the key path.
+    """
+    check_same_structure(tree, mask, what=where, expected_name="params", actual_name="mask")
+    shapes = [jnp.shape(x) for x in jax.tree.leaves(tree)]
+    return [_mask_leaf(where, path, m, shape)
+            for (path, m), shape in zip(leaf_paths(mask).items(), shapes, strict=True)]
 
 
 class MaskedNode(NamedTuple):
@@ -141,27 +185,62 @@ def _update_or_skip(pred: Any, update: Callable[..., tuple[Updates, OptState]],
 
 
 class MaskedState(NamedTuple):
-    """``inner_state``: the inner optimizer's state over the masked-in leaves only.
+    """``inner_state``: the inner optimizer's state over the leaves it sees.
 
-    The masked-out leaves appear as ``MaskedNode()`` in it, which holds no arrays.
+    It sees every leaf whose mask is not a Python ``False``; the others appear as
+    ``MaskedNode()`` in it, which holds no arrays.
     """
 
     inner_state: OptState
 
 
 def masked(opt: Optimizer, mask: MaskOrFn) -> Optimizer:
-    """Apply ``opt`` only to the leaves where ``mask`` is True; pass the others through.
+    r"""Apply ``opt`` where ``mask`` is True; pass the incoming gradient through elsewhere.
 
-    The leaves where the mask is False keep their incoming gradients as updates,
-    unchanged, and ``opt`` never sees them: its state covers the masked-in leaves only
-    (the others are ``MaskedNode()`` in it). To zero the other leaves instead, follow
-    with ``freeze``.
+    True means *the optimizer applies* (``freeze`` is the other way round: True means
+    frozen). A mask leaf is one of:
+
+    - a Python bool, per leaf and static. ``opt`` never sees a False leaf: its update is
+      the incoming gradient, unchanged, and ``opt``'s state holds nothing for it (a
+      ``MaskedNode()``).
+    - a bool array ``m`` broadcastable to the leaf's shape, per element. ``opt`` sees the
+      whole leaf and keeps state for all of it, but with the gradient zeroed where ``m``
+      is False; the update takes ``opt``'s result where ``m`` is True and the incoming
+      gradient elsewhere, as the per-leaf rule does element by element:
+
+      .. math::
+          \tilde g = \mathrm{where}(m, g, 0), \qquad
+          (u', s_t) = \mathrm{opt}(\tilde g, s_{t-1}, \theta), \qquad
+          u = \mathrm{where}(m, u', g).
+
+      Zeroing keeps ``opt``'s statistics to the elements it owns: Adam's moments stay
+      exactly 0 where ``m`` has always been False (the raw gradient would fill them with
+      values ``opt`` never applies), and a gradient norm (``clip_by_global_norm``) counts
+      only masked-in elements. The params go in whole, so what ``opt`` computes from them
+      (weight decay, LAMB's trust ratio) sees the whole leaf. Where ``m`` is False the
+      inner state never reaches the update. An element masked out mid-run
+      keeps moments that decay as under zero gradients, and the step count behind the
+      bias correction runs for every element; reset the state if an element that comes
+      back (sparse regrowth) needs fresh statistics.
+      Zeroing uses ``jnp.where``, not a product with a 0/1 mask (``inf * 0`` is NaN), so
+      an inf or NaN in a masked-out element stays out of the state; it still reaches the
+      update, as a False leaf's would. jaxpruner's sparse-gradient mode also feeds its
+      inner optimizer gradients zeroed by the mask (a product with a 0/1 mask); optax's
+      ``masked`` takes per-leaf bools only.
+
+    To zero the masked-out gradient instead of passing it through (pruned weights),
+    follow with ``freeze`` and the opposite mask: ``chain(masked(opt, m), freeze(~m))``.
 
     Args:
-      opt: the optimizer to apply to the masked-in leaves.
-      mask: a pytree of Python bools with the params' structure, or a function
-        ``params -> mask`` (called on the grads when ``update`` gets no params). The mask
-        is static: it decides the state's structure.
+      opt: the optimizer to apply to the masked-in leaves or elements.
+      mask: a pytree with the params' structure whose leaves are Python bools or bool
+        arrays (numpy or jax) broadcastable to their leaf's shape, in any mix; or a
+        function ``params -> mask`` (called on the grads when ``update`` gets no params),
+        which must give the same kind (bool or array) at each leaf on every call, since
+        the Python bools decide the state's structure. Array masks need not be static:
+        a jax array captured here, or one computed by the function under ``jit``, works.
+        Leaf types and dtypes are checked here when ``mask`` is a tree; the structure
+        and shapes in ``init_state`` and ``update``.
 
     Returns:
       An ``Optimizer`` whose state is a ``MaskedState``.
@@ -176,24 +255,41 @@ def masked(opt: Optimizer, mask: MaskOrFn) -> Optimizer:
       ...                             opt.init_state(params), params)
       >>> updates["w"], updates["b"]
       (Array([-0.1, -0.1], dtype=float32), Array([1., 1.], dtype=float32))
+      >>> opt = masked(optim.sgd(0.1), {"w": jnp.array([True, False]), "b": False})
+      >>> updates, state = opt.update({"w": jnp.ones(2), "b": jnp.ones(2)},
+      ...                             opt.init_state(params), params)
+      >>> updates["w"]
+      Array([-0.1,  1. ], dtype=float32)
     """
     where = "masked"
     _check_optimizer(where, "opt", opt)
+    _check_mask_types(where, mask)
 
     def init_state(params: Params) -> MaskedState:
-        keep = _mask_leaves(where, _resolve(where, "mask", mask, params), params)
-        return MaskedState(inner_state=opt.init(_select(params, keep)))
+        ms = _mask_leaves(where, _resolve(where, "mask", mask, params), params)
+        return MaskedState(inner_state=opt.init(_select(params, [m is not False for m in ms])))
 
     def update(grads: Grads, state: MaskedState, params: Params | None = None
                ) -> tuple[Updates, MaskedState]:
-        keep = _mask_leaves(where, _resolve(where, "mask", mask, params, grads), grads)
-        inner_updates, inner_state = opt.update(_select(grads, keep), state.inner_state,
-                                                _select(params, keep))
+        ms = _mask_leaves(where, _resolve(where, "mask", mask, params, grads), grads)
+        seen = [m is not False for m in ms]
         g_leaves, treedef = jax.tree.flatten(grads)
-        it = iter(_inner_leaves(where, inner_updates, sum(keep)))
-        updates = treedef.unflatten([next(it) if k else g for g, k in zip(g_leaves, keep,
-                                                                           strict=True)])
-        return updates, MaskedState(inner_state=inner_state)
+        # Element-wise leaves: opt sees zeros where the mask is False (see the docstring).
+        g_in = [g if isinstance(m, bool) else jnp.where(m, g, 0)
+                for g, m in zip(g_leaves, ms, strict=True)]
+        inner_updates, inner_state = opt.update(_select(treedef.unflatten(g_in), seen),
+                                                state.inner_state, _select(params, seen))
+        it = iter(_inner_leaves(where, inner_updates, sum(seen)))
+        out = []
+        for g, m in zip(g_leaves, ms, strict=True):
+            if m is False:
+                out.append(g)
+            elif m is True:
+                out.append(next(it))
+            else:  # the inner update's dtype, as for a True leaf
+                u = next(it)
+                out.append(jnp.where(m, u, jnp.asarray(g, u.dtype)))
+        return treedef.unflatten(out), MaskedState(inner_state=inner_state)
 
     return Optimizer(init_state, update)
 
@@ -294,17 +390,29 @@ def partition(opts_by_label: Mapping[str, Optimizer], label_fn: LabelsOrFn) -> O
 
 
 def freeze(mask: MaskOrFn) -> Optimizer:
-    """Zero the updates of the leaves where ``mask`` is True; pass the others through.
+    r"""Zero the updates where ``mask`` is True (frozen); pass the others through.
 
-    ``freeze`` holds no state. Put it last in a chain, so nothing after it (weight
-    decay, say) moves a frozen leaf. To keep an optimizer's state off the frozen
-    leaves too, mask the optimizer with the opposite mask:
-    ``chain(masked(opt, trainable), freeze(frozen))``, or use ``partition``.
+    True means *frozen* (``masked`` is the other way round: True means the optimizer
+    applies). A mask leaf is a Python bool, which freezes the whole leaf, or a bool array
+    ``m`` broadcastable to the leaf's shape, which freezes element by element:
+
+    .. math:: u = \mathrm{where}(m, 0, g)
+
+    The updates keep their dtypes. ``freeze`` holds no state. Put it last in a chain, so
+    nothing after it (weight decay, say) moves a frozen leaf or element. To keep an
+    optimizer's state off frozen leaves too, mask the optimizer with the opposite mask:
+    ``chain(masked(opt, trainable), freeze(frozen))``, or use ``partition``. With array
+    masks, ``chain(masked(opt, ~pruned), freeze(pruned))`` also keeps the optimizer's
+    statistics free of the pruned elements' gradients.
 
     Args:
-      mask: a pytree of Python bools with the params' structure, a single bool for
-        every leaf, or a function ``params -> mask`` (called on the grads when
-        ``update`` gets no params).
+      mask: a pytree with the params' structure whose leaves are Python bools or bool
+        arrays (numpy or jax) broadcastable to their leaf's shape, in any mix; a single
+        Python bool for every leaf; or a function ``params -> mask`` (called on the
+        grads when ``update`` gets no params). Array masks need not be static: a jax
+        array captured here, or one computed by the function under ``jit``, works. Leaf
+        types and dtypes are checked here when ``mask`` is a tree; the structure and
+        shapes in ``init_state`` and ``update``.
 
     Returns:
       An ``Optimizer`` whose state is ``EmptyState()``.
@@ -318,11 +426,17 @@ def freeze(mask: MaskOrFn) -> Optimizer:
       >>> updates, _ = opt.update(params, opt.init_state(params), params)
       >>> updates["embed"], updates["w"]
       (Array([0., 0.], dtype=float32), Array([-0.1, -0.1], dtype=float32))
+      >>> opt = optim.chain(optim.sgd(0.1), freeze({"embed": jnp.array([True, False]),
+      ...                                           "w": False}))
+      >>> updates, _ = opt.update(params, opt.init_state(params), params)
+      >>> updates["embed"]
+      Array([ 0. , -0.1], dtype=float32)
     """
     where = "freeze"
+    _check_mask_types(where, mask)
 
     def mask_leaves(tree: Any, params: Params | None, grads: Grads | None = None
-                    ) -> list[bool]:
+                    ) -> list[Any]:
         m = _resolve(where, "mask", mask, params, grads)
         if isinstance(m, (bool, np.bool_)):
             return [bool(m)] * len(jax.tree.leaves(tree))
@@ -334,10 +448,13 @@ def freeze(mask: MaskOrFn) -> Optimizer:
 
     def update(grads: Grads, state: EmptyState, params: Params | None = None
                ) -> tuple[Updates, EmptyState]:
-        keep = mask_leaves(grads, params, grads)
+        frozen = mask_leaves(grads, params, grads)
         g_leaves, treedef = jax.tree.flatten(grads)
-        return treedef.unflatten([jnp.zeros_like(g) if k else g
-                                  for g, k in zip(g_leaves, keep, strict=True)]), state
+        # where(m, 0, g): the weakly typed 0 keeps g's dtype; the shape check made m
+        # broadcast to g's shape, not beyond it.
+        out = [(jnp.zeros_like(g) if m else g) if isinstance(m, bool) else jnp.where(m, 0, g)
+               for g, m in zip(g_leaves, frozen, strict=True)]
+        return treedef.unflatten(out), state
 
     return Optimizer(init_state, update)
 

@@ -1,5 +1,6 @@
 """Wrappers: masked, partition, freeze, multi_steps, apply_if_finite, inject_hyperparams."""
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from funtrain import optim
+from funtrain.optim.transforms import ScaleByAdamState
 from funtrain.optim.wrappers import (
     ApplyIfFiniteState,
     InjectHyperparamsState,
@@ -153,10 +155,11 @@ def test_masked_errors_name_the_key_paths():
                                          r"Missing key paths in mask: dense/b\. Extra key "
                                          r"paths in mask: head"):
         masked(optim.sgd(0.1), bad).init_state(params)
-    arr_mask = {"dense": {"w": True, "b": jnp.array(True)}, "embed": False}
-    with pytest.raises(TypeError, match=r"masked: mask leaves must be Python bools .*got "
-                                        r"ArrayImpl .* at key path dense/b"):
-        masked(optim.sgd(0.1), arr_mask).init_state(params)
+    int_mask = {"dense": {"w": True, "b": 1}, "embed": False}
+    with pytest.raises(TypeError, match=r"masked: mask leaves must be Python bools \(per leaf, "
+                                        r"static.*\) or bool arrays \(per element\), got int "
+                                        r"\(1\) at key path dense/b"):
+        masked(optim.sgd(0.1), int_mask)
     with pytest.raises(TypeError, match=r"masked: opt must be an Optimizer .*got function"):
         masked(lambda g: g, MASK)
     opt = masked(optim.sgd(0.1), lambda p: jax.tree.map(lambda _: True, p))
@@ -254,6 +257,293 @@ def test_freeze_errors():
     with pytest.raises(TypeError, match=r"freeze: mask leaves must be Python bools .*got "
                                         r"str \('yes'\) at key path embed"):
         freeze({"dense": {"w": True, "b": False}, "embed": "yes"}).init_state(params)
+
+
+# --------------------------------------------------------------------------- element-wise masks
+
+
+def elementwise_mask():
+    """A mixed mask for make_params(): a jax array, a broadcast (1, n) numpy array, a bool."""
+    rng = np.random.default_rng(7)
+    return {"dense": {"w": jnp.asarray(rng.random((3, 2)) < 0.5), "b": False},
+            "embed": np.array([[True, False, True]])}
+
+
+def full_masks(mask, params):
+    """Each leaf's mask as a full-shape numpy bool array."""
+    return jax.tree.map(lambda m, p: np.broadcast_to(np.asarray(m), p.shape), mask, params)
+
+
+@pytest.mark.parametrize("as_array", [np.asarray, jnp.asarray], ids=["numpy", "jax"])
+def test_elementwise_all_true_or_all_false_equals_the_per_leaf_masks(as_array):
+    params = make_params()
+    params["dense"]["b"] = params["dense"]["b"].astype(jnp.bfloat16)
+    g1, g2 = grads_like(params, 1), grads_like(params, 2)
+    per_leaf = {"dense": {"w": True, "b": False}, "embed": True}
+    arrays = jax.tree.map(lambda m, p: as_array(np.full(p.shape, m)), per_leaf, params)
+    broadcast = jax.tree.map(lambda m, p: as_array(np.full((1,) * p.ndim, m)), per_leaf, params)
+    for mask in (arrays, broadcast):
+        # freeze: zeros where True, the gradient where False, dtypes kept (bf16 too).
+        uf, sf = freeze(mask).update(g1, freeze(mask).init_state(params))
+        assert sf == optim.EmptyState()
+        assert_trees_equal(uf, freeze(per_leaf).update(g1, optim.EmptyState())[0])
+        # masked: all-True is the inner optimizer on the leaf, all-False the gradient.
+        opt, ref = masked(optim.sgd(0.1, momentum=0.9), mask), masked(
+            optim.sgd(0.1, momentum=0.9), per_leaf)
+        s, rs = opt.init_state(params), ref.init_state(params)
+        for g in (g1, g2):
+            u, s = opt.update(g, s, params)
+            r, rs = ref.update(g, rs, params)
+            assert_trees_equal(u, r)
+        # The array-masked leaf keeps a momentum buffer, all zeros: it only saw zeros.
+        trace = s.inner_state[0].trace
+        assert isinstance(rs.inner_state[0].trace["dense"]["b"], MaskedNode)
+        assert trace["dense"]["b"].shape == (2,)
+        np.testing.assert_array_equal(trace["dense"]["b"], 0.0)
+        assert_trees_equal(trace["dense"]["w"], rs.inner_state[0].trace["dense"]["w"])
+
+
+def test_freeze_elementwise_zeroes_exactly_the_masked_elements():
+    params = make_params()
+    params["embed"] = params["embed"].astype(jnp.bfloat16)
+    g = grads_like(params, 3)
+    g["embed"] = g["embed"].at[0, 0].set(jnp.nan)  # frozen there: the update is 0
+    mask = elementwise_mask()
+    u, _ = freeze(mask).update(g, freeze(mask).init_state(params), params)
+    for got, m, want in zip(jax.tree.leaves(u), jax.tree.leaves(full_masks(mask, params)),
+                            jax.tree.leaves(g), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.where(m, 0.0, np.asarray(want, np.float32)))
+
+
+def test_masked_elementwise_adam_matches_a_float64_reference():
+    """masked(adam) with array, broadcast and bool mask leaves, against numpy float64 written
+    from Adam's rule (PyTorch's, eps outside the root) and masked's documented semantics:
+    g~ = where(m, g, 0), Adam on g~, u = where(m, u', g)."""
+    lr, b1, b2, eps = 0.05, 0.9, 0.999, 1e-8
+    rng = np.random.default_rng(0)
+    p0 = {"w": rng.standard_normal((3, 4)), "v": rng.standard_normal((2, 3)),
+          "b": rng.standard_normal(4), "c": rng.standard_normal(2)}
+    masks = {"w": rng.random((3, 4)) < 0.5, "v": np.array([[True, False, True]]),
+             "b": True, "c": False}
+    grads = [{k: rng.standard_normal(x.shape) for k, x in p0.items()} for _ in range(5)]
+    full = {k: np.broadcast_to(np.asarray(m), p0[k].shape) for k, m in masks.items()}
+    with jax.enable_x64(True):
+        mask = {**masks, "w": jnp.asarray(masks["w"])}  # a jax array and a numpy one
+        opt = masked(optim.adam(lr, b1=b1, b2=b2, eps=eps), mask)
+        params = {k: jnp.asarray(x) for k, x in p0.items()}
+        state = opt.init_state(params)
+        p = {k: x.copy() for k, x in p0.items()}
+        m = {k: np.zeros_like(x) for k, x in p0.items()}
+        v = {k: np.zeros_like(x) for k, x in p0.items()}
+        for t, g in enumerate(grads, start=1):
+            updates, state = opt.update({k: jnp.asarray(x) for k, x in g.items()}, state,
+                                        params)
+            params = optim.apply_updates(params, updates)
+            for k in p0:
+                gk = np.where(full[k], g[k], 0.0)
+                m[k] = b1 * m[k] + (1 - b1) * gk
+                v[k] = b2 * v[k] + (1 - b2) * gk * gk
+                step = -lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+                u = np.where(full[k], step, g[k])
+                assert updates[k].dtype == jnp.float64
+                np.testing.assert_allclose(updates[k], u, rtol=1e-12, atol=1e-15)
+                p[k] = p[k] + u
+        for k in p0:
+            np.testing.assert_allclose(params[k], p[k], rtol=1e-12, atol=1e-15)
+        adam = next(s for s in state.inner_state if isinstance(s, ScaleByAdamState))
+        # The Python False leaf has no state; the array-masked leaves keep the whole leaf's,
+        # with moments exactly 0 where the mask has always been False.
+        assert isinstance(adam.mu["c"], MaskedNode) and isinstance(adam.nu["c"], MaskedNode)
+        for k in ("w", "v", "b"):
+            assert adam.mu[k].shape == p0[k].shape
+            np.testing.assert_allclose(adam.mu[k], m[k], rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(adam.nu[k], v[k], rtol=1e-12, atol=1e-15)
+            np.testing.assert_array_equal(np.asarray(adam.mu[k])[~full[k]], 0.0)
+            np.testing.assert_array_equal(np.asarray(adam.nu[k])[~full[k]], 0.0)
+
+
+def test_masked_elementwise_keeps_an_inf_in_a_masked_out_element_out_of_the_state():
+    params = make_params()
+    mask = elementwise_mask()
+    full = full_masks(mask, params)
+    g = grads_like(params, 4)
+    out = np.argwhere(~full["dense"]["w"])[0]
+    bad = jax.tree.map(lambda x: x, g)
+    bad["dense"]["w"] = bad["dense"]["w"].at[tuple(out)].set(jnp.inf)
+    opt = masked(toy_adam(), mask)
+    u, s = opt.update(g, opt.init_state(params), params)
+    ub, sb = opt.update(bad, opt.init_state(params), params)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(sb))
+    assert_trees_equal(sb, s)
+    w, wb = np.asarray(u["dense"]["w"]), np.asarray(ub["dense"]["w"])
+    np.testing.assert_array_equal(wb[full["dense"]["w"]], w[full["dense"]["w"]])
+    assert wb[tuple(out)] == np.inf  # passed through, as a False leaf's gradient would be
+
+
+def test_elementwise_broadcast_masks_equal_their_full_shape_masks():
+    params = make_params()  # embed is (4, 3), dense/w (3, 2)
+    gs = [grads_like(params, s) for s in range(3)]
+    rng = np.random.default_rng(5)
+    for small in ({"dense": {"w": np.array([[True, False]]), "b": np.array(True)},
+                   "embed": jnp.asarray(rng.random((4, 1)) < 0.5)},
+                  {"dense": {"w": jnp.array([False, True]), "b": False},
+                   "embed": np.array([True, False, True])}):
+        big = jax.tree.map(lambda m, p: m if isinstance(m, bool) else  # bools stay static
+                           np.broadcast_to(np.asarray(m), p.shape), small, params)
+        for make in (lambda m: masked(optim.sgd(0.1, momentum=0.9), m),
+                     lambda m: optim.chain(optim.sgd(0.1), freeze(m))):
+            outs, _ = run(make(small), params, gs, jit=False)
+            refs, _ = run(make(big), params, gs, jit=False)
+            for (u, s), (r, rs) in zip(outs, refs, strict=True):
+                assert_trees_equal(u, r)
+                assert_trees_equal(s, rs)
+
+
+def pruned_problem():
+    """A linear model, its data, and a (3, 2) weight with some elements pruned."""
+    rng = np.random.default_rng(11)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
+              "b": jnp.zeros(2, jnp.float32)}
+    x = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((8, 2)), jnp.float32)
+    alive = jnp.array([[True, False], [False, True], [True, True]])
+    return params, x, y, alive
+
+
+def mse_loss(p, x, y):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+
+def test_elementwise_masks_under_jit_of_a_grad_step():
+    params, x, y, alive = pruned_problem()
+
+    def make(m):  # train the alive weights with Adam, keep the pruned ones where they are
+        return optim.chain(masked(optim.adam(0.1), {"w": m, "b": True}),
+                           freeze({"w": ~m, "b": False}))
+
+    def step(opt, p, s):
+        u, s = opt.update(jax.grad(mse_loss)(p, x, y), s, p)
+        return optim.apply_updates(p, u), s
+
+    opt = make(alive)
+    captured = jax.jit(functools.partial(step, opt))  # the mask a constant of the closure
+    # The mask a traced argument: the optimizer is built inside the jitted step.
+    traced = jax.jit(lambda p, s, m: step(make(m), p, s))
+    eager = functools.partial(step, opt)
+    runs = []
+    for fn in (eager, captured, lambda p, s: traced(p, s, alive)):
+        p, s = params, opt.init_state(params)
+        for _ in range(4):
+            p, s = fn(p, s)
+        runs.append((p, s))
+    for p, s in runs[1:]:
+        assert_trees_close(p, runs[0][0])
+        assert_trees_close(s, runs[0][1])
+    p = runs[0][0]
+    dead = ~np.asarray(alive)
+    np.testing.assert_array_equal(np.asarray(p["w"])[dead], np.asarray(params["w"])[dead])
+    assert not np.allclose(np.asarray(p["w"])[~dead], np.asarray(params["w"])[~dead])
+    assert mse_loss(p, x, y) < mse_loss(params, x, y)
+
+
+def test_elementwise_mask_function_of_the_params_under_jit():
+    params, x, y, _ = pruned_problem()
+    # Arrays computed from the (traced) params: only the large weights train.
+    mask_fn = lambda p: {"w": jnp.abs(p["w"]) > 0.5, "b": False}
+    opt = masked(optim.sgd(0.1), mask_fn)
+    g = jax.grad(mse_loss)(params, x, y)
+    u, _ = jax.jit(opt.update)(g, opt.init_state(params), params)
+    big = np.abs(np.asarray(params["w"])) > 0.5
+    np.testing.assert_allclose(u["w"], np.where(big, -0.1 * np.asarray(g["w"]), g["w"]),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(u["b"], g["b"])
+
+
+def test_python_bool_and_numpy_bool_masks_stay_static():
+    params = make_params()
+    mask = {"dense": {"w": np.True_, "b": False}, "embed": jnp.ones((4, 3), bool)}
+    opt = masked(optim.sgd(0.1, momentum=0.9), mask)
+    trace = opt.init_state(params).inner_state[0].trace
+    assert isinstance(trace["dense"]["b"], MaskedNode)  # a False leaf keeps no state
+    assert trace["dense"]["w"].shape == (3, 2) and trace["embed"].shape == (4, 3)
+    assert len(jax.tree.leaves(trace)) == 2
+
+
+def test_elementwise_mask_errors_name_the_key_paths():
+    params = make_params()
+    float_mask_fn = lambda p: {"dense": {"w": True, "b": False}, "embed": jnp.zeros((4, 3))}
+    for name, wrap in (("masked", lambda m: masked(optim.sgd(0.1), m)), ("freeze", freeze)):
+        floats = {"dense": {"w": jnp.ones((3, 2)), "b": False}, "embed": True}
+        with pytest.raises(TypeError, match=rf"{name}: the mask at key path dense/w has "
+                                            r"dtype float32; use a bool array \(e\.g\. "
+                                            r"mask != 0\)"):
+            wrap(floats)  # at construction: the dtype needs no params
+        ints = {"dense": {"w": True, "b": False}, "embed": np.ones((4, 3), np.int8)}
+        with pytest.raises(TypeError, match=rf"{name}: the mask at key path embed has dtype "
+                                            r"int8; use a bool array"):
+            wrap(ints)
+        with pytest.raises(TypeError, match=rf"{name}: the mask at key path embed has dtype "
+                                            r"float32; use a bool array"):
+            wrap(float_mask_fn).init_state(params)  # a function: checked when called
+        for shape in ((4,), (2, 4, 3), (3, 3)):
+            bad = {"dense": {"w": True, "b": False}, "embed": np.ones(shape, bool)}
+            shape_re = str(shape).replace("(", r"\(").replace(")", r"\)")
+            with pytest.raises(ValueError, match=rf"{name}: the mask at key path embed has "
+                                                 rf"shape {shape_re}, which does not "
+                                                 r"broadcast to the leaf's shape \(4, 3\)"):
+                wrap(bad).init_state(params)
+        wrong = {"dense": {"w": np.ones((3, 2), bool)}, "embed": True}
+        with pytest.raises(ValueError, match=rf"{name}: mask do not match the structure of "
+                                             r"params\. Missing key paths in mask: dense/b"):
+            wrap(wrong).init_state(params)
+    # Checked again in update: grads of another shape than the mask.
+    opt = freeze({"w": np.ones((1, 2), bool)})
+    with pytest.raises(ValueError, match=r"freeze: the mask at key path w has shape \(1, 2\), "
+                                         r"which does not broadcast to the leaf's shape \(3,\)"):
+        opt.update({"w": jnp.ones(3)}, optim.EmptyState())
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape_tree=st.recursive(st.integers(0, 2),
+                               lambda c: st.dictionaries(st.sampled_from(["a", "b"]), c,
+                                                         min_size=1, max_size=2),
+                               max_leaves=4),
+       data=st.data())
+def test_elementwise_masked_and_freeze_property(shape_tree, data):
+    """Any mix of bool and array leaves: masked(sgd momentum) and freeze follow where()."""
+    leaves, treedef = jax.tree.flatten(shape_tree)
+    rng = np.random.default_rng(len(leaves))
+    mk = lambda: treedef.unflatten([jnp.asarray(rng.standard_normal(SHAPES[i]), jnp.float32)
+                                    for i in leaves])
+    params, g1, g2 = mk(), mk(), mk()
+    masks = []
+    for i in leaves:
+        if data.draw(st.booleans()):
+            masks.append(data.draw(st.booleans()))
+        else:
+            n = int(np.prod(SHAPES[i]))
+            bits = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+            masks.append(jnp.asarray(np.array(bits, bool).reshape(SHAPES[i])))
+    mask = treedef.unflatten(masks)
+    leaves_of = treedef.flatten_up_to
+
+    opt = masked(optim.sgd(0.1, momentum=0.9), mask)
+    state = opt.init_state(params)
+    u1, state = opt.update(g1, state, params)
+    u2, state = opt.update(g2, state, params)
+    for m, a1, a2, x1, x2 in zip(masks, leaves_of(u1), leaves_of(u2), leaves_of(g1),
+                                 leaves_of(g2), strict=True):
+        mm = np.broadcast_to(np.asarray(m), np.shape(x1))
+        np.testing.assert_allclose(a1, np.where(mm, -0.1 * np.asarray(x1), x1), rtol=1e-6)
+        np.testing.assert_allclose(a2, np.where(mm, -0.1 * (0.9 * np.asarray(x1) + x2), x2),
+                                   rtol=1e-5, atol=1e-7)
+    assert len(jax.tree.leaves(state.inner_state[0].trace)) == sum(m is not False
+                                                                   for m in masks)
+    uf, _ = freeze(mask).update(g1, optim.EmptyState(), params)
+    for m, a, x in zip(masks, leaves_of(uf), leaves_of(g1), strict=True):
+        np.testing.assert_array_equal(a, np.where(np.asarray(m), 0.0, x))
 
 
 # --------------------------------------------------------------------------- properties
@@ -464,6 +754,8 @@ WRAPPED = {
     "partition": lambda: partition({"body": optim.sgd(0.1, momentum=0.9),
                                     "head": freeze(True)}, LABELS),
     "freeze": lambda: optim.chain(optim.sgd(0.1), freeze(MASK)),
+    "masked_elementwise": lambda: masked(optim.sgd(0.1, momentum=0.9), elementwise_mask()),
+    "freeze_elementwise": lambda: optim.chain(optim.sgd(0.1), freeze(elementwise_mask())),
     "multi_steps": lambda: multi_steps(optim.sgd(0.1, momentum=0.9), 2),
     "apply_if_finite": lambda: apply_if_finite(optim.sgd(0.1, momentum=0.9), 1),
     "inject_hyperparams": lambda: inject_hyperparams(optim.sgd, static_args=("momentum",))(
