@@ -145,7 +145,7 @@ def bench_compile(sizes: list[int]) -> None:
         params, loss, batch = tree_problem(leaves)
         tx = optax.sgd(0.1)
 
-        def hand(p, s, b):
+        def hand(p, s, b, loss=loss, tx=tx):
             value, grads = jax.value_and_grad(loss)(p, b)
             updates, s = tx.update(grads, s, p)
             return optax.apply_updates(p, updates), s, value

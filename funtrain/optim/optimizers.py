@@ -33,20 +33,22 @@ from funtrain.optim.transforms import (
 
 
 def _nonzero(value: Any) -> bool:
-    """Whether an optional block is needed; arrays (e.g. injected hyperparameters) count."""
-    return is_traced_or_array(value) or bool(value)
+    """Whether an optional block is needed; arrays (e.g. injected hyperparameters) and
+    schedules count."""
+    return callable(value) or is_traced_or_array(value) or bool(value)
 
 
-def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.0, nesterov: bool = False,
-        weight_decay: float = 0.0, dampening: float = 0.0) -> Optimizer:
+def sgd(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.0,
+        nesterov: bool = False, weight_decay: float = 0.0, dampening: float = 0.0
+        ) -> Optimizer:
     r"""Stochastic gradient descent (Robbins & Monro, 1951) with optional momentum.
 
     PyTorch's ``torch.optim.SGD`` convention, which is also the seed chapter's:
 
     .. math::
         g_t &\leftarrow g_t + \lambda \theta_{t-1} \quad \text{(coupled weight decay)} \\
-        v_1 &= g_1, \quad v_t = \mu v_{t-1} + (1 - \tau) g_t \\
-        d_t &= v_t \ \text{or, with Nesterov,}\ g_t + \mu v_t \\
+        v_1 &= g_1, \quad v_t = \mu_t v_{t-1} + (1 - \tau) g_t \\
+        d_t &= v_t \ \text{or, with Nesterov,}\ g_t + \mu_t v_t \\
         \theta_t &= \theta_{t-1} - \eta_t d_t
 
     With ``momentum=0`` it is plain SGD, :math:`\theta_t = \theta_{t-1} - \eta_t g_t`.
@@ -54,24 +56,40 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.0, nesterov: bool =
     Args:
       learning_rate: :math:`\eta`, a float or a schedule ``step -> lr`` (first step uses
         ``schedule(0)``).
-      momentum: :math:`\mu \ge 0` (Polyak's heavy ball, 1964).
-      nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
+      momentum: :math:`\mu \ge 0` (Polyak's heavy ball, 1964), a float or a schedule
+        ``step -> momentum`` that counts like the learning rate's (update :math:`t` uses
+        ``schedule(t - 1)``), e.g. ``schedules.one_cycle_momentum`` for PyTorch's
+        ``OneCycleLR``. A schedule is checked at step 0 only.
+      nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0`` (with a
+        schedule momentum, ``dampening == 0``).
       weight_decay: :math:`\lambda \ge 0`, added to the gradient (L2), as PyTorch.
       dampening: :math:`\tau \in [0, 1]`.
 
     Example:
       >>> from funtrain import optim
       >>> opt = optim.sgd(0.05, momentum=0.9)
+      >>> n = 1000  # updates in the run: PyTorch's OneCycleLR(opt, 0.1, total_steps=n)
+      >>> opt = optim.sgd(optim.schedules.one_cycle(0.1, n),
+      ...                 momentum=optim.schedules.one_cycle_momentum(n))
     """
     where = "sgd"
     as_schedule(learning_rate, where)
-    check_scalar(where, "momentum", momentum, low=0.0)
+    scheduled = callable(momentum)
+    if scheduled:
+        as_schedule(momentum, where, "momentum", low=0.0)
+    else:
+        check_scalar(where, "momentum", momentum, low=0.0)
     check_scalar(where, "weight_decay", weight_decay, low=0.0)
     check_scalar(where, "dampening", dampening, low=0.0, high=1.0)
-    static = not (is_traced_or_array(momentum) or is_traced_or_array(dampening))
-    if nesterov and static and (momentum == 0 or dampening != 0):
-        raise ValueError(f"sgd: nesterov=True needs momentum > 0 and dampening == 0, got "
-                         f"momentum={momentum}, dampening={dampening}")
+    if scheduled:  # only dampening is known for every step
+        if nesterov and not is_traced_or_array(dampening) and dampening != 0:
+            raise ValueError(f"sgd: nesterov=True needs dampening == 0, got "
+                             f"dampening={dampening}")
+    else:
+        static = not (is_traced_or_array(momentum) or is_traced_or_array(dampening))
+        if nesterov and static and (momentum == 0 or dampening != 0):
+            raise ValueError(f"sgd: nesterov=True needs momentum > 0 and dampening == 0, got "
+                             f"momentum={momentum}, dampening={dampening}")
     parts = []
     if _nonzero(weight_decay):
         parts.append(add_decayed_weights(weight_decay))
@@ -90,10 +108,15 @@ def _lr(learning_rate: ScalarOrSchedule, where: str) -> ScalarOrSchedule:
     return learning_rate
 
 
-def _check_betas_eps(where: str, eps: Any = None, eps_root: Any = 0.0, **betas: Any) -> None:
-    """Validate betas in [0, 1) and eps under the optimizer's own argument names."""
+def _check_betas_eps(where: str, eps: Any = None, eps_root: Any = 0.0, *,
+                     schedules: bool = False, **betas: Any) -> None:
+    """Validate betas in [0, 1) and eps under the optimizer's own argument names; with
+    ``schedules``, a beta may be a schedule, checked at step 0."""
     for name, value in betas.items():
-        check_scalar(where, name, value, low=0.0, high=1.0, high_open=True)
+        if schedules and callable(value):
+            as_schedule(value, where, name, low=0.0, high=1.0, high_open=True)
+        else:
+            check_scalar(where, name, value, low=0.0, high=1.0, high_open=True)
     if eps is not None:
         check_scalar(where, "eps_root", eps_root, low=0.0)
         positive_root = not is_traced_or_array(eps_root) and eps_root > 0
@@ -102,6 +125,12 @@ def _check_betas_eps(where: str, eps: Any = None, eps_root: Any = 0.0, **betas: 
         elif not is_traced_or_array(eps) and not eps > 0:
             raise ValueError(f"{where}: eps must be > 0 (or pass eps_root > 0 to put it "
                              f"inside the square root), got {eps}")
+
+
+def _check_bias_correction(where: str, bias_correction: Any) -> None:
+    if bias_correction not in ("pytorch", "product"):
+        raise ValueError(f"{where}: bias_correction must be 'pytorch' or 'product', got "
+                         f"{bias_correction!r}")
 
 
 def _coupled_wd(weight_decay: Any, where: str) -> list[Optimizer]:
@@ -115,7 +144,8 @@ def _decoupled_wd(weight_decay: Any, mask: Any, where: str) -> list[Optimizer]:
 
 
 def rmsprop(learning_rate: ScalarOrSchedule = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
-            weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
+            weight_decay: float = 0.0, momentum: ScalarOrSchedule = 0.0,
+            centered: bool = False, *,
             eps_in_sqrt: bool = False) -> Optimizer:
     r"""RMSProp (Hinton, 2012), PyTorch's ``torch.optim.RMSprop`` by default.
 
@@ -125,11 +155,14 @@ def rmsprop(learning_rate: ScalarOrSchedule = 1e-2, alpha: float = 0.99, eps: fl
         \tilde v_t = v_t - \bar g_t^2 \ (\text{centered}), \\
         d_t &= g_t / (\sqrt{\tilde v_t} + \epsilon) \ \text{(PyTorch)} \quad\text{or}\quad
         g_t / \sqrt{\tilde v_t + \epsilon} \ (\texttt{eps\_in\_sqrt=True}, \text{optax}), \\
-        b_t &= \mu b_{t-1} + d_t \ (\text{if } \mu > 0), \quad \theta_t = \theta_{t-1} - \eta b_t
+        b_t &= \mu_t b_{t-1} + d_t \ (\text{if } \mu > 0), \quad \theta_t = \theta_{t-1} - \eta b_t
+
+    ``momentum`` is a float or a schedule ``step -> momentum`` (as ``sgd``'s; PyTorch's
+    ``OneCycleLR`` cycles it with ``schedules.one_cycle_momentum``).
     """
     where = "rmsprop"
     _check_betas_eps(where, eps, alpha=alpha)
-    check_scalar(where, "momentum", momentum, low=0.0)
+    as_schedule(momentum, where, "momentum", low=0.0)
     parts = _coupled_wd(weight_decay, where)
     parts.append(scale_by_rms(alpha, eps, eps_in_sqrt=eps_in_sqrt, centered=centered))
     if _nonzero(momentum):
@@ -180,10 +213,11 @@ def adadelta(learning_rate: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float
                  scale_by_learning_rate(_lr(learning_rate, where)))
 
 
-def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-8, *, eps_root: float = 0.0, weight_decay: float = 0.0,
-         amsgrad: bool = False, amsgrad_convention: str = "pytorch", mu_dtype: Any = None,
-         nu_dtype: Any = None) -> Optimizer:
+def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
+         b2: ScalarOrSchedule = 0.999, eps: float = 1e-8, *, eps_root: float = 0.0,
+         weight_decay: float = 0.0, amsgrad: bool = False, amsgrad_convention: str = "pytorch",
+         bias_correction: str = "pytorch", mu_dtype: Any = None, nu_dtype: Any = None
+         ) -> Optimizer:
     r"""Adam (Kingma & Ba, 2014), as ``torch.optim.Adam``: eps outside the square root.
 
     .. math::
@@ -196,22 +230,36 @@ def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.
     the PyTorch and optax conventions). ``mu_dtype``/``nu_dtype`` store the moments in
     another dtype (e.g. bf16) to save memory.
 
+    ``b1`` and ``b2`` are floats or schedules ``step -> beta`` (checked at step 0), so
+    ``OneCycleLR``'s cycled ``betas[0]`` is ``b1=schedules.one_cycle_momentum(n)``. A
+    scheduled :math:`\beta_t` replaces :math:`\beta` in the moments, and
+    ``bias_correction`` picks the correction: ``"pytorch"`` (default, as
+    ``torch.optim.Adam``) :math:`1-\beta_t^{\,t}` with the current beta, or ``"product"``
+    :math:`1-\prod_{s\le t}\beta_s`, the exact one (see ``scale_by_adam``). For float
+    betas the two are the same.
+
     Example:
       >>> from funtrain import optim
       >>> opt = optim.adam(3e-4)
+      >>> n = 1000  # updates in the run: PyTorch's OneCycleLR(opt, 1e-3, total_steps=n)
+      >>> opt = optim.adam(optim.schedules.one_cycle(1e-3, n),
+      ...                  b1=optim.schedules.one_cycle_momentum(n))
     """
     where = "adam"
-    _check_betas_eps(where, eps, eps_root, b1=b1, b2=b2)
+    _check_betas_eps(where, eps, eps_root, schedules=True, b1=b1, b2=b2)
+    _check_bias_correction(where, bias_correction)
     return chain(*_coupled_wd(weight_decay, where),
                  scale_by_adam(b1, b2, eps, eps_root, amsgrad=amsgrad,
-                               amsgrad_convention=amsgrad_convention, mu_dtype=mu_dtype,
+                               amsgrad_convention=amsgrad_convention,
+                               bias_correction=bias_correction, mu_dtype=mu_dtype,
                                nu_dtype=nu_dtype),
                  scale_by_learning_rate(_lr(learning_rate, where)))
 
 
-def adamw(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
-          eps: float = 1e-8, weight_decay: float = 1e-2, mask: Any = None, *,
-          eps_root: float = 0.0, amsgrad: bool = False, amsgrad_convention: str = "pytorch",
+def adamw(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
+          b2: ScalarOrSchedule = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
+          mask: Any = None, *, eps_root: float = 0.0, amsgrad: bool = False,
+          amsgrad_convention: str = "pytorch", bias_correction: str = "pytorch",
           mu_dtype: Any = None, nu_dtype: Any = None) -> Optimizer:
     r"""AdamW (Loshchilov & Hutter, 2017): Adam with decoupled weight decay, as PyTorch.
 
@@ -219,13 +267,19 @@ def adamw(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0
               + \epsilon}
 
     Args:
+      b1, b2: floats or schedules ``step -> beta``, as in ``adam`` (PyTorch's
+        ``OneCycleLR`` cycles ``b1``: ``schedules.one_cycle_momentum``).
       mask: pytree of bools (or ``params -> tree``): decay only the ``True`` leaves,
         e.g. ``optim.labels_to_mask(lambda path, p: p.ndim > 1)`` to skip biases and norms.
+      bias_correction: ``"pytorch"`` (default) or ``"product"``, for scheduled betas; see
+        ``adam``.
     """
     where = "adamw"
-    _check_betas_eps(where, eps, eps_root, b1=b1, b2=b2)
+    _check_betas_eps(where, eps, eps_root, schedules=True, b1=b1, b2=b2)
+    _check_bias_correction(where, bias_correction)
     return chain(scale_by_adam(b1, b2, eps, eps_root, amsgrad=amsgrad,
-                               amsgrad_convention=amsgrad_convention, mu_dtype=mu_dtype,
+                               amsgrad_convention=amsgrad_convention,
+                               bias_correction=bias_correction, mu_dtype=mu_dtype,
                                nu_dtype=nu_dtype),
                  *_decoupled_wd(weight_decay, mask, where),
                  scale_by_learning_rate(_lr(learning_rate, where)))
@@ -331,7 +385,8 @@ def lamb(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.
                  scale_by_trust_ratio(), scale_by_learning_rate(_lr(learning_rate, where)))
 
 
-def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9, weight_decay: float = 0.0,
+def lars(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.9,
+         weight_decay: float = 0.0,
          trust_coefficient: float = 0.001, eps: float = 0.0, nesterov: bool = False,
          mask: Any = None) -> Optimizer:
     r"""LARS (You et al., 2017): momentum SGD with a layer-wise trust ratio.
@@ -343,9 +398,10 @@ def lars(learning_rate: ScalarOrSchedule, momentum: float = 0.9, weight_decay: f
 
     (``nesterov``: :math:`\theta_t = \theta_{t-1} - (u_t + \mu v_t)`). This is the optax
     form; the paper's denominator is :math:`\lVert g\rVert + \lambda\lVert\theta\rVert`.
+    ``momentum`` is a float or a schedule ``step -> momentum`` (as ``sgd``'s).
     """
     where = "lars"
-    check_scalar(where, "momentum", momentum, low=0.0)
+    as_schedule(momentum, where, "momentum", low=0.0)
     parts = [*_decoupled_wd(weight_decay, mask, where),
              scale_by_trust_ratio(trust_coefficient, eps),
              scale_by_learning_rate(_lr(learning_rate, where))]

@@ -36,7 +36,7 @@ __all__ = [
     "Schedule", "as_schedule", "value_at",
     "constant", "step_decay", "multistep_decay", "exponential_decay",
     "cosine_annealing", "cosine_warm_restarts", "warmup_cosine", "linear", "polynomial",
-    "one_cycle", "cyclic", "join",
+    "one_cycle", "one_cycle_momentum", "cyclic", "join", "per_epoch",
 ]
 
 
@@ -61,21 +61,25 @@ def constant(value: float) -> Schedule:
 
 
 def as_schedule(value: float | Schedule, where: str, name: str = "learning_rate",
-                *, low: float | None = 0.0) -> Schedule:
+                *, low: float | None = 0.0, high: float | None = None,
+                high_open: bool = False) -> Schedule:
     """Turn a float into a constant schedule; check a float's range, or a schedule's value
-    at step 0 (see ``check_schedule``)."""
+    at step 0 (see ``check_schedule``). ``high``/``high_open`` bound the range above
+    (betas: ``low=0.0, high=1.0, high_open=True``)."""
     if callable(value):
-        check_schedule(value, where, name, low=low)
+        check_schedule(value, where, name, low=low, high=high, high_open=high_open)
         return value
-    check_scalar(where, name, value, low=low)
+    check_scalar(where, name, value, low=low, high=high, high_open=high_open)
     return lambda step: value
 
 
 def check_schedule(schedule: Schedule, where: str, name: str = "learning_rate", *,
-                   low: float | None = 0.0) -> None:
+                   low: float | None = 0.0, high: float | None = None,
+                   high_open: bool = False) -> None:
     """Call ``schedule(0)`` once, when the optimizer is built: it must take the step count
-    and return a finite real scalar (``>= low``). A wrong shape would silently reshape every
-    param it scales; a negative learning rate would climb the loss."""
+    and return a finite real scalar (``>= low``, and below ``high`` when given). A wrong
+    shape would silently reshape every param it scales; a negative learning rate would
+    climb the loss. Later steps are not checked: that would cost a call per step."""
     what = f"{where}: {name} is a schedule"
     try:
         out = schedule(jnp.zeros((), jnp.int32))
@@ -94,7 +98,7 @@ def check_schedule(schedule: Schedule, where: str, name: str = "learning_rate", 
         raise TypeError(f"{what}; it must return a real number, got dtype {dtype} at count 0")
     if isinstance(out, jax.core.Tracer):  # built inside a trace: only the shape is known
         return
-    check_scalar(where, f"{name}(0)", float(out), low=low)
+    check_scalar(where, f"{name}(0)", float(out), low=low, high=high, high_open=high_open)
 
 
 def value_at(schedule: float | Schedule, step: Any) -> Any:
@@ -584,9 +588,10 @@ def one_cycle(max_value: float, total_steps: int, pct_start: float = 0.3, anneal
     Matches ``torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_value,
     total_steps=total_steps, pct_start=pct_start, anneal_strategy=anneal,
     div_factor=div_factor, final_div_factor=final_div_factor, three_phase=three_phase)``
-    for steps ``0 .. total_steps - 1`` (the learning rate only; no momentum cycling).
-    Where PyTorch divides by zero (a phase of zero length, e.g. ``pct_start * total_steps
-    == 1``), the step gets the end value of that phase.
+    for steps ``0 .. total_steps - 1`` (the learning rate; :func:`one_cycle_momentum` gives
+    the momentum PyTorch cycles with ``cycle_momentum=True``). Where PyTorch divides by
+    zero (a phase of zero length, e.g. ``pct_start * total_steps == 1``), the step gets the
+    end value of that phase.
     """
     where = "one_cycle"
     check_scalar(where, "max_value", max_value)
@@ -601,13 +606,26 @@ def one_cycle(max_value: float, total_steps: int, pct_start: float = 0.3, anneal
 
     first = max_value / div_factor
     last = first / final_div_factor
+    phases = _one_cycle_phases(total_steps, pct_start, three_phase, first, max_value, last)
+    return _phased(phases, total_steps, anneal)
+
+
+def _one_cycle_phases(total_steps: int, pct_start: float, three_phase: bool, first: float,
+                      peak: float, last: float) -> list[tuple[float, float, float]]:
+    """PyTorch's OneCycleLR phases ``(end_step, start_value, end_value)``: ``first -> peak ->
+    last``, or ``first -> peak -> first -> last`` with ``three_phase``."""
     # PyTorch's phase ends, computed in Python floats as it does.
     e1 = float(pct_start * total_steps) - 1
     if three_phase:
-        phases = [(e1, first, max_value), (float(2 * pct_start * total_steps) - 2, max_value,
-                                           first), (total_steps - 1, first, last)]
-    else:
-        phases = [(e1, first, max_value), (total_steps - 1, max_value, last)]
+        return [(e1, first, peak), (float(2 * pct_start * total_steps) - 2, peak, first),
+                (total_steps - 1, first, last)]
+    return [(e1, first, peak), (total_steps - 1, peak, last)]
+
+
+def _phased(phases: list[tuple[float, float, float]], total_steps: int, anneal: str
+            ) -> Schedule:
+    """The schedule that anneals through ``phases`` (as OneCycleLR), constant from
+    ``total_steps - 1`` on."""
 
     def phase_value(t: Any, start_step: float, end_step: float, a: Any, b: Any) -> Any:
         span = end_step - start_step
@@ -631,6 +649,69 @@ def one_cycle(max_value: float, total_steps: int, pct_start: float = 0.3, anneal
         return _out(out)
 
     return schedule
+
+
+def one_cycle_momentum(total_steps: int, pct_start: float = 0.3, anneal: str = "cos",
+                       base_momentum: float = 0.85, max_momentum: float = 0.95,
+                       three_phase: bool = False) -> Schedule:
+    r"""The momentum of the 1cycle policy, as PyTorch's ``OneCycleLR(cycle_momentum=True)``.
+
+    The momentum moves against the learning rate of :func:`one_cycle` with the same
+    ``total_steps``, ``pct_start``, ``anneal`` and ``three_phase``: it starts at
+    :math:`\mu_{\max}` = ``max_momentum``, falls to :math:`\mu_{	ext{base}}` =
+    ``base_momentum`` while the learning rate rises, and climbs back while it falls. The
+    phases end at the same steps as :func:`one_cycle`'s (:math:`e_1 = pN - 1`, ...):
+
+    - two phases: :math:`\mu_{\max} 	o \mu_{	ext{base}}` until :math:`e_1`, then
+      :math:`\mu_{	ext{base}} 	o \mu_{\max}` until :math:`e_2 = N - 1`;
+    - ``three_phase``: :math:`\mu_{\max} 	o \mu_{	ext{base}} 	o \mu_{\max}` (ending at
+      :math:`e_2 = 2pN - 2`), then :math:`\mu_{\max}` until :math:`e_3 = N - 1`.
+
+    Within a phase :math:`a 	o b`, with :math:`q = (t - e_{k-1}) / (e_k - e_{k-1})`,
+
+    .. math::
+        \mu_t = b + 	frac12 (a - b)(1 + \cos \pi q) \quad	ext{(cos)}, \qquad
+        \mu_t = a + (b - a)\, q \quad	ext{(linear)}
+
+    and from step ``total_steps - 1`` on the value stays at its value there
+    (:math:`\mu_{\max}`). Pass it as SGD's ``momentum`` or as Adam's ``b1``, which is what
+    PyTorch cycles (``momentum``, or ``betas[0]`` for optimizers with ``betas``).
+
+    Args:
+      total_steps: :math:`N \ge 1`, the number of updates in the run.
+      pct_start: :math:`p \in [0, 1]`, the fraction of the steps spent with the learning
+        rate rising (the momentum falling).
+      anneal: ``"cos"`` or ``"linear"``, the shape of each phase.
+      base_momentum: :math:`\mu_{	ext{base}} \ge 0`, the lowest momentum (PyTorch's
+        default 0.85).
+      max_momentum: :math:`\mu_{\max} \ge 0`, the first and last momentum (PyTorch's
+        default 0.95).
+      three_phase: the paper's three phases (see :func:`one_cycle`); the default is two.
+
+    Example:
+      >>> mom = one_cycle_momentum(total_steps=100)
+      >>> [round(float(mom(t)), 6) for t in (0, 29, 99)]
+      [0.95, 0.85, 0.95]
+
+    Matches the ``momentum`` (or ``betas[0]``) that ``torch.optim.lr_scheduler.OneCycleLR(
+    opt, max_lr, total_steps=total_steps, pct_start=pct_start, anneal_strategy=anneal,
+    base_momentum=base_momentum, max_momentum=max_momentum, three_phase=three_phase)``
+    sets for steps ``0 .. total_steps - 1``, with the same zero-length-phase rule as
+    :func:`one_cycle`.
+    """
+    where = "one_cycle_momentum"
+    _check_int(where, "total_steps", total_steps)
+    check_scalar(where, "pct_start", pct_start, low=0.0, high=1.0)
+    if anneal not in ("cos", "linear"):
+        raise ValueError(f"{where}: anneal must be 'cos' or 'linear', got {anneal!r}")
+    check_scalar(where, "base_momentum", base_momentum, low=0.0)
+    check_scalar(where, "max_momentum", max_momentum, low=0.0)
+    if not isinstance(three_phase, bool):
+        raise TypeError(f"{where}: three_phase must be a bool, got {three_phase!r}")
+    # OneCycleLR's momentum phases: the lr's first/peak/last are max/base/max momentum.
+    phases = _one_cycle_phases(total_steps, pct_start, three_phase, max_momentum,
+                               base_momentum, max_momentum)
+    return _phased(phases, total_steps, anneal)
 
 
 def cyclic(base_value: float, max_value: float, step_size_up: int,
@@ -742,3 +823,37 @@ def join(schedules: Sequence[float | Schedule], boundaries: Sequence[int]) -> Sc
         return _out(out)
 
     return schedule
+
+
+def per_epoch(schedule: float | Schedule, steps_per_epoch: int) -> Schedule:
+    r"""Step ``schedule`` once per epoch: a per-epoch schedule on the update count.
+
+    Schedules count optimizer updates. A PyTorch script that calls ``scheduler.step()``
+    once per epoch instead (``StepLR(opt, step_size=30)`` in an ImageNet recipe) sees
+    epoch numbers; with :math:`S` = ``steps_per_epoch`` updates per epoch,
+
+    .. math::
+        \eta_t = f(\lfloor t / S \rfloor)
+
+    Args:
+      schedule: :math:`f`, a schedule ``epoch -> value`` (a float is a constant).
+      steps_per_epoch: :math:`S \ge 1`, the updates per epoch (``len(loader)``).
+
+    Example:
+      >>> sched = per_epoch(step_decay(0.1, step_size=2), steps_per_epoch=10)
+      >>> [round(float(sched(t)), 6) for t in (0, 19, 20, 40)]
+      [0.1, 0.1, 0.01, 0.001]
+
+    Matches a PyTorch scheduler stepped after every ``steps_per_epoch``-th
+    ``optimizer.step()``.
+    """
+    where = "per_epoch"
+    fn = as_schedule(schedule, where, "schedule", low=None)
+    _check_int(where, "steps_per_epoch", steps_per_epoch)
+
+    def per_epoch_schedule(step: Any) -> Any:
+        epoch, _ = _divmod(_steps(step), steps_per_epoch)
+        # broadcast: a float (constant) gives one value per step too
+        return jnp.broadcast_to(_out(fn(epoch)), epoch.shape)
+
+    return per_epoch_schedule

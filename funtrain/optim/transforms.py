@@ -91,31 +91,47 @@ class TraceState(NamedTuple):
     count: Array
 
 
-def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0,
+def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float = 0.0,
           accumulator_dtype: Any = None) -> Optimizer:
     r"""Heavy-ball momentum, PyTorch's convention.
 
     .. math::
-        v_1 = g_1, \qquad v_t = \mu v_{t-1} + (1 - \tau) g_t \quad (t > 1)
+        v_1 = g_1, \qquad v_t = \mu_t v_{t-1} + (1 - \tau) g_t \quad (t > 1)
 
-    and the output is :math:`v_t`, or :math:`g_t + \mu v_t` with ``nesterov=True``.
+    and the output is :math:`v_t`, or :math:`g_t + \mu_t v_t` with ``nesterov=True``.
     With ``dampening`` :math:`\tau = 0` this equals the usual JAX ``trace`` transform (which starts
     from :math:`v_0 = 0`); with :math:`\tau > 0` PyTorch's first step skips the
     dampening, and so does this block.
 
     Args:
-      decay: the momentum :math:`\mu \ge 0`.
+      decay: the momentum :math:`\mu_t \ge 0`, a float or a schedule ``step -> momentum``:
+        update :math:`t` (1-based) uses ``schedule(t - 1)``, the step the learning-rate
+        schedule sees, as PyTorch's ``momentum`` under ``OneCycleLR``. The schedule is
+        checked once, at step 0.
       nesterov: Nesterov momentum (Sutskever et al., 2013, as in PyTorch).
       dampening: :math:`\tau \in [0, 1]`.
       accumulator_dtype: dtype of the buffer; defaults to each param's dtype.
+
+    Example:
+      >>> from funtrain.optim import schedules
+      >>> mom = trace(schedules.one_cycle_momentum(total_steps=100))
     """
     where = "trace"
-    check_scalar(where, "decay", decay, low=0.0)
+    scheduled = callable(decay)
+    if scheduled:
+        as_schedule(decay, where, "decay", low=0.0)
+    else:
+        check_scalar(where, "decay", decay, low=0.0)
     check_scalar(where, "dampening", dampening, low=0.0, high=1.0)
-    static = not (is_traced_or_array(decay) or is_traced_or_array(dampening))
-    if nesterov and static and (not decay or dampening):
-        raise ValueError(f"{where}: nesterov=True needs decay > 0 and dampening == 0, got "
-                         f"decay={decay}, dampening={dampening}")
+    if scheduled:  # a schedule's later values are unknown; PyTorch checks only dampening too
+        if nesterov and not is_traced_or_array(dampening) and dampening:
+            raise ValueError(f"{where}: nesterov=True needs dampening == 0, got "
+                             f"dampening={dampening}")
+    else:
+        static = not (is_traced_or_array(decay) or is_traced_or_array(dampening))
+        if nesterov and static and (not decay or dampening):
+            raise ValueError(f"{where}: nesterov=True needs decay > 0 and dampening == 0, "
+                             f"got decay={decay}, dampening={dampening}")
 
     def init_state(params: Params) -> TraceState:
         buf = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=accumulator_dtype or p.dtype),
@@ -126,11 +142,16 @@ def trace(decay: float, *, nesterov: bool = False, dampening: float = 0.0,
         check_same_structure(state.trace, grads, what="trace.update",
                              expected_name="the momentum buffer (params)", actual_name="grads")
         first = state.count == 0
+        # The count the block already keeps (for the first step) is the schedule's step.
+        mu_t = decay(state.count) if scheduled else decay
 
         def step(g: Array, v: Array) -> tuple[Array, Array]:
             g_acc = g.astype(v.dtype)
-            new_v = jnp.where(first, g_acc, decay * v + (1.0 - dampening) * g_acc)
-            out = g_acc + decay * new_v if nesterov else new_v
+            # A float momentum is weakly typed (computed in the buffer's dtype); cast a
+            # schedule's value the same way so the buffer keeps its dtype.
+            mu = jnp.asarray(mu_t, v.dtype) if scheduled else mu_t
+            new_v = jnp.where(first, g_acc, mu * v + (1.0 - dampening) * g_acc)
+            out = g_acc + mu * new_v if nesterov else new_v
             return out.astype(g.dtype), new_v
 
         pairs = jax.tree.map(step, grads, state.trace)
@@ -245,6 +266,14 @@ def _check_grads(where: str, reference: Any, grads: Any) -> None:
 
 def _check_beta(where: str, name: str, value: Any) -> None:
     check_scalar(where, name, value, low=0.0, high=1.0, high_open=True)
+
+
+def _check_beta_or_schedule(where: str, name: str, value: Any) -> None:
+    """A float beta in [0, 1), or a schedule whose value at step 0 is."""
+    if callable(value):
+        as_schedule(value, where, name, low=0.0, high=1.0, high_open=True)
+    else:
+        _check_beta(where, name, value)
 
 
 def _check_eps(where: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -399,13 +428,27 @@ class ScaleByAdamState(NamedTuple):
     nu_max: Any
 
 
+class ScaleByAdamProductState(NamedTuple):
+    r"""``ScaleByAdamState`` plus the running products :math:`\prod_{s \le t} \beta_s` of the
+    scheduled betas (``b1_product``, ``b2_product``; ``()`` for a float beta), kept only
+    with ``bias_correction="product"`` and a schedule beta."""
+
+    count: Array
+    mu: Any
+    nu: Any
+    nu_max: Any
+    b1_product: Any
+    b2_product: Any
+
+
 _AMSGRAD = ("pytorch", "optax")
+_BIAS_CORRECTION = ("pytorch", "product")
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
-                  *, nesterov: bool = False, amsgrad: bool = False,
-                  amsgrad_convention: str = "pytorch", mu_dtype: Any = None,
-                  nu_dtype: Any = None) -> Optimizer:
+def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps: float = 1e-8,
+                  eps_root: float = 0.0, *, nesterov: bool = False, amsgrad: bool = False,
+                  amsgrad_convention: str = "pytorch", bias_correction: str = "pytorch",
+                  mu_dtype: Any = None, nu_dtype: Any = None) -> Optimizer:
     r"""Adam's step direction (Kingma & Ba, 2014), before the learning rate.
 
     .. math::
@@ -419,12 +462,33 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     moment: with ``amsgrad_convention="pytorch"`` (default) of the *raw* :math:`v_t`,
     bias-corrected afterwards; with ``"optax"`` of :math:`\hat v_t`.
 
+    ``b1`` and ``b2`` are floats or schedules ``step -> beta``. With a schedule, update
+    :math:`t` (1-based) uses :math:`\beta_t` = ``schedule(t - 1)`` in the moment's EMA, and
+    the bias correction is no longer :math:`1 - \beta^t`. ``bias_correction`` picks it:
+
+    - ``"pytorch"`` (default): :math:`1 - \beta_t^{\,t}`, the current beta to the power
+      :math:`t`, as ``torch.optim.Adam`` computes it when ``OneCycleLR`` cycles
+      ``betas[0]`` (optax's ``scale_by_adam`` under ``inject_hyperparams`` does the same).
+      A simplification: it is not the bias of :math:`m_t` once :math:`\beta` varies;
+    - ``"product"``: :math:`1 - \prod_{s \le t} \beta_s`, the exact correction (with a
+      constant gradient :math:`g`, :math:`m_t = (1 - \prod_{s\le t}\beta_s)\, g`, so
+      :math:`\hat m_t = g`). The running product of each scheduled beta is kept in the
+      state (``ScaleByAdamProductState``).
+
+    For a float beta both are :math:`1 - \beta^t` and compute the same bits, and the state
+    is ``ScaleByAdamState`` whatever ``bias_correction`` says. ``nesterov`` needs a float
+    ``b1``.
+
     ``mu_dtype``/``nu_dtype`` set the moments' storage dtype (e.g. ``jnp.bfloat16``);
     the arithmetic runs in float32 at least.
+
+    Example:
+      >>> from funtrain.optim import schedules
+      >>> direction = scale_by_adam(b1=schedules.one_cycle_momentum(total_steps=1000))
     """
     where = "scale_by_adam"
-    _check_beta(where, "b1", b1)
-    _check_beta(where, "b2", b2)
+    _check_beta_or_schedule(where, "b1", b1)
+    _check_beta_or_schedule(where, "b2", b2)
     # eps may be 0 only when eps_root keeps the denominator positive.
     _check_eps(where, "eps", eps, allow_zero=not isinstance(eps_root, (int, float))
                or eps_root > 0)
@@ -432,26 +496,54 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     if amsgrad_convention not in _AMSGRAD:
         raise ValueError(f"{where}: amsgrad_convention must be 'pytorch' or 'optax', got "
                          f"{amsgrad_convention!r}")
+    if bias_correction not in _BIAS_CORRECTION:
+        raise ValueError(f"{where}: bias_correction must be 'pytorch' or 'product', got "
+                         f"{bias_correction!r}")
+    s1, s2 = callable(b1), callable(b2)
+    if nesterov and s1:
+        raise ValueError(f"{where}: nesterov=True needs a float b1, got a schedule (its "
+                         f"look-ahead correction 1 - b1^(t+1) assumes a constant b1)")
+    products = bias_correction == "product" and (s1 or s2)
 
-    def init_state(params: Params) -> ScaleByAdamState:
-        return ScaleByAdamState(
-            count=jnp.zeros((), jnp.int32), mu=_zeros_like(params, mu_dtype),
-            nu=_zeros_like(params, nu_dtype),
-            nu_max=_zeros_like(params, nu_dtype) if amsgrad else ())
+    def init_state(params: Params) -> Any:
+        count = jnp.zeros((), jnp.int32)
+        mu, nu = _zeros_like(params, mu_dtype), _zeros_like(params, nu_dtype)
+        nu_max = _zeros_like(params, nu_dtype) if amsgrad else ()
+        if not products:
+            return ScaleByAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+        one = jnp.ones((), jnp.result_type(float))  # the empty product
+        return ScaleByAdamProductState(count, mu, nu, nu_max, one if s1 else (),
+                                       one if s2 else ())
 
-    def update(grads: Grads, state: ScaleByAdamState, params: Params | None = None):
+    def update(grads: Grads, state: Any, params: Params | None = None):
         _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
+        # A schedule's step is the count before this update (the first uses schedule(0)).
+        beta1 = b1(state.count) if s1 else b1
+        beta2 = b2(state.count) if s2 else b2
+        if products:
+            prod1 = ((state.b1_product * beta1).astype(state.b1_product.dtype) if s1
+                     else ())
+            prod2 = ((state.b2_product * beta2).astype(state.b2_product.dtype) if s2
+                     else ())
+
+        def correction(beta: Any, scheduled: bool, prod: Any, dt: Any) -> Array:
+            if scheduled and products:
+                return 1.0 - prod.astype(dt)  # 1 - prod_{s <= t} beta_s
+            return _bias_correction(beta, count, dt)  # 1 - beta_t^t
 
         def leaf(g: Array, m: Array, v: Array, vmax: Any) -> tuple:
             dt = _acc_dtype(g)
             gf = g.astype(dt)
-            m_new = b1 * m.astype(dt) + (1 - b1) * gf
-            v_new = b2 * v.astype(dt) + (1 - b2) * gf * gf
-            bc1 = _bias_correction(b1, count, dt)
-            bc2 = _bias_correction(b2, count, dt)
+            # A float beta is weakly typed; a schedule's value is cast to match it.
+            c1 = jnp.asarray(beta1, dt) if s1 else beta1
+            c2 = jnp.asarray(beta2, dt) if s2 else beta2
+            m_new = c1 * m.astype(dt) + (1 - c1) * gf
+            v_new = c2 * v.astype(dt) + (1 - c2) * gf * gf
+            bc1 = correction(c1, s1, prod1 if products else (), dt)
+            bc2 = correction(c2, s2, prod2 if products else (), dt)
             if nesterov:
-                m_hat = b1 * m_new / _bias_correction(b1, count + 1, dt) + (1 - b1) * gf / bc1
+                m_hat = c1 * m_new / _bias_correction(c1, count + 1, dt) + (1 - c1) * gf / bc1
             else:
                 m_hat = m_new / bc1
             vmax_new = vmax
@@ -474,6 +566,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
             updates, mu, nu, _ = _map(lambda g, m, v: leaf(g, m, v, None), 4, grads, state.mu,
                                       state.nu)
             nu_max = ()
+        if products:
+            return updates, ScaleByAdamProductState(count, mu, nu, nu_max, prod1, prod2)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return Optimizer(init_state, update)

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 
 from funtrain import optim
+from funtrain.optim import schedules
+from funtrain.optim.transforms import ScaleByAdamProductState, ScaleByAdamState
 from tests.reference import optimizers as ref
+from tests.reference import schedules as ref_schedules
 
 STEPS = 30
 SHAPES = {"a": (3,), "b/w": (4, 3), "b/v": (2, 5), "c": (2, 3, 2), "s": ()}
@@ -108,6 +111,15 @@ def _lr_schedule(t):
 
 MASK = {"a": False, "b/w": True, "b/v": True, "c": True, "s": False}
 
+# Scheduled betas / momentum: funtrain's schedule, and the float64 reference's (t -> value).
+MOM = schedules.one_cycle_momentum(STEPS)
+MOM_REF = lambda t: ref_schedules.one_cycle_momentum(t, STEPS)  # noqa: E731
+MOM3 = schedules.one_cycle_momentum(STEPS, anneal="linear", three_phase=True, base_momentum=0.6)
+MOM3_REF = lambda t: ref_schedules.one_cycle_momentum(  # noqa: E731
+    t, STEPS, anneal="linear", three_phase=True, base_momentum=0.6)
+B2 = schedules.linear(0.9, 0.999, 20)
+B2_REF = lambda t: ref_schedules.linear(t, 0.9, 0.999, 20)  # noqa: E731
+
 
 def _matrix_mask(params):
     return jax.tree.map(lambda x: x.ndim >= 2, params)
@@ -130,6 +142,8 @@ CASES = {
     "rmsprop-eps_in_sqrt-centered-momentum": (
         "rmsprop", dict(learning_rate=0.01, alpha=0.9, eps=1e-3, momentum=0.5, centered=True,
                         eps_in_sqrt=True), {}, {}),
+    "rmsprop-momentum-schedule": ("rmsprop", dict(learning_rate=0.01, alpha=0.9, centered=True),
+                                  dict(momentum=MOM), dict(momentum=MOM_REF)),
     "adagrad": ("adagrad", dict(learning_rate=0.1), {}, {}),
     "adagrad-lr_decay-wd-init": ("adagrad", dict(learning_rate=0.1, lr_decay=0.05,
                                                  weight_decay=0.1,
@@ -146,6 +160,15 @@ CASES = {
     "adam-eps_root": ("adam", dict(learning_rate=0.05, eps=1e-3, eps_root=1e-4), {}, {}),
     "adam-schedule": ("adam", dict(learning_rate=_lr_schedule), {}, {}),
     "adam-amsgrad-pytorch": ("adam", dict(learning_rate=0.05, amsgrad=True), {}, {}),
+    "adam-b1-schedule": ("adam", dict(learning_rate=0.05), dict(b1=MOM), dict(b1=MOM_REF)),
+    "adam-b1-b2-schedule-product": ("adam", dict(learning_rate=_lr_schedule, weight_decay=0.1,
+                                                 bias_correction="product"),
+                                    dict(b1=MOM3, b2=B2), dict(b1=MOM3_REF, b2=B2_REF)),
+    "adam-b2-schedule-amsgrad": ("adam", dict(learning_rate=0.05, amsgrad=True),
+                                 dict(b2=B2), dict(b2=B2_REF)),
+    "adam-b2-schedule-amsgrad-optax-product": (
+        "adam", dict(learning_rate=0.05, amsgrad=True, amsgrad_convention="optax",
+                     bias_correction="product"), dict(b2=B2), dict(b2=B2_REF)),
     "adam-amsgrad-optax": ("adam", dict(learning_rate=0.05, amsgrad=True,
                                         amsgrad_convention="optax"), {}, {}),
     "adamw": ("adamw", dict(learning_rate=0.05, weight_decay=0.1), {}, {}),
@@ -155,6 +178,11 @@ CASES = {
     "adamw-mask-callable": ("adamw", dict(learning_rate=0.05, weight_decay=0.5),
                             dict(mask=_matrix_mask), dict(mask=MATRIX_MASK)),
     "adamw-amsgrad-pytorch": ("adamw", dict(learning_rate=0.05, amsgrad=True), {}, {}),
+    "adamw-b1-schedule": ("adamw", dict(learning_rate=0.05, weight_decay=0.1),
+                          dict(b1=MOM3), dict(b1=MOM3_REF)),
+    "adamw-b1-b2-schedule-product-mask": (
+        "adamw", dict(learning_rate=0.05, weight_decay=0.5, bias_correction="product"),
+        dict(b1=MOM, b2=B2, mask=nest(MASK)), dict(b1=MOM_REF, b2=B2_REF, mask=MASK)),
     "adamw-amsgrad-optax": ("adamw", dict(learning_rate=0.05, amsgrad=True,
                                           amsgrad_convention="optax"), {}, {}),
     "amsgrad-pytorch": ("amsgrad", dict(learning_rate=0.05, weight_decay=0.1), {}, {}),
@@ -178,6 +206,9 @@ CASES = {
                                        trust_coefficient=0.02, eps=0.1, nesterov=True), {}, {}),
     "lars-mask": ("lars", dict(learning_rate=0.5, weight_decay=0.5, trust_coefficient=0.02),
                   dict(mask=nest(MASK)), dict(mask=MASK)),
+    "lars-momentum-schedule-nesterov": (
+        "lars", dict(learning_rate=0.5, weight_decay=0.1, trust_coefficient=0.02,
+                     nesterov=True), dict(momentum=MOM3), dict(momentum=MOM3_REF)),
     "adafactor": ("adafactor", dict(), {}, {}),
     "adafactor-wd-clip": ("adafactor", dict(learning_rate=0.05, beta2_decay=-0.5,
                                             eps=(1e-30, 1e-2), clipping_threshold=1.5,
@@ -312,6 +343,91 @@ def test_reference_matches_torch(case):
     want = reference(name, **kw)
     got = run_torch(make)
     assert_trajectories_close(got, want, f"{case}: torch vs reference")
+
+
+def run_torch_one_cycle(make_opt, **one_cycle_kw):
+    """Like ``run_torch``, with ``OneCycleLR(max_lr=lr, total_steps=STEPS, **one_cycle_kw)``
+    stepped after every ``opt.step()`` (it cycles ``momentum``, or ``betas[0]``)."""
+    torch = pytest.importorskip("torch")
+    keys = list(SHAPES)
+    params = [torch.nn.Parameter(torch.tensor(PARAMS0[k], dtype=torch.float64)) for k in keys]
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        opt = make_opt(torch.optim, params)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=opt.param_groups[0]["lr"], total_steps=STEPS, **one_cycle_kw)
+        traj = [{k: PARAMS0[k].copy() for k in keys}]
+        for t0 in range(STEPS):
+            cur = {k: p.detach().numpy().copy() for k, p in zip(keys, params, strict=True)}
+            grads = np_grad(cur, t0)
+            for k, p in zip(keys, params, strict=True):
+                p.grad = torch.tensor(grads[k], dtype=torch.float64)
+            opt.step()
+            scheduler.step()
+            traj.append({k: p.detach().numpy().copy() for k, p in zip(keys, params,
+                                                                      strict=True)})
+        return traj
+    finally:
+        torch.set_default_dtype(old_dtype)
+
+
+# case id -> (funtrain optimizer, lr, funtrain kwargs, torch optimizer, OneCycleLR kwargs);
+# funtrain gets one_cycle(lr, STEPS) as its learning rate and the matching momentum schedule.
+ONE_CYCLE_CASES = {
+    "adam": ("adam", 0.05, dict(b2=0.99),
+             lambda o, p: o.Adam(p, lr=0.05, betas=(0.9, 0.99), foreach=False), {}),
+    "adam-wd-amsgrad-three_phase-linear": (
+        "adam", 0.05, dict(weight_decay=0.1, amsgrad=True),
+        lambda o, p: o.Adam(p, lr=0.05, weight_decay=0.1, amsgrad=True, foreach=False),
+        dict(three_phase=True, anneal_strategy="linear", base_momentum=0.6)),
+    "adamw": ("adamw", 0.05, dict(weight_decay=0.1),
+              lambda o, p: o.AdamW(p, lr=0.05, weight_decay=0.1, foreach=False),
+              dict(pct_start=0.4, base_momentum=0.8, max_momentum=0.97)),
+    "rmsprop-centered": ("rmsprop", 0.01, dict(alpha=0.9, centered=True),
+                         lambda o, p: o.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.9,
+                                                centered=True, foreach=False), {}),
+}
+
+
+def _one_cycle_funtrain(case):
+    name, lr, kw, _, cycle_kw = ONE_CYCLE_CASES[case]
+    mom_kw = {"anneal" if k == "anneal_strategy" else k: v for k, v in cycle_kw.items()}
+    sched_kw = {k: v for k, v in mom_kw.items() if k in ("pct_start", "anneal", "three_phase")}
+    momentum = schedules.one_cycle_momentum(STEPS, **mom_kw)
+    key = "b1" if name.startswith("adam") else "momentum"
+    return getattr(optim, name)(schedules.one_cycle(lr, STEPS, **sched_kw),
+                                **{key: momentum}, **kw)
+
+
+@pytest.mark.parametrize("case", list(ONE_CYCLE_CASES))
+def test_one_cycle_cycled_momentum_matches_torch(case):
+    """funtrain with one_cycle + one_cycle_momentum (PyTorch's bias correction, the default)
+    against torch.optim under OneCycleLR(cycle_momentum=True), in float64."""
+    _, _, _, make, cycle_kw = ONE_CYCLE_CASES[case]
+    want = run_torch_one_cycle(make, **cycle_kw)
+    got = run_jax(_one_cycle_funtrain(case))
+    assert_trajectories_close(got, want, f"{case}: funtrain vs torch OneCycleLR")
+
+
+def test_reference_with_scheduled_b1_matches_torch_one_cycle():
+    """The reference's "pytorch" bias correction is torch.optim.Adam's under OneCycleLR; the
+    exact ("product") correction is not."""
+    make = lambda o, p: o.Adam(p, lr=0.05, betas=(0.9, 0.99), foreach=False)  # noqa: E731
+    want = run_torch_one_cycle(make)
+    kw = dict(learning_rate=lambda t: ref_schedules.one_cycle(t, 0.05, STEPS), b1=MOM_REF,
+              b2=0.99)
+    assert_trajectories_close(reference("adam", **kw), want, "reference vs torch")
+    exact = reference("adam", **kw, bias_correction="product")
+    assert any(not np.allclose(exact[-1][k], want[-1][k], rtol=1e-6) for k in want[-1])
+
+
+def test_reference_with_scheduled_betas_matches_optax_inject_hyperparams():
+    """optax's scale_by_adam with an injected (scheduled) beta also uses 1 - β_tᵗ."""
+    optax = pytest.importorskip("optax")
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=MOM, b2=B2)
+    want = reference("adam", learning_rate=0.05, b1=MOM_REF, b2=B2_REF)
+    assert_trajectories_close(run_jax(opt), want, "optax inject_hyperparams vs reference")
 
 
 MATRICES = [k for k, s in SHAPES.items() if len(s) == 2]
@@ -515,3 +631,94 @@ def test_optax_schedule_free_adamw_factory_with_warmup_matches_reference_to_floa
     assert_trajectories_close(got, want, "optax.contrib.schedule_free_adamw", rtol=1e-6,
                               atol=1e-7)
     assert all(np.array_equal(got[1][k], PARAMS0[k]) for k in PARAMS0)  # first z step: lr 0
+
+
+# --------------------------------------------------------------------------- scheduled betas
+
+
+def test_scheduled_betas_keep_the_float_state_unless_product():
+    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    plain = optim.adam(1e-3).init_state(params)
+    assert jax.tree.structure(optim.adam(1e-3, b1=MOM, b2=B2).init_state(params)) == \
+        jax.tree.structure(plain)
+    # A float beta never needs a product, whatever the convention.
+    assert jax.tree.structure(optim.adam(1e-3, bias_correction="product").init_state(
+        params)) == jax.tree.structure(plain)
+    state = optim.adamw(1e-3, b1=MOM, bias_correction="product").init_state(params)[0]
+    assert isinstance(state, ScaleByAdamProductState)
+    assert state.b1_product.shape == () and float(state.b1_product) == 1.0
+    assert state.b2_product == ()
+    assert isinstance(plain[0], ScaleByAdamState)
+
+
+def test_float_betas_are_bitwise_the_same_under_either_bias_correction():
+    got = run_jax(optim.adam(0.05, b1=0.8, bias_correction="product"))
+    want = run_jax(optim.adam(0.05, b1=0.8))
+    for a, b in zip(got, want, strict=True):
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_product_bias_correction_is_unbiased_for_a_constant_gradient():
+    """m_t = (1 - prod beta_s) g exactly: the product correction gives m_hat = g at every
+    step, the PyTorch one (1 - beta_t^t) does not once beta varies."""
+    errors = {}
+    with jax.enable_x64(True):
+        g = {"w": jnp.asarray([0.3, -2.0, 5.0], jnp.float64)}
+        for conv in ("pytorch", "product"):
+            opt = optim.scale_by_adam(b1=MOM, b2=B2, eps=1e-300, bias_correction=conv)
+            state = opt.init_state(g)
+            worst = 0.0
+            for _ in range(STEPS):
+                u, state = opt.update(g, state)
+                # m_hat / sqrt(v_hat) = g / |g| when both corrections are exact
+                worst = max(worst, float(jnp.max(jnp.abs(u["w"] - jnp.sign(g["w"])))))
+            errors[conv] = worst
+    assert errors["product"] < 1e-12
+    assert errors["pytorch"] > 1e-3
+
+
+def test_scheduled_beta_state_keeps_its_dtypes_in_scan():
+    params = {"w": jnp.ones((3,), jnp.bfloat16)}
+    opt = optim.adam(1e-2, b1=MOM, b2=B2, bias_correction="product", mu_dtype=jnp.bfloat16)
+
+    def body(carry, _):
+        p, s = carry
+        u, s = opt.update({"w": jnp.ones((3,), jnp.bfloat16)}, s, p)
+        return (optim.apply_updates(p, u), s), None
+
+    init = opt.init_state(params)
+    (p, state), _ = jax.lax.scan(body, (params, init), length=5)
+    assert p["w"].dtype == jnp.bfloat16
+    assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, init)
+    want = np.prod([float(MOM(t)) for t in range(5)])
+    np.testing.assert_allclose(float(state[0].b1_product), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("make,exc,message", [
+    (lambda: optim.adam(b1=lambda t: 1.0), ValueError,
+     r"adam: b1\(0\) must be in \[0.0, 1.0\), got 1.0"),
+    (lambda: optim.adamw(b2=lambda t: -0.1), ValueError,
+     r"adamw: b2\(0\) must be in \[0.0, 1.0\), got -0.1"),
+    (lambda: optim.adam(b1=lambda: 0.9), TypeError,
+     r"adam: b1 is a schedule, so it must take the step count"),
+    (lambda: optim.adam(bias_correction="exact"), ValueError,
+     r"adam: bias_correction must be 'pytorch' or 'product', got 'exact'"),
+    (lambda: optim.adamw(bias_correction=None), ValueError,
+     r"adamw: bias_correction must be 'pytorch' or 'product', got None"),
+    (lambda: optim.scale_by_adam(b1=MOM, nesterov=True), ValueError,
+     r"scale_by_adam: nesterov=True needs a float b1, got a schedule"),
+    (lambda: optim.scale_by_adam(b2=lambda t: 1.5), ValueError,
+     r"scale_by_adam: b2\(0\) must be in \[0.0, 1.0\), got 1.5"),
+    (lambda: optim.trace(MOM, nesterov=True, dampening=0.5), ValueError,
+     r"trace: nesterov=True needs dampening == 0, got dampening=0.5"),
+    (lambda: optim.rmsprop(momentum=lambda t: -1.0), ValueError,
+     r"rmsprop: momentum\(0\) must be >= 0.0, got -1.0"),
+    (lambda: optim.lars(0.1, momentum=lambda t: jnp.ones(3)), ValueError,
+     r"lars: momentum is a schedule; it must return a scalar, got shape \(3,\)"),
+    # Only Adam/AdamW's betas and SGD/RMSprop/LARS's momentum take schedules so far.
+    (lambda: optim.nadam(b1=MOM), TypeError, r"nadam: b1 must be a float, got function"),
+])
+def test_scheduled_hyperparameter_errors(make, exc, message):
+    with pytest.raises(exc, match=message):
+        make()

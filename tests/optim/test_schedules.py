@@ -42,6 +42,14 @@ def case(name, steps, **kw):
                 padded(steps))
 
 
+def per_epoch_case():
+    def ref(t):
+        return R.per_epoch(t, lambda e: R.cosine_annealing(e, 0.1, 6, 0.001), 7)
+
+    return Case(lambda: S.per_epoch(S.cosine_annealing(0.1, 6, 0.001), 7), ref,
+                padded([*range(100), 10**4, 10**5 + 3]))
+
+
 def join_case():
     parts = [S.linear(0.0, 0.1, 5), S.cosine_annealing(0.1, 20, 0.01), 0.001]
     refs = [lambda t: R.linear(t, 0.0, 0.1, 5), lambda t: R.cosine_annealing(t, 0.1, 20, 0.01),
@@ -99,6 +107,17 @@ CASES = {
     "cyclic_sawtooth": case("cyclic", range(20), base_value=0.01, max_value=0.1,
                             step_size_up=6, step_size_down=0),
     "join": join_case(),
+    "one_cycle_momentum": case("one_cycle_momentum", range(50), total_steps=50),
+    "one_cycle_momentum_linear": case("one_cycle_momentum", range(37), total_steps=37,
+                                      pct_start=0.25, anneal="linear", base_momentum=0.8,
+                                      max_momentum=0.9),
+    "one_cycle_momentum_three_phase": case("one_cycle_momentum", range(40), total_steps=40,
+                                           three_phase=True),
+    "one_cycle_momentum_three_linear": case("one_cycle_momentum", range(33), total_steps=33,
+                                            pct_start=0.4, anneal="linear", three_phase=True),
+    "one_cycle_momentum_tiny_warmup": case("one_cycle_momentum", range(10), total_steps=10,
+                                           pct_start=0.05, base_momentum=0.0),
+    "per_epoch": per_epoch_case(),
 }
 
 
@@ -194,6 +213,36 @@ def test_one_cycle_phase_boundaries_follow_pytorch():
     assert float(sched(28)) < 1.0 and float(sched(30)) < 1.0
     # pct_start * total_steps == 1: PyTorch divides by zero at step 0; we give the peak.
     np.testing.assert_allclose(float(S.one_cycle(1.0, total_steps=10, pct_start=0.1)(0)), 1.0)
+
+
+def test_one_cycle_momentum_moves_against_the_learning_rate():
+    for kw in [{}, {"anneal": "linear"}, {"three_phase": True}]:
+        lr = np.asarray(S.one_cycle(0.1, total_steps=100, **kw)(jnp.arange(100)))
+        mom = np.asarray(S.one_cycle_momentum(total_steps=100, **kw)(jnp.arange(100)))
+        np.testing.assert_allclose(mom[[0, 29, 99]], [0.95, 0.85, 0.95], rtol=1e-6,
+                                   err_msg=str(kw))
+        # Where the lr rises the momentum falls, and the other way round.
+        dlr, dmom = np.diff(lr), np.diff(mom)
+        moving = np.abs(dmom) > 1e-7
+        assert np.all(np.sign(dlr[moving]) == -np.sign(dmom[moving])), kw
+    # It stays at max_momentum from total_steps - 1 on; a zero-length phase gets its end.
+    far = jnp.asarray([49, 50, 1000, 2**31 - 1], jnp.int32)
+    np.testing.assert_array_equal(S.one_cycle_momentum(50, base_momentum=0.8)(far),
+                                  np.float32(0.95))
+    np.testing.assert_allclose(float(S.one_cycle_momentum(10, pct_start=0.1)(0)), 0.85,
+                               rtol=1e-7)
+
+
+def test_per_epoch_holds_each_value_for_an_epoch():
+    sched = S.per_epoch(S.step_decay(1.0, step_size=1, gamma=0.5), steps_per_epoch=3)
+    np.testing.assert_array_equal(sched(jnp.arange(9)), [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25,
+                                                         0.25])
+    # A float is a constant, one value per step; a plain function sees the epoch number.
+    assert S.per_epoch(0.1, 5)(jnp.arange(3)).shape == (3,)
+    np.testing.assert_array_equal(S.per_epoch(lambda e: 1.0 * e, 4)(jnp.arange(9)),
+                                  [0, 0, 0, 0, 1, 1, 1, 1, 2])
+    # An epoch longer than the step's dtype holds never wraps.
+    assert float(S.per_epoch(lambda e: 1.0 + e, 2**40)(jnp.int32(2**31 - 1))) == 1.0
 
 
 def test_join_passes_the_steps_since_the_boundary():
@@ -309,6 +358,74 @@ for _kw, _n in [({}, 50), ({"anneal": "linear", "pct_start": 0.25, "div_factor":
                                                      cycle_momentum=False, **kw), _n)
 
 
+def torch_momentums(kind, n, **one_cycle_kw):
+    """The momentum ``OneCycleLR`` gives SGD (``param_groups[0]["momentum"]``) or Adam
+    (``param_groups[0]["betas"][0]``) after t = 0 .. n-1 calls of ``scheduler.step()``."""
+    torch = pytest.importorskip("torch")
+    param = torch.nn.Parameter(torch.zeros(1))
+    if kind == "sgd":
+        opt = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.Adam([param], lr=0.1, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=n,
+                                                    **one_cycle_kw)
+    out = []
+    for _ in range(n):
+        group = opt.param_groups[0]
+        out.append(group["momentum"] if kind == "sgd" else group["betas"][0])
+        if kind == "adam":
+            assert group["betas"][1] == 0.99  # only beta1 cycles
+        opt.step()
+        scheduler.step()
+    return out
+
+
+MOMENTUM_TORCH_CASES = [
+    ({}, 50), ({"anneal": "linear", "pct_start": 0.25, "base_momentum": 0.8,
+                "max_momentum": 0.9}, 37),
+    ({"three_phase": True}, 40),
+    ({"three_phase": True, "anneal": "linear", "pct_start": 0.4}, 33),
+    ({"pct_start": 0.05, "base_momentum": 0.5, "max_momentum": 0.99}, 10),
+    ({"pct_start": 0.29}, 100), ({}, 1),
+]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kw,n", MOMENTUM_TORCH_CASES,
+                         ids=[f"{n}-{'-'.join(map(str, kw.values())) or 'default'}"
+                              for kw, n in MOMENTUM_TORCH_CASES])
+def test_one_cycle_momentum_matches_torch(kind, kw, n):
+    torch_kw = {("anneal_strategy" if k == "anneal" else k): v for k, v in kw.items()}
+    want = torch_momentums(kind, n, **torch_kw)
+    sched = S.one_cycle_momentum(n, **kw)
+    with jax.enable_x64(True):
+        got = np.asarray(sched(jnp.arange(LENGTH)))[:n]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    got32 = np.asarray(sched(jnp.arange(n, dtype=jnp.int32)))
+    np.testing.assert_allclose(got32, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("make_sched,make_torch", [
+    (lambda: S.step_decay(0.1, 3, 0.5), lambda L, o: L.StepLR(o, 3, 0.5)),
+    (lambda: S.cosine_annealing(0.1, 4, 0.01), lambda L, o: L.CosineAnnealingLR(o, 4, 0.01)),
+], ids=["step_decay", "cosine"])
+def test_per_epoch_matches_torch_stepped_once_per_epoch(make_sched, make_torch):
+    torch = pytest.importorskip("torch")
+    steps_per_epoch, n = 5, 60
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    scheduler = make_torch(torch.optim.lr_scheduler, opt)
+    want = []
+    for t in range(n):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if (t + 1) % steps_per_epoch == 0:  # the end of an epoch
+            scheduler.step()
+    with jax.enable_x64(True):
+        got = np.asarray(S.per_epoch(make_sched(), steps_per_epoch)(jnp.arange(n)))
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", list(TORCH_CASES))
 def test_matches_torch_lr_scheduler(name):
     sched, lr, make, n = TORCH_CASES[name]
@@ -377,6 +494,30 @@ ERRORS = [
      r"one_cycle: final_div_factor must be > 0\.0, got -1\.0"),
     (lambda: S.one_cycle(0.1, 100, three_phase="yes"), TypeError,
      r"one_cycle: three_phase must be a bool, got 'yes'"),
+    (lambda: S.one_cycle_momentum(0), ValueError, r"one_cycle_momentum: total_steps must be a "
+                                                   r"positive int, got 0"),
+    (lambda: S.one_cycle_momentum(100, pct_start=-0.1), ValueError,
+     r"one_cycle_momentum: pct_start must be in \[0\.0, 1\.0\], got -0\.1"),
+    (lambda: S.one_cycle_momentum(100, anneal="cosine"), ValueError,
+     r"one_cycle_momentum: anneal must be 'cos' or 'linear', got 'cosine'"),
+    (lambda: S.one_cycle_momentum(100, base_momentum=-0.1), ValueError,
+     r"one_cycle_momentum: base_momentum must be >= 0\.0, got -0\.1"),
+    (lambda: S.one_cycle_momentum(100, max_momentum=float("nan")), ValueError,
+     r"one_cycle_momentum: max_momentum must be a number, got nan"),
+    (lambda: S.one_cycle_momentum(100, max_momentum="high"), TypeError,
+     r"one_cycle_momentum: max_momentum must be a float, got str"),
+    (lambda: S.one_cycle_momentum(100, three_phase=1), TypeError,
+     r"one_cycle_momentum: three_phase must be a bool, got 1"),
+    (lambda: S.per_epoch(S.constant(0.1), 0), ValueError,
+     r"per_epoch: steps_per_epoch must be a positive int, got 0"),
+    (lambda: S.per_epoch(S.constant(0.1), 2.5), TypeError,
+     r"per_epoch: steps_per_epoch must be a positive int, got 2\.5 \(float\)"),
+    (lambda: S.per_epoch(S.constant(0.1), True), TypeError,
+     r"per_epoch: steps_per_epoch must be a positive int, got True \(bool\)"),
+    (lambda: S.per_epoch("fast", 10), TypeError, r"per_epoch: schedule must be a float, "
+                                                 r"got str"),
+    (lambda: S.per_epoch(lambda: 0.1, 10), TypeError,
+     r"per_epoch: schedule is a schedule, so it must take the step count"),
     (lambda: S.cyclic(0.01, 0.1, 0), ValueError, r"cyclic: step_size_up must be a positive "
                                                  r"int, got 0"),
     (lambda: S.cyclic(0.01, 0.1, 5, -2), ValueError, r"cyclic: step_size_down must be an int "

@@ -1,4 +1,5 @@
-"""SGD against the float64 reference in tests/reference/sgd.py, to 1e-10 in x64 mode."""
+"""SGD against the float64 reference in tests/reference/sgd.py, to 1e-10 in x64 mode, and
+with a OneCycleLR-cycled momentum against torch.optim.SGD when torch is installed."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from funtrain import optim
+from tests.reference import schedules as ref_schedules
 from tests.reference.sgd import sgd_trajectory
 
 A = np.random.default_rng(0).standard_normal((4, 4))
@@ -97,3 +99,117 @@ def test_sgd_float32_params_keep_dtype():
 def test_sgd_rejects_bad_hyperparameters(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         optim.sgd(**kwargs)
+
+
+# --------------------------------------------------------------------------- momentum schedules
+
+N = 25  # updates in a run: OneCycleLR's total_steps
+SCHEDULE_CASES = {
+    "one_cycle": dict(momentum=dict()),
+    "one_cycle_linear_three_phase": dict(momentum=dict(anneal="linear", three_phase=True,
+                                                       pct_start=0.4)),
+    "nesterov": dict(momentum=dict(base_momentum=0.5, max_momentum=0.9), nesterov=True),
+    "dampening_weight_decay": dict(momentum=dict(), dampening=0.3, weight_decay=0.1),
+}
+
+
+def _momentum(kw):
+    """funtrain's one_cycle_momentum and its float64 reference (t -> value)."""
+    return (optim.schedules.one_cycle_momentum(N, **kw),
+            lambda t: ref_schedules.one_cycle_momentum(t, N, **kw))
+
+
+@pytest.mark.parametrize("case", list(SCHEDULE_CASES))
+def test_sgd_momentum_schedule_matches_float64_reference(case):
+    kw = dict(SCHEDULE_CASES[case])
+    mom, mom_ref = _momentum(kw.pop("momentum"))
+    lr = optim.schedules.one_cycle(0.1, N)
+    with jax.enable_x64(True):
+        got = run_funtrain(optim.sgd(lr, momentum=mom, **kw), N)
+    want = sgd_trajectory([1.0, -2.0, 0.5, 3.0], np_grad, N,
+                          lambda t: ref_schedules.one_cycle(t, 0.1, N), momentum=mom_ref, **kw)
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=f"step {t}")
+    # The schedule matters: a float momentum takes another path.
+    fixed = sgd_trajectory([1.0, -2.0, 0.5, 3.0], np_grad, N,
+                           lambda t: ref_schedules.one_cycle(t, 0.1, N), momentum=0.9, **kw)
+    assert np.abs(got[-1] - fixed[-1]).max() > 1e-4
+
+
+def _torch_one_cycle_sgd(steps, **sgd_kw):
+    """Params of torch.optim.SGD under OneCycleLR (momentum cycled) on the quadratic."""
+    torch = pytest.importorskip("torch")
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64))
+    opt = torch.optim.SGD([theta], lr=0.1, momentum=0.9, foreach=False, **sgd_kw)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps,
+                                                    base_momentum=0.8, max_momentum=0.95)
+    out = [theta.detach().numpy().copy()]
+    for _ in range(steps):
+        theta.grad = torch.tensor(np_grad(theta.detach().numpy()), dtype=torch.float64)
+        opt.step()
+        scheduler.step()
+        out.append(theta.detach().numpy().copy())
+    return out
+
+
+@pytest.mark.parametrize("sgd_kw", [{}, {"nesterov": True}, {"dampening": 0.3},
+                                    {"weight_decay": 0.1}], ids=str)
+def test_sgd_one_cycle_momentum_matches_torch_one_cycle_lr(sgd_kw):
+    want = _torch_one_cycle_sgd(N, **sgd_kw)
+    lr = optim.schedules.one_cycle(0.1, N)
+    mom = optim.schedules.one_cycle_momentum(N, base_momentum=0.8, max_momentum=0.95)
+    with jax.enable_x64(True):
+        got = run_funtrain(optim.sgd(lr, momentum=mom, **sgd_kw), N)
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
+
+
+def test_momentum_schedule_reuses_the_trace_count():
+    params = {"w": jnp.ones((3,))}
+    sched = optim.sgd(0.1, momentum=optim.schedules.one_cycle_momentum(10))
+    fixed = optim.sgd(0.1, momentum=0.9)
+    assert jax.tree.structure(sched.init_state(params)) == \
+        jax.tree.structure(fixed.init_state(params))
+
+
+def test_constant_momentum_schedule_equals_the_float_bitwise():
+    params = {"w": jnp.linspace(-1.0, 1.0, 7)}
+    grads = [{"w": jnp.sin(jnp.arange(7.0) + k)} for k in range(4)]
+    runs = []
+    for momentum in (0.9, optim.schedules.constant(0.9), lambda t: 0.9):
+        opt = optim.sgd(0.1, momentum=momentum, nesterov=True)
+        state, p = opt.init_state(params), params
+        for g in grads:
+            u, state = jax.jit(opt.update)(g, state, p)
+            p = optim.apply_updates(p, u)
+        runs.append(np.asarray(p["w"]))
+    np.testing.assert_array_equal(runs[1], runs[0])
+    np.testing.assert_array_equal(runs[2], runs[0])
+
+
+def test_momentum_schedule_keeps_a_bfloat16_buffer_in_scan():
+    params = {"w": jnp.ones((3,), jnp.bfloat16)}
+    opt = optim.sgd(0.1, momentum=optim.schedules.one_cycle_momentum(8))
+
+    def body(carry, _):
+        p, s = carry
+        u, s = opt.update({"w": jnp.ones((3,), jnp.bfloat16)}, s, p)
+        return (optim.apply_updates(p, u), s), None
+
+    (p, state), _ = jax.lax.scan(body, (params, opt.init_state(params)), length=8)
+    assert p["w"].dtype == jnp.bfloat16
+    assert state[0].trace["w"].dtype == jnp.bfloat16 and int(state[0].count) == 8
+
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    (dict(momentum=lambda t: -0.5), ValueError, r"sgd: momentum\(0\) must be >= 0.0, got -0.5"),
+    (dict(momentum=lambda: 0.9), TypeError,
+     r"sgd: momentum is a schedule, so it must take the step count"),
+    (dict(momentum=lambda t: jnp.ones(2)), ValueError,
+     r"sgd: momentum is a schedule; it must return a scalar, got shape \(2,\)"),
+    (dict(momentum=lambda t: 0.9, nesterov=True, dampening=0.1), ValueError,
+     r"sgd: nesterov=True needs dampening == 0, got dampening=0.1"),
+])
+def test_sgd_rejects_bad_momentum_schedules(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        optim.sgd(0.1, **kwargs)

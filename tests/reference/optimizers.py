@@ -9,8 +9,9 @@ defaults) and returns ``(init, step)`` for ONE leaf:
   leaf's path ("b/w"), used for masks. ``state`` is updated in place.
 
 ``trajectory`` runs such a pair over a flat dict of leaves. A learning rate may be a float
-or a schedule ``count -> lr`` whose first update uses ``schedule(0)``. Masks are flat dicts
-``{path: bool}``; only ``True`` leaves decay.
+or a schedule ``count -> lr`` whose first update uses ``schedule(0)``; so may Adam's betas
+and the momentum of RMSprop and LARS (as PyTorch's ``OneCycleLR`` sets them before each
+step). Masks are flat dicts ``{path: bool}``; only ``True`` leaves decay.
 
 Sources:
 - PyTorch ``torch.optim`` docs (algorithm boxes) for RMSprop, Adagrad, Adadelta, Adam,
@@ -36,6 +37,11 @@ Leaves = dict[str, np.ndarray]
 def _lr_at(learning_rate, t: int) -> float:
     """The learning rate of step ``t`` (1-based); schedules are called with ``t - 1``."""
     return float(learning_rate(t - 1)) if callable(learning_rate) else float(learning_rate)
+
+
+def _at(value, t: int) -> float:
+    """A float or scheduled hyperparameter (beta, momentum) at step ``t`` (1-based)."""
+    return _lr_at(value, t)
 
 
 def _decays(mask, key: str) -> bool:
@@ -78,6 +84,7 @@ def rmsprop(learning_rate=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum
 
     g += wd θ;  v = α v + (1-α) g²;  centered: ḡ = α ḡ + (1-α) g, ṽ = v - ḡ², else ṽ = v;
     d = g / (√ṽ + ε)  [or g / √(ṽ + ε)];  momentum: b = μ b + d, θ -= η b;  else θ -= η d.
+    A scheduled momentum μ_t replaces μ (b_0 = 0, so b_1 = d_1 whatever μ_1 is).
     """
 
     def init(theta):
@@ -94,7 +101,7 @@ def rmsprop(learning_rate=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum
             v = v - s["g_avg"] ** 2
         d = g / np.sqrt(v + eps) if eps_in_sqrt else g / (np.sqrt(v) + eps)
         if momentum:
-            s["buf"] = momentum * s["buf"] + d
+            s["buf"] = _at(momentum, t) * s["buf"] + d
             d = s["buf"]
         return theta - lr * d
 
@@ -157,23 +164,35 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0):
 
 
 def _adam(learning_rate, b1, b2, eps, eps_root, weight_decay, amsgrad, amsgrad_convention,
-          decoupled, mask):
+          decoupled, mask, bias_correction="pytorch"):
+    """Betas may be schedules β_t. Bias correction: "pytorch" 1 - β_tᵗ (torch.optim.Adam
+    reads the current group["betas"] and computes 1 - beta1 ** step); "product"
+    1 - ∏_{s≤t} β_s, the exact bias of m_t = β_t m_{t-1} + (1-β_t) g_t from m_0 = 0."""
     if amsgrad_convention not in ("pytorch", "optax"):
         raise ValueError(amsgrad_convention)
+    if bias_correction not in ("pytorch", "product"):
+        raise ValueError(bias_correction)
 
     def init(theta):
-        return {"m": _zeros(theta), "v": _zeros(theta), "v_max": _zeros(theta)}
+        return {"m": _zeros(theta), "v": _zeros(theta), "v_max": _zeros(theta),
+                "b1_prod": 1.0, "b2_prod": 1.0}
 
     def step(theta, g, s, t, key):
         lr = _lr_at(learning_rate, t)
+        beta1, beta2 = _at(b1, t), _at(b2, t)
         if weight_decay and _decays(mask, key):
             if decoupled:
                 theta = theta * (1 - lr * weight_decay)
             else:
                 g = g + weight_decay * theta
-        s["m"] = b1 * s["m"] + (1 - b1) * g
-        s["v"] = b2 * s["v"] + (1 - b2) * g * g
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        s["m"] = beta1 * s["m"] + (1 - beta1) * g
+        s["v"] = beta2 * s["v"] + (1 - beta2) * g * g
+        s["b1_prod"] *= beta1
+        s["b2_prod"] *= beta2
+        if bias_correction == "product":
+            bc1, bc2 = 1 - s["b1_prod"], 1 - s["b2_prod"]
+        else:
+            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
         m_hat = s["m"] / bc1
         if not amsgrad:
             denom = np.sqrt(s["v"] / bc2 + eps_root) + eps
@@ -191,7 +210,8 @@ def _adam(learning_rate, b1, b2, eps, eps_root, weight_decay, amsgrad, amsgrad_c
 
 
 def adam(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, *, eps_root=0.0, weight_decay=0.0,
-         amsgrad=False, amsgrad_convention="pytorch", mu_dtype=None, nu_dtype=None):
+         amsgrad=False, amsgrad_convention="pytorch", bias_correction="pytorch",
+         mu_dtype=None, nu_dtype=None):
     """torch.optim.Adam (Kingma & Ba 2015) with coupled L2 weight decay.
 
     g += wd θ;  m = β₁m + (1-β₁)g;  v = β₂v + (1-β₂)g²;  m̂ = m/(1-β₁ᵗ), v̂ = v/(1-β₂ᵗ);
@@ -199,16 +219,18 @@ def adam(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, *, eps_root=0.0, weight
     """
     del mu_dtype, nu_dtype  # float64 throughout
     return _adam(learning_rate, b1, b2, eps, eps_root, weight_decay, amsgrad,
-                 amsgrad_convention, decoupled=False, mask=None)
+                 amsgrad_convention, decoupled=False, mask=None,
+                 bias_correction=bias_correction)
 
 
 def adamw(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, mask=None, *,
-          eps_root=0.0, amsgrad=False, amsgrad_convention="pytorch", mu_dtype=None,
-          nu_dtype=None):
+          eps_root=0.0, amsgrad=False, amsgrad_convention="pytorch", bias_correction="pytorch",
+          mu_dtype=None, nu_dtype=None):
     """torch.optim.AdamW (Loshchilov & Hutter 2019): θ ← θ(1 - ηλ) - η m̂/(√v̂ + ε)."""
     del mu_dtype, nu_dtype
     return _adam(learning_rate, b1, b2, eps, eps_root, weight_decay, amsgrad,
-                 amsgrad_convention, decoupled=True, mask=mask)
+                 amsgrad_convention, decoupled=True, mask=mask,
+                 bias_correction=bias_correction)
 
 
 def amsgrad(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, *,
@@ -376,8 +398,9 @@ def lars(learning_rate, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
         pn, un = float(np.linalg.norm(theta.ravel())), float(np.linalg.norm(u.ravel()))
         ratio = _trust_ratio(pn, un, trust_coefficient * pn / (un + eps))
         u = _lr_at(learning_rate, t) * ratio * u
-        s["v"] = momentum * s["v"] + u
-        return theta - (u + momentum * s["v"] if nesterov else s["v"])
+        mu = _at(momentum, t)
+        s["v"] = mu * s["v"] + u
+        return theta - (u + mu * s["v"] if nesterov else s["v"])
 
     return init, step
 

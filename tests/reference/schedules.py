@@ -105,6 +105,40 @@ def one_cycle(t, max_value, total_steps, pct_start=0.3, anneal="cos", div_factor
     raise AssertionError("unreachable")
 
 
+def one_cycle_momentum(t, total_steps, pct_start=0.3, anneal="cos", base_momentum=0.85,
+                       max_momentum=0.95, three_phase=False):
+    """OneCycleLR's momentum (cycle_momentum=True) for 0 <= t <= total_steps.
+
+    Smith & Topin's 1cycle as PyTorch documents it: the momentum moves inversely to the
+    learning rate, max -> base while the lr rises, base -> max while it falls; with
+    three_phase it stays at max_momentum during the final annihilation phase. The phase
+    ends are the learning rate's (see ``one_cycle``).
+    """
+    if t > total_steps:
+        raise ValueError(f"OneCycleLR is not defined past total_steps, got t={t}")
+    if three_phase:
+        phases = [(float(pct_start * total_steps) - 1, max_momentum, base_momentum),
+                  (float(2 * pct_start * total_steps) - 2, base_momentum, max_momentum),
+                  (total_steps - 1, max_momentum, max_momentum)]
+    else:
+        phases = [(float(pct_start * total_steps) - 1, max_momentum, base_momentum),
+                  (total_steps - 1, base_momentum, max_momentum)]
+    start = 0.0
+    for i, (end, a, b) in enumerate(phases):
+        if t <= end or i == len(phases) - 1:
+            pct = (t - start) / (end - start)
+            if anneal == "cos":
+                return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1)
+            return (b - a) * pct + a
+        start = end
+    raise AssertionError("unreachable")
+
+
+def per_epoch(t, schedule, steps_per_epoch):
+    """A scheduler stepped once per epoch: after t updates it has stepped t // S times."""
+    return schedule(t // steps_per_epoch)
+
+
 def cyclic(t, base_value, max_value, step_size_up, step_size_down=None, mode="triangular",
            gamma=1.0):
     """CyclicLR.get_lr, as documented (last_epoch = t)."""

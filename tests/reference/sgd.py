@@ -8,6 +8,9 @@ torch.optim.SGD (docs, "Algorithm"):
         g_t = g_t + momentum * b_t                   if nesterov
         g_t = b_t                                    otherwise
     theta_t = theta_{t-1} - lr_t * g_t
+
+With a scheduler (OneCycleLR with cycle_momentum=True) the momentum of step t is whatever
+the scheduler set in param_groups before it; here ``momentum(t)``, t from 0.
 """
 
 import numpy as np
@@ -15,7 +18,8 @@ import numpy as np
 
 def sgd_trajectory(theta0, grad_fn, steps, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                    dampening=0.0):
-    """Return [theta_0, theta_1, ..., theta_steps]; ``lr`` is a float or ``t -> lr`` (t from 0)."""
+    """Return [theta_0, theta_1, ..., theta_steps]; ``lr`` and ``momentum`` are floats or
+    schedules ``t -> value`` (t from 0)."""
     theta = np.array(theta0, dtype=np.float64)
     buf = None
     out = [theta.copy()]
@@ -24,8 +28,9 @@ def sgd_trajectory(theta0, grad_fn, steps, lr, momentum=0.0, nesterov=False, wei
         if weight_decay:
             g = g + weight_decay * theta
         if momentum:
-            buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
-            g = g + momentum * buf if nesterov else buf
+            mu = float(momentum(t)) if callable(momentum) else momentum
+            buf = g.copy() if buf is None else mu * buf + (1 - dampening) * g
+            g = g + mu * buf if nesterov else buf
         rate = lr(t) if callable(lr) else lr
         theta = theta - rate * g
         out.append(theta.copy())
