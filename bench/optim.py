@@ -8,11 +8,16 @@ Two measurements:
   ``foreach=True``) when torch is installed. Medians of ``--repeats`` timed calls.
 - ``compile``: the train step's first compile and its steady step time as the tree grows
   (``--leaves``), funtrain's ``make_train_step`` (SGD) against the jax + optax step a user
-  writes. The loss reads every leaf in one op, so it does not itself chain per leaf.
+  writes, with two losses that read every leaf without chaining an op per leaf (see
+  ``tree_problem``).
 
-Ratios are peer time / funtrain time (> 1: funtrain is faster).
+Ratios are peer time / funtrain time (> 1: funtrain is faster). The update also prints its
+distance from the memory bound: AdamW reads params, grads and both moments and writes
+params and moments (28 bytes a float32 param), against a measured device copy bandwidth.
+``--gpu`` requires an NVIDIA GPU and uses 200M params in 600 leaves.
 
     python bench/optim.py [--only update compile] [--params 8000000] [--leaves 1000 2000]
+    python bench/optim.py --gpu --only update
 """
 
 from __future__ import annotations
@@ -72,14 +77,28 @@ def torch_update_timer(sizes: list[int], **kw):
     import torch
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in sizes]
     for p in params:
         p.grad = 1e-3 * p.detach().clone()
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, **kw)
-    return opt.step
+
+    def run():
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return run
 
 
-def bench_update(total: int, repeats: int) -> None:
+def copy_bandwidth(total: int, repeats: int) -> float:
+    """Bytes a second of a device copy (read + write) of ``total`` float32 values."""
+    x = jnp.ones((total,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    seconds = median_time(lambda: jax.block_until_ready(copy(x)), repeats)
+    return 2 * 4 * total / seconds
+
+
+def bench_update(total: int, repeats: int, leaves_list: tuple[int, ...] = (200, 1)) -> None:
     import optax
 
     try:
@@ -88,15 +107,20 @@ def bench_update(total: int, repeats: int) -> None:
     except ImportError:
         has_torch = False
     ft, ox = optim.adamw(LR, weight_decay=WD), optax.adamw(LR, weight_decay=WD)
+    bandwidth = copy_bandwidth(total, repeats)
+    ideal = 28 * total / bandwidth  # AdamW's bytes at the copy bandwidth
     print(f"\nAdamW update over {total:,} float32 params (median of {repeats}; "
-          f"ratio = peer / funtrain)")
-    print(f"  {'leaves':>6} {'funtrain ms':>12} {'optax ms':>9} {'x optax':>8} "
-          f"{'torch fused':>12} {'x fused':>8} {'torch foreach':>14} {'x foreach':>9}")
-    for leaves in (200, 1):
+          f"ratio = peer / funtrain); copy bandwidth {bandwidth / 1e9:.1f} GB/s, so the "
+          f"memory bound is {1e3 * ideal:.2f} ms")
+    print(f"  {'leaves':>6} {'funtrain ms':>12} {'x bound':>8} {'optax ms':>9} {'x bound':>8} "
+          f"{'x optax':>8} {'torch fused':>12} {'x fused':>8} {'torch foreach':>14} "
+          f"{'x foreach':>9}")
+    for leaves in leaves_list:
         sizes = split(total, leaves)
         t_ft = median_time(jax_update_timer(ft.init, ft.update, sizes), repeats)
         t_ox = median_time(jax_update_timer(ox.init, ox.update, sizes), repeats)
-        row = f"  {leaves:6d} {1e3 * t_ft:12.2f} {1e3 * t_ox:9.2f} {t_ox / t_ft:8.2f}"
+        row = (f"  {leaves:6d} {1e3 * t_ft:12.2f} {t_ft / ideal:8.2f} {1e3 * t_ox:9.2f} "
+               f"{t_ox / ideal:8.2f} {t_ox / t_ft:8.2f}")
         if has_torch:
             t_fu = median_time(torch_update_timer(sizes, fused=True), repeats)
             t_fe = median_time(torch_update_timer(sizes, foreach=True), repeats)
@@ -108,15 +132,23 @@ def bench_update(total: int, repeats: int) -> None:
 # ----------------------------------------------------------------------------- compile
 
 
-def tree_problem(leaves: int):
+def tree_problem(leaves: int, loss_kind: str):
+    """Params of ``leaves`` small leaves and a loss that reads them all without a chain of
+    one op per leaf. ``matrix``: the leaves stacked into one matrix (their gradients are
+    slices of one array); ``per-leaf``: a small computation on each leaf, then one stack
+    (each gradient comes from its own op, as in a model's layers)."""
     params = {f"w{i:05d}": jnp.full((8,), 0.01 * (i % 7), jnp.float32) for i in range(leaves)}
+    batch = {"x": jnp.ones((4, 8)), "y": jnp.zeros((4, leaves))}
 
-    def loss(p, batch):
-        w = jnp.stack(list(p.values()))  # every leaf in one op: no per-leaf chain here
+    def matrix(p, batch):
+        w = jnp.stack(list(p.values()))
         return jnp.mean((batch["x"] @ w.T - batch["y"]) ** 2)
 
-    batch = {"x": jnp.ones((4, 8)), "y": jnp.zeros((4, leaves))}
-    return params, loss, batch
+    def per_leaf(p, batch):
+        s = jnp.stack([jnp.sum(jnp.tanh(w * batch["x"][0])) for w in p.values()])
+        return jnp.mean((s - batch["y"][0]) ** 2)
+
+    return params, {"matrix": matrix, "per-leaf": per_leaf}[loss_kind], batch
 
 
 def compile_and_run(jitted, args, steps: int = 20) -> tuple[float, float]:
@@ -134,29 +166,34 @@ def compile_and_run(jitted, args, steps: int = 20) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def bench_compile(sizes: list[int]) -> None:
+def bench_compile(sizes: list[int], losses: list[str]) -> None:
     import optax
 
     print("\ntrain step (SGD) as the tree grows: first compile and steady step "
           "(ratio = funtrain / jax + optax; <= 1.3 is the bar)")
-    print(f"  {'leaves':>6} {'funtrain s':>11} {'optax s':>8} {'x compile':>10} "
-          f"{'funtrain us':>12} {'optax us':>9} {'x step':>7}")
-    for leaves in sizes:
-        params, loss, batch = tree_problem(leaves)
-        tx = optax.sgd(0.1)
+    print("  (funtrain with its default metrics, and with grad_norm=False in parentheses)")
+    print(f"  {'loss':>8} {'leaves':>6} {'funtrain s':>11} {'optax s':>8} {'x compile':>16} "
+          f"{'funtrain us':>12} {'optax us':>9} {'x step':>14}")
+    for loss_kind in losses:
+        for leaves in sizes:
+            params, loss, batch = tree_problem(leaves, loss_kind)
+            tx = optax.sgd(0.1)
 
-        def hand(p, s, b, loss=loss, tx=tx):
-            value, grads = jax.value_and_grad(loss)(p, b)
-            updates, s = tx.update(grads, s, p)
-            return optax.apply_updates(p, updates), s, value
+            def hand(p, s, b, loss=loss, tx=tx):
+                value, grads = jax.value_and_grad(loss)(p, b)
+                updates, s = tx.update(grads, s, p)
+                return optax.apply_updates(p, updates), s, value
 
-        c_ox, s_ox = compile_and_run(jax.jit(hand), (params, tx.init(params), batch))
-        opt = optim.sgd(0.1)
-        state = train.TrainState.create(params, opt, jax.random.key(0))
-        step = train.make_train_step(loss, opt, jit=False)
-        c_ft, s_ft = compile_and_run(jax.jit(step), (state, batch))
-        print(f"  {leaves:6d} {c_ft:11.2f} {c_ox:8.2f} {c_ft / c_ox:10.2f} "
-              f"{1e6 * s_ft:12.1f} {1e6 * s_ox:9.1f} {s_ft / s_ox:7.2f}", flush=True)
+            c_ox, s_ox = compile_and_run(jax.jit(hand), (params, tx.init(params), batch))
+            opt = optim.sgd(0.1)
+            state = train.TrainState.create(params, opt, jax.random.key(0))
+            step = train.make_train_step(loss, opt, jit=False)
+            c_ft, s_ft = compile_and_run(jax.jit(step), (state, batch))
+            lean = train.make_train_step(loss, opt, grad_norm=False, jit=False)
+            c_ln, s_ln = compile_and_run(jax.jit(lean), (state, batch))
+            print(f"  {loss_kind:>8} {leaves:6d} {c_ft:11.2f} {c_ox:8.2f} "
+                  f"{c_ft / c_ox:7.2f} ({c_ln / c_ox:5.2f}) {1e6 * s_ft:12.1f} "
+                  f"{1e6 * s_ox:9.1f} {s_ft / s_ox:5.2f} ({s_ln / s_ox:5.2f})", flush=True)
 
 
 def main() -> None:
@@ -165,14 +202,23 @@ def main() -> None:
                     choices=["update", "compile"])
     ap.add_argument("--params", type=int, default=8_000_000)
     ap.add_argument("--leaves", type=int, nargs="+", default=[1000, 2000])
+    ap.add_argument("--losses", nargs="+", default=["per-leaf", "matrix"],
+                    choices=["per-leaf", "matrix"])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--gpu", action="store_true",
+                    help="require an NVIDIA GPU; the update uses 200M params in 600 leaves")
     args = ap.parse_args()
     device = jax.devices()[0]
+    if args.gpu and device.platform != "gpu":
+        raise SystemExit(f"--gpu: no GPU found (JAX sees {device})")
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
     if "update" in args.only:
-        bench_update(args.params, args.repeats)
+        if args.gpu:
+            bench_update(200_000_000, args.repeats, (600, 1))
+        else:
+            bench_update(args.params, args.repeats)
     if "compile" in args.only:
-        bench_compile(args.leaves)
+        bench_compile(args.leaves, args.losses)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ echo "== bench/gpu/attention_check.py"
 "$PY" bench/gpu/attention_check.py 2>&1 | tee "$OUT/attention.txt" || status=1
 echo "== bench/fit.py $GPU_FLAG"
 "$PY" bench/fit.py --repeats ${FIT_REPEATS:-3} $GPU_FLAG 2>&1 | tee "$OUT/fit.txt" || status=1
+echo "== bench/optim.py $GPU_FLAG"
+if [ -n "$GPU_FLAG" ]; then OPTIM_ARGS="--gpu --only update"; else OPTIM_ARGS="--params 1000000 --leaves 200 --repeats 5"; fi
+"$PY" bench/optim.py $OPTIM_ARGS 2>&1 | tee "$OUT/optim.txt" || status=1
 echo "== bench/train_step.py"
 "$PY" bench/train_step.py 2>&1 | tee "$OUT/train_step.txt" || status=1
 exit $status

@@ -163,7 +163,8 @@ def _select(pred: Array, new: Any, old: Any) -> Any:
 
 def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy: Any = None,
                     loss_scale: Any = None, skip_nonfinite: bool = False,
-                    learning_rate: Any = None, jit: bool = True, donate: bool = True) -> StepFn:
+                    learning_rate: Any = None, grad_norm: bool = True, jit: bool = True,
+                    donate: bool = True) -> StepFn:
     """Build the step ``(state, batch) -> (state, metrics)``: forward, loss, backward, update.
 
     Args:
@@ -194,6 +195,12 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         (always on with a loss scale). Without it, ``fit`` stops at a step whose loss or
         gradients are not finite, and refuses to checkpoint params that are not; with it,
         ``fit`` stops after ``max_consecutive_skips`` skips in a row.
+      grad_norm: report ``grad_norm`` and test the gradients with it. ``False`` saves its
+        pass over the gradients, a kernel per leaf on XLA:CPU, which for trees of thousands
+        of small leaves costs up to twice the update's compile and step time
+        (``bench/optim.py``); ``fit``'s guard then sees non-finite gradients through the
+        next step's loss and the params before each checkpoint. Skip mode and loss scaling
+        always test the gradients.
       learning_rate: a float or schedule to report as the ``learning_rate`` metric (the
         optimizer's own is used). Without it, an ``optim.inject_hyperparams`` optimizer's
         current ``learning_rate`` is reported.
@@ -203,10 +210,11 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
 
     Returns:
       The step. ``metrics`` holds ``loss``, ``grad_norm`` (global L2 norm of the
-      unscaled gradients), whatever ``aux_metrics`` ``loss_fn`` returned, ``nonfinite``
-      (an int: +1 the loss, +2 the gradients, +4 (skip mode) the updated params are not
-      all finite; ``fit``'s guard reads it and leaves it out of the history), in skip
-      mode or with a loss scale ``skipped``, ``skipped_steps`` and ``loss_scale``, and
+      unscaled gradients, unless ``grad_norm=False``), whatever ``aux_metrics``
+      ``loss_fn`` returned, ``nonfinite`` (an int: +1 the loss, +2 the gradients, +4
+      (skip mode) the updated params are not all finite; ``fit``'s guard reads it and
+      leaves it out of the history), in skip mode or with a loss scale ``skipped``,
+      ``skipped_steps`` and ``loss_scale``, and
       ``invalid_labels`` when ``loss_fn`` reports that count (``classifier_loss`` does:
       integer labels outside ``[0, classes)``, whose cross-entropy is NaN; the guard names
       them as the cause).
@@ -285,12 +293,14 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         # The params' test costs a pass over them, so only skip mode, which must decide on
         # the device, pays it every step; in stop mode fit checks the params on the host
         # before each checkpoint.
-        grad_norm = global_norm(grads)
-        loss_ok, grads_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+        norm = global_norm(grads) if grad_norm or guarded else None
+        loss_ok = jnp.isfinite(loss)
+        grads_ok = jnp.isfinite(norm) if norm is not None else jnp.bool_(True)
         params_ok = all_finite(params) if guarded else jnp.bool_(True)
         nonfinite = (jnp.where(loss_ok, 0, 1) + jnp.where(grads_ok, 0, 2)
                      + jnp.where(params_ok, 0, 4)).astype(jnp.int32)
-        metrics = {"loss": loss, "grad_norm": grad_norm, **aux, "nonfinite": nonfinite}
+        metrics = {"loss": loss, **({"grad_norm": norm} if grad_norm else {}), **aux,
+                   "nonfinite": nonfinite}
         if bad_labels is not None:
             metrics["invalid_labels"] = jnp.asarray(bad_labels, jnp.int32)
         lr = _learning_rate(learning_rate, state)

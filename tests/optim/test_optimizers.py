@@ -279,7 +279,7 @@ def run_torch(make_opt, keys=None):
         torch.set_default_dtype(old_dtype)
 
 
-def _torch_steps(torch, opt, params, keys):
+def _torch_steps(torch, opt, params, keys, scheduler=None):
     traj = [{k: PARAMS0[k].copy() for k in keys}]
     for t0 in range(STEPS):
         cur = {k: p.detach().numpy().copy() for k, p in zip(keys, params, strict=True)}
@@ -287,6 +287,8 @@ def _torch_steps(torch, opt, params, keys):
         for k, p in zip(keys, params, strict=True):
             p.grad = torch.tensor(grads[k], dtype=torch.float64)
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         traj.append({k: p.detach().numpy().copy() for k, p in zip(keys, params, strict=True)})
     return traj
 
@@ -357,17 +359,7 @@ def run_torch_one_cycle(make_opt, **one_cycle_kw):
         opt = make_opt(torch.optim, params)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=opt.param_groups[0]["lr"], total_steps=STEPS, **one_cycle_kw)
-        traj = [{k: PARAMS0[k].copy() for k in keys}]
-        for t0 in range(STEPS):
-            cur = {k: p.detach().numpy().copy() for k, p in zip(keys, params, strict=True)}
-            grads = np_grad(cur, t0)
-            for k, p in zip(keys, params, strict=True):
-                p.grad = torch.tensor(grads[k], dtype=torch.float64)
-            opt.step()
-            scheduler.step()
-            traj.append({k: p.detach().numpy().copy() for k, p in zip(keys, params,
-                                                                      strict=True)})
-        return traj
+        return _torch_steps(torch, opt, params, keys, scheduler)
     finally:
         torch.set_default_dtype(old_dtype)
 

@@ -94,6 +94,11 @@ def one_cycle(t, max_value, total_steps, pct_start=0.3, anneal="cos", div_factor
     else:
         phases = [(float(pct_start * total_steps) - 1, initial, max_value),
                   (total_steps - 1, max_value, minimum)]
+    return _phased(t, phases, anneal)
+
+
+def _phased(t, phases, anneal):
+    """OneCycleLR's interpolation: phases of (end step, start value, end value)."""
     start = 0.0
     for i, (end, a, b) in enumerate(phases):
         if t <= end or i == len(phases) - 1:
@@ -123,15 +128,7 @@ def one_cycle_momentum(t, total_steps, pct_start=0.3, anneal="cos", base_momentu
     else:
         phases = [(float(pct_start * total_steps) - 1, max_momentum, base_momentum),
                   (total_steps - 1, base_momentum, max_momentum)]
-    start = 0.0
-    for i, (end, a, b) in enumerate(phases):
-        if t <= end or i == len(phases) - 1:
-            pct = (t - start) / (end - start)
-            if anneal == "cos":
-                return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1)
-            return (b - a) * pct + a
-        start = end
-    raise AssertionError("unreachable")
+    return _phased(t, phases, anneal)
 
 
 def per_epoch(t, schedule, steps_per_epoch):

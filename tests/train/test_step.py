@@ -112,3 +112,37 @@ def test_eval_step_rejects_non_scalar_metrics():
     step = train.make_eval_step(lambda p, b: {"err": b["x"] @ p["w"]})
     with pytest.raises(ValueError, match=r"metric 'err' must be a scalar .*got shape \(32,\)"):
         step({"w": jnp.zeros(3)}, linear_problem())
+
+
+def test_grad_norm_false_drops_the_metric_not_the_training():
+    opt = optim.adam(0.05)
+    batch = linear_problem()
+    with_norm = train.make_train_step(mse_loss, opt)
+    without = train.make_train_step(mse_loss, opt, grad_norm=False)
+    a, b = fresh_state(opt), fresh_state(opt)
+    for _ in range(3):
+        a, ma = with_norm(a, batch)
+        b, mb = without(b, batch)
+        assert "grad_norm" not in mb and "grad_norm" in ma
+        assert float(ma["loss"]) == float(mb["loss"])
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    # the guard still stops a run whose gradients blow up, one step later, through the loss
+    huge = {**batch, "y": batch["y"] * 1e30}
+    state = fresh_state(optim.sgd(1e3))
+    step = train.make_train_step(mse_loss, optim.sgd(1e3), grad_norm=False)
+    with pytest.raises(FloatingPointError, match=r"fit: step \d+: the loss"):
+        train.fit(state, step, [huge] * 4, progress=False, log_every=1)
+
+
+def test_global_norm_joins_small_leaves_and_keeps_large_ones_apart():
+    rng = np.random.default_rng(0)
+    leaves = {f"s{i}": rng.standard_normal(5).astype(np.float32) for i in range(40)}
+    leaves["large"] = rng.standard_normal(70_000).astype(np.float32)
+    leaves["half"] = rng.standard_normal(3).astype(jnp.bfloat16)
+    want = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in leaves.values()))
+    got = jax.jit(optim.global_norm)(leaves)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    text = jax.jit(optim.global_norm).lower(leaves).as_text()
+    # one reduction for the 41 small leaves joined, one for the large leaf, one to add them
+    assert text.count("stablehlo.reduce") == 3
