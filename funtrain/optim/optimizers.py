@@ -23,6 +23,7 @@ from funtrain.optim.transforms import (
     scale_by_factored_rms,
     scale_by_learning_rate,
     scale_by_lion,
+    scale_by_muon,
     scale_by_nadam,
     scale_by_radam,
     scale_by_rms,
@@ -30,6 +31,7 @@ from funtrain.optim.transforms import (
     scale_by_trust_ratio,
     trace,
 )
+from funtrain.optim.wrappers import partition
 
 
 def _nonzero(value: Any) -> bool:
@@ -602,34 +604,6 @@ def schedule_free_eval_params(state: Any, params: Params | None = None) -> Param
 
 # --------------------------------------------------------------------------- Muon
 
-_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
-def newton_schulz(g: Array, steps: int = 5, eps: float = 1e-7,
-                  coefficients: tuple[float, float, float] = _NS_COEFFICIENTS) -> Array:
-    r"""Approximately orthogonalise a matrix with Keller Jordan's quintic Newton–Schulz.
-
-    :math:`X_0 = G/\max(\lVert G\rVert_F, \epsilon)`, then ``steps`` times
-    :math:`A = XX^\top,\ X \leftarrow aX + (bA + cA^2)X` (on the wide orientation).
-    """
-    a, b, c = coefficients
-    tall = g.shape[0] > g.shape[1]
-    x = g.T if tall else g
-    x = x / jnp.maximum(jnp.linalg.norm(x), eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
-
-
-class MuonState(NamedTuple):
-    """``count``; ``mu``: Muon momentum (2-D leaves) or Adam first moment (others);
-    ``nu``: Adam second moment for non-2-D leaves (0-d zeros for 2-D ones)."""
-
-    count: Array
-    mu: Any
-    nu: Any
-
 
 def muon(learning_rate: ScalarOrSchedule = 1e-3, momentum: float = 0.95,
          weight_decay: float = 0.1, nesterov: bool = True, ns_steps: int = 5,
@@ -638,7 +612,7 @@ def muon(learning_rate: ScalarOrSchedule = 1e-3, momentum: float = 0.95,
          adam_b2: float = 0.999, adam_eps: float = 1e-8, ns_dtype: Any = None) -> Optimizer:
     r"""Muon (Keller Jordan, 2024): orthogonalised momentum for 2-D weights, AdamW for the rest.
 
-    For each 2-D leaf, as ``torch.optim.Muon``:
+    For each 2-D leaf, as ``torch.optim.Muon`` (``scale_by_muon``):
 
     .. math::
         b_t = \mu b_{t-1} + (1-\mu) g_t, \quad
@@ -648,62 +622,23 @@ def muon(learning_rate: ScalarOrSchedule = 1e-3, momentum: float = 0.95,
         \ (\text{"match\_rms\_adamw"})
 
     Every other leaf (biases, norms, embeddings of other rank) gets AdamW with the
-    ``adam_*`` hyperparameters and the same ``weight_decay``. ``ns_dtype`` runs
-    Newton–Schulz in another dtype (PyTorch uses bf16; default: the grads' float32).
+    ``adam_*`` hyperparameters and the same ``weight_decay``: a ``partition`` of the two.
+    ``ns_dtype`` runs Newton–Schulz in another dtype (PyTorch uses bf16; default: the
+    grads' float32).
     """
     where = "muon"
-    _lr(learning_rate, where)
     _lr(adam_learning_rate, where)
-    _check = check_scalar
-    _check(where, "momentum", momentum, low=0.0, high=1.0, high_open=True)
-    _check(where, "weight_decay", weight_decay, low=0.0)
-    _check(where, "adam_b1", adam_b1, low=0.0, high=1.0, high_open=True)
-    _check(where, "adam_b2", adam_b2, low=0.0, high=1.0, high_open=True)
-    _check(where, "adam_eps", adam_eps, low=0.0, low_open=True)
-    if adjust_lr not in ("original", "match_rms_adamw"):
-        raise ValueError(f"{where}: adjust_lr must be 'original' or 'match_rms_adamw', got "
-                         f"{adjust_lr!r}")
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
-        raise ValueError(f"{where}: ns_steps must be a positive int, got {ns_steps!r}")
-
-    def init_state(params: Params) -> MuonState:
-        acc = lambda p: jnp.promote_types(p.dtype, jnp.float32)
-        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, acc(p)), params)
-        nu = jax.tree.map(lambda p: jnp.zeros(() if p.ndim == 2 else p.shape, acc(p)), params)
-        return MuonState(jnp.zeros((), jnp.int32), mu, nu)
-
-    def update(grads: Any, state: MuonState, params: Params | None = None):
-        params = _need_params(where, params)
-        _check_grads(where, state.mu, grads)
-        count = safe_increment(state.count)
-        lr = value_at(learning_rate, state.count)
-        adam_lr = value_at(adam_learning_rate, state.count)
-
-        def leaf(g: Array, p: Array, m: Array, v: Array) -> tuple:
-            dt = m.dtype
-            gf, pf = g.astype(dt), p.astype(dt)
-            if g.ndim == 2:
-                m = momentum * m + (1 - momentum) * gf
-                u = (1 - momentum) * gf + momentum * m if nesterov else m
-                o = newton_schulz(u.astype(ns_dtype or dt), ns_steps, eps).astype(dt)
-                rows, cols = g.shape
-                s = (max(1.0, rows / cols) ** 0.5 if adjust_lr == "original"
-                     else 0.2 * max(rows, cols) ** 0.5)
-                out = -lr * weight_decay * pf - lr * s * o
-                return out.astype(g.dtype), m, v
-            m = adam_b1 * m + (1 - adam_b1) * gf
-            v = adam_b2 * v + (1 - adam_b2) * gf * gf
-            m_hat = m / (1 - jnp.asarray(adam_b1, dt) ** count.astype(dt))
-            v_hat = v / (1 - jnp.asarray(adam_b2, dt) ** count.astype(dt))
-            out = -adam_lr * (m_hat / (jnp.sqrt(v_hat) + adam_eps) + weight_decay * pf)
-            return out.astype(g.dtype), m, v
-
-        treedef = jax.tree.structure(grads)
-        leaves = zip(treedef.flatten_up_to(grads), treedef.flatten_up_to(params),
-                     treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu),
-                     strict=True)
-        outs = [leaf(*args) for args in leaves]
-        updates, mu, nu = (treedef.unflatten([o[k] for o in outs]) for k in range(3))
-        return updates, MuonState(count, mu, nu)
-
-    return Optimizer(init_state, update)
+    check_scalar(where, "weight_decay", weight_decay, low=0.0)
+    check_scalar(where, "adam_b1", adam_b1, low=0.0, high=1.0, high_open=True)
+    check_scalar(where, "adam_b2", adam_b2, low=0.0, high=1.0, high_open=True)
+    check_scalar(where, "adam_eps", adam_eps, low=0.0, low_open=True)
+    matrices = chain(scale_by_muon(momentum, nesterov, ns_steps, eps, adjust_lr, ns_dtype,
+                                   where=where),
+                     *_decoupled_wd(weight_decay, None, where),
+                     scale_by_learning_rate(_lr(learning_rate, where)))
+    others = chain(scale_by_adam(adam_b1, adam_b2, adam_eps),
+                   *_decoupled_wd(weight_decay, None, where),
+                   scale_by_learning_rate(adam_learning_rate))
+    return partition({"muon": matrices, "adam": others},
+                     lambda params: jax.tree.map(lambda p: "muon" if jnp.ndim(p) == 2
+                                                 else "adam", params))

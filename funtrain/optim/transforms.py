@@ -896,3 +896,72 @@ def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
         return updates, ScaleByFactoredRmsState(count, rows, cols, full)
 
     return Optimizer(init_state, update)
+
+
+# --------------------------------------------------------------------------- Muon
+
+_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: Array, steps: int = 5, eps: float = 1e-7,
+                  coefficients: tuple[float, float, float] = _NS_COEFFICIENTS) -> Array:
+    r"""Approximately orthogonalise a matrix with Keller Jordan's quintic Newton–Schulz.
+
+    :math:`X_0 = G/\max(\lVert G\rVert_F, \epsilon)`, then ``steps`` times
+    :math:`A = XX^\top,\ X \leftarrow aX + (bA + cA^2)X` (on the wide orientation).
+    """
+    a, b, c = coefficients
+    tall = g.shape[0] > g.shape[1]
+    x = g.T if tall else g
+    x = x / jnp.maximum(jnp.linalg.norm(x), eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class ScaleByMuonState(NamedTuple):
+    """``mu``: the momentum buffer of each (2-D) leaf, in float32 at least."""
+
+    mu: Any
+
+
+def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                  eps: float = 1e-7, adjust_lr: str = "original", ns_dtype: Any = None, *,
+                  where: str = "scale_by_muon") -> Optimizer:
+    r"""Muon's direction for 2-D leaves: :math:`s\,\mathrm{NS}(u_t)` with
+    :math:`b_t = \mu b_{t-1} + (1-\mu) g_t` and :math:`u_t = (1-\mu) g_t + \mu b_t`
+    (Nesterov) or :math:`b_t`; :math:`s = \sqrt{\max(1, n/m)}` (``"original"``) or
+    :math:`0.2\sqrt{\max(n, m)}` (``"match_rms_adamw"``). See ``optim.muon``.
+    """
+    check_scalar(where, "momentum", momentum, low=0.0, high=1.0, high_open=True)
+    if adjust_lr not in ("original", "match_rms_adamw"):
+        raise ValueError(f"{where}: adjust_lr must be 'original' or 'match_rms_adamw', got "
+                         f"{adjust_lr!r}")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"{where}: ns_steps must be a positive int, got {ns_steps!r}")
+
+    def init_state(params: Params) -> ScaleByMuonState:
+        for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+            if jnp.ndim(p) != 2:
+                raise ValueError(f"{where}: orthogonalises 2-D leaves only; "
+                                 f"{jax.tree_util.keystr(path)} has shape {jnp.shape(p)}")
+        return ScaleByMuonState(_zeros_like(params))
+
+    def update(grads: Grads, state: ScaleByMuonState, params: Params | None = None):
+        _check_grads(where, state.mu, grads)
+
+        def leaf(g: Array, m: Array) -> tuple:
+            gf = g.astype(m.dtype)
+            m = momentum * m + (1 - momentum) * gf
+            u = (1 - momentum) * gf + momentum * m if nesterov else m
+            o = newton_schulz(u.astype(ns_dtype or m.dtype), ns_steps, eps).astype(m.dtype)
+            rows, cols = g.shape
+            s = (max(1.0, rows / cols) ** 0.5 if adjust_lr == "original"
+                 else 0.2 * max(rows, cols) ** 0.5)
+            return (s * o).astype(g.dtype), m
+
+        updates, mu = _map(leaf, 2, grads, state.mu)
+        return updates, ScaleByMuonState(mu)
+
+    return Optimizer(init_state, update)

@@ -366,6 +366,9 @@ def partition(opts_by_label: Mapping[str, Optimizer], label_fn: LabelsOrFn) -> O
 
     def update(grads: Grads, state: PartitionState, params: Params | None = None
                ) -> tuple[Updates, PartitionState]:
+        if params is not None:  # labels come from params: say when grads differ from them
+            check_same_structure(params, grads, what=where, expected_name="params",
+                                 actual_name="grads")
         labels = labels_of(grads, params, grads)
         if not isinstance(state.inner_states, Mapping) or set(state.inner_states) != set(opts):
             got = sorted(state.inner_states) if isinstance(state.inner_states, Mapping) else (
