@@ -171,6 +171,8 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
       FloatingPointError: a step's loss, gradients or updated params are not finite (the
         guard's stop mode; nothing non-finite is ever checkpointed), or too many steps in a
         row were skipped.
+      ValueError: a batch held integer labels outside ``[0, classes)`` (reported by
+        ``classifier_loss`` as ``invalid_labels``), named with its step.
     """
     steps_per_epoch = _check_arguments(locals())
     cuts = tuple(c for c in (checkpoint_every, eval_every) if c)
