@@ -153,6 +153,8 @@ class _JittedStep:
             raise
 
     def __getattr__(self, name: str) -> Any:
+        if name == "jitted":  # not set yet (copy, unpickling): no recursion through here
+            raise AttributeError(name)
         return getattr(self.jitted, name)
 
 
