@@ -16,6 +16,7 @@ from funtrain.optim.base import (
     chain,
     global_norm,
     identity,
+    is_optimizer,
     state_bytes,
 )
 from funtrain.optim.optimizers import (
@@ -85,7 +86,7 @@ OPTIMIZERS = {
 """Every optimizer factory by name (the demo's ``--optimizer`` choices)."""
 
 __all__ = [
-    "Optimizer", "EmptyState", "apply_updates", "chain", "identity", "global_norm",
+    "Optimizer", "EmptyState", "apply_updates", "chain", "identity", "is_optimizer", "global_norm",
     "state_bytes",
     "scale", "scale_by_learning_rate", "trace", "add_decayed_weights", "labels_to_mask", "clip",
     "clip_by_global_norm", "scale_by_rms", "scale_by_rss", "scale_by_adadelta", "scale_by_adam",

@@ -53,6 +53,12 @@ class EmptyState(NamedTuple):
     """State of a stateless transformation."""
 
 
+def is_optimizer(x: Any) -> bool:
+    """Whether ``x`` is a gradient transformation: it has ``init`` and ``update`` (a
+    funtrain ``Optimizer``, or another library's ``GradientTransformation``)."""
+    return hasattr(x, "init") and hasattr(x, "update")
+
+
 def identity() -> Optimizer:
     """Leave the gradients unchanged."""
     return Optimizer(lambda params: EmptyState(),
@@ -67,7 +73,7 @@ def chain(*optimizers: Optimizer) -> Optimizer:
       >>> opt = optim.chain(optim.add_decayed_weights(1e-4), optim.scale_by_learning_rate(0.1))
     """
     for i, opt in enumerate(optimizers):
-        if not (hasattr(opt, "init") and hasattr(opt, "update")):
+        if not is_optimizer(opt):
             raise TypeError(f"chain: argument {i} is {type(opt).__name__}, expected an "
                             f"Optimizer (a pair init_state/update)")
     init_fns = tuple(opt.init for opt in optimizers)

@@ -31,7 +31,7 @@ from jax import lax
 
 from funtrain._tree import check_same_structure, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
-from funtrain.optim.base import EmptyState, Optimizer, apply_updates
+from funtrain.optim.base import EmptyState, Optimizer, apply_updates, is_optimizer
 from funtrain.optim.transforms import _need_params, safe_increment
 
 __all__ = [
@@ -53,7 +53,7 @@ LabelsOrFn = Any  # a pytree of str like params, or a function params -> such a 
 
 
 def _check_optimizer(where: str, name: str, opt: Any) -> None:
-    if not (hasattr(opt, "init") and hasattr(opt, "update")):
+    if not is_optimizer(opt):
         raise TypeError(f"{where}: {name} must be an Optimizer (a pair init_state/update), "
                         f"got {type(opt).__name__}")
 

@@ -17,7 +17,7 @@ from funtrain._tree import keystr
 from funtrain._typing import Array, Batch, Params, PRNGKey
 from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module, check_statistics
-from funtrain.optim.base import Optimizer, apply_updates, global_norm
+from funtrain.optim.base import Optimizer, apply_updates, global_norm, is_optimizer
 from funtrain.optim.wrappers import InjectHyperparamsState
 from funtrain.precision import all_finite, as_policy
 from funtrain.train.state import TrainState
@@ -239,7 +239,7 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
     where = "make_train_step"
     if not callable(loss_fn):
         raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    if not is_optimizer(optimizer):
         raise TypeError(f"{where}: optimizer must be an Optimizer (init_state, update), got "
                         f"{type(optimizer).__name__}")
     with_key = _takes_key(loss_fn)
