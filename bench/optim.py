@@ -23,12 +23,12 @@ params and moments (28 bytes a float32 param), against a measured device copy ba
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from train_step import timed  # bench/ is on the path when a bench script runs
 
 from funtrain import optim, train
 
@@ -37,12 +37,7 @@ LR, WD = 1e-3, 1e-2
 
 def median_time(fn, repeats: int) -> float:
     fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed(fn, repeats)
 
 
 def split(total: int, leaves: int) -> list[int]:
@@ -159,14 +154,7 @@ def compile_and_run(jitted, args, steps: int = 20) -> tuple[float, float]:
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     first = time.perf_counter() - t0
-    out = compiled(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+    return first, median_time(lambda: jax.block_until_ready(compiled(*args)), steps)
 
 
 def bench_compile(sizes: list[int], losses: list[str]) -> None:
