@@ -505,14 +505,20 @@ def test_elementwise_mask_errors_name_the_key_paths():
         opt.update({"w": jnp.ones(3)}, optim.EmptyState())
 
 
-@settings(max_examples=20, deadline=None)
-@given(shape_tree=st.recursive(st.integers(0, 2),
-                               lambda c: st.dictionaries(st.sampled_from(["a", "b"]), c,
-                                                         min_size=1, max_size=2),
-                               max_leaves=4),
-       data=st.data())
-def test_elementwise_masked_and_freeze_property(shape_tree, data):
-    """Any mix of bool and array leaves: masked(sgd momentum) and freeze follow where()."""
+# --------------------------------------------------------------------------- properties
+
+SHAPES = [(), (2,), (2, 3)]
+trees = st.recursive(st.integers(0, len(SHAPES) - 1),
+                     lambda children: st.dictionaries(st.sampled_from(["a", "b", "c"]),
+                                                      children, min_size=1, max_size=3),
+                     max_leaves=6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape_tree=trees, data=st.data())
+def test_masked_and_freeze_property(shape_tree, data):
+    """Any mix of per-leaf bools and element-wise bool arrays: masked(sgd momentum) and
+    freeze follow where(mask, ...); partition gives each label its optimizer."""
     leaves, treedef = jax.tree.flatten(shape_tree)
     rng = np.random.default_rng(len(leaves))
     mk = lambda: treedef.unflatten([jnp.asarray(rng.standard_normal(SHAPES[i]), jnp.float32)
@@ -539,54 +545,16 @@ def test_elementwise_masked_and_freeze_property(shape_tree, data):
         np.testing.assert_allclose(a1, np.where(mm, -0.1 * np.asarray(x1), x1), rtol=1e-6)
         np.testing.assert_allclose(a2, np.where(mm, -0.1 * (0.9 * np.asarray(x1) + x2), x2),
                                    rtol=1e-5, atol=1e-7)
+    # Momentum buffers for the leaves that are not masked out whole.
     assert len(jax.tree.leaves(state.inner_state[0].trace)) == sum(m is not False
                                                                    for m in masks)
-    uf, _ = freeze(mask).update(g1, optim.EmptyState(), params)
-    for m, a, x in zip(masks, leaves_of(uf), leaves_of(g1), strict=True):
-        np.testing.assert_array_equal(a, np.where(np.asarray(m), 0.0, x))
-
-
-# --------------------------------------------------------------------------- properties
-
-SHAPES = [(), (2,), (2, 3)]
-trees = st.recursive(st.integers(0, len(SHAPES) - 1),
-                     lambda children: st.dictionaries(st.sampled_from(["a", "b", "c"]),
-                                                      children, min_size=1, max_size=3),
-                     max_leaves=6)
-
-
-@settings(max_examples=25, deadline=None)
-@given(shape_tree=trees, data=st.data())
-def test_masked_and_freeze_property(shape_tree, data):
-    leaves, treedef = jax.tree.flatten(shape_tree)
-    keep = data.draw(st.lists(st.booleans(), min_size=len(leaves), max_size=len(leaves)))
-    rng = np.random.default_rng(len(leaves))
-    mk = lambda: treedef.unflatten([jnp.asarray(rng.standard_normal(SHAPES[i]), jnp.float32)
-                                    for i in leaves])
-    params, g1, g2 = mk(), mk(), mk()
-    mask = treedef.unflatten(keep)
-    leaves_of = lambda t: treedef.flatten_up_to(t)
-
-    opt = masked(optim.sgd(0.1, momentum=0.9), mask)
-    state = opt.init_state(params)
-    u1, state = opt.update(g1, state, params)
-    u2, state = opt.update(g2, state, params)
-    for k, a1, a2, x1, x2 in zip(keep, leaves_of(u1), leaves_of(u2), leaves_of(g1),
-                                 leaves_of(g2), strict=True):
-        if k:
-            np.testing.assert_allclose(a1, -0.1 * x1, rtol=1e-6)
-            np.testing.assert_allclose(a2, -0.1 * (0.9 * x1 + x2), rtol=1e-5, atol=1e-7)
-        else:
-            np.testing.assert_array_equal(a1, x1)
-            np.testing.assert_array_equal(a2, x2)
-    # Momentum buffers for the masked-in leaves only.
-    assert len(jax.tree.leaves(state.inner_state[0].trace)) == sum(keep)
 
     uf, sf = freeze(mask).update(g1, freeze(mask).init_state(params), params)
     assert sf == optim.EmptyState()
-    for k, a, x in zip(keep, leaves_of(uf), leaves_of(g1), strict=True):
-        np.testing.assert_array_equal(a, np.zeros_like(x) if k else x)
+    for m, a, x in zip(masks, leaves_of(uf), leaves_of(g1), strict=True):
+        np.testing.assert_array_equal(a, np.where(np.asarray(m), 0.0, x))
 
+    keep = [m is True for m in masks]  # partition's labels are per leaf
     labels = treedef.unflatten(["x" if k else "y" for k in keep])
     up, _ = partition({"x": optim.sgd(0.1), "y": freeze(True)}, labels).update(
         g1, partition({"x": optim.sgd(0.1), "y": freeze(True)}, labels).init_state(params),
