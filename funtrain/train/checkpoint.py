@@ -16,10 +16,13 @@ renames it to its final name and fsyncs ``directory``. A final name is only ever
 renaming a complete folder, so a process killed at any moment leaves every earlier
 checkpoint intact, and a ``step_*`` folder that is not complete (its manifest missing or
 edited) is damage: reading it is an error naming the step, never a silent fall-back to an
-older step. ``overwrite=True`` moves the old folder aside (``.old_step_*``), renames the new
-one into place, and only then deletes the old one, so a reader finds the old or the new
-checkpoint, never neither; a process killed between the two renames leaves the old copy
-aside, and the next :class:`CheckpointManager` puts it back.
+older step. ``overwrite=True`` swaps the new folder and the old one in one atomic exchange
+(Linux ``renameat2``), then deletes the old one, so a reader always finds one of the two
+complete. Where the exchange is missing it moves the old folder aside (``.old_step_*``),
+renames the new one into place, and only then deletes the old one: for that moment the step
+is absent, and a process killed between the two renames leaves the old copy aside, which the
+next :class:`CheckpointManager` puts back. A reader whose step was overwritten while it read
+reads it again.
 
 Sharing a directory. Several processes (and hosts) may read and write one directory. Every
 name that is not final carries its owner, ``{host}_{pid}_{8 random hex digits}``:
@@ -28,13 +31,13 @@ name that is not final carries its owner, ``{host}_{pid}_{8 random hex digits}``
 * ``.old_step_{s:08d}_{owner}``: the previous copy during ``overwrite=True``;
 * ``.tmp_delete_step_{s:08d}_{owner}``: a folder being deleted.
 
-``host`` is the machine's name, plus its pid namespace on Linux (containers may share a
-name, and pids mean something only inside one namespace). A process deletes only its own
-folders, and a :class:`CheckpointManager` on construction deletes *stale* ones: those of a
-pid on this host that is no longer alive, and those of any host (and any ``.tmp*`` name
-without an owner) not modified for :data:`STALE_AGE_S`. A live writer's are never touched.
-Two writers of one step: the first rename wins and the other gets a
-:class:`CheckpointError`. Deleting what another process deleted first is a no-op, so
+``host`` is the machine's name, plus its boot id and pid namespace on Linux (machines and
+containers may share a name, and pids mean something only inside one namespace). A process
+deletes only its own folders, and a :class:`CheckpointManager` on construction deletes
+*stale* ones: those of a pid on this host that is no longer alive, and those of any host
+(and any ``.tmp*`` name without an owner) not modified for :data:`STALE_AGE_S`. A live
+writer's are never touched. Two writers of one step: the first rename wins and the other
+gets a :class:`CheckpointError`. Deleting what another process deleted first is a no-op, so
 concurrent ``keep_last`` pruning is safe.
 
 ``restore`` checks the checksums and, given a ``target`` tree, its structure, shapes and
@@ -54,6 +57,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -61,6 +65,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 import uuid
 import zipfile
@@ -191,8 +196,9 @@ def _flatten(tree: Any) -> tuple[list[dict[str, Any]], list[Any], Any]:
 
 def _host_tag() -> str:
     name = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "localhost"
-    try:  # pids are comparable only inside one pid namespace, and containers share names
-        return f"{name}-pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    try:  # pids are comparable only inside one boot and pid namespace; names repeat
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        return f"{name}-{boot}-pidns{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
         return name
 
@@ -224,10 +230,7 @@ def _is_stale(path: Path, owner: re.Match[str] | None) -> bool:
     owner in the name) not modified for ``STALE_AGE_S``."""
     if owner is not None and owner["host"] == _HOST and not _pid_alive(int(owner["pid"])):
         return True
-    try:
-        return time.time() - path.stat().st_mtime > STALE_AGE_S
-    except FileNotFoundError:  # already removed by its owner or another clean-up
-        return False
+    return time.time() - _mtime(path) > STALE_AGE_S  # gone (mtime 0): removing is a no-op
 
 
 def _children(directory: Path) -> list[Path]:
@@ -391,18 +394,21 @@ def _write(folder: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]
 
 
 def _publish(tmp: Path, final: Path, step: int, overwrite: bool) -> None:
-    """Rename the complete folder ``tmp`` to ``final``. With ``overwrite``, the old final
-    folder is moved aside first and deleted only once the new one is in place: at every
-    moment the step is complete under its final name or (old copy) aside."""
+    """Rename the complete folder ``tmp`` to ``final``. With ``overwrite``, swap it with the
+    old final folder atomically where the OS can; else move the old one aside first and
+    delete it only once the new one is in place (at every moment the step is complete under
+    its final name or, old copy, aside)."""
+    if overwrite and _exchange(tmp, final):
+        _fsync_dir(final.parent)
+        _remove(tmp, step)  # our temporary name now holds the old copy
+        return
     aside = _move_aside(final, step) if overwrite else None
     try:
         os.rename(tmp, final)
     except BaseException as e:
         collided = _is_collision(e)
-        if aside is not None and collided:
-            _remove(aside, step)  # another writer's new copy is in place: the old is surplus
-        elif aside is not None:
-            _rename_quietly(aside, final)  # else a CheckpointManager puts it back later
+        if aside is not None:  # back in place, or deleted if another writer's copy is there
+            _put_back(aside, step)
         if collided:
             raise CheckpointError(
                 f"checkpoint.save: another writer saved step {step} in {final.parent} first; "
@@ -426,11 +432,33 @@ def _move_aside(final: Path, step: int) -> Path | None:
     return aside
 
 
-def _rename_quietly(src: Path, dst: Path) -> None:
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        os.rename(src, dst)
-    except OSError:
-        pass
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28, musl)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                   ctypes.c_uint]
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing folders in one atomic step; ``False`` where the OS, the file system
+    or a vanished ``b`` does not allow it (the caller then renames in two steps)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 # ----------------------------------------------------------------------------- listing
@@ -482,9 +510,11 @@ def _missing(directory: PathLike, step: int) -> CheckpointError:
     for child in _children(Path(directory)):
         owner = _OWNED_RE.fullmatch(child.name)
         if owner and owner["kind"] == "old" and int(owner["step"]) == step:
-            hint = (f"; an overwrite of it was interrupted and its previous copy is aside "
-                    f"({child.name}): CheckpointManager({str(directory)!r}) puts it back "
-                    f"once its writer has exited")
+            hint = (f"; its previous copy is aside ({child.name}), from an overwrite in "
+                    f"progress or interrupted: read again, or CheckpointManager("
+                    f"{str(directory)!r}) puts it back once its writer is gone (another "
+                    f"host's after STALE_AGE_S)")
+            break
     return CheckpointError(f"checkpoint: no checkpoint of step {step}: {folder} does not "
                            f"exist (steps present: {all_steps(directory)}){hint}")
 
@@ -500,10 +530,12 @@ def read_manifest(directory: PathLike, step: Any = None) -> dict[str, Any]:
     path = step_dir(directory, step) / MANIFEST
     if not path.parent.is_dir():
         raise _missing(directory, step)
-    if not path.is_file():
-        raise _damaged(directory, step, f"{MANIFEST} is missing")
     try:
         manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        if not path.parent.is_dir():  # pruned or overwritten meanwhile
+            raise _missing(directory, step) from None
+        raise _damaged(directory, step, f"{MANIFEST} is missing") from None
     except (OSError, ValueError) as e:
         raise _damaged(directory, step, f"{MANIFEST} is unreadable or malformed "
                                         f"({type(e).__name__}: {e})") from None
@@ -536,19 +568,26 @@ def _load_arrays(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray
     """Every stored array, after checking the file's size and SHA-256, and that it holds
     exactly the manifest's arrays (each array's own SHA-256 is checked by ``_decode``)."""
     path = folder / ARRAYS
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint: {path} is missing")
-    size = path.stat().st_size
-    expected_size = manifest["arrays_bytes"]
-    if size != expected_size:
-        raise CheckpointError(f"checkpoint: {path} is truncated or corrupted: it has {size} "
-                              f"bytes, the manifest expects {expected_size}")
-    if _sha256_file(path) != manifest["arrays_sha256"]:
-        raise _corrupted(path, manifest)
+    try:  # one open file: a folder renamed or deleted meanwhile cannot swap it under us
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint: {path} is missing") from None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            _check_names(path, manifest, npz.files)
-            return {leaf["name"]: npz[leaf["name"]] for leaf in manifest["leaves"]}
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            expected_size = manifest["arrays_bytes"]
+            if size != expected_size:
+                raise CheckpointError(f"checkpoint: {path} is truncated or corrupted: it has "
+                                      f"{size} bytes, the manifest expects {expected_size}")
+            h = hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            if h.hexdigest() != manifest["arrays_sha256"]:
+                raise _corrupted(path, manifest)
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as npz:
+                _check_names(path, manifest, npz.files)
+                return {leaf["name"]: npz[leaf["name"]] for leaf in manifest["leaves"]}
     except CheckpointError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
@@ -734,7 +773,12 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
     if target is not None:
         entries, target_leaves, treedef = _flatten(target)
         _check_against_target(manifest, entries, target_leaves)
-    arrays = _load_arrays(step_dir(directory, step), manifest)
+    try:
+        arrays = _load_arrays(step_dir(directory, step), manifest)
+    except CheckpointError:
+        if read_manifest(directory, step) == manifest:
+            raise  # real damage, not an overwrite between our two reads
+        return restore(directory, target, step)  # the step was overwritten: read it anew
     values = [_decode(leaf, arrays[leaf["name"]]) for leaf in manifest["leaves"]]
     if target is None:
         return _nested(manifest, values)

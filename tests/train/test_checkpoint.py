@@ -1,5 +1,6 @@
 """Checkpoints: bitwise round trips, keep_last, corruption errors, and kill-safety."""
 
+import hashlib
 import json
 import os
 import random
@@ -100,7 +101,10 @@ def test_manifest_contents(tmp_path):
                       "manifest_sha256"}
     assert m["format"] == checkpoint.FORMAT_VERSION == 2
     assert len(m["arrays_sha256"]) == 64
-    assert m["manifest_sha256"] == checkpoint._manifest_sha256(m)
+    # the documented rule: SHA-256 of the canonical JSON (sorted keys, no spaces) without it
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert m["manifest_sha256"] == hashlib.sha256(canonical).hexdigest()
     by_path = {leaf["path"]: leaf for leaf in m["leaves"]}
     assert by_path["params/dense_0/w"]["dtype"] == "bfloat16"
     assert by_path["params/dense_0/w"]["stored_dtype"] == "uint16"

@@ -162,6 +162,8 @@ _FORKER = """
         return aside
 
     checkpoint._move_aside = slow_move_aside
+    if sys.argv[2] == "renames":  # the two-rename path of systems without an atomic exchange
+        checkpoint._RENAMEAT2 = None
 
     def state(i):
         return {"a": np.full(2000, i, np.int64), "b": {"c": np.full((3, 7), i, np.float32)}}
@@ -183,10 +185,13 @@ _FORKER = """
 """
 
 
-def _kill_overwrites(tmp_path, kills, seed):
-    d = tmp_path / "ck"
-    rng = random.Random(seed)
-    forker = _child(_FORKER, d)
+@pytest.mark.parametrize("mode", ["exchange", "renames"])
+def test_kills_during_overwrite_leave_a_restorable_step(tmp_path, mode):
+    if mode == "exchange" and checkpoint._RENAMEAT2 is None:
+        pytest.skip("no renameat2 here")
+    d, kills = tmp_path / "ck", 30
+    rng = random.Random(5)
+    forker = _child(_FORKER, d, mode)
     _expect(forker, "ready")
     in_window = 0
     try:
@@ -202,7 +207,7 @@ def _kill_overwrites(tmp_path, kills, seed):
             forker.stdin.flush()
             _expect(forker, "reaped")
             names = {p.name for p in d.iterdir()}
-            in_window += "step_00000005" not in names  # killed between the two renames
+            in_window += "step_00000005" not in names  # killed between two renames
             CheckpointManager(d)
             restored = checkpoint.restore(d, step=5)
             i = int(restored["a"][0])
@@ -213,13 +218,11 @@ def _kill_overwrites(tmp_path, kills, seed):
     finally:
         forker.kill()
         forker.wait()
-    print(f"{kills} kills during overwrite=True, {in_window} between the two renames; "
+    print(f"{mode}: {kills} kills during overwrite=True, {in_window} with step 5 absent; "
           f"step 5 restored after every one")
-    return in_window
+    if mode == "exchange":
+        assert in_window == 0  # the swap is atomic: the step is never absent
 
-
-def test_kills_during_overwrite_leave_a_restorable_step(tmp_path):
-    _kill_overwrites(tmp_path, kills=30, seed=5)
 
 
 # ----------------------------------------------------------------------------- recovery
@@ -241,8 +244,9 @@ def test_the_manager_puts_back_an_interrupted_overwrite(tmp_path):
     _owned(d, "tmp", 5, dead, "89abcdef").mkdir()
     (_owned(d, "tmp", 5, dead, "89abcdef") / "arrays.npz").write_bytes(b"PK\x03")
     assert checkpoint.all_steps(d) == [7]
-    with pytest.raises(CheckpointError, match=r"no checkpoint of step 5: .* an overwrite of "
-                                              r"it was interrupted .* CheckpointManager"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint of step 5: .* its previous copy "
+                                              r"is aside .* from an overwrite in progress or "
+                                              r"interrupted: .* CheckpointManager"):
         checkpoint.restore(d, step=5)
     CheckpointManager(d)
     assert checkpoint.all_steps(d) == [5, 7]
@@ -270,7 +274,7 @@ def test_only_stale_leftovers_are_removed(tmp_path):
     day = checkpoint.STALE_AGE_S
     keep = [
         _owned(d, "tmp", 2, mine),  # a live writer's save (this process)
-        _owned(d, "old", 1, mine),  # a live writer's overwrite in flight
+        _owned(d, "old", 9, mine),  # a live writer's overwrite in flight (step 9 absent)
         _owned(d, "tmp", 3, 1, host="other-host"),  # another host's, recent
         d / ".tmp_step_00000004_123_abcd",  # an older funtrain's name, recent
         d / ".other",  # not ours
@@ -288,7 +292,7 @@ def test_only_stale_leftovers_are_removed(tmp_path):
         os.utime(p, (time.time() - day - 60,) * 2)
     CheckpointManager(d)
     assert _leftovers(d) == sorted(p.name for p in keep)
-    assert checkpoint.all_steps(d) == [1]  # the live writer's old copy is not put back
+    assert checkpoint.all_steps(d) == [1]  # the live writer's old copy of 9 is not put back
 
 
 def test_temp_names_carry_their_owner(tmp_path):
@@ -334,6 +338,7 @@ def test_the_same_step_saved_twice_at_once_is_a_clear_error(tmp_path, monkeypatc
 
 
 def test_a_failed_overwrite_puts_the_old_copy_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_RENAMEAT2", None)  # the two-rename path
     checkpoint.save(tmp_path, {"w": np.arange(3)}, 5)
     real_rename = os.rename
 
@@ -345,6 +350,34 @@ def test_a_failed_overwrite_puts_the_old_copy_back(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(OSError, match="Input/output error"):
         checkpoint.save(tmp_path, {"w": np.arange(9)}, 5, overwrite=True)
-    monkeypatch.undo()
+    monkeypatch.setattr(os, "rename", real_rename)
     np.testing.assert_array_equal(checkpoint.restore(tmp_path, step=5)["w"], np.arange(3))
     assert _leftovers(tmp_path) == []
+
+
+def test_a_restore_overlapping_an_overwrite_reads_the_new_copy(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, {"w": np.arange(3)}, 5)
+    load, calls = checkpoint._load_arrays, []
+
+    def overwritten_meanwhile(folder, manifest):  # between the manifest and the arrays
+        if not calls:
+            checkpoint.save(tmp_path, {"w": np.arange(9)}, 5, overwrite=True)
+        calls.append(folder)
+        return load(folder, manifest)
+
+    monkeypatch.setattr(checkpoint, "_load_arrays", overwritten_meanwhile)
+    np.testing.assert_array_equal(checkpoint.restore(tmp_path, step=5)["w"], np.arange(9))
+    assert len(calls) == 2  # read again, not reported as corruption
+
+
+def test_a_restore_overlapping_a_prune_is_a_checkpoint_error(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, {"w": np.arange(3)}, 5)
+    load = checkpoint._load_arrays
+
+    def pruned_meanwhile(folder, manifest):
+        checkpoint._remove(folder, 5)
+        return load(folder, manifest)
+
+    monkeypatch.setattr(checkpoint, "_load_arrays", pruned_meanwhile)
+    with pytest.raises(CheckpointError, match=r"no checkpoint of step 5"):
+        checkpoint.restore(tmp_path, step=5)
