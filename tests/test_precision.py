@@ -578,3 +578,16 @@ def test_static_loss_scale_and_adjust_errors():
     with pytest.raises(TypeError, match=r"StaticLossScale.adjust: grads_finite must be a "
                                         r"boolean"):
         StaticLossScale(2.0).adjust(1)
+
+
+def test_all_finite_with_large_leaves_and_mixed_dtypes():
+    # Small leaves are tested joined per dtype, large ones alone: a NaN anywhere is found.
+    big = np.zeros(70_000, np.float32)
+    tree = {"big": big, "h": np.ones(3, np.float16), "b": jnp.ones(5, jnp.bfloat16),
+            "s": np.ones(4, np.float32), "i": np.arange(3)}
+    assert bool(jax.jit(precision.all_finite)(tree))
+    for key, bad in [("big", big.copy()), ("h", np.ones(3, np.float16)),
+                     ("b", np.ones(5, np.float32)), ("s", np.ones(4, np.float32))]:
+        bad[-1] = np.nan if key != "h" else np.inf
+        broken = {**tree, key: bad.astype(tree[key].dtype) if key == "b" else bad}
+        assert not bool(jax.jit(precision.all_finite)(broken)), key

@@ -12,8 +12,10 @@ def is_traced_or_array(value: Any) -> bool:
 
 def check_scalar(where: str, name: str, value: Any, *, low: float | None = None,
                  high: float | None = None, low_open: bool = False,
-                 high_open: bool = False) -> None:
-    """Check a float hyperparameter lies in a range; arrays (e.g. traced) are not checked."""
+                 high_open: bool = False, allow_inf: bool = False) -> None:
+    """Check a float hyperparameter lies in a range and is finite (``allow_inf``: ``inf``
+    is a meaningful setting, e.g. a clipping norm that never clips); arrays (e.g. traced)
+    are not checked."""
     if is_traced_or_array(value):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -21,7 +23,7 @@ def check_scalar(where: str, name: str, value: Any, *, low: float | None = None,
                         f"({value!r})")
     if math.isnan(value):
         raise ValueError(f"{where}: {name} must be a number, got nan")
-    if math.isinf(value):
+    if math.isinf(value) and not allow_inf:
         raise ValueError(f"{where}: {name} must be finite, got {value}")
     lo_bad = low is not None and (value <= low if low_open else value < low)
     hi_bad = high is not None and (value >= high if high_open else value > high)

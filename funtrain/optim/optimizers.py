@@ -628,16 +628,14 @@ def muon(learning_rate: ScalarOrSchedule = 1e-3, momentum: float = 0.95,
     """
     where = "muon"
     _lr(adam_learning_rate, where)
-    check_scalar(where, "weight_decay", weight_decay, low=0.0)
     check_scalar(where, "adam_b1", adam_b1, low=0.0, high=1.0, high_open=True)
     check_scalar(where, "adam_b2", adam_b2, low=0.0, high=1.0, high_open=True)
     check_scalar(where, "adam_eps", adam_eps, low=0.0, low_open=True)
+    decay = _decoupled_wd(weight_decay, None, where)
     matrices = chain(scale_by_muon(momentum, nesterov, ns_steps, eps, adjust_lr, ns_dtype,
                                    where=where),
-                     *_decoupled_wd(weight_decay, None, where),
-                     scale_by_learning_rate(_lr(learning_rate, where)))
-    others = chain(scale_by_adam(adam_b1, adam_b2, adam_eps),
-                   *_decoupled_wd(weight_decay, None, where),
+                     *decay, scale_by_learning_rate(_lr(learning_rate, where)))
+    others = chain(scale_by_adam(adam_b1, adam_b2, adam_eps), *decay,
                    scale_by_learning_rate(adam_learning_rate))
     return partition({"muon": matrices, "adam": others},
                      lambda params: jax.tree.map(lambda p: "muon" if jnp.ndim(p) == 2

@@ -658,20 +658,20 @@ def one_cycle_momentum(total_steps: int, pct_start: float = 0.3, anneal: str = "
 
     The momentum moves against the learning rate of :func:`one_cycle` with the same
     ``total_steps``, ``pct_start``, ``anneal`` and ``three_phase``: it starts at
-    :math:`\mu_{\max}` = ``max_momentum``, falls to :math:`\mu_{	ext{base}}` =
+    :math:`\mu_{\max}` = ``max_momentum``, falls to :math:`\mu_{\text{base}}` =
     ``base_momentum`` while the learning rate rises, and climbs back while it falls. The
     phases end at the same steps as :func:`one_cycle`'s (:math:`e_1 = pN - 1`, ...):
 
-    - two phases: :math:`\mu_{\max} 	o \mu_{	ext{base}}` until :math:`e_1`, then
-      :math:`\mu_{	ext{base}} 	o \mu_{\max}` until :math:`e_2 = N - 1`;
-    - ``three_phase``: :math:`\mu_{\max} 	o \mu_{	ext{base}} 	o \mu_{\max}` (ending at
+    - two phases: :math:`\mu_{\max} \to \mu_{\text{base}}` until :math:`e_1`, then
+      :math:`\mu_{\text{base}} \to \mu_{\max}` until :math:`e_2 = N - 1`;
+    - ``three_phase``: :math:`\mu_{\max} \to \mu_{\text{base}} \to \mu_{\max}` (ending at
       :math:`e_2 = 2pN - 2`), then :math:`\mu_{\max}` until :math:`e_3 = N - 1`.
 
-    Within a phase :math:`a 	o b`, with :math:`q = (t - e_{k-1}) / (e_k - e_{k-1})`,
+    Within a phase :math:`a \to b`, with :math:`q = (t - e_{k-1}) / (e_k - e_{k-1})`,
 
     .. math::
-        \mu_t = b + 	frac12 (a - b)(1 + \cos \pi q) \quad	ext{(cos)}, \qquad
-        \mu_t = a + (b - a)\, q \quad	ext{(linear)}
+        \mu_t = b + \frac12 (a - b)(1 + \cos \pi q) \quad\text{(cos)}, \qquad
+        \mu_t = a + (b - a)\, q \quad\text{(linear)}
 
     and from step ``total_steps - 1`` on the value stays at its value there
     (:math:`\mu_{\max}`). Pass it as SGD's ``momentum`` or as Adam's ``b1``, which is what
@@ -682,7 +682,7 @@ def one_cycle_momentum(total_steps: int, pct_start: float = 0.3, anneal: str = "
       pct_start: :math:`p \in [0, 1]`, the fraction of the steps spent with the learning
         rate rising (the momentum falling).
       anneal: ``"cos"`` or ``"linear"``, the shape of each phase.
-      base_momentum: :math:`\mu_{	ext{base}} \ge 0`, the lowest momentum (PyTorch's
+      base_momentum: :math:`\mu_{\text{base}} \ge 0`, the lowest momentum (PyTorch's
         default 0.85).
       max_momentum: :math:`\mu_{\max} \ge 0`, the first and last momentum (PyTorch's
         default 0.95).

@@ -504,6 +504,10 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
         raise ValueError(f"{where}: nesterov=True needs a float b1, got a schedule (its "
                          f"look-ahead correction 1 - b1^(t+1) assumes a constant b1)")
     products = bias_correction == "product" and (s1 or s2)
+    if bias_correction == "product" and (is_traced_or_array(b1) or is_traced_or_array(b2)):
+        raise ValueError(f"{where}: bias_correction='product' needs the betas' schedules "
+                         f"themselves (their running product is kept in the state), got an "
+                         f"array beta; with inject_hyperparams pass static_args=('b1', 'b2')")
 
     def init_state(params: Params) -> Any:
         count = jnp.zeros((), jnp.int32)
@@ -803,7 +807,7 @@ def clip_by_global_norm(max_norm: float, *, eps: float = 1e-6) -> Optimizer:
     (``state.norm``) so a train step can report it.
     """
     where = "clip_by_global_norm"
-    check_scalar(where, "max_norm", max_norm, low=0.0, low_open=True)
+    check_scalar(where, "max_norm", max_norm, low=0.0, low_open=True, allow_inf=True)
     _check_eps(where, "eps", eps, allow_zero=True)
 
     def init_state(params: Params) -> ClipByGlobalNormState:

@@ -33,6 +33,7 @@ from funtrain._tree import check_same_structure, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
 from funtrain.optim.base import EmptyState, Optimizer, apply_updates, is_optimizer
 from funtrain.optim.transforms import _need_params, safe_increment
+from funtrain.precision import all_finite
 
 __all__ = [
     "MaskedNode", "MaskedState", "masked",
@@ -608,9 +609,7 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
 
     def update(grads: Grads, state: ApplyIfFiniteState, params: Params | None = None
                ) -> tuple[Updates, ApplyIfFiniteState]:
-        finite = jnp.array(True)
-        for g in jax.tree.leaves(grads):
-            finite = finite & jnp.all(jnp.isfinite(g))
+        finite = all_finite(grads)
         notfinite_count = jnp.where(finite, 0, safe_increment(state.notfinite_count))
         apply = finite | (notfinite_count > max_consecutive_errors)
         updates, inner_state = _update_or_skip(apply, opt.update, grads, state.inner_state,

@@ -714,3 +714,19 @@ def test_scheduled_beta_state_keeps_its_dtypes_in_scan():
 def test_scheduled_hyperparameter_errors(make, exc, message):
     with pytest.raises(exc, match=message):
         make()
+
+
+def test_product_bias_correction_refuses_injected_array_betas():
+    opt = optim.inject_hyperparams(optim.adam)(b1=optim.schedules.one_cycle_momentum(100),
+                                               bias_correction="product")
+    with pytest.raises(ValueError, match=r"bias_correction='product' needs the betas' "
+                                         r"schedules themselves .* static_args=\('b1', 'b2'\)"):
+        opt.init_state({"w": jnp.ones(2)})
+
+
+def test_an_infinite_clipping_norm_never_clips():
+    # PyTorch's clip_grad_norm_(max_norm=inf) idiom: measure the norm, change nothing.
+    opt = optim.clip_by_global_norm(float("inf"))
+    grads = {"w": jnp.full(3, 1e10)}
+    updates, _ = opt.update(grads, opt.init_state(grads))
+    np.testing.assert_array_equal(updates["w"], grads["w"])
