@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from funtrain._tree import check_same_structure, leaf_paths
+from funtrain._tree import check_same_structure, keystr, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
 from funtrain.optim.base import EmptyState, Optimizer, apply_updates, is_optimizer
 from funtrain.optim.transforms import _need_params, safe_increment
@@ -120,8 +120,8 @@ def _mask_leaf(where: str, path: str, m: Any, shape: tuple[int, ...] | None) -> 
 def _check_mask_types(where: str, mask: Any) -> None:
     """At construction: the leaf types and dtypes of a mask given as a tree (not a function)."""
     if not callable(mask):
-        for path, m in leaf_paths(mask).items():
-            _mask_leaf(where, path, m, None)
+        for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]:
+            _mask_leaf(where, keystr(path), m, None)
 
 
 def _mask_leaves(where: str, mask: Any, tree: Any) -> list[Any]:
@@ -132,8 +132,9 @@ def _mask_leaves(where: str, mask: Any, tree: Any) -> list[Any]:
     """
     check_same_structure(tree, mask, what=where, expected_name="params", actual_name="mask")
     shapes = [jnp.shape(x) for x in jax.tree.leaves(tree)]
-    return [_mask_leaf(where, path, m, shape)
-            for (path, m), shape in zip(leaf_paths(mask).items(), shapes, strict=True)]
+    flat = jax.tree_util.tree_flatten_with_path(mask)[0]  # paths may print alike: no dict
+    return [_mask_leaf(where, keystr(path), m, shape)
+            for (path, m), shape in zip(flat, shapes, strict=True)]
 
 
 class MaskedNode(NamedTuple):
