@@ -29,6 +29,7 @@ from funtrain.nn.module import (
     check_state,
     init_with_state,
     run_child,
+    type_of_params,
 )
 
 
@@ -75,7 +76,7 @@ def _check_extra_keys(kind: str, params: Any, names: Sequence[str], what: str = 
                       ) -> None:
     if not isinstance(params, dict):
         raise ModuleError(kind, f"{what} must be a dict keyed by child name, got "
-                          f"{type(params).__name__}")
+                          f"{type_of_params(params)}")
     extra = sorted(set(params) - set(names))
     if extra:
         verb = "does" if what == "model state" else "do"

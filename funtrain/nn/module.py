@@ -231,12 +231,18 @@ def run_child(scope: str, module: Module, params: Params, xs: tuple[Any, ...], *
     return out
 
 
+def type_of_params(params: Any) -> str:
+    """The type name for a params error; fused params get told how to unpack them."""
+    hint = " (fused params: pass params.unflatten())" if hasattr(params, "unflatten") else ""
+    return type(params).__name__ + hint
+
+
 def check_params(params: Any, expected: Iterable[str], kind: str) -> None:
     """Check that a leaf layer's params dict has exactly the ``expected`` keys."""
     expected = sorted(expected)
     if not isinstance(params, dict):
         raise ModuleTypeError(kind, f"params must be a dict with keys {expected}, got "
-                              f"{type(params).__name__}")
+                              f"{type_of_params(params)}")
     if not params and expected:
         raise ModuleError(kind, f"params have no entry for this layer: missing key path "
                           f"'{{here}}' (expected keys {expected})")

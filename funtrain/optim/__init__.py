@@ -4,6 +4,8 @@
 - ``transforms``: building blocks (``scale_by_adam``, ``trace``, ``clip_by_global_norm`` ...);
 - ``optimizers``: ``sgd`` ... ``muon``, each a short chain of blocks;
 - ``schedules``: learning-rate schedules ``step -> value``;
+- ``fused``: params packed into one buffer per group (``fuse``, ``FlatParams``), so
+  element-wise rules run once per buffer;
 - ``wrappers``: ``masked``, ``partition``, ``freeze``, ``multi_steps``, ``apply_if_finite``,
   ``inject_hyperparams``, ``ema``.
 """
@@ -19,6 +21,7 @@ from funtrain.optim.base import (
     is_optimizer,
     state_bytes,
 )
+from funtrain.optim.fused import FlatParams, fuse, fuse_like, leafwise, unfuse
 from funtrain.optim.optimizers import (
     adadelta,
     adafactor,
@@ -87,7 +90,7 @@ OPTIMIZERS = {
 
 __all__ = [
     "Optimizer", "EmptyState", "apply_updates", "chain", "identity", "is_optimizer", "global_norm",
-    "state_bytes",
+    "state_bytes", "FlatParams", "fuse", "unfuse", "fuse_like", "leafwise",
     "scale", "scale_by_learning_rate", "trace", "add_decayed_weights", "labels_to_mask", "clip",
     "clip_by_global_norm", "scale_by_rms", "scale_by_rss", "scale_by_adadelta", "scale_by_adam",
     "scale_by_adamax", "scale_by_nadam", "scale_by_radam", "scale_by_lion",

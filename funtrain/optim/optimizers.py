@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from funtrain._typing import Array, Params, ScalarOrSchedule
 from funtrain.optim._checks import check_scalar, is_traced_or_array
 from funtrain.optim.base import Optimizer, chain
+from funtrain.optim.fused import leafwise
 from funtrain.optim.schedules import as_schedule, value_at
 from funtrain.optim.transforms import (
     _check_grads,
@@ -441,7 +442,7 @@ def _adafactor_step(learning_rate: ScalarOrSchedule, eps2: float, weight_decay: 
 
         return jax.tree.map(leaf, updates, params), AdafactorStepState(count)
 
-    return Optimizer(init_state, update)
+    return leafwise(Optimizer(init_state, update))  # RMS(θ) is per leaf
 
 
 def adafactor(learning_rate: ScalarOrSchedule = 1e-2, beta2_decay: float = -0.8,

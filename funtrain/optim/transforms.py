@@ -16,6 +16,7 @@ from funtrain._tree import check_same_structure
 from funtrain._typing import Array, Grads, Params, ScalarOrSchedule, Updates
 from funtrain.optim._checks import check_scalar, is_traced_or_array
 from funtrain.optim.base import EmptyState, Optimizer, global_norm
+from funtrain.optim.fused import FlatParams, flat_mask, leafwise
 from funtrain.optim.schedules import as_schedule
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
@@ -170,7 +171,13 @@ MaskOrFn = Any  # a pytree of bools like params, or a function params -> such a 
 
 
 def resolve_mask(mask: MaskOrFn | None, params: Params, where: str) -> Any:
-    """The mask tree for ``params`` (all True when ``mask`` is None), structure-checked."""
+    """The mask tree for ``params`` (all True when ``mask`` is None), structure-checked.
+
+    For fused params the mask is given per leaf and comes back per buffer (``flat_mask``).
+    """
+    if isinstance(params, FlatParams):
+        leaves = resolve_mask(mask, params.unflatten(), where)
+        return FlatParams(flat_mask(leaves, params), params.layout)
     m = mask(params) if callable(mask) else mask
     if m is None:
         return jax.tree.map(lambda _: True, params)
@@ -776,7 +783,7 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0) -> Op
 
         return jax.tree.map(leaf, grads, params), state
 
-    return Optimizer(lambda params: EmptyState(), update)
+    return leafwise(Optimizer(lambda params: EmptyState(), update))
 
 
 # --------------------------------------------------------------------------- clipping
@@ -899,7 +906,7 @@ def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
         updates, rows, cols, full = _map(leaf, 4, grads, state.v_row, state.v_col, state.v)
         return updates, ScaleByFactoredRmsState(count, rows, cols, full)
 
-    return Optimizer(init_state, update)
+    return leafwise(Optimizer(init_state, update))
 
 
 # --------------------------------------------------------------------------- Muon
@@ -968,4 +975,4 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
         updates, mu = _map(leaf, 2, grads, state.mu)
         return updates, ScaleByMuonState(mu)
 
-    return Optimizer(init_state, update)
+    return leafwise(Optimizer(init_state, update))

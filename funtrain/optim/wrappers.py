@@ -32,6 +32,7 @@ from jax import lax
 from funtrain._tree import check_same_structure, keystr, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
 from funtrain.optim.base import EmptyState, Optimizer, apply_updates, is_optimizer
+from funtrain.optim.fused import leafwise
 from funtrain.optim.transforms import _need_params, safe_increment
 from funtrain.precision import all_finite
 
@@ -293,7 +294,7 @@ def masked(opt: Optimizer, mask: MaskOrFn) -> Optimizer:
                 out.append(jnp.where(m, u, jnp.asarray(g, u.dtype)))
         return treedef.unflatten(out), MaskedState(inner_state=inner_state)
 
-    return Optimizer(init_state, update)
+    return leafwise(Optimizer(init_state, update))
 
 
 # --------------------------------------------------------------------------- partition
@@ -388,7 +389,7 @@ def partition(opts_by_label: Mapping[str, Optimizer], label_fn: LabelsOrFn) -> O
             out = [next(it) if k else o for o, k in zip(out, keep, strict=True)]
         return treedef.unflatten(out), PartitionState(inner_states=new_states)
 
-    return Optimizer(init_state, update)
+    return leafwise(Optimizer(init_state, update))
 
 
 # --------------------------------------------------------------------------- freeze
@@ -461,7 +462,7 @@ def freeze(mask: MaskOrFn) -> Optimizer:
                for g, m in zip(g_leaves, frozen, strict=True)]
         return treedef.unflatten(out), state
 
-    return Optimizer(init_state, update)
+    return leafwise(Optimizer(init_state, update))
 
 
 # --------------------------------------------------------------------------- multi_steps

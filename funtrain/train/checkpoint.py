@@ -77,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funtrain._tree import keystr
+from funtrain.optim.fused import fuse_like, has_fused, unfuse_on_host, unfuse_spec
 
 __all__ = ["CheckpointError", "CheckpointManager", "save", "restore", "latest_step",
            "all_steps", "read_manifest", "step_dir"]
@@ -356,7 +357,7 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint.save: metadata must be JSON-serializable: {e}") from None
 
-    entries, leaves, _ = _flatten(state)
+    entries, leaves, _ = _flatten(unfuse_on_host(state))  # fused buffers stored as leaves
     arrays = {}
     for i, (entry, leaf) in enumerate(zip(entries, leaves, strict=True)):
         info, arrays[str(i)] = _encode(entry["path"], leaf)
@@ -769,6 +770,8 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
       [0, 1]
     """
     step = _resolve_step(directory, step, "checkpoint.restore")
+    if has_fused(target):  # stored as leaves: restore those, then pack them like target
+        return fuse_like(restore(directory, unfuse_spec(target), step), target)
     manifest = read_manifest(directory, step)
     if target is not None:
         entries, target_leaves, treedef = _flatten(target)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from funtrain._typing import Array, OptState, Params, PRNGKey
+from funtrain.optim.fused import fuse
 from funtrain.precision import as_policy
 
 
@@ -46,7 +47,8 @@ class TrainState(NamedTuple):
 
     @classmethod
     def create(cls, params: Params, optimizer: Any, key: PRNGKey, *, loss_scale: Any = None,
-               policy: Any = None, model_state: Any = None) -> TrainState:
+               policy: Any = None, model_state: Any = None, fused: Any = False
+               ) -> TrainState:
         """Start a run: step 0 and ``optimizer.init_state(params)``.
 
         The params are copied, so donating the state to a jitted step never
@@ -62,6 +64,12 @@ class TrainState(NamedTuple):
             ``param_dtype`` (the FP32 master weights).
           model_state: the model state of a stateful model (``model.init`` returns
             ``(params, model_state)``); it is never cast by the policy.
+          fused: ``True`` packs the params into one buffer per dtype, matrices apart from
+            vectors (``optim.fuse``); a function ``(key_path, leaf) -> label`` groups them
+            further. Element-wise optimizer rules then run once per buffer and their
+            moments are buffers too; the step gives the model views of the buffers.
+            ``state.params.unflatten()`` is the params tree; checkpoints store the tree,
+            so they restore into a fused or an unfused state alike (``optim.fused``).
 
         Example:
           >>> import jax, jax.numpy as jnp
@@ -90,6 +98,8 @@ class TrainState(NamedTuple):
                                        model_state)
         if policy is not None:
             params = as_policy(policy).cast_to_param(params)
+        if fused is not False:
+            params = fuse(params, None if fused is True else fused)
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=optimizer.init(params), rng=key, loss_scale=loss_scale,
                    skipped_steps=jnp.zeros((), jnp.int32), model_state=model_state)

@@ -18,6 +18,7 @@ from funtrain._typing import Array, Batch, Params, PRNGKey
 from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module, check_statistics
 from funtrain.optim.base import Optimizer, apply_updates, global_norm, is_optimizer
+from funtrain.optim.fused import FlatParams
 from funtrain.optim.wrappers import InjectHyperparamsState
 from funtrain.precision import all_finite, as_policy
 from funtrain.train.state import TrainState
@@ -252,6 +253,8 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         if policy is not None:  # the model state (statistics) stays float32
             params = policy.cast_to_compute(params)
             batch = policy.cast_to_compute(batch)
+        if isinstance(params, FlatParams):  # fused: the model sees views of the buffers
+            params = params.unflatten()
         if model_state is not None:
             out = loss_fn(params, batch, key, model_state)
         else:
@@ -370,6 +373,8 @@ def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True
                         f"{type(eval_fn).__name__}")
 
     def run(params: Params, batch: Batch, model_state: Any = None) -> Metrics:
+        if isinstance(params, FlatParams):
+            params = params.unflatten()
         out = eval_fn(params, batch) if model_state is None else \
             eval_fn(params, batch, model_state)
         if not isinstance(out, Mapping):

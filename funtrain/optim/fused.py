@@ -1,0 +1,239 @@
+"""Fused flat buffers: params, gradients and optimizer state in one buffer per group.
+
+``fuse(params)`` packs a params tree into ``FlatParams``: one contiguous 1-D buffer per group
+(by default per dtype, with matrices apart from vectors), every leaf a slice of one. A
+``FlatParams`` is a pytree whose leaves are its buffers, so an element-wise optimizer given
+one updates each buffer in one kernel, and its moments are buffers too. The model sees
+``unflatten()``: the leaves as views, split from the buffers inside the jitted step, whose
+gradient arrives as one concatenated buffer (the transpose of ``split``).
+
+Rules that need each leaf's shape (trust ratios, factored statistics, Muon, and the
+``masked``/``partition``/``freeze`` wrappers) are built with ``leafwise``: given buffers,
+they unflatten, run per leaf, and flatten their updates back. That is correct, but only the
+element-wise part of an optimizer runs fused. A per-leaf mask of ``add_decayed_weights``
+becomes one bool per buffer when the buffers are grouped the way the mask is (the default
+grouping matches the usual "no decay on biases and norms"), else an element-wise mask.
+
+``TrainState.create(..., fused=True)`` makes a fused state; checkpoints store the leaves
+(``unfuse``), so a fused run restores into an unfused one and back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from funtrain._tree import keystr
+from funtrain.optim.base import Optimizer
+
+GroupFn = Callable[[str, Any], Any]  # (key path "a/b", leaf) -> a label for the leaf's buffer
+
+
+class Layout(NamedTuple):
+    """Where each leaf lives: static (hashable), so it is the pytree's aux data.
+
+    ``groups``: ``(label, dtype name, size)`` per buffer; ``leaves``: ``(group index, offset,
+    shape)`` per leaf, in the tree's flattening order; ``treedef``: the params' structure.
+    """
+
+    treedef: Any
+    groups: tuple[tuple[str, str, int], ...]
+    leaves: tuple[tuple[int, int, tuple[int, ...]], ...]
+
+
+def default_group(path: str, leaf: Any) -> str:
+    """Matrices (``ndim >= 2``) and vectors apart, so the usual weight-decay mask (decay the
+    matrices only) is one bool per buffer."""
+    return "matrices" if np.ndim(leaf) >= 2 else "vectors"
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class FlatParams:
+    """Params as one 1-D buffer per group; the leaves of this pytree are the buffers.
+
+    ``unflatten()`` gives the params tree (views split from the buffers). ``buffers`` maps
+    each group's label (``"float32:matrices"``) to its buffer.
+    """
+
+    __slots__ = ("buffers", "layout")
+
+    def __init__(self, buffers: tuple[Any, ...], layout: Layout) -> None:
+        self.buffers, self.layout = tuple(buffers), layout
+
+    def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], Layout]:
+        keys = [jax.tree_util.DictKey(label) for label, _, _ in self.layout.groups]
+        return list(zip(keys, self.buffers, strict=True)), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout: Layout, buffers: Any) -> FlatParams:
+        return cls(tuple(buffers), layout)
+
+    def unflatten(self) -> Any:
+        """The params tree: each leaf split from its buffer and reshaped."""
+        layout, pieces = self.layout, []
+        for g, buffer in enumerate(self.buffers):
+            members = [(o, s) for (gi, o, s) in layout.leaves if gi == g]
+            sizes = [math.prod(s) for _, s in members]
+            parts = _split(buffer, sizes)
+            pieces.append(iter([p.reshape(s) for p, (_, s) in zip(parts, members, strict=True)]))
+        return layout.treedef.unflatten([next(pieces[g]) for g, _, _ in layout.leaves])
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{label}[{size}]" for label, _, size in self.layout.groups)
+        return f"FlatParams({len(self.layout.leaves)} leaves in {groups})"
+
+
+def _split(buffer: Any, sizes: list[int]) -> list[Any]:
+    """``buffer`` cut into consecutive pieces of ``sizes``. ``jnp.split`` transposes to one
+    concatenate, so the gradient arrives flat (slices would transpose to a pad per leaf)."""
+    cuts = np.cumsum(sizes)[:-1].tolist()
+    if isinstance(buffer, np.ndarray):  # host copies (checkpoints): numpy views
+        return np.split(buffer, cuts)
+    return jnp.split(buffer, cuts) if cuts else [buffer]
+
+
+def _concat(parts: list[Any]) -> Any:
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate([p.ravel() for p in parts])
+    return jnp.concatenate([jnp.ravel(p) for p in parts])
+
+
+def layout_of(params: Any, group: GroupFn | None = None) -> Layout:
+    """The layout ``fuse`` gives ``params``: leaves grouped by dtype and ``group``'s label,
+    buffers in order of first appearance."""
+    group = group or default_group
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    labels: dict[str, int] = {}
+    groups: list[list[Any]] = []  # [label, dtype, size]
+    leaves = []
+    for path, leaf in flat:
+        dtype, shape = np.dtype(leaf.dtype).name, tuple(np.shape(leaf))
+        label = f"{dtype}:{group(keystr(path), leaf)}"
+        if label not in labels:
+            labels[label] = len(groups)
+            groups.append([label, dtype, 0])
+        g = labels[label]
+        leaves.append((g, groups[g][2], shape))
+        groups[g][2] += math.prod(shape)
+    return Layout(treedef, tuple(tuple(g) for g in groups), tuple(leaves))
+
+
+def pack(params: Any, layout: Layout) -> FlatParams:
+    """``params`` (a tree with ``layout``'s structure, shapes and dtypes) into buffers."""
+    leaves = layout.treedef.flatten_up_to(params)
+    for (g, _, shape), leaf in zip(layout.leaves, leaves, strict=True):
+        label, dtype, _ = layout.groups[g]
+        if tuple(np.shape(leaf)) != shape or np.dtype(leaf.dtype).name != dtype:
+            raise ValueError(f"fuse: a leaf of {np.dtype(leaf.dtype).name}{list(np.shape(leaf))}"
+                             f" does not fit the layout's {dtype}{list(shape)} in buffer "
+                             f"{label!r}")
+    buffers = [_concat([x for (gi, _, _), x in zip(layout.leaves, leaves, strict=True)
+                        if gi == g]) for g in range(len(layout.groups))]
+    return FlatParams(tuple(buffers), layout)
+
+
+def fuse(params: Any, group: GroupFn | None = None) -> FlatParams:
+    """Pack ``params`` into one buffer per dtype and ``group`` label.
+
+    ``group(key_path, leaf) -> label`` splits the buffers further (default: matrices and
+    vectors apart, ``default_group``); group the way your masks split the params, so that
+    a mask stays one bool per buffer.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> flat = fuse({"b": jnp.zeros(3), "w": jnp.ones((2, 3))})
+      >>> flat
+      FlatParams(2 leaves in float32:vectors[3], float32:matrices[6])
+      >>> flat.unflatten()["w"].shape
+      (2, 3)
+    """
+    if isinstance(params, FlatParams):
+        return params
+    return pack(params, layout_of(params, group))
+
+
+def _is_flat(x: Any) -> bool:
+    return isinstance(x, FlatParams)
+
+
+def unfuse(tree: Any) -> Any:
+    """``tree`` with every ``FlatParams`` in it (params, moments ...) unflattened; a fused
+    ``TrainState`` becomes an unfused one."""
+    return jax.tree.map(lambda x: x.unflatten() if _is_flat(x) else x, tree, is_leaf=_is_flat)
+
+
+def unfuse_on_host(tree: Any) -> Any:
+    """``unfuse`` with each buffer first copied to the host: the leaves are numpy views."""
+    def host(x: Any) -> Any:
+        return FlatParams(tuple(np.asarray(b) for b in x.buffers), x.layout).unflatten()
+
+    return jax.tree.map(lambda x: host(x) if _is_flat(x) else x, tree, is_leaf=_is_flat)
+
+
+def unfuse_spec(tree: Any) -> Any:
+    """``unfuse`` for shapes: each ``FlatParams`` becomes its leaves' ``ShapeDtypeStruct``s
+    (nothing is computed, so buffers may be ``ShapeDtypeStruct``s too)."""
+    def spec(x: Any) -> Any:
+        return x.layout.treedef.unflatten(
+            [jax.ShapeDtypeStruct(shape, x.layout.groups[g][1]) for g, _, shape in x.layout.leaves])
+
+    return jax.tree.map(lambda x: spec(x) if _is_flat(x) else x, tree, is_leaf=_is_flat)
+
+
+def has_fused(tree: Any) -> bool:
+    """Whether ``tree`` holds a ``FlatParams``."""
+    return any(_is_flat(x) for x in jax.tree.leaves(tree, is_leaf=_is_flat))
+
+
+def fuse_like(tree: Any, template: Any) -> Any:
+    """``tree`` (unfused) packed the way ``template`` is: every subtree where ``template``
+    has a ``FlatParams`` is packed with that layout. The inverse of ``unfuse``."""
+    structure = jax.tree.structure(template, is_leaf=_is_flat)
+    parts = structure.flatten_up_to(tree)
+    marks = jax.tree.leaves(template, is_leaf=_is_flat)
+    return structure.unflatten([pack(p, m.layout) if _is_flat(m) else p
+                                for p, m in zip(parts, marks, strict=True)])
+
+
+def leafwise(opt: Optimizer) -> Optimizer:
+    """``opt`` made safe for fused params: given ``FlatParams``, it runs on the unflattened
+    leaves (its state is per leaf) and its updates are flattened back. Trees pass through.
+
+    Transforms whose rule needs a leaf's shape or norm (``scale_by_trust_ratio``,
+    ``scale_by_factored_rms``, ``scale_by_muon``, ``masked``, ``partition``, ``freeze``)
+    are built with it.
+    """
+
+    def init_state(params: Any) -> Any:
+        return opt.init(params.unflatten() if _is_flat(params) else params)
+
+    def update(grads: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if not _is_flat(grads):
+            return opt.update(grads, state, params)
+        tree_params = params.unflatten() if _is_flat(params) else params
+        updates, state = opt.update(grads.unflatten(), state, tree_params)
+        return pack(updates, grads.layout), state
+
+    return Optimizer(init_state, update)
+
+
+def flat_mask(mask: Any, params: FlatParams) -> tuple[Any, ...]:
+    """A per-leaf mask tree (bools, or bool arrays broadcastable to each leaf) as one mask
+    per buffer: a bool where every leaf of the buffer agrees, else a bool vector."""
+    leaves = params.layout.treedef.flatten_up_to(mask)
+    out = []
+    for g in range(len(params.layout.groups)):
+        members = [(m, s) for (gi, _, s), m in zip(params.layout.leaves, leaves, strict=True)
+                   if gi == g]
+        if all(isinstance(m, (bool, np.bool_)) for m, _ in members) and \
+                len({bool(m) for m, _ in members}) == 1:
+            out.append(bool(members[0][0]))
+        else:  # the buffer mixes masked and unmasked elements
+            out.append(jnp.concatenate([jnp.broadcast_to(jnp.asarray(m, bool), s).ravel()
+                                        for m, s in members]))
+    return tuple(out)

@@ -1,0 +1,195 @@
+"""Fused flat buffers: the same training as unfused params, through the jitted step."""
+
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import data, nn, optim, train
+from funtrain.optim.fused import FlatParams, flat_mask, fuse, layout_of, pack, unfuse
+from funtrain.train import checkpoint
+
+MODEL = nn.mlp([16, 4])
+PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 8)))
+_rng = np.random.default_rng(0)
+BATCHES = [{"x": jnp.asarray(_rng.standard_normal((32, 8)), jnp.float32),
+            "y": jnp.asarray(_rng.integers(0, 4, 32), jnp.int32)} for _ in range(4)]
+LOSS = train.classifier_loss(MODEL)
+
+# Element-wise rules: the fused run computes the same bits. The others run per leaf
+# (leafwise) or reduce in another order, so they agree to a few ulps.
+ELEMENTWISE = {"sgd", "rmsprop", "adagrad", "adadelta", "adam", "adamw", "amsgrad", "adamax",
+               "nadam", "radam", "lion", "schedule_free_adamw"}
+KWARGS = {"lars": {"learning_rate": 0.1}, "sgd": {"learning_rate": 0.1, "momentum": 0.9}}
+
+
+def train_params(opt, fused, steps=4, loss=LOSS, params=PARAMS):
+    state = train.TrainState.create(params, opt, jax.random.key(1), fused=fused)
+    step = train.make_train_step(loss, opt)
+    for i in range(steps):
+        state, _ = step(state, BATCHES[i % len(BATCHES)])
+    return state
+
+
+def _host(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+
+
+def assert_same(a, b, exact=True):
+    """Same structure and dtypes; bitwise equal, or (``exact=False``) equal up to rounding:
+    rules that reduce (norms, trust ratios) sum in another order over buffers."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = _host(x), _host(y)
+        assert x.dtype == y.dtype
+        if exact:
+            np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_every_optimizer_trains_the_same_fused(name):
+    opt = optim.OPTIMIZERS[name](**KWARGS.get(name, {}))
+    fused = train_params(opt, True)
+    assert isinstance(fused.params, FlatParams)
+    plain = train_params(opt, False)
+    assert_same(unfuse(fused.params), plain.params, name in ELEMENTWISE)
+    assert_same(unfuse(fused.opt_state), plain.opt_state, name in ELEMENTWISE)
+
+
+def test_elementwise_state_is_buffers_and_per_leaf_rules_keep_leaves():
+    adam = train.TrainState.create(PARAMS, optim.adamw(1e-3), jax.random.key(0), fused=True)
+    mu = adam.opt_state[0].mu
+    assert isinstance(mu, FlatParams)
+    assert [b.shape for b in mu.buffers] == [(20,), (192,)]  # vectors, matrices
+    lamb = train.TrainState.create(PARAMS, optim.adafactor(), jax.random.key(0), fused=True)
+    # adafactor's factored statistics need each matrix's shape: they stay per leaf
+    assert not any(isinstance(x, FlatParams) for x in
+                   jax.tree.leaves(lamb.opt_state, is_leaf=lambda x: isinstance(x, FlatParams)))
+
+
+def test_masks_per_buffer_or_per_element():
+    # decay only the matrices: the default grouping makes the mask one bool per buffer
+    matrices = optim.labels_to_mask(lambda path, p: p.ndim > 1)
+    flat = fuse(PARAMS)
+    assert flat_mask(matrices(PARAMS), flat) == (False, True)
+    # a mask that splits a buffer (dense_1 only) becomes element-wise, and trains the same
+    first = optim.labels_to_mask(lambda path, p: path[0] == "dense_1")
+    mixed = flat_mask(first(PARAMS), flat)
+    assert all(m.dtype == bool and m.shape == (size,) for m, (_, _, size)
+               in zip(mixed, flat.layout.groups, strict=True))
+    for mask in (matrices, first):
+        opt = optim.adamw(1e-2, weight_decay=0.5, mask=mask)
+        assert_same(unfuse(train_params(opt, True).params), train_params(opt, False).params)
+
+
+def test_wrappers_over_fused_params():
+    cases = [optim.chain(optim.clip_by_global_norm(0.1), optim.adam(1e-2)),
+             optim.multi_steps(optim.adam(1e-2), 2),
+             optim.apply_if_finite(optim.adam(1e-2), 3),
+             optim.ema(optim.adam(1e-2), 0.9),
+             optim.inject_hyperparams(optim.adam)(learning_rate=1e-2),
+             optim.masked(optim.adam(1e-2), optim.labels_to_mask(lambda path, p: p.ndim > 1)),
+             optim.freeze(optim.labels_to_mask(lambda path, p: path[0] == "dense_0")),
+             optim.chain(optim.freeze(lambda p: jax.tree.map(lambda x: x > 0, p)),
+                         optim.sgd(0.1))]
+    for opt in cases:
+        assert_same(unfuse(train_params(opt, True).params), train_params(opt, False).params,
+                    exact=False)  # clip_by_global_norm sums in another order
+
+
+def test_layout_groups_by_dtype_and_label_and_round_trips():
+    params = {"a": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.arange(3.0), "c": jnp.zeros(()),
+              "d": {"e": jnp.full((2, 2, 2), 2.0), "f": jnp.ones(4, jnp.bfloat16)}}
+    flat = fuse(params)
+    assert [g[:2] for g in flat.layout.groups] == [
+        ("bfloat16:matrices", "bfloat16"), ("float32:vectors", "float32"),
+        ("float32:matrices", "float32"), ("bfloat16:vectors", "bfloat16")]
+    assert [b.dtype for b in flat.buffers] == [jnp.bfloat16, jnp.float32, jnp.float32,
+                                               jnp.bfloat16]
+    assert_same(flat.unflatten(), params)
+    by_top = fuse(params, group=lambda path, leaf: path.split("/")[0])
+    assert [g[0] for g in by_top.layout.groups] == [
+        "bfloat16:a", "float32:b", "float32:c", "float32:d", "bfloat16:d"]
+    assert_same(by_top.unflatten(), params)
+    # numpy buffers (a checkpoint's host copy) unflatten to views
+    host = FlatParams(tuple(np.asarray(b) for b in flat.buffers), flat.layout)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host.unflatten()))
+
+
+def test_pack_refuses_a_tree_of_other_shapes():
+    layout = layout_of(PARAMS)
+    other = jax.tree.map(lambda x: jnp.zeros(x.shape + (1,)), PARAMS)
+    with pytest.raises(ValueError, match="does not fit the layout's float32"):
+        pack(other, layout)
+
+
+def test_gradient_arrives_as_one_concatenate_per_buffer():
+    flat = fuse(PARAMS)
+
+    def loss(f):
+        return LOSS(f.unflatten(), BATCHES[0], None)[0]
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(flat)
+    prims = {e.primitive.name for e in jaxpr.eqns}
+    assert "concatenate" in prims and "pad" not in prims
+    grads = jax.jit(jax.grad(loss))(flat)
+    assert isinstance(grads, FlatParams)
+    expected = jax.jit(jax.grad(lambda p: LOSS(p, BATCHES[0], None)[0]))(PARAMS)
+    np.testing.assert_allclose(np.concatenate([np.asarray(g).ravel() for g in
+                                               jax.tree.leaves(unfuse(grads))]),
+                               np.concatenate([np.asarray(g).ravel() for g in
+                                               jax.tree.leaves(expected)]),
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_checkpoints_cross_between_fused_and_unfused():
+    opt = optim.adamw(1e-2)
+    step = train.make_train_step(LOSS, opt)
+    fused, plain = train_params(opt, True, 2), train_params(opt, False, 2)
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.save(d, fused, 2)
+        checkpoint.save(d, plain, 3)
+        # the file holds leaves: it reads back without a target, as the params tree
+        assert set(checkpoint.restore(d, step=2)["params"]) == {"dense_0", "dense_1"}
+        into_plain = checkpoint.restore(
+            d, target=train.TrainState.create(PARAMS, opt, jax.random.key(1)), step=2)
+        assert_same(into_plain, plain)
+        template = jax.eval_shape(
+            lambda: train.TrainState.create(PARAMS, opt, jax.random.key(1), fused=True))
+        into_fused = checkpoint.restore(d, target=template, step=3)
+        assert isinstance(into_fused.params, FlatParams)
+        a, _ = step(into_fused, BATCHES[2])
+        b, _ = step(fused, BATCHES[2])
+        assert_same(a, b)
+
+
+def test_fit_with_evaluation_and_ema_is_the_same_fused():
+    rng = np.random.default_rng(1)
+    ds = data.ArrayDataset(x=rng.standard_normal((128, 8)).astype(np.float32),
+                           y=rng.integers(0, 4, 128).astype(np.int32))
+    opt = optim.ema(optim.adamw(1e-2), 0.9)
+    step = train.make_train_step(LOSS, opt)
+    evaluate = train.make_eval_step(train.classifier_eval(MODEL))
+    runs = []
+    for fused in (False, True):
+        state = train.TrainState.create(PARAMS, opt, jax.random.key(1), fused=fused)
+        state, history = train.fit(state, step, ds.batches(32, key=jax.random.key(2)),
+                                   epochs=2, eval_step=evaluate, eval_data=ds.batches(64),
+                                   eval_params=optim.ema_params, progress=False)
+        runs.append((unfuse(state.params), history.train["loss"], history.eval))
+    assert_same(runs[0][0], runs[1][0])
+    assert runs[0][1:] == runs[1][1:]
+
+
+def test_model_given_fused_params_says_how_to_unpack():
+    flat = fuse(PARAMS)
+    with pytest.raises(nn.ModuleError, match=r"got FlatParams \(fused params: pass "
+                                             r"params.unflatten\(\)\)"):
+        MODEL.apply(flat, jnp.zeros((2, 8)))
+    assert MODEL.apply(flat.unflatten(), jnp.zeros((2, 8))).shape == (2, 4)
