@@ -48,11 +48,15 @@ def split(total: int, leaves: int) -> list[int]:
 # ----------------------------------------------------------------------------- update
 
 
-def jax_update_timer(init, update, sizes: list[int]):
-    """A timed AdamW update of ``sizes`` leaves: params and state donated, as in a step."""
+def jax_update_timer(init, update, sizes: list[int], group=None):
+    """A timed AdamW update of ``sizes`` leaves: params and state donated, as in a step.
+    With ``group`` the params are fused (``optim.fuse(params, group)``): one buffer per
+    group label, so the update runs once per buffer."""
     rng = np.random.default_rng(0)
     params = {f"p{i:04d}": jnp.asarray(rng.standard_normal(n), jnp.float32)
               for i, n in enumerate(sizes)}
+    if group is not None:
+        params = optim.fuse(params, group)
     grads = jax.tree.map(lambda p: 1e-3 * p, params)
     box = [params, init(params)]
 
@@ -107,24 +111,29 @@ def bench_update(total: int, repeats: int, leaves_list: tuple[int, ...] = (200, 
     ft, ox = optim.adamw(LR, weight_decay=WD), optax.adamw(LR, weight_decay=WD)
     bandwidth = copy_bandwidth(total, repeats)
     ideal = 28 * total / bandwidth  # AdamW's bytes at the copy bandwidth
-    print(f"\nAdamW update over {total:,} float32 params (median of {repeats}; "
-          f"ratio = peer / funtrain); copy bandwidth {bandwidth / 1e9:.1f} GB/s, so the "
-          f"memory bound is {1e3 * ideal:.2f} ms")
-    print(f"  {'leaves':>6} {'funtrain ms':>12} {'x bound':>8} {'optax ms':>9} {'x bound':>8} "
-          f"{'x optax':>8} {'torch fused':>12} {'x fused':>8} {'torch foreach':>14} "
-          f"{'x foreach':>9}")
+    print(f"\nAdamW update over {total:,} float32 params (median of {repeats}); copy "
+          f"bandwidth {bandwidth / 1e9:.1f} GB/s, so the memory bound is {1e3 * ideal:.2f} ms")
+    print(f"  {'leaves':>6} {'side':34} {'ms':>8} {'x bound':>8} {'optax/side':>11} "
+          f"{'torch fused/side':>17}")
+    halves = lambda path, leaf: int(path[1:]) % 2  # noqa: E731 (two buffers: p0000 p0001 ...)
     for leaves in leaves_list:
         sizes = split(total, leaves)
-        t_ft = median_time(jax_update_timer(ft.init, ft.update, sizes), repeats)
-        t_ox = median_time(jax_update_timer(ox.init, ox.update, sizes), repeats)
-        row = (f"  {leaves:6d} {1e3 * t_ft:12.2f} {t_ft / ideal:8.2f} {1e3 * t_ox:9.2f} "
-               f"{t_ox / ideal:8.2f} {t_ox / t_ft:8.2f}")
+        sides = {
+            "funtrain": jax_update_timer(ft.init, ft.update, sizes),
+            "funtrain fused (1 buffer)": jax_update_timer(ft.init, ft.update, sizes,
+                                                          lambda path, leaf: "all"),
+            "funtrain fused (2 buffers)": jax_update_timer(ft.init, ft.update, sizes, halves),
+            "optax": jax_update_timer(ox.init, ox.update, sizes),
+        }
         if has_torch:
-            t_fu = median_time(torch_update_timer(sizes, fused=True), repeats)
-            t_fe = median_time(torch_update_timer(sizes, foreach=True), repeats)
-            row += (f" {1e3 * t_fu:12.2f} {t_fu / t_ft:8.2f} {1e3 * t_fe:14.2f} "
-                    f"{t_fe / t_ft:9.2f}")
-        print(row, flush=True)
+            sides["torch AdamW(fused=True)"] = torch_update_timer(sizes, fused=True)
+            sides["torch AdamW(foreach=True)"] = torch_update_timer(sizes, foreach=True)
+        times = {name: median_time(run, repeats) for name, run in sides.items()}
+        for name, t in times.items():
+            fused = (f"{times['torch AdamW(fused=True)'] / t:17.2f}" if has_torch
+                     else f"{'-':>17}")
+            print(f"  {leaves:6d} {name:34} {1e3 * t:8.2f} {t / ideal:8.2f} "
+                  f"{times['optax'] / t:11.2f} {fused}", flush=True)
 
 
 # ----------------------------------------------------------------------------- compile
