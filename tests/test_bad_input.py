@@ -180,6 +180,15 @@ ROWS = [
      lambda tmp: precision.get_policy("params=float32,compute=bf17")),
     ("a params tree missing a layer", ValueError, r"missing key path 'dense_1'",
      lambda tmp: MODEL.apply({"dense_0": PARAMS["dense_0"]}, GOOD["x"])),
+    ("fused given something other than a bool or a grouping function", TypeError,
+     r"TrainState.create: fused must be True, False or a function \(key_path, leaf\) -> "
+     r"label, got str",
+     lambda tmp: train.TrainState.create(PARAMS, optim.sgd(0.1), jax.random.key(1),
+                                         fused="yes")),
+    ("fused params given to the model", nn.ModuleError,
+     r"params must be a dict keyed by child name, got FlatParams \(fused params: pass "
+     r"params.unflatten\(\)\)",
+     lambda tmp: MODEL.apply(optim.fuse(PARAMS), GOOD["x"])),
 ]
 
 

@@ -98,6 +98,9 @@ class TrainState(NamedTuple):
                                        model_state)
         if policy is not None:
             params = as_policy(policy).cast_to_param(params)
+        if not (isinstance(fused, bool) or callable(fused)):
+            raise TypeError(f"TrainState.create: fused must be True, False or a function "
+                            f"(key_path, leaf) -> label, got {type(fused).__name__}")
         if fused is not False:
             params = fuse(params, None if fused is True else fused)
         return cls(step=jnp.zeros((), jnp.int32), params=params,

@@ -172,7 +172,9 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
 
     Args:
       loss_fn: ``loss_fn(params, batch, key) -> loss`` or ``-> (loss, aux_metrics)``; a
-        two-argument ``loss_fn(params, batch)`` is called without the key. ``key`` is
+        two-argument ``loss_fn(params, batch)`` is called without the key. With a fused
+        state (``TrainState.create(..., fused=True)``) it gets the params tree as views
+        of the buffers, and the optimizer runs on the buffers. ``key`` is
         ``fold_in(state.rng, state.step)``, fresh every step. For a model with state
         (``state.model_state`` is not ``None``): ``loss_fn(params, batch, key,
         model_state) -> (loss, aux_metrics, new_model_state)``; the step stores the new

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from funtrain import data, nn, optim, train
+from funtrain import data, nn, optim, precision, train
 from funtrain.optim.fused import FlatParams, flat_mask, fuse, layout_of, pack, unfuse
 from funtrain.train import checkpoint
 
@@ -193,3 +193,28 @@ def test_model_given_fused_params_says_how_to_unpack():
                                              r"params.unflatten\(\)\)"):
         MODEL.apply(flat, jnp.zeros((2, 8)))
     assert MODEL.apply(flat.unflatten(), jnp.zeros((2, 8))).shape == (2, 4)
+
+
+@pytest.mark.parametrize("setting", ["bf16 compute", "f16 with loss scale", "skip mode"])
+def test_fused_with_precision_loss_scale_skip_mode_and_batchnorm(setting):
+    model = nn.serial(nn.dense(16), nn.batch_norm(), nn.relu(), nn.dense(4))
+    params, model_state = model.init(jax.random.key(0), jnp.zeros((1, 8)))
+    step_kw, state_kw = {
+        "bf16 compute": ({"policy": "p=f32,c=bf16,o=f32"}, {"policy": "p=f32,c=bf16,o=f32"}),
+        "f16 with loss scale": ({"policy": "p=f32,c=f16,o=f32",
+                                 "loss_scale": precision.DynamicLossScale()},
+                                {"policy": "p=f32,c=f16,o=f32",
+                                 "loss_scale": precision.DynamicLossScale()}),
+        "skip mode": ({"skip_nonfinite": True}, {}),
+    }[setting]
+    opt = optim.adamw(1e-2)
+    step = train.make_train_step(train.classifier_loss(model), opt, **step_kw)
+    runs = []
+    for fused in (False, True):
+        state = train.TrainState.create(params, opt, jax.random.key(1), fused=fused,
+                                        model_state=model_state, **state_kw)
+        for batch in BATCHES[:3]:
+            state, metrics = step(state, batch)
+        runs.append((unfuse(state.params), state.model_state, metrics["loss"]))
+    # unscaling and the finiteness tests run over buffers: equal up to rounding
+    assert_same(runs[0], runs[1], exact=setting != "f16 with loss scale")
