@@ -1,9 +1,64 @@
-"""Validation of hyperparameters at construction time, with messages that name them."""
+"""Validation of hyperparameters at construction time, with messages that name them.
+
+Each hyperparameter is checked once, by the building block that uses it. An optimizer
+factory decorated with ``@names_errors`` makes those messages name the factory the user
+called and its own argument names (``sgd: momentum must be >= 0.0``, not ``trace: decay
+...``).
+"""
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
+
+# (factory name, {block: {block's argument: factory's argument}}) while a factory builds
+_CALLED: contextvars.ContextVar[tuple[str, Mapping[str, Mapping[str, str]]] | None] = \
+    contextvars.ContextVar("funtrain_optimizer_factory", default=None)
+
+
+def names_errors(**renames: Mapping[str, str]) -> Callable[[Callable[..., Any]], Any]:
+    """Decorate an optimizer factory: the checks of the blocks it builds name the factory,
+    and ``renames[block][argument]`` maps a block's argument to the factory's name for it.
+    The outermost factory names (``muon`` builds an ``adamw``: errors say ``muon``)."""
+
+    def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(factory)
+        def build(*args: Any, **kwargs: Any) -> Any:
+            if _CALLED.get() is not None:
+                return factory(*args, **kwargs)
+            token = _CALLED.set((factory.__name__, renames))
+            try:
+                return factory(*args, **kwargs)
+            finally:
+                _CALLED.reset(token)
+        return build
+
+    return decorate
+
+
+def named(where: str, name: str) -> tuple[str, str]:
+    """``(where, name)`` as the user called them: the factory being built and its argument
+    name, when a ``@names_errors`` factory is building ``where``."""
+    called = _CALLED.get()
+    if called is None:
+        return where, name
+    factory, renames = called
+    return factory, renames.get(where, {}).get(name, name)
+
+
+def check_int(where: str, name: str, value: Any, *, low: int = 1) -> None:
+    """An int (not a bool) ``>= low``."""
+    where, name = named(where, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__} "
+                        f"({value!r})")
+    if value < low:
+        raise ValueError(f"{where}: {name} must be >= {low}, got {value}")
 
 
 def is_traced_or_array(value: Any) -> bool:
@@ -18,6 +73,7 @@ def check_scalar(where: str, name: str, value: Any, *, low: float | None = None,
     are not checked."""
     if is_traced_or_array(value):
         return
+    where, name = named(where, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: {name} must be a float, got {type(value).__name__} "
                         f"({value!r})")

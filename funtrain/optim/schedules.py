@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funtrain._typing import Schedule
-from funtrain.optim._checks import check_scalar
+from funtrain.optim._checks import check_scalar, named
 
 __all__ = [
     "Schedule", "as_schedule", "value_at",
@@ -80,6 +80,7 @@ def check_schedule(schedule: Schedule, where: str, name: str = "learning_rate", 
     and return a finite real scalar (``>= low``, and below ``high`` when given). A wrong
     shape would silently reshape every param it scales; a negative learning rate would
     climb the loss. Later steps are not checked: that would cost a call per step."""
+    where, name = named(where, name)
     what = f"{where}: {name} is a schedule"
     try:
         out = schedule(jnp.zeros((), jnp.int32))

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 
 from funtrain._tree import check_same_structure
 from funtrain._typing import Array, Grads, Params, ScalarOrSchedule, Updates
-from funtrain.optim._checks import check_scalar, is_traced_or_array
+from funtrain.optim._checks import check_scalar, is_traced_or_array, named
 from funtrain.optim.base import EmptyState, Optimizer, global_norm
 from funtrain.optim.fused import FlatParams, flat_mask, leafwise
-from funtrain.optim.schedules import as_schedule
+from funtrain.optim.schedules import as_schedule, value_at
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 
@@ -146,20 +146,14 @@ def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float =
         # The count the block already keeps (for the first step) is the schedule's step.
         mu_t = decay(state.count) if scheduled else decay
 
-        def step(g: Array, v: Array) -> tuple[Array, Array]:
-            g_acc = g.astype(v.dtype)
-            # A float momentum is weakly typed (computed in the buffer's dtype); cast a
-            # schedule's value the same way so the buffer keeps its dtype.
+        def rule(g: Array, v: Array) -> tuple[Array, Array]:
+            g = g.astype(v.dtype)  # PyTorch's arithmetic: in the buffer's dtype
+            # A float momentum is weakly typed; a schedule's value is cast the same way.
             mu = jnp.asarray(mu_t, v.dtype) if scheduled else mu_t
-            new_v = jnp.where(first, g_acc, mu * v + (1.0 - dampening) * g_acc)
-            out = g_acc + mu * new_v if nesterov else new_v
-            return out.astype(g.dtype), new_v
+            v = jnp.where(first, g, mu * v + (1.0 - dampening) * g)
+            return (g + mu * v if nesterov else v), v
 
-        pairs = jax.tree.map(step, grads, state.trace)
-        treedef = jax.tree.structure(grads)
-        flat = treedef.flatten_up_to(pairs)
-        updates = treedef.unflatten([u for u, _ in flat])
-        new_trace = treedef.unflatten([v for _, v in flat])
+        updates, new_trace = per_leaf(rule, grads, state.trace, promote=False)
         return updates, TraceState(trace=new_trace, count=safe_increment(state.count))
 
     return Optimizer(init_state, update)
@@ -257,12 +251,33 @@ def _zeros_like(params: Params, dtype: Any = None) -> Any:
     return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or _acc_dtype(p)), params)
 
 
-def _map(fn: Callable[..., tuple], n_out: int, *trees: Any) -> tuple:
-    """``jax.tree.map`` for a leaf function returning ``n_out`` values: ``n_out`` trees back."""
-    treedef = jax.tree.structure(trees[0])
-    leaves = [treedef.flatten_up_to(t) for t in trees]
-    outs = [fn(*args) for args in zip(*leaves, strict=True)]
-    return tuple(treedef.unflatten([o[k] for o in outs]) for k in range(n_out))
+def per_leaf(rule: Callable[..., tuple], grads: Any, *slots: Any, params: Any = None,
+             promote: bool = True) -> tuple:
+    """Run an optimizer's per-leaf ``rule(g, *slots[, p]) -> (update, *new_slots)`` over
+    trees: ``(updates, *new_slot_trees)``.
+
+    The rule is the math alone. It gets each leaf promoted to float32 at least (and the
+    leaf's param last when ``params`` is given); the update comes back in the gradient's
+    dtype and each slot in its own. A slot of ``()`` (state the settings leave out, e.g.
+    AMSGrad's maximum) reaches the rule as ``None`` and comes back as ``()``.
+    ``promote=False`` passes the leaves as they are (a rule that reads their dtype).
+    """
+    treedef = jax.tree.structure(grads)
+    absent = [isinstance(t, tuple) and len(t) == 0 for t in slots]
+    columns = [[None] * treedef.num_leaves if no else treedef.flatten_up_to(t)
+               for t, no in zip(slots, absent, strict=True)]
+    if params is not None:
+        columns.append(treedef.flatten_up_to(params))
+    outs = []
+    for g, *xs in zip(treedef.flatten_up_to(grads), *columns, strict=True):
+        dt = _acc_dtype(g) if promote else None
+        out = rule(*((x if x is None or dt is None else x.astype(dt)) for x in (g, *xs)))
+        slots_in = xs[:len(slots)]
+        outs.append([out[0].astype(g.dtype)] + [o if x is None else o.astype(x.dtype)
+                                                for o, x in zip(out[1:], slots_in, strict=True)])
+    return (treedef.unflatten([o[0] for o in outs]),
+            *(() if absent[k] else treedef.unflatten([o[k + 1] for o in outs])
+              for k in range(len(slots))))
 
 
 def _check_grads(where: str, reference: Any, grads: Any) -> None:
@@ -271,20 +286,33 @@ def _check_grads(where: str, reference: Any, grads: Any) -> None:
                          actual_name="grads")
 
 
-def _check_beta(where: str, name: str, value: Any) -> None:
-    check_scalar(where, name, value, low=0.0, high=1.0, high_open=True)
-
-
-def _check_beta_or_schedule(where: str, name: str, value: Any) -> None:
-    """A float beta in [0, 1), or a schedule whose value at step 0 is."""
-    if callable(value):
+def _check_beta(where: str, name: str, value: Any, *, schedule: bool = False) -> None:
+    """A beta in [0, 1); with ``schedule``, a schedule whose value at step 0 is."""
+    if schedule and callable(value):
         as_schedule(value, where, name, low=0.0, high=1.0, high_open=True)
     else:
-        _check_beta(where, name, value)
+        check_scalar(where, name, value, low=0.0, high=1.0, high_open=True)
 
 
 def _check_eps(where: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
     check_scalar(where, name, value, low=0.0, low_open=not allow_zero)
+
+
+def _check_eps_pair(where: str, eps: Any, eps_root: Any) -> None:
+    """``eps`` (outside the root) may be 0 only when ``eps_root > 0`` keeps it positive."""
+    _check_eps(where, "eps_root", eps_root, allow_zero=True)
+    _check_eps(where, "eps", eps, allow_zero=True)
+    if not (is_traced_or_array(eps) or is_traced_or_array(eps_root)) and eps == eps_root == 0:
+        where, _ = named(where, "eps")
+        raise ValueError(f"{where}: eps must be > 0 (or pass eps_root > 0 to put it inside "
+                         f"the square root), got {eps}")
+
+
+def _check_choice(where: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        where, name = named(where, name)
+        raise ValueError(f"{where}: {name} must be " + " or ".join(map(repr, choices))
+                         + f", got {value!r}")
 
 
 def _bias_correction(decay: Any, count: Array, dtype: Any) -> Array:
@@ -323,23 +351,15 @@ def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_in_sqrt: bool = 
     def update(grads: Grads, state: ScaleByRmsState, params: Params | None = None):
         _check_grads(where, state.nu, grads)
 
-        def leaf(g: Array, nu: Array, mu: Any) -> tuple:
-            gf = g.astype(_acc_dtype(g))
-            nu_new = decay * nu.astype(gf.dtype) + (1 - decay) * gf * gf
-            var = nu_new
-            mu_new = mu
+        def rule(g: Array, nu: Array, mu: Any) -> tuple:
+            nu = decay * nu + (1 - decay) * g * g
+            var = nu
             if centered:
-                mu_new = decay * mu + (1 - decay) * gf
-                var = nu_new - mu_new * mu_new
-            denom = jnp.sqrt(var + eps) if eps_in_sqrt else jnp.sqrt(var) + eps
-            return (gf / denom).astype(g.dtype), nu_new.astype(nu.dtype), mu_new
+                mu = decay * mu + (1 - decay) * g
+                var = nu - mu * mu
+            return g / (jnp.sqrt(var + eps) if eps_in_sqrt else jnp.sqrt(var) + eps), nu, mu
 
-        mus = state.mu if centered else jax.tree.map(lambda _: None, state.nu)
-        if centered:
-            updates, nu, mu = _map(leaf, 3, grads, state.nu, mus)
-        else:
-            updates, nu, _ = _map(lambda g, n: leaf(g, n, None), 3, grads, state.nu)
-            mu = ()
+        updates, nu, mu = per_leaf(rule, grads, state.nu, state.mu)
         return updates, ScaleByRmsState(nu=nu, mu=mu)
 
     return Optimizer(init_state, update)
@@ -370,16 +390,13 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
     def update(grads: Grads, state: ScaleBySumState, params: Params | None = None):
         _check_grads(where, state.sum_of_squares, grads)
 
-        def leaf(g: Array, s: Array) -> tuple:
-            gf = g.astype(s.dtype)
-            s = s + gf * gf
+        def rule(g: Array, s: Array) -> tuple:
+            s = s + g * g
             if eps_in_sqrt:
-                u = jnp.where(s > 0, gf * jax.lax.rsqrt(s + eps), 0.0)
-            else:
-                u = gf / (jnp.sqrt(s) + eps)
-            return u.astype(g.dtype), s
+                return jnp.where(s > 0, g * jax.lax.rsqrt(s + eps), 0.0), s
+            return g / (jnp.sqrt(s) + eps), s
 
-        updates, sums = _map(leaf, 2, grads, state.sum_of_squares)
+        updates, sums = per_leaf(rule, grads, state.sum_of_squares)
         return updates, ScaleBySumState(sums)
 
     return Optimizer(init_state, update)
@@ -410,14 +427,12 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Optimizer:
     def update(grads: Grads, state: ScaleByAdadeltaState, params: Params | None = None):
         _check_grads(where, state.nu, grads)
 
-        def leaf(g: Array, v: Array, u: Array) -> tuple:
-            gf = g.astype(v.dtype)
-            v = rho * v + (1 - rho) * gf * gf
-            d = jnp.sqrt(u + eps) / jnp.sqrt(v + eps) * gf
-            u = rho * u + (1 - rho) * d * d
-            return d.astype(g.dtype), v, u
+        def rule(g: Array, v: Array, u: Array) -> tuple:
+            v = rho * v + (1 - rho) * g * g
+            d = jnp.sqrt(u + eps) / jnp.sqrt(v + eps) * g
+            return d, v, rho * u + (1 - rho) * d * d
 
-        updates, nu, delta = _map(leaf, 3, grads, state.nu, state.delta)
+        updates, nu, delta = per_leaf(rule, grads, state.nu, state.delta)
         return updates, ScaleByAdadeltaState(nu, delta)
 
     return Optimizer(init_state, update)
@@ -448,8 +463,6 @@ class ScaleByAdamProductState(NamedTuple):
     b2_product: Any
 
 
-_AMSGRAD = ("pytorch", "optax")
-_BIAS_CORRECTION = ("pytorch", "product")
 
 
 def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps: float = 1e-8,
@@ -494,18 +507,11 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
       >>> direction = scale_by_adam(b1=schedules.one_cycle_momentum(total_steps=1000))
     """
     where = "scale_by_adam"
-    _check_beta_or_schedule(where, "b1", b1)
-    _check_beta_or_schedule(where, "b2", b2)
-    # eps may be 0 only when eps_root keeps the denominator positive.
-    _check_eps(where, "eps", eps, allow_zero=not isinstance(eps_root, (int, float))
-               or eps_root > 0)
-    _check_eps(where, "eps_root", eps_root, allow_zero=True)
-    if amsgrad_convention not in _AMSGRAD:
-        raise ValueError(f"{where}: amsgrad_convention must be 'pytorch' or 'optax', got "
-                         f"{amsgrad_convention!r}")
-    if bias_correction not in _BIAS_CORRECTION:
-        raise ValueError(f"{where}: bias_correction must be 'pytorch' or 'product', got "
-                         f"{bias_correction!r}")
+    _check_beta(where, "b1", b1, schedule=True)
+    _check_beta(where, "b2", b2, schedule=True)
+    _check_eps_pair(where, eps, eps_root)
+    _check_choice(where, "amsgrad_convention", amsgrad_convention, ("pytorch", "optax"))
+    _check_choice(where, "bias_correction", bias_correction, ("pytorch", "product"))
     s1, s2 = callable(b1), callable(b2)
     if nesterov and s1:
         raise ValueError(f"{where}: nesterov=True needs a float b1, got a schedule (its "
@@ -517,69 +523,47 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
                          f"array beta; with inject_hyperparams pass static_args=('b1', 'b2')")
 
     def init_state(params: Params) -> Any:
-        count = jnp.zeros((), jnp.int32)
-        mu, nu = _zeros_like(params, mu_dtype), _zeros_like(params, nu_dtype)
-        nu_max = _zeros_like(params, nu_dtype) if amsgrad else ()
-        if not products:
-            return ScaleByAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+        state = ScaleByAdamState(jnp.zeros((), jnp.int32), _zeros_like(params, mu_dtype),
+                                 _zeros_like(params, nu_dtype),
+                                 _zeros_like(params, nu_dtype) if amsgrad else ())
         one = jnp.ones((), jnp.result_type(float))  # the empty product
-        return ScaleByAdamProductState(count, mu, nu, nu_max, one if s1 else (),
-                                       one if s2 else ())
+        return ScaleByAdamProductState(*state, one if s1 else (), one if s2 else ()) \
+            if products else state
 
     def update(grads: Grads, state: Any, params: Params | None = None):
         _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
         # A schedule's step is the count before this update (the first uses schedule(0)).
-        beta1 = b1(state.count) if s1 else b1
-        beta2 = b2(state.count) if s2 else b2
-        if products:
-            prod1 = ((state.b1_product * beta1).astype(state.b1_product.dtype) if s1
-                     else ())
-            prod2 = ((state.b2_product * beta2).astype(state.b2_product.dtype) if s2
-                     else ())
+        beta1, beta2 = value_at(b1, state.count), value_at(b2, state.count)
+        if products:  # the running products of the scheduled betas
+            prod1, prod2 = ((p * b).astype(p.dtype) if s else ()
+                            for p, b, s in ((state.b1_product, beta1, s1),
+                                            (state.b2_product, beta2, s2)))
+            state = state._replace(b1_product=prod1, b2_product=prod2)
 
-        def correction(beta: Any, scheduled: bool, prod: Any, dt: Any) -> Array:
+        def correction(beta: Any, scheduled: bool, product: Any, dt: Any) -> Array:
             if scheduled and products:
-                return 1.0 - prod.astype(dt)  # 1 - prod_{s <= t} beta_s
+                return 1.0 - product.astype(dt)  # 1 - prod_{s <= t} beta_s
             return _bias_correction(beta, count, dt)  # 1 - beta_t^t
 
-        def leaf(g: Array, m: Array, v: Array, vmax: Any) -> tuple:
-            dt = _acc_dtype(g)
-            gf = g.astype(dt)
+        def rule(g: Array, m: Array, v: Array, vmax: Any) -> tuple:
             # A float beta is weakly typed; a schedule's value is cast to match it.
-            c1 = jnp.asarray(beta1, dt) if s1 else beta1
-            c2 = jnp.asarray(beta2, dt) if s2 else beta2
-            m_new = c1 * m.astype(dt) + (1 - c1) * gf
-            v_new = c2 * v.astype(dt) + (1 - c2) * gf * gf
-            bc1 = correction(c1, s1, prod1 if products else (), dt)
-            bc2 = correction(c2, s2, prod2 if products else (), dt)
+            c1 = jnp.asarray(beta1, g.dtype) if s1 else beta1
+            c2 = jnp.asarray(beta2, g.dtype) if s2 else beta2
+            m, v = c1 * m + (1 - c1) * g, c2 * v + (1 - c2) * g * g
+            bc1 = correction(c1, s1, products and state.b1_product, g.dtype)
+            bc2 = correction(c2, s2, products and state.b2_product, g.dtype)
+            m_hat = m / bc1
             if nesterov:
-                m_hat = c1 * m_new / _bias_correction(c1, count + 1, dt) + (1 - c1) * gf / bc1
-            else:
-                m_hat = m_new / bc1
-            vmax_new = vmax
-            if not amsgrad:
-                denom = jnp.sqrt(v_new / bc2 + eps_root) + eps
-            elif amsgrad_convention == "pytorch":
-                vmax_new = jnp.maximum(vmax.astype(dt), v_new)
-                denom = jnp.sqrt(vmax_new / bc2 + eps_root) + eps
-            else:
-                vmax_new = jnp.maximum(vmax.astype(dt), v_new / bc2)
-                denom = jnp.sqrt(vmax_new + eps_root) + eps
-            if amsgrad:
-                vmax_new = vmax_new.astype(vmax.dtype)
-            return ((m_hat / denom).astype(g.dtype), m_new.astype(m.dtype),
-                    v_new.astype(v.dtype), vmax_new)
+                m_hat = c1 * m / _bias_correction(c1, count + 1, g.dtype) + (1 - c1) * g / bc1
+            if amsgrad:  # PyTorch keeps the max of the raw v, optax of the corrected one
+                vmax = jnp.maximum(vmax, v if amsgrad_convention == "pytorch" else v / bc2)
+            v_hat = (vmax if amsgrad_convention == "optax" else vmax / bc2) if amsgrad \
+                else v / bc2
+            return m_hat / (jnp.sqrt(v_hat + eps_root) + eps), m, v, vmax
 
-        if amsgrad:
-            updates, mu, nu, nu_max = _map(leaf, 4, grads, state.mu, state.nu, state.nu_max)
-        else:
-            updates, mu, nu, _ = _map(lambda g, m, v: leaf(g, m, v, None), 4, grads, state.mu,
-                                      state.nu)
-            nu_max = ()
-        if products:
-            return updates, ScaleByAdamProductState(count, mu, nu, nu_max, prod1, prod2)
-        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+        updates, mu, nu, nu_max = per_leaf(rule, grads, state.mu, state.nu, state.nu_max)
+        return updates, state._replace(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return Optimizer(init_state, update)
 
@@ -611,15 +595,12 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Op
         _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
 
-        def leaf(g: Array, m: Array, u: Array) -> tuple:
-            gf = g.astype(m.dtype)
-            m = b1 * m + (1 - b1) * gf
-            bc1 = _bias_correction(b1, count, m.dtype)
-            u = jnp.maximum(b2 * u, jnp.abs(gf) + eps)
-            d = m / (bc1 * u)
-            return d.astype(g.dtype), m, u
+        def rule(g: Array, m: Array, u: Array) -> tuple:
+            m = b1 * m + (1 - b1) * g
+            u = jnp.maximum(b2 * u, jnp.abs(g) + eps)
+            return m / (_bias_correction(b1, count, m.dtype) * u), m, u
 
-        updates, mu, u = _map(leaf, 3, grads, state.mu, state.u)
+        updates, mu, u = per_leaf(rule, grads, state.mu, state.u)
         return updates, ScaleByAdamaxState(count, mu, u)
 
     return Optimizer(init_state, update)
@@ -663,15 +644,13 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         prod = state.mu_product * mu_t
         prod_next = prod * mu_next
 
-        def leaf(g: Array, m: Array, v: Array) -> tuple:
-            gf = g.astype(m.dtype)
-            m = b1 * m + (1 - b1) * gf
-            v = b2 * v + (1 - b2) * gf * gf
+        def rule(g: Array, m: Array, v: Array) -> tuple:
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
             denom = jnp.sqrt(v / _bias_correction(b2, count, v.dtype)) + eps
-            d = (1 - mu_t) / (1 - prod) * gf / denom + mu_next / (1 - prod_next) * m / denom
-            return d.astype(g.dtype), m, v
+            d = (1 - mu_t) / (1 - prod) * g / denom + mu_next / (1 - prod_next) * m / denom
+            return d, m, v
 
-        updates, mu, nu = _map(leaf, 3, grads, state.mu, state.nu)
+        updates, mu, nu = per_leaf(rule, grads, state.mu, state.nu)
         return updates, ScaleByNadamState(count, prod, mu, nu)
 
     return Optimizer(init_state, update)
@@ -702,11 +681,9 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
 
-        def leaf(g: Array, m: Array, v: Array) -> tuple:
+        def rule(g: Array, m: Array, v: Array) -> tuple:
             dt = m.dtype
-            gf = g.astype(dt)
-            m = b1 * m + (1 - b1) * gf
-            v = b2 * v + (1 - b2) * gf * gf
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
             t = count.astype(dt)
             b2t = jnp.asarray(b2, dt) ** t
             rho_t = rho_inf - 2.0 * t * b2t / (1.0 - b2t)
@@ -715,10 +692,9 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
             r = jnp.sqrt((safe_rho - 4) * (safe_rho - 2) * rho_inf
                          / ((rho_inf - 4) * (rho_inf - 2) * safe_rho))
             adaptive = jnp.sqrt(1.0 - b2t) / (jnp.sqrt(v) + eps)
-            d = jnp.where(rho_t > threshold, m_hat * r * adaptive, m_hat)
-            return d.astype(g.dtype), m, v
+            return jnp.where(rho_t > threshold, m_hat * r * adaptive, m_hat), m, v
 
-        updates, mu, nu = _map(leaf, 3, grads, state.mu, state.nu)
+        updates, mu, nu = per_leaf(rule, grads, state.mu, state.nu)
         return updates, ScaleByAdamState(count, mu, nu, ())
 
     return Optimizer(init_state, update)
@@ -746,13 +722,10 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: Any = None) -> Op
     def update(grads: Grads, state: ScaleByLionState, params: Params | None = None):
         _check_grads(where, state.mu, grads)
 
-        def leaf(g: Array, m: Array) -> tuple:
-            dt = _acc_dtype(g)
-            gf, mf = g.astype(dt), m.astype(dt)
-            d = jnp.sign(b1 * mf + (1 - b1) * gf)
-            return d.astype(g.dtype), (b2 * mf + (1 - b2) * gf).astype(m.dtype)
+        def rule(g: Array, m: Array) -> tuple:
+            return jnp.sign(b1 * m + (1 - b1) * g), b2 * m + (1 - b2) * g
 
-        updates, mu = _map(leaf, 2, grads, state.mu)
+        updates, mu = per_leaf(rule, grads, state.mu)
         return updates, ScaleByLionState(mu)
 
     return Optimizer(init_state, update)
@@ -900,10 +873,11 @@ def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
                 v_hat = v
             u = gf * jax.lax.rsqrt(jnp.maximum(v_hat, e1 * e1))
             rms = jnp.sqrt(jnp.mean(u * u))
-            u = u / jnp.maximum(1.0, rms / clipping_threshold)
-            return u.astype(g.dtype), r, c, v
+            return u / jnp.maximum(1.0, rms / clipping_threshold), r, c, v
 
-        updates, rows, cols, full = _map(leaf, 4, grads, state.v_row, state.v_col, state.v)
+        # eps1 defaults to the gradient's own dtype epsilon: the rule sees the raw dtype
+        updates, rows, cols, full = per_leaf(leaf, grads, state.v_row, state.v_col, state.v,
+                                             promote=False)
         return updates, ScaleByFactoredRmsState(count, rows, cols, full)
 
     return leafwise(Optimizer(init_state, update))
@@ -962,17 +936,16 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
     def update(grads: Grads, state: ScaleByMuonState, params: Params | None = None):
         _check_grads(where, state.mu, grads)
 
-        def leaf(g: Array, m: Array) -> tuple:
-            gf = g.astype(m.dtype)
-            m = momentum * m + (1 - momentum) * gf
-            u = (1 - momentum) * gf + momentum * m if nesterov else m
+        def rule(g: Array, m: Array) -> tuple:
+            m = momentum * m + (1 - momentum) * g
+            u = (1 - momentum) * g + momentum * m if nesterov else m
             o = newton_schulz(u.astype(ns_dtype or m.dtype), ns_steps, eps).astype(m.dtype)
             rows, cols = g.shape
             s = (max(1.0, rows / cols) ** 0.5 if adjust_lr == "original"
                  else 0.2 * max(rows, cols) ** 0.5)
-            return (s * o).astype(g.dtype), m
+            return s * o, m
 
-        updates, mu = _map(leaf, 2, grads, state.mu)
+        updates, mu = per_leaf(rule, grads, state.mu)
         return updates, ScaleByMuonState(mu)
 
     return leafwise(Optimizer(init_state, update))
