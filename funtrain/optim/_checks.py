@@ -8,10 +8,11 @@ called and its own argument names (``sgd: momentum must be >= 0.0``, not ``trace
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,17 @@ import numpy as np
 # (factory name, {block: {block's argument: factory's argument}}) while a factory builds
 _CALLED: contextvars.ContextVar[tuple[str, Mapping[str, Mapping[str, str]]] | None] = \
     contextvars.ContextVar("funtrain_optimizer_factory", default=None)
+
+
+@contextlib.contextmanager
+def naming(factory: str, **renames: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, checks name ``factory`` and ``renames[block][argument]`` (for a
+    factory that builds one block twice, e.g. two learning rates)."""
+    token = _CALLED.set((factory, renames))
+    try:
+        yield
+    finally:
+        _CALLED.reset(token)
 
 
 def names_errors(**renames: Mapping[str, str]) -> Callable[[Callable[..., Any]], Any]:
@@ -31,11 +43,8 @@ def names_errors(**renames: Mapping[str, str]) -> Callable[[Callable[..., Any]],
         def build(*args: Any, **kwargs: Any) -> Any:
             if _CALLED.get() is not None:
                 return factory(*args, **kwargs)
-            token = _CALLED.set((factory.__name__, renames))
-            try:
+            with naming(factory.__name__, **renames):
                 return factory(*args, **kwargs)
-            finally:
-                _CALLED.reset(token)
         return build
 
     return decorate

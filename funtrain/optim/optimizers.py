@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from funtrain._typing import Array, Params, ScalarOrSchedule
-from funtrain.optim._checks import check_scalar, is_traced_or_array
+from funtrain._typing import Params, ScalarOrSchedule
+from funtrain.optim._checks import check_scalar, is_traced_or_array, names_errors, naming
 from funtrain.optim.base import Optimizer, chain
-from funtrain.optim.fused import leafwise
-from funtrain.optim.schedules import as_schedule, value_at
+from funtrain.optim.schedules import value_at
 from funtrain.optim.transforms import (
-    _check_grads,
-    _need_params,
+    ScheduleFreeState,
+    _check_choice,
     add_decayed_weights,
-    resolve_mask,
-    safe_increment,
     scale_by_adadelta,
     scale_by_adam,
     scale_by_adamax,
@@ -27,8 +24,10 @@ from funtrain.optim.transforms import (
     scale_by_muon,
     scale_by_nadam,
     scale_by_radam,
+    scale_by_relative_step,
     scale_by_rms,
     scale_by_rss,
+    scale_by_schedule_free,
     scale_by_trust_ratio,
     trace,
 )
@@ -41,6 +40,7 @@ def _nonzero(value: Any) -> bool:
     return callable(value) or is_traced_or_array(value) or bool(value)
 
 
+@names_errors(trace={"decay": "momentum"})
 def sgd(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.0,
         nesterov: bool = False, weight_decay: float = 0.0, dampening: float = 0.0
         ) -> Optimizer:
@@ -75,77 +75,23 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.0,
       >>> opt = optim.sgd(optim.schedules.one_cycle(0.1, n),
       ...                 momentum=optim.schedules.one_cycle_momentum(n))
     """
-    where = "sgd"
-    as_schedule(learning_rate, where)
-    scheduled = callable(momentum)
-    if scheduled:
-        as_schedule(momentum, where, "momentum", low=0.0)
-    else:
-        check_scalar(where, "momentum", momentum, low=0.0)
-    check_scalar(where, "weight_decay", weight_decay, low=0.0)
-    check_scalar(where, "dampening", dampening, low=0.0, high=1.0)
-    if scheduled:  # only dampening is known for every step
-        if nesterov and not is_traced_or_array(dampening) and dampening != 0:
-            raise ValueError(f"sgd: nesterov=True needs dampening == 0, got "
-                             f"dampening={dampening}")
-    else:
-        static = not (is_traced_or_array(momentum) or is_traced_or_array(dampening))
-        if nesterov and static and (momentum == 0 or dampening != 0):
-            raise ValueError(f"sgd: nesterov=True needs momentum > 0 and dampening == 0, got "
-                             f"momentum={momentum}, dampening={dampening}")
+    if not _nonzero(momentum):  # dampening matters only with momentum (then trace checks it)
+        check_scalar("sgd", "dampening", dampening, low=0.0, high=1.0)
     parts = []
     if _nonzero(weight_decay):
         parts.append(add_decayed_weights(weight_decay))
-    if _nonzero(momentum):
+    if _nonzero(momentum) or nesterov:  # trace checks nesterov against the momentum
         parts.append(trace(momentum, nesterov=nesterov, dampening=dampening))
     parts.append(scale_by_learning_rate(learning_rate))
     return chain(*parts)
 
 
-# The optimizers below are chains of the blocks in ``transforms``. Each docstring gives
-# the full update rule; "PyTorch" / "optax" name the convention where the two differ.
-
-
-def _lr(learning_rate: ScalarOrSchedule, where: str) -> ScalarOrSchedule:
-    as_schedule(learning_rate, where)
-    return learning_rate
-
-
-def _check_betas_eps(where: str, eps: Any = None, eps_root: Any = 0.0, *,
-                     schedules: bool = False, **betas: Any) -> None:
-    """Validate betas in [0, 1) and eps under the optimizer's own argument names; with
-    ``schedules``, a beta may be a schedule, checked at step 0."""
-    for name, value in betas.items():
-        if schedules and callable(value):
-            as_schedule(value, where, name, low=0.0, high=1.0, high_open=True)
-        else:
-            check_scalar(where, name, value, low=0.0, high=1.0, high_open=True)
-    if eps is not None:
-        check_scalar(where, "eps_root", eps_root, low=0.0)
-        positive_root = not is_traced_or_array(eps_root) and eps_root > 0
-        if positive_root:
-            check_scalar(where, "eps", eps, low=0.0)
-        elif not is_traced_or_array(eps) and not eps > 0:
-            raise ValueError(f"{where}: eps must be > 0 (or pass eps_root > 0 to put it "
-                             f"inside the square root), got {eps}")
-
-
-def _check_bias_correction(where: str, bias_correction: Any) -> None:
-    if bias_correction not in ("pytorch", "product"):
-        raise ValueError(f"{where}: bias_correction must be 'pytorch' or 'product', got "
-                         f"{bias_correction!r}")
-
-
-def _coupled_wd(weight_decay: Any, where: str) -> list[Optimizer]:
-    check_scalar(where, "weight_decay", weight_decay, low=0.0)
-    return [add_decayed_weights(weight_decay)] if _nonzero(weight_decay) else []
-
-
-def _decoupled_wd(weight_decay: Any, mask: Any, where: str) -> list[Optimizer]:
-    check_scalar(where, "weight_decay", weight_decay, low=0.0)
+def _weight_decay(weight_decay: Any, mask: Any = None) -> list[Optimizer]:
+    """The weight-decay block, when there is a decay (``add_decayed_weights`` checks it)."""
     return [add_decayed_weights(weight_decay, mask)] if _nonzero(weight_decay) else []
 
 
+@names_errors(scale_by_rms={"decay": "alpha"}, trace={"decay": "momentum"})
 def rmsprop(learning_rate: ScalarOrSchedule = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
             weight_decay: float = 0.0, momentum: ScalarOrSchedule = 0.0,
             centered: bool = False, *,
@@ -163,17 +109,13 @@ def rmsprop(learning_rate: ScalarOrSchedule = 1e-2, alpha: float = 0.99, eps: fl
     ``momentum`` is a float or a schedule ``step -> momentum`` (as ``sgd``'s; PyTorch's
     ``OneCycleLR`` cycles it with ``schedules.one_cycle_momentum``).
     """
-    where = "rmsprop"
-    _check_betas_eps(where, eps, alpha=alpha)
-    as_schedule(momentum, where, "momentum", low=0.0)
-    parts = _coupled_wd(weight_decay, where)
-    parts.append(scale_by_rms(alpha, eps, eps_in_sqrt=eps_in_sqrt, centered=centered))
-    if _nonzero(momentum):
-        parts.append(trace(momentum))
-    parts.append(scale_by_learning_rate(_lr(learning_rate, where)))
-    return chain(*parts)
+    return chain(*_weight_decay(weight_decay),
+                 scale_by_rms(alpha, eps, eps_in_sqrt=eps_in_sqrt, centered=centered),
+                 *([trace(momentum)] if _nonzero(momentum) else []),
+                 scale_by_learning_rate(learning_rate))
 
 
+@names_errors()
 def adagrad(learning_rate: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0,
             weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
             eps: float = 1e-10, *, eps_in_sqrt: bool = False) -> Optimizer:
@@ -187,21 +129,18 @@ def adagrad(learning_rate: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0,
     The optax convention is ``initial_accumulator_value=0.1, eps=1e-7, eps_in_sqrt=True``
     (:math:`g_t / \sqrt{s_t + \epsilon}`).
     """
-    where = "adagrad"
-    _check_betas_eps(where, eps)
-    check_scalar(where, "lr_decay", lr_decay, low=0.0)
-    lr = _lr(learning_rate, where)
+    check_scalar("adagrad", "lr_decay", lr_decay, low=0.0)
+    lr = learning_rate
     if lr_decay:
-        base = lr
+        def lr(step: Any) -> Any:  # the decayed schedule, checked at step 0 with the lr
+            return value_at(learning_rate, step) / (1.0 + step * lr_decay)
 
-        def lr(step: Any) -> Any:  # noqa: F811 - the decayed schedule replaces the float
-            return value_at(base, step) / (1.0 + step * lr_decay)
-
-    return chain(*_coupled_wd(weight_decay, where),
+    return chain(*_weight_decay(weight_decay),
                  scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=eps_in_sqrt),
                  scale_by_learning_rate(lr))
 
 
+@names_errors()
 def adadelta(learning_rate: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float = 1e-6,
              weight_decay: float = 0.0) -> Optimizer:
     r"""Adadelta (Zeiler, 2012), as ``torch.optim.Adadelta``.
@@ -211,11 +150,11 @@ def adadelta(learning_rate: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float
         \Delta_t = \frac{\sqrt{u_{t-1}+\epsilon}}{\sqrt{v_t+\epsilon}} g_t, \quad
         u_t = \rho u_{t-1} + (1-\rho)\Delta_t^2, \quad \theta_t = \theta_{t-1} - \eta \Delta_t
     """
-    where = "adadelta"
-    return chain(*_coupled_wd(weight_decay, where), scale_by_adadelta(rho, eps),
-                 scale_by_learning_rate(_lr(learning_rate, where)))
+    return chain(*_weight_decay(weight_decay), scale_by_adadelta(rho, eps),
+                 scale_by_learning_rate(learning_rate))
 
 
+@names_errors()
 def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
          b2: ScalarOrSchedule = 0.999, eps: float = 1e-8, *, eps_root: float = 0.0,
          weight_decay: float = 0.0, amsgrad: bool = False, amsgrad_convention: str = "pytorch",
@@ -248,17 +187,15 @@ def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
       >>> opt = optim.adam(optim.schedules.one_cycle(1e-3, n),
       ...                  b1=optim.schedules.one_cycle_momentum(n))
     """
-    where = "adam"
-    _check_betas_eps(where, eps, eps_root, schedules=True, b1=b1, b2=b2)
-    _check_bias_correction(where, bias_correction)
-    return chain(*_coupled_wd(weight_decay, where),
+    return chain(*_weight_decay(weight_decay),
                  scale_by_adam(b1, b2, eps, eps_root, amsgrad=amsgrad,
                                amsgrad_convention=amsgrad_convention,
                                bias_correction=bias_correction, mu_dtype=mu_dtype,
                                nu_dtype=nu_dtype),
-                 scale_by_learning_rate(_lr(learning_rate, where)))
+                 scale_by_learning_rate(learning_rate))
 
 
+@names_errors()
 def adamw(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
           b2: ScalarOrSchedule = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
           mask: Any = None, *, eps_root: float = 0.0, amsgrad: bool = False,
@@ -277,17 +214,14 @@ def adamw(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
       bias_correction: ``"pytorch"`` (default) or ``"product"``, for scheduled betas; see
         ``adam``.
     """
-    where = "adamw"
-    _check_betas_eps(where, eps, eps_root, schedules=True, b1=b1, b2=b2)
-    _check_bias_correction(where, bias_correction)
     return chain(scale_by_adam(b1, b2, eps, eps_root, amsgrad=amsgrad,
                                amsgrad_convention=amsgrad_convention,
                                bias_correction=bias_correction, mu_dtype=mu_dtype,
                                nu_dtype=nu_dtype),
-                 *_decoupled_wd(weight_decay, mask, where),
-                 scale_by_learning_rate(_lr(learning_rate, where)))
+                 *_weight_decay(weight_decay, mask), scale_by_learning_rate(learning_rate))
 
 
+@names_errors(scale_by_adam={"amsgrad_convention": "convention"})
 def amsgrad(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
             eps: float = 1e-8, weight_decay: float = 0.0, *,
             convention: str = "pytorch") -> Optimizer:
@@ -296,12 +230,11 @@ def amsgrad(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float =
     PyTorch (default, ``Adam(amsgrad=True)``): :math:`\hat v^{max}_t = \max(v^{max}_{t-1}, v_t)
     / (1-\beta_2^t)`; optax: :math:`v^{max}_t = \max(v^{max}_{t-1}, \hat v_t)`.
     """
-    if convention not in ("pytorch", "optax"):
-        raise ValueError(f"amsgrad: convention must be 'pytorch' or 'optax', got {convention!r}")
     return adam(learning_rate, b1, b2, eps, weight_decay=weight_decay, amsgrad=True,
                 amsgrad_convention=convention)
 
 
+@names_errors()
 def adamax(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, weight_decay: float = 0.0) -> Optimizer:
     r"""AdaMax (Kingma & Ba, 2014), as ``torch.optim.Adamax`` (optax computes the same).
@@ -309,13 +242,11 @@ def adamax(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 
     .. math:: u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon), \quad
               \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\frac{m_t}{u_t}
     """
-    where = "adamax"
-    _check_betas_eps(where, eps, b1=b1, b2=b2)
-    return chain(*_coupled_wd(weight_decay, where),
-                 scale_by_adamax(b1, b2, eps),
-                 scale_by_learning_rate(_lr(learning_rate, where)))
+    return chain(*_weight_decay(weight_decay), scale_by_adamax(b1, b2, eps),
+                 scale_by_learning_rate(learning_rate))
 
 
+@names_errors()
 def nadam(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.0, momentum_decay: float = 4e-3, *,
           convention: str = "pytorch") -> Optimizer:
@@ -327,18 +258,13 @@ def nadam(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0
     {1-\beta_1^{t+1}} + \frac{(1-\beta_1) g_t}{1-\beta_1^t}`, then
     :math:`\theta_t = \theta_{t-1} - \eta\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)`.
     """
-    where = "nadam"
-    _check_betas_eps(where, eps, b1=b1, b2=b2)
-    if convention == "pytorch":
-        direction = scale_by_nadam(b1, b2, eps, momentum_decay)
-    elif convention == "optax":
-        direction = scale_by_adam(b1, b2, eps, nesterov=True)
-    else:
-        raise ValueError(f"{where}: convention must be 'pytorch' or 'optax', got {convention!r}")
-    return chain(*_coupled_wd(weight_decay, where), direction,
-                 scale_by_learning_rate(_lr(learning_rate, where)))
+    _check_choice("nadam", "convention", convention, ("pytorch", "optax"))
+    direction = (scale_by_nadam(b1, b2, eps, momentum_decay) if convention == "pytorch"
+                 else scale_by_adam(b1, b2, eps, nesterov=True))
+    return chain(*_weight_decay(weight_decay), direction, scale_by_learning_rate(learning_rate))
 
 
+@names_errors()
 def radam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.0) -> Optimizer:
     r"""RAdam (Liu et al., 2020), as ``torch.optim.RAdam``: Adam whose adaptive term is
@@ -348,12 +274,11 @@ def radam(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0
               \begin{cases} r_t \sqrt{1-\beta_2^t} / (\sqrt{v_t} + \epsilon) & \rho_t > 5\\
               1 & \text{otherwise} \end{cases}
     """
-    where = "radam"
-    _check_betas_eps(where, eps, b1=b1, b2=b2)
-    return chain(*_coupled_wd(weight_decay, where), scale_by_radam(b1, b2, eps),
-                 scale_by_learning_rate(_lr(learning_rate, where)))
+    return chain(*_weight_decay(weight_decay), scale_by_radam(b1, b2, eps),
+                 scale_by_learning_rate(learning_rate))
 
 
+@names_errors()
 def lion(learning_rate: ScalarOrSchedule = 1e-4, b1: float = 0.9, b2: float = 0.99,
          weight_decay: float = 0.0, mask: Any = None, *, mu_dtype: Any = None) -> Optimizer:
     r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms").
@@ -364,12 +289,11 @@ def lion(learning_rate: ScalarOrSchedule = 1e-4, b1: float = 0.9, b2: float = 0.
 
     Use a learning rate 3-10x smaller and a weight decay 3-10x larger than for AdamW.
     """
-    where = "lion"
-    _check_betas_eps(where, b1=b1, b2=b2)
-    return chain(scale_by_lion(b1, b2, mu_dtype), *_decoupled_wd(weight_decay, mask, where),
-                 scale_by_learning_rate(_lr(learning_rate, where)))
+    return chain(scale_by_lion(b1, b2, mu_dtype), *_weight_decay(weight_decay, mask),
+                 scale_by_learning_rate(learning_rate))
 
 
+@names_errors()
 def lamb(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
          eps: float = 1e-6, weight_decay: float = 0.0, mask: Any = None, *,
          eps_root: float = 0.0) -> Optimizer:
@@ -382,12 +306,11 @@ def lamb(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.
     The paper and optax put eps outside the root (``eps_root=0``, default); to put it
     inside, as some implementations do, pass ``eps=0, eps_root=1e-6``.
     """
-    where = "lamb"
-    _check_betas_eps(where, eps, eps_root, b1=b1, b2=b2)
-    return chain(scale_by_adam(b1, b2, eps, eps_root), *_decoupled_wd(weight_decay, mask, where),
-                 scale_by_trust_ratio(), scale_by_learning_rate(_lr(learning_rate, where)))
+    return chain(scale_by_adam(b1, b2, eps, eps_root), *_weight_decay(weight_decay, mask),
+                 scale_by_trust_ratio(), scale_by_learning_rate(learning_rate))
 
 
+@names_errors(trace={"decay": "momentum"})
 def lars(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.9,
          weight_decay: float = 0.0,
          trust_coefficient: float = 0.001, eps: float = 0.0, nesterov: bool = False,
@@ -403,48 +326,13 @@ def lars(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.9,
     form; the paper's denominator is :math:`\lVert g\rVert + \lambda\lVert\theta\rVert`.
     ``momentum`` is a float or a schedule ``step -> momentum`` (as ``sgd``'s).
     """
-    where = "lars"
-    as_schedule(momentum, where, "momentum", low=0.0)
-    parts = [*_decoupled_wd(weight_decay, mask, where),
-             scale_by_trust_ratio(trust_coefficient, eps),
-             scale_by_learning_rate(_lr(learning_rate, where))]
-    if _nonzero(momentum):
-        parts.append(trace(momentum, nesterov=nesterov))
-    return chain(*parts)
+    return chain(*_weight_decay(weight_decay, mask),
+                 scale_by_trust_ratio(trust_coefficient, eps),
+                 scale_by_learning_rate(learning_rate),
+                 *([trace(momentum, nesterov=nesterov)] if _nonzero(momentum) else []))
 
 
-class AdafactorStepState(NamedTuple):
-    """``count``: updates so far (for the relative step size)."""
-
-    count: Array
-
-
-def _adafactor_step(learning_rate: ScalarOrSchedule, eps2: float, weight_decay: float
-                    ) -> Optimizer:
-    """Adafactor's relative step: ``-max(eps2, RMS(θ)) min(η, 1/√t) Û - η λ θ``."""
-
-    def init_state(params: Params) -> AdafactorStepState:
-        return AdafactorStepState(jnp.zeros((), jnp.int32))
-
-    def update(updates: Any, state: AdafactorStepState, params: Params | None = None):
-        params = _need_params("adafactor", params)
-        count = safe_increment(state.count)
-        lr = value_at(learning_rate, state.count)
-
-        def leaf(u: Array, p: Array) -> Array:
-            dt = jnp.promote_types(p.dtype, jnp.float32)
-            pf = p.astype(dt)
-            t = count.astype(dt)
-            rho = jnp.minimum(lr, 1.0 / jnp.sqrt(t))
-            alpha = jnp.maximum(eps2, jnp.sqrt(jnp.mean(pf * pf))) * rho
-            out = -alpha * u.astype(dt) - lr * weight_decay * pf
-            return out.astype(u.dtype)
-
-        return jax.tree.map(leaf, updates, params), AdafactorStepState(count)
-
-    return leafwise(Optimizer(init_state, update))  # RMS(θ) is per leaf
-
-
+@names_errors(scale_by_factored_rms={"eps": "eps[0]"}, scale_by_relative_step={"eps2": "eps[1]"})
 def adafactor(learning_rate: ScalarOrSchedule = 1e-2, beta2_decay: float = -0.8,
               eps: tuple[float | None, float] = (None, 1e-3), clipping_threshold: float = 1.0,
               weight_decay: float = 0.0) -> Optimizer:
@@ -463,33 +351,16 @@ def adafactor(learning_rate: ScalarOrSchedule = 1e-2, beta2_decay: float = -0.8,
       eps: ``(eps1, eps2)``; ``eps1=None`` uses each leaf's dtype epsilon.
       clipping_threshold: :math:`d`, the update-RMS clipping threshold.
     """
-    where = "adafactor"
-    _lr(learning_rate, where)
-    check_scalar(where, "weight_decay", weight_decay, low=0.0)
     if not (isinstance(eps, tuple) and len(eps) == 2):
-        raise ValueError(f"{where}: eps must be a pair (eps1 or None, eps2), got {eps!r}")
-    if eps[0] is not None:
-        check_scalar(where, "eps[0]", eps[0], low=0.0, low_open=True)
-    check_scalar(where, "eps[1]", eps[1], low=0.0)
+        raise ValueError(f"adafactor: eps must be a pair (eps1 or None, eps2), got {eps!r}")
     return chain(scale_by_factored_rms(beta2_decay, eps[0], clipping_threshold),
-                 _adafactor_step(learning_rate, eps[1], weight_decay))
+                 scale_by_relative_step(learning_rate, eps[1], weight_decay))
 
 
 # --------------------------------------------------------------------------- schedule-free
 
 
-class ScheduleFreeState(NamedTuple):
-    """``b1`` (kept for ``schedule_free_eval_params``), ``count``, ``weight_sum``, ``max_lr``,
-    the second moment ``nu`` and the ``z`` sequence."""
-
-    b1: Array
-    count: Array
-    weight_sum: Array
-    max_lr: Array
-    nu: Any
-    z: Any
-
-
+@names_errors(scale_by_schedule_free={})
 def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: float = 0.999,
                         eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0,
                         *, weight_lr_power: float = 2.0, mask: Any = None,
@@ -513,72 +384,9 @@ def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: floa
     :math:`\sqrt{1-\beta_2^t}` in :math:`\gamma_t`, the bias-corrected :math:`\hat v_t` in the
     denominator, and the z step's warmup one step behind the weights' (:math:`(t-1)/T_w`).
     """
-    where = "schedule_free_adamw"
-    check_scalar(where, "learning_rate", learning_rate, low=0.0)
-    check_scalar(where, "b1", b1, low=0.0, high=1.0, low_open=True, high_open=True)
-    check_scalar(where, "b2", b2, low=0.0, high=1.0, high_open=True)
-    check_scalar(where, "eps", eps, low=0.0, low_open=True)
-    check_scalar(where, "weight_decay", weight_decay, low=0.0)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"{where}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    if convention not in ("paper", "optax"):
-        raise ValueError(f"{where}: convention must be 'paper' or 'optax', got {convention!r}")
-
-    def warm(t: Array) -> Array:
-        if warmup_steps == 0:
-            return jnp.ones((), t.dtype)
-        return jnp.clip(t / warmup_steps, 0.0, 1.0)
-
-    def init_state(params: Params) -> ScheduleFreeState:
-        f = jnp.result_type(float)
-        if mask is not None:
-            resolve_mask(mask, params, where)
-        nu = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
-                          params)
-        return ScheduleFreeState(jnp.asarray(b1, f), jnp.zeros((), jnp.int32),
-                                 jnp.zeros((), f), jnp.zeros((), f), nu,
-                                 jax.tree.map(jnp.array, params))
-
-    def update(grads: Any, state: ScheduleFreeState, params: Params | None = None):
-        params = _need_params(where, params)
-        _check_grads(where, state.z, grads)
-        count = safe_increment(state.count)
-        t = count.astype(state.weight_sum.dtype)
-        bc2 = 1.0 - jnp.asarray(b2, t.dtype) ** t
-        if convention == "paper":
-            gamma = learning_rate * warm(t) * jnp.sqrt(bc2)
-            gamma_z = gamma
-        else:
-            gamma = learning_rate * warm(t)
-            gamma_z = learning_rate * warm(t - 1.0)
-        max_lr = jnp.maximum(state.max_lr, gamma)
-        weight = max_lr ** weight_lr_power
-        total = state.weight_sum + weight
-        ck = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
-        decay = resolve_mask(mask, params, where)
-
-        def leaf(g: Array, y: Array, v: Array, z: Array, keep: Any) -> tuple:
-            dt = v.dtype
-            gf, yf, zf = g.astype(dt), y.astype(dt), z.astype(dt)
-            v = b2 * v + (1 - b2) * gf * gf
-            denom = jnp.sqrt(v) + eps if convention == "paper" else jnp.sqrt(v / bc2) + eps
-            d = gf / denom
-            if keep is True or not isinstance(keep, bool):
-                d = d + jnp.where(keep, weight_decay, 0.0) * yf
-            z_new = zf - gamma_z * d
-            x = (yf - (1.0 - b1) * zf) / b1
-            x = (1.0 - ck) * x + ck * z_new
-            y_new = b1 * x + (1.0 - b1) * z_new
-            return (y_new - yf).astype(y.dtype), v, z_new.astype(z.dtype)
-
-        treedef = jax.tree.structure(grads)
-        flat = [treedef.flatten_up_to(tree) for tree in (grads, params, state.nu, state.z)]
-        flat.append(treedef.flatten_up_to(decay))
-        outs = [leaf(*args) for args in zip(*flat, strict=True)]
-        updates, nu, z = (treedef.unflatten([o[k] for o in outs]) for k in range(3))
-        return updates, ScheduleFreeState(state.b1, count, total, max_lr, nu, z)
-
-    return Optimizer(init_state, update)
+    return scale_by_schedule_free(learning_rate, b1, b2, eps, weight_decay, warmup_steps,
+                                  weight_lr_power=weight_lr_power, mask=mask,
+                                  convention=convention)
 
 
 def schedule_free_eval_params(state: Any, params: Params | None = None) -> Params:
@@ -606,6 +414,7 @@ def schedule_free_eval_params(state: Any, params: Params | None = None) -> Param
 # --------------------------------------------------------------------------- Muon
 
 
+@names_errors()
 def muon(learning_rate: ScalarOrSchedule = 1e-3, momentum: float = 0.95,
          weight_decay: float = 0.1, nesterov: bool = True, ns_steps: int = 5,
          eps: float = 1e-7, adjust_lr: str = "original", *,
@@ -627,17 +436,13 @@ def muon(learning_rate: ScalarOrSchedule = 1e-3, momentum: float = 0.95,
     ``ns_dtype`` runs Newton–Schulz in another dtype (PyTorch uses bf16; default: the
     grads' float32).
     """
-    where = "muon"
-    _lr(adam_learning_rate, where)
-    check_scalar(where, "adam_b1", adam_b1, low=0.0, high=1.0, high_open=True)
-    check_scalar(where, "adam_b2", adam_b2, low=0.0, high=1.0, high_open=True)
-    check_scalar(where, "adam_eps", adam_eps, low=0.0, low_open=True)
-    decay = _decoupled_wd(weight_decay, None, where)
-    matrices = chain(scale_by_muon(momentum, nesterov, ns_steps, eps, adjust_lr, ns_dtype,
-                                   where=where),
-                     *decay, scale_by_learning_rate(_lr(learning_rate, where)))
-    others = chain(scale_by_adam(adam_b1, adam_b2, adam_eps), *decay,
-                   scale_by_learning_rate(adam_learning_rate))
+    decay = _weight_decay(weight_decay)
+    matrices = chain(scale_by_muon(momentum, nesterov, ns_steps, eps, adjust_lr, ns_dtype),
+                     *decay, scale_by_learning_rate(learning_rate))
+    with naming("muon", scale_by_adam={"b1": "adam_b1", "b2": "adam_b2", "eps": "adam_eps"},
+                scale_by_learning_rate={"learning_rate": "adam_learning_rate"}):
+        others = chain(scale_by_adam(adam_b1, adam_b2, adam_eps), *decay,
+                       scale_by_learning_rate(adam_learning_rate))
     return partition({"muon": matrices, "adam": others},
                      lambda params: jax.tree.map(lambda p: "muon" if jnp.ndim(p) == 2
                                                  else "adam", params))

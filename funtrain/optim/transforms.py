@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from funtrain._tree import check_same_structure
 from funtrain._typing import Array, Grads, Params, ScalarOrSchedule, Updates
-from funtrain.optim._checks import check_scalar, is_traced_or_array, named
+from funtrain.optim._checks import check_int, check_scalar, is_traced_or_array, named
 from funtrain.optim.base import EmptyState, Optimizer, global_norm
 from funtrain.optim.fused import FlatParams, flat_mask, leafwise
 from funtrain.optim.schedules import as_schedule, value_at
@@ -62,8 +62,8 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     ``flip_sign=False`` keeps the sign (for gradient *ascent* or custom chains).
     """
     sign = -1.0 if flip_sign else 1.0
+    as_schedule(learning_rate, "scale_by_learning_rate")
     if not callable(learning_rate):
-        as_schedule(learning_rate, "scale_by_learning_rate")
 
         def update_const(grads: Grads, state: EmptyState, params: Params | None = None):
             return jax.tree.map(lambda g: (sign * learning_rate * g).astype(g.dtype), grads), state
@@ -119,20 +119,15 @@ def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float =
     """
     where = "trace"
     scheduled = callable(decay)
-    if scheduled:
-        as_schedule(decay, where, "decay", low=0.0)
-    else:
-        check_scalar(where, "decay", decay, low=0.0)
+    as_schedule(decay, where, "decay", low=0.0)
     check_scalar(where, "dampening", dampening, low=0.0, high=1.0)
-    if scheduled:  # a schedule's later values are unknown; PyTorch checks only dampening too
-        if nesterov and not is_traced_or_array(dampening) and dampening:
-            raise ValueError(f"{where}: nesterov=True needs dampening == 0, got "
-                             f"dampening={dampening}")
-    else:
-        static = not (is_traced_or_array(decay) or is_traced_or_array(dampening))
-        if nesterov and static and (not decay or dampening):
-            raise ValueError(f"{where}: nesterov=True needs decay > 0 and dampening == 0, "
-                             f"got decay={decay}, dampening={dampening}")
+    # A schedule's later values are unknown (PyTorch checks only dampening too).
+    static = not (is_traced_or_array(decay) or is_traced_or_array(dampening))
+    if nesterov and static and ((not scheduled and not decay) or dampening):
+        w, name = named(where, "decay")
+        need = "dampening == 0" if scheduled else f"{name} > 0 and dampening == 0"
+        got = "" if scheduled else f"{name}={decay}, "
+        raise ValueError(f"{w}: nesterov=True needs {need}, got {got}dampening={dampening}")
 
     def init_state(params: Params) -> TraceState:
         buf = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=accumulator_dtype or p.dtype),
@@ -883,6 +878,128 @@ def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
     return leafwise(Optimizer(init_state, update))
 
 
+class ScaleByRelativeStepState(NamedTuple):
+    """``count``: updates so far (for the relative step size)."""
+
+    count: Array
+
+
+def scale_by_relative_step(learning_rate: ScalarOrSchedule = 1e-2, eps2: float = 1e-3,
+                           weight_decay: float = 0.0) -> Optimizer:
+    r"""Adafactor's relative step (Shazeer & Stern, 2018), learning rate included, as
+    ``torch.optim.Adafactor``: :math:`-\max(\epsilon_2, \mathrm{RMS}(\theta))
+    \min(\eta, 1/\sqrt t)\,\hat U - \eta\lambda\theta`, the RMS per leaf."""
+    where = "scale_by_relative_step"
+    as_schedule(learning_rate, where)
+    check_scalar(where, "eps2", eps2, low=0.0)
+    check_scalar(where, "weight_decay", weight_decay, low=0.0)
+
+    def init_state(params: Params) -> ScaleByRelativeStepState:
+        return ScaleByRelativeStepState(jnp.zeros((), jnp.int32))
+
+    def update(updates: Any, state: ScaleByRelativeStepState, params: Params | None = None):
+        params = _need_params(where, params)
+        count = safe_increment(state.count)
+        lr = value_at(learning_rate, state.count)
+
+        def rule(u: Array, p: Array) -> tuple:
+            rho = jnp.minimum(lr, 1.0 / jnp.sqrt(count.astype(u.dtype)))
+            alpha = jnp.maximum(eps2, jnp.sqrt(jnp.mean(p * p))) * rho
+            return (-alpha * u - lr * weight_decay * p,)
+
+        return per_leaf(rule, updates, params=params)[0], ScaleByRelativeStepState(count)
+
+    return leafwise(Optimizer(init_state, update))  # RMS(θ) is per leaf
+
+
+# --------------------------------------------------------------------------- schedule-free
+
+
+class ScheduleFreeState(NamedTuple):
+    """``b1`` (kept for ``schedule_free_eval_params``), ``count``, ``weight_sum``, ``max_lr``,
+    the second moment ``nu`` and the ``z`` sequence."""
+
+    b1: Array
+    count: Array
+    weight_sum: Array
+    max_lr: Array
+    nu: Any
+    z: Any
+
+
+def scale_by_schedule_free(learning_rate: float = 0.0025, b1: float = 0.9, b2: float = 0.999,
+                           eps: float = 1e-8, weight_decay: float = 0.0,
+                           warmup_steps: int = 0, *, weight_lr_power: float = 2.0,
+                           mask: Any = None, convention: str = "paper") -> Optimizer:
+    r"""Schedule-free AdamW's whole step (Defazio et al., 2024), learning rate included: the
+    update moves the held params :math:`y` to :math:`y_{t+1}`. See ``schedule_free_adamw``.
+    """
+    where = "scale_by_schedule_free"
+    check_scalar(where, "learning_rate", learning_rate, low=0.0)
+    check_scalar(where, "b1", b1, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_scalar(where, "b2", b2, low=0.0, high=1.0, high_open=True)
+    check_scalar(where, "eps", eps, low=0.0, low_open=True)
+    check_scalar(where, "weight_decay", weight_decay, low=0.0)
+    check_int(where, "warmup_steps", warmup_steps, low=0)
+    _check_choice(where, "convention", convention, ("paper", "optax"))
+
+    def warm(t: Array) -> Array:
+        if warmup_steps == 0:
+            return jnp.ones((), t.dtype)
+        return jnp.clip(t / warmup_steps, 0.0, 1.0)
+
+    def init_state(params: Params) -> ScheduleFreeState:
+        f = jnp.result_type(float)
+        if mask is not None:
+            resolve_mask(mask, params, where)
+        nu = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                          params)
+        return ScheduleFreeState(jnp.asarray(b1, f), jnp.zeros((), jnp.int32),
+                                 jnp.zeros((), f), jnp.zeros((), f), nu,
+                                 jax.tree.map(jnp.array, params))
+
+    def update(grads: Any, state: ScheduleFreeState, params: Params | None = None):
+        params = _need_params(where, params)
+        _check_grads(where, state.z, grads)
+        count = safe_increment(state.count)
+        t = count.astype(state.weight_sum.dtype)
+        bc2 = 1.0 - jnp.asarray(b2, t.dtype) ** t
+        if convention == "paper":
+            gamma = learning_rate * warm(t) * jnp.sqrt(bc2)
+            gamma_z = gamma
+        else:
+            gamma = learning_rate * warm(t)
+            gamma_z = learning_rate * warm(t - 1.0)
+        max_lr = jnp.maximum(state.max_lr, gamma)
+        weight = max_lr ** weight_lr_power
+        total = state.weight_sum + weight
+        ck = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
+        decay = resolve_mask(mask, params, where)
+
+        def leaf(g: Array, y: Array, v: Array, z: Array, keep: Any) -> tuple:
+            dt = v.dtype
+            gf, yf, zf = g.astype(dt), y.astype(dt), z.astype(dt)
+            v = b2 * v + (1 - b2) * gf * gf
+            denom = jnp.sqrt(v) + eps if convention == "paper" else jnp.sqrt(v / bc2) + eps
+            d = gf / denom
+            if keep is True or not isinstance(keep, bool):
+                d = d + jnp.where(keep, weight_decay, 0.0) * yf
+            z_new = zf - gamma_z * d
+            x = (yf - (1.0 - b1) * zf) / b1
+            x = (1.0 - ck) * x + ck * z_new
+            y_new = b1 * x + (1.0 - b1) * z_new
+            return (y_new - yf).astype(y.dtype), v, z_new.astype(z.dtype)
+
+        treedef = jax.tree.structure(grads)
+        flat = [treedef.flatten_up_to(tree) for tree in (grads, params, state.nu, state.z)]
+        flat.append(treedef.flatten_up_to(decay))
+        outs = [leaf(*args) for args in zip(*flat, strict=True)]
+        updates, nu, z = (treedef.unflatten([o[k] for o in outs]) for k in range(3))
+        return updates, ScheduleFreeState(state.b1, count, total, max_lr, nu, z)
+
+    return Optimizer(init_state, update)
+
+
 # --------------------------------------------------------------------------- Muon
 
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -912,19 +1029,17 @@ class ScaleByMuonState(NamedTuple):
 
 
 def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                  eps: float = 1e-7, adjust_lr: str = "original", ns_dtype: Any = None, *,
-                  where: str = "scale_by_muon") -> Optimizer:
+                  eps: float = 1e-7, adjust_lr: str = "original", ns_dtype: Any = None
+                  ) -> Optimizer:
     r"""Muon's direction for 2-D leaves: :math:`s\,\mathrm{NS}(u_t)` with
     :math:`b_t = \mu b_{t-1} + (1-\mu) g_t` and :math:`u_t = (1-\mu) g_t + \mu b_t`
     (Nesterov) or :math:`b_t`; :math:`s = \sqrt{\max(1, n/m)}` (``"original"``) or
     :math:`0.2\sqrt{\max(n, m)}` (``"match_rms_adamw"``). See ``optim.muon``.
     """
+    where = "scale_by_muon"
     check_scalar(where, "momentum", momentum, low=0.0, high=1.0, high_open=True)
-    if adjust_lr not in ("original", "match_rms_adamw"):
-        raise ValueError(f"{where}: adjust_lr must be 'original' or 'match_rms_adamw', got "
-                         f"{adjust_lr!r}")
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
-        raise ValueError(f"{where}: ns_steps must be a positive int, got {ns_steps!r}")
+    _check_choice(where, "adjust_lr", adjust_lr, ("original", "match_rms_adamw"))
+    check_int(where, "ns_steps", ns_steps)
 
     def init_state(params: Params) -> ScaleByMuonState:
         for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
