@@ -17,8 +17,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from funtrain._checks import check_int
 from funtrain._typing import Array
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -193,10 +193,7 @@ def top_k_accuracy(logits: Array, labels: Array, *, k: int = 5,
     """
     where = "top_k_accuracy"
     logits = jnp.asarray(logits)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) \
-            or not 1 <= k <= logits.shape[-1]:
-        raise ValueError(f"{where}: k must be an int in [1, {logits.shape[-1]}] (number of "
-                         f"classes), got {k!r}")
+    check_int(where, "k", k, high=logits.shape[-1])  # at most the number of classes
     labels, is_index = _class_targets(where, logits, labels)
     if not is_index:
         labels = jnp.argmax(labels, axis=-1)

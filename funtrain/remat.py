@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from funtrain._checks import check_int
 from funtrain._typing import Params, PRNGKey
 from funtrain.nn.module import (
     Module,
@@ -190,8 +191,7 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
       (8, 16, 16)
     """
     kind = "repeat"
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"repeat: n must be a positive int, got {n!r}")
+    check_int(kind, "n", n)
     if remat not in (None, "block", "sqrt"):
         raise ValueError(f"repeat: remat must be None, 'block' or 'sqrt', got {remat!r}")
     k = segment or max(1, math.ceil(math.sqrt(n)))

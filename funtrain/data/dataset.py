@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from funtrain._checks import check_int
 from funtrain._typing import PRNGKey
 
 Batch = dict[str, np.ndarray]
@@ -95,8 +96,7 @@ class Loader:
                             f"None for no shuffling), got {got}")
         n = len(self.dataset)
         bs = self.batch_size
-        if isinstance(bs, bool) or not isinstance(bs, (int, np.integer)) or bs <= 0:
-            raise ValueError(f"Loader: batch_size must be a positive int, got {bs!r}")
+        check_int("Loader", "batch_size", bs)
         if n == 0:
             raise ValueError("Loader: the dataset is empty (0 examples)")
         if self.drop_remainder and bs > n:

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import jax
 
+from funtrain._checks import check_int
+
 T = TypeVar("T")
 
 _DONE = object()
@@ -33,8 +35,7 @@ def prefetch(items: Iterable[T], size: int = 2,
       >>> [float(b.sum()) for b in prefetch(np.ones((2, 3)) for _ in range(2))]
       [6.0, 6.0]
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"prefetch: size must be an int >= 1, got {size!r}")
+    check_int("prefetch", "size", size)
     transform = jax.device_put if transform is None else transform
     slots: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()

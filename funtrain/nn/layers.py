@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from funtrain._checks import check_int
 from funtrain._typing import Array, Params, PRNGKey
 from funtrain.nn import initializers as inits
 from funtrain.nn.module import (
@@ -42,8 +43,7 @@ def _make(kind: str, init: Any, apply: Any, name: str | None) -> Module:
 
 
 def _positive_int(value: Any, what: str, kind: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{kind}: {what} must be a positive int, got {value!r}")
+    check_int(kind, what, value)
     return value
 
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from funtrain._checks import check_int
 from funtrain._typing import PRNGKey
 from funtrain.nn.module import Module, apply_with_state, init_with_state, recording
 
@@ -163,9 +164,7 @@ def summary(model: Module, *example_inputs: Any, train: bool = False, depth: int
     """
     if not isinstance(model, Module):
         raise TypeError(f"summary: model must be a Module, got {type(model).__name__}")
-    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
-                              or depth < 0):
-        raise ValueError(f"summary: depth must be None or an int >= 0, got {depth!r}")
+    check_int("summary", "depth", depth, low=0, optional=True)
     if key is None:
         key = jax.random.key(0)
     xs = jax.tree.map(_abstract_leaf, example_inputs)

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
+from funtrain._checks import check_int as _check_int
 
 # (factory name, {block: {block's argument: factory's argument}}) while a factory builds
 _CALLED: contextvars.ContextVar[tuple[str, Mapping[str, Mapping[str, str]]] | None] = \
@@ -60,14 +60,9 @@ def named(where: str, name: str) -> tuple[str, str]:
     return factory, renames.get(where, {}).get(name, name)
 
 
-def check_int(where: str, name: str, value: Any, *, low: int = 1) -> None:
-    """An int (not a bool) ``>= low``."""
-    where, name = named(where, name)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__} "
-                        f"({value!r})")
-    if value < low:
-        raise ValueError(f"{where}: {name} must be >= {low}, got {value}")
+def check_int(where: str, name: str, value: Any, **kw: Any) -> None:
+    """``funtrain._checks.check_int``, naming the factory being built."""
+    _check_int(*named(where, name), value, **kw)
 
 
 def is_traced_or_array(value: Any) -> bool:

@@ -59,6 +59,13 @@ def is_optimizer(x: Any) -> bool:
     return hasattr(x, "init") and hasattr(x, "update")
 
 
+def check_optimizer(where: str, name: str, opt: Any) -> None:
+    """The one check that an argument is an optimizer, naming where and which."""
+    if not is_optimizer(opt):
+        raise TypeError(f"{where}: {name} must be an Optimizer (a pair init_state/update), "
+                        f"got {type(opt).__name__}")
+
+
 def identity() -> Optimizer:
     """Leave the gradients unchanged."""
     return Optimizer(lambda params: EmptyState(),
@@ -73,9 +80,7 @@ def chain(*optimizers: Optimizer) -> Optimizer:
       >>> opt = optim.chain(optim.add_decayed_weights(1e-4), optim.scale_by_learning_rate(0.1))
     """
     for i, opt in enumerate(optimizers):
-        if not is_optimizer(opt):
-            raise TypeError(f"chain: argument {i} is {type(opt).__name__}, expected an "
-                            f"Optimizer (a pair init_state/update)")
+        check_optimizer("chain", f"argument {i}", opt)
     init_fns = tuple(opt.init for opt in optimizers)
     update_fns = tuple(opt.update for opt in optimizers)
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from funtrain._checks import check_int, is_int
 from funtrain._typing import Schedule
 from funtrain.optim._checks import check_scalar, named
 
@@ -172,20 +173,6 @@ def _linear_interp(start: Any, end: Any, num: Any, den: Any) -> Any:
     return jnp.where(first_half, start + (end - start) * p, end + (start - end) * p)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_int(where: str, name: str, value: Any, *, low: int = 1) -> None:
-    """Check an integer hyperparameter ``>= low``: ``TypeError`` if not an int."""
-    want = "a positive int" if low == 1 else f"an int >= {low}"
-    if not _is_int(value):
-        raise TypeError(f"{where}: {name} must be {want}, got {value!r} "
-                        f"({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{where}: {name} must be {want}, got {value}")
-
-
 def _check_int_sequence(where: str, name: str, values: Any) -> list[int]:
     """Check a sequence of ints ``>= 0`` in non-decreasing order and return it as a list."""
     want = "a sequence of ints >= 0 in non-decreasing order"
@@ -193,7 +180,7 @@ def _check_int_sequence(where: str, name: str, values: Any) -> list[int]:
         raise TypeError(f"{where}: {name} must be {want}, got {values!r} "
                         f"({type(values).__name__})")
     values = list(values)
-    if not all(_is_int(v) for v in values):
+    if not all(is_int(v) for v in values):
         raise TypeError(f"{where}: {name} must be {want}, got {values!r}")
     unsorted = any(a > b for a, b in zip(values[:-1], values[1:], strict=True))
     if unsorted or any(v < 0 for v in values):
@@ -224,7 +211,7 @@ def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedul
     """
     where = "step_decay"
     check_scalar(where, "init_value", init_value)
-    _check_int(where, "step_size", step_size)
+    check_int(where, "step_size", step_size)
     check_scalar(where, "gamma", gamma, low=0.0)
 
     def schedule(step: Any) -> Any:
@@ -332,7 +319,7 @@ def cosine_annealing(init_value: float, t_max: int, eta_min: float = 0.0) -> Sch
     """
     where = "cosine_annealing"
     check_scalar(where, "init_value", init_value)
-    _check_int(where, "t_max", t_max)
+    check_int(where, "t_max", t_max)
     check_scalar(where, "eta_min", eta_min)
 
     def schedule(step: Any) -> Any:
@@ -387,8 +374,8 @@ def cosine_warm_restarts(init_value: float, t_0: int, t_mult: int = 1, eta_min: 
     """
     where = "cosine_warm_restarts"
     check_scalar(where, "init_value", init_value)
-    _check_int(where, "t_0", t_0)
-    _check_int(where, "t_mult", t_mult)
+    check_int(where, "t_0", t_0)
+    check_int(where, "t_mult", t_mult)
     check_scalar(where, "eta_min", eta_min)
 
     def schedule(step: Any) -> Any:
@@ -444,8 +431,8 @@ def warmup_cosine(peak_value: float, warmup_steps: int, total_steps: int,
     """
     where = "warmup_cosine"
     check_scalar(where, "peak_value", peak_value)
-    _check_int(where, "warmup_steps", warmup_steps, low=0)
-    _check_int(where, "total_steps", total_steps)
+    check_int(where, "warmup_steps", warmup_steps, low=0)
+    check_int(where, "total_steps", total_steps)
     if total_steps <= warmup_steps:
         raise ValueError(f"{where}: total_steps must be an int > warmup_steps "
                          f"({warmup_steps}), got {total_steps}")
@@ -492,7 +479,7 @@ def linear(init_value: float, end_value: float, transition_steps: int) -> Schedu
     where = "linear"
     check_scalar(where, "init_value", init_value)
     check_scalar(where, "end_value", end_value)
-    _check_int(where, "transition_steps", transition_steps)
+    check_int(where, "transition_steps", transition_steps)
 
     def schedule(step: Any) -> Any:
         t = jnp.clip(_steps(step), 0, transition_steps)
@@ -527,7 +514,7 @@ def polynomial(init_value: float, end_value: float, power: float, transition_ste
     check_scalar(where, "init_value", init_value)
     check_scalar(where, "end_value", end_value)
     check_scalar(where, "power", power, low=0.0, low_open=True)
-    _check_int(where, "transition_steps", transition_steps)
+    check_int(where, "transition_steps", transition_steps)
 
     def schedule(step: Any) -> Any:
         left = transition_steps - jnp.clip(_steps(step), 0, transition_steps)
@@ -596,7 +583,7 @@ def one_cycle(max_value: float, total_steps: int, pct_start: float = 0.3, anneal
     """
     where = "one_cycle"
     check_scalar(where, "max_value", max_value)
-    _check_int(where, "total_steps", total_steps)
+    check_int(where, "total_steps", total_steps)
     check_scalar(where, "pct_start", pct_start, low=0.0, high=1.0)
     if anneal not in ("cos", "linear"):
         raise ValueError(f"{where}: anneal must be 'cos' or 'linear', got {anneal!r}")
@@ -701,7 +688,7 @@ def one_cycle_momentum(total_steps: int, pct_start: float = 0.3, anneal: str = "
     :func:`one_cycle`.
     """
     where = "one_cycle_momentum"
-    _check_int(where, "total_steps", total_steps)
+    check_int(where, "total_steps", total_steps)
     check_scalar(where, "pct_start", pct_start, low=0.0, high=1.0)
     if anneal not in ("cos", "linear"):
         raise ValueError(f"{where}: anneal must be 'cos' or 'linear', got {anneal!r}")
@@ -755,9 +742,9 @@ def cyclic(base_value: float, max_value: float, step_size_up: int,
     where = "cyclic"
     check_scalar(where, "base_value", base_value)
     check_scalar(where, "max_value", max_value)
-    _check_int(where, "step_size_up", step_size_up)
+    check_int(where, "step_size_up", step_size_up)
     down = step_size_up if step_size_down is None else step_size_down
-    _check_int(where, "step_size_down", down, low=0)
+    check_int(where, "step_size_down", down, low=0)
     modes = ("triangular", "triangular2", "exp_range")
     if mode not in modes:
         raise ValueError(f"{where}: mode must be one of {', '.join(map(repr, modes))}, "
@@ -850,7 +837,7 @@ def per_epoch(schedule: float | Schedule, steps_per_epoch: int) -> Schedule:
     """
     where = "per_epoch"
     fn = as_schedule(schedule, where, "schedule", low=None)
-    _check_int(where, "steps_per_epoch", steps_per_epoch)
+    check_int(where, "steps_per_epoch", steps_per_epoch)
 
     def per_epoch_schedule(step: Any) -> Any:
         epoch, _ = _divmod(_steps(step), steps_per_epoch)

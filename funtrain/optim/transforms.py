@@ -258,7 +258,7 @@ def per_leaf(rule: Callable[..., tuple], grads: Any, *slots: Any, params: Any = 
     ``promote=False`` passes the leaves as they are (a rule that reads their dtype).
     """
     treedef = jax.tree.structure(grads)
-    absent = [isinstance(t, tuple) and len(t) == 0 for t in slots]
+    absent = [type(t) is tuple and not t for t in slots]  # () itself, not an empty node
     columns = [[None] * treedef.num_leaves if no else treedef.flatten_up_to(t)
                for t, no in zip(slots, absent, strict=True)]
     if params is not None:

@@ -31,7 +31,13 @@ from jax import lax
 
 from funtrain._tree import check_same_structure, keystr, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
-from funtrain.optim.base import EmptyState, Optimizer, apply_updates, is_optimizer
+from funtrain.optim._checks import check_int
+from funtrain.optim.base import (
+    EmptyState,
+    Optimizer,
+    apply_updates,
+    check_optimizer,
+)
 from funtrain.optim.fused import leafwise
 from funtrain.optim.transforms import _need_params, safe_increment
 from funtrain.precision import all_finite
@@ -52,20 +58,6 @@ LabelsOrFn = Any  # a pytree of str like params, or a function params -> such a 
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_optimizer(where: str, name: str, opt: Any) -> None:
-    if not is_optimizer(opt):
-        raise TypeError(f"{where}: {name} must be an Optimizer (a pair init_state/update), "
-                        f"got {type(opt).__name__}")
-
-
-def _check_int(where: str, name: str, value: Any, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__} "
-                        f"({value!r})")
-    if value < low:
-        raise ValueError(f"{where}: {name} must be >= {low}, got {value}")
 
 
 def _resolve(where: str, name: str, tree_or_fn: Any, params: Params | None,
@@ -265,7 +257,7 @@ def masked(opt: Optimizer, mask: MaskOrFn) -> Optimizer:
       Array([-0.1,  1. ], dtype=float32)
     """
     where = "masked"
-    _check_optimizer(where, "opt", opt)
+    check_optimizer(where, "opt", opt)
     _check_mask_types(where, mask)
 
     def init_state(params: Params) -> MaskedState:
@@ -344,7 +336,7 @@ def partition(opts_by_label: Mapping[str, Optimizer], label_fn: LabelsOrFn) -> O
         if not isinstance(label, str):
             raise TypeError(f"{where}: opts_by_label keys must be str labels, got "
                             f"{type(label).__name__} ({label!r})")
-        _check_optimizer(where, f"opts_by_label[{label!r}]", opt)
+        check_optimizer(where, f"opts_by_label[{label!r}]", opt)
     opts = dict(opts_by_label)
 
     def labels_of(tree: Any, params: Params | None, grads: Grads | None = None) -> list[str]:
@@ -518,8 +510,8 @@ def multi_steps(opt: Optimizer, every_k: int) -> Optimizer:
       (Array([-2., -3.], dtype=float32), 1)
     """
     where = "multi_steps"
-    _check_optimizer(where, "opt", opt)
-    _check_int(where, "every_k", every_k, low=1)
+    check_optimizer(where, "opt", opt)
+    check_int(where, "every_k", every_k, low=1)
     k = int(every_k)
 
     def acc_dtype(x: Any) -> Any:
@@ -599,8 +591,8 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
       (Array([0., 0.], dtype=float32), False, 1)
     """
     where = "apply_if_finite"
-    _check_optimizer(where, "opt", opt)
-    _check_int(where, "max_consecutive_errors", max_consecutive_errors, low=0)
+    check_optimizer(where, "opt", opt)
+    check_int(where, "max_consecutive_errors", max_consecutive_errors, low=0)
 
     def init_state(params: Params) -> ApplyIfFiniteState:
         return ApplyIfFiniteState(
@@ -858,7 +850,7 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
       -0.5
     """
     where = "ema"
-    _check_optimizer(where, "opt", opt)
+    check_optimizer(where, "opt", opt)
     if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating)) \
             or not 0.0 <= float(decay) < 1.0:
         raise ValueError(f"{where}: decay must be a float in [0, 1), got {decay!r}")

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from funtrain._checks import check_int
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -214,8 +216,7 @@ class EarlyStopping:
                  min_delta: float = 0.0):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be an int >= 1, got {patience!r}")
+        check_int("EarlyStopping", "patience", patience)
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
         self.best_step: int | None = None

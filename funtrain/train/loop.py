@@ -23,6 +23,7 @@ import jax
 import jax.monitoring
 import numpy as np
 
+from funtrain._checks import check_int
 from funtrain._tree import keystr
 from funtrain._typing import Batch, Params
 from funtrain.data.dataset import Loader
@@ -297,11 +298,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
 
 
 def _positive_int(name: str, value: Any, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"fit: {name} must be an int >= 1{' or None' if optional else ''}, "
-                         f"got {value!r}")
+    check_int("fit", name, value, optional=optional)
 
 
 def _check_arguments(args: dict[str, Any]) -> int | None:

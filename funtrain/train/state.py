@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from funtrain._typing import Array, OptState, Params, PRNGKey
+from funtrain.optim.base import check_optimizer
 from funtrain.optim.fused import fuse
 from funtrain.precision import as_policy
 
@@ -78,9 +79,7 @@ class TrainState(NamedTuple):
           >>> int(state.step)
           0
         """
-        if not hasattr(optimizer, "init"):
-            raise TypeError(f"TrainState.create: optimizer must be an Optimizer (init_state, "
-                            f"update), got {type(optimizer).__name__}")
+        check_optimizer("TrainState.create", "optimizer", optimizer)
         key = _checked_key(key)
         # Copies (so donation never deletes the caller's arrays), without weak types (a
         # weak-typed leaf would come back strong from the update and recompile the step).

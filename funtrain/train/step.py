@@ -17,7 +17,7 @@ from funtrain._tree import keystr
 from funtrain._typing import Array, Batch, Params, PRNGKey
 from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module, check_statistics
-from funtrain.optim.base import Optimizer, apply_updates, global_norm, is_optimizer
+from funtrain.optim.base import Optimizer, apply_updates, check_optimizer, global_norm
 from funtrain.optim.fused import FlatParams
 from funtrain.optim.wrappers import InjectHyperparamsState
 from funtrain.precision import all_finite, as_policy
@@ -242,9 +242,7 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
     where = "make_train_step"
     if not callable(loss_fn):
         raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not is_optimizer(optimizer):
-        raise TypeError(f"{where}: optimizer must be an Optimizer (init_state, update), got "
-                        f"{type(optimizer).__name__}")
+    check_optimizer(where, "optimizer", optimizer)
     with_key = _takes_key(loss_fn)
     accepts, requires = _positional(loss_fn)
     if policy is not None:

@@ -48,5 +48,5 @@ def test_leaving_early_stops_the_thread():
 
 
 def test_size_is_checked():
-    with pytest.raises(ValueError, match="prefetch: size must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="prefetch: size must be a positive int, got 0"):
         next(data.prefetch([1], size=0))

@@ -647,11 +647,13 @@ def test_multi_steps_every_k_1_is_the_inner_optimizer():
 
 
 def test_multi_steps_errors():
-    with pytest.raises(ValueError, match=r"multi_steps: every_k must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"multi_steps: every_k must be a positive int, got 0"):
         multi_steps(optim.sgd(0.1), 0)
-    with pytest.raises(TypeError, match=r"multi_steps: every_k must be an int, got float"):
+    with pytest.raises(TypeError,
+                       match=r"multi_steps: every_k must be a positive int, got 2\.0 \(float\)"):
         multi_steps(optim.sgd(0.1), 2.0)
-    with pytest.raises(TypeError, match=r"multi_steps: every_k must be an int, got bool"):
+    with pytest.raises(TypeError,
+                       match=r"multi_steps: every_k must be a positive int, got True \(bool\)"):
         multi_steps(optim.sgd(0.1), True)
     with pytest.raises(TypeError, match=r"multi_steps: opt must be an Optimizer"):
         multi_steps(0.1, 2)
@@ -705,10 +707,10 @@ def test_apply_if_finite_skips_bitwise_and_counts():
 
 def test_apply_if_finite_errors():
     with pytest.raises(ValueError, match=r"apply_if_finite: max_consecutive_errors must be "
-                                         r">= 0, got -1"):
+                                         r"an int >= 0, got -1"):
         apply_if_finite(optim.sgd(0.1), -1)
     with pytest.raises(TypeError, match=r"apply_if_finite: max_consecutive_errors must be an "
-                                        r"int, got float \(1\.5\)"):
+                                        r"int >= 0, got 1\.5 \(float\)"):
         apply_if_finite(optim.sgd(0.1), 1.5)
     with pytest.raises(TypeError, match=r"apply_if_finite: opt must be an Optimizer"):
         apply_if_finite("sgd", 3)

@@ -196,9 +196,9 @@ def test_fit_rejects_one_shot_iterators_and_bad_arguments():
         train.fit(state, step, lambda e: iter(()), epochs=1, progress=False)
     with pytest.raises(ValueError, match="pass eval_step and eval_data together"):
         train.fit(state, step, [], eval_step=lambda p, b: {}, progress=False)
-    with pytest.raises(ValueError, match="epochs must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="epochs must be a positive int, got 0"):
         train.fit(state, step, [], epochs=0, progress=False)
-    with pytest.raises(ValueError, match="steps_per_call must be an int >= 1 or None"):
+    with pytest.raises(ValueError, match="steps_per_call must be None or a positive int"):
         train.fit(state, step, [{}], steps_per_call=0, progress=False)
     with pytest.raises(TypeError, match="device_data=True needs train_data to be a Loader"):
         train.fit(state, step, [{"x": np.ones((2, 2))}], device_data=True, progress=False)

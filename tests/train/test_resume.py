@@ -241,7 +241,7 @@ def test_checkpoint_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="resume, overwrite and checkpoint_every need "
                                          "checkpoint_dir"):
         train.fit(state, step, loader, resume=True, progress=False)
-    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match="checkpoint_every must be None or a positive int, got 0"):
         train.fit(state, step, loader, checkpoint_dir=tmp_path, checkpoint_every=0,
                   progress=False)
     with pytest.raises(ValueError, match="resume must be True, False or 'rederive'"):

@@ -13,6 +13,7 @@ so outputs match torchvision's exactly, and He (fan-out) initialisation as torch
 
 from __future__ import annotations
 
+from funtrain._checks import check_int
 from funtrain.nn import initializers as inits
 from funtrain.nn.combinators import residual, serial
 from funtrain.nn.layers import batch_norm, conv, dense, global_avg_pool, max_pool, relu
@@ -91,8 +92,7 @@ def resnet(depth: int, num_classes: int = 1000, *, stem: str = "imagenet", width
         raise ValueError(f"resnet: depth must be one of {sorted(DEPTHS)}, got {depth!r}")
     if stem not in ("imagenet", "cifar"):
         raise ValueError(f"resnet: stem must be 'imagenet' or 'cifar', got {stem!r}")
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"resnet: width must be a positive int, got {width!r}")
+    check_int("resnet", "width", width)
     kind, blocks = DEPTHS[depth]
     make_block = basic_block if kind == "basic" else bottleneck_block
     expansion = EXPANSION[kind]

@@ -1,0 +1,74 @@
+"""Hyperparameters are checked once, by the block that uses them, naming what the user called."""
+
+import collections
+
+import pytest
+
+from funtrain import optim
+from funtrain._checks import IntArgumentError, check_int
+from funtrain.optim import _checks, schedules, transforms
+
+
+@pytest.fixture
+def checked(monkeypatch):
+    """Count the hyperparameters each check names (every check goes through ``named``)."""
+    calls = collections.Counter()
+    real = _checks.named
+
+    def spy(where, name):
+        where, name = real(where, name)
+        calls[(where, name)] += 1
+        return where, name
+
+    for module in (_checks, schedules, transforms):
+        monkeypatch.setattr(module, "named", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    ("adamw", {}, {"learning_rate", "b1", "b2", "eps", "eps_root", "weight_decay"}),
+    ("adam", {}, {"learning_rate", "b1", "b2", "eps", "eps_root"}),
+    ("sgd", {"learning_rate": 0.1, "momentum": 0.9}, {"learning_rate", "momentum",
+                                                      "dampening"}),
+    ("rmsprop", {"momentum": 0.9}, {"learning_rate", "alpha", "eps", "momentum",
+                                    "dampening"}),
+    ("muon", {}, {"learning_rate", "momentum", "ns_steps", "weight_decay", "adam_b1",
+                  "adam_b2", "adam_eps", "eps_root", "adam_learning_rate"}),
+])
+def test_each_hyperparameter_is_checked_once_under_the_callers_names(checked, name, kwargs,
+                                                                     expected):
+    optim.OPTIMIZERS[name](**kwargs)
+    assert {n for (_, n) in checked} == expected
+    assert {w for (w, _) in checked} == {name}
+    assert set(checked.values()) == {1}
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: optim.sgd(0.1, momentum=-1.0), "sgd: momentum must be >= 0.0, got -1.0"),
+    (lambda: optim.rmsprop(alpha=1.5), r"rmsprop: alpha must be in \[0.0, 1.0\), got 1.5"),
+    (lambda: optim.muon(adam_b1=1.5), r"muon: adam_b1 must be in \[0.0, 1.0\), got 1.5"),
+    (lambda: optim.muon(adam_learning_rate=-1.0),
+     r"muon: adam_learning_rate must be >= 0.0, got -1.0"),
+    (lambda: optim.adafactor(eps=(-1.0, 1e-3)), r"adafactor: eps\[0\] must be > 0.0"),
+    (lambda: optim.adafactor(eps=(None, -1.0)), r"adafactor: eps\[1\] must be >= 0.0"),
+    (lambda: optim.trace(-1.0), "trace: decay must be >= 0.0"),  # called directly
+    (lambda: optim.chain(optim.trace(0.5), optim.sgd(-1.0)),
+     "sgd: learning_rate must be >= 0.0"),
+])
+def test_messages_name_the_optimizer_and_argument_the_user_wrote(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_check_int_says_what_came():
+    with pytest.raises(IntArgumentError, match=r"f: n must be a positive int, got 2.0 \(float\)"):
+        check_int("f", "n", 2.0)
+    # a non-int is a wrong type and a wrong value: both excepts catch it
+    for kind in (TypeError, ValueError):
+        with pytest.raises(kind):
+            check_int("f", "n", True)
+    with pytest.raises(ValueError, match=r"f: n must be an int in \[1, 3\], got 4"):
+        check_int("f", "n", 4, high=3)
+    with pytest.raises(ValueError, match=r"f: n must be None or an int >= 0, got -1"):
+        check_int("f", "n", -1, low=0, optional=True)
+    check_int("f", "n", None, optional=True)
