@@ -218,3 +218,25 @@ def test_fused_with_precision_loss_scale_skip_mode_and_batchnorm(setting):
         runs.append((unfuse(state.params), state.model_state, metrics["loss"]))
     # unscaling and the finiteness tests run over buffers: equal up to rounding
     assert_same(runs[0], runs[1], exact=setting != "f16 with loss scale")
+
+
+def test_fit_resumes_a_fused_run_fused_or_unfused(tmp_path):
+    rng = np.random.default_rng(2)
+    ds = data.ArrayDataset(x=rng.standard_normal((128, 8)).astype(np.float32),
+                           y=rng.integers(0, 4, 128).astype(np.int32))
+    opt = optim.adamw(1e-2)
+    step = train.make_train_step(LOSS, opt)
+
+    def run(fused, epochs, **kw):
+        state = train.TrainState.create(PARAMS, opt, jax.random.key(1), fused=fused)
+        return train.fit(state, step, ds.batches(32, key=jax.random.key(2)), epochs=epochs,
+                         progress=False, **kw)[0]
+
+    reference = run(False, 2)
+    for fused in (True, False):  # a fused first epoch, then the rest from its checkpoint
+        d = tmp_path / f"resume_{fused}"
+        run(True, 1, checkpoint_dir=d)
+        resumed = run(fused, 2, checkpoint_dir=d, resume=True)
+        assert isinstance(resumed.params, FlatParams) == fused
+        assert int(resumed.step) == int(reference.step)
+        assert_same(unfuse(resumed.params), reference.params)
