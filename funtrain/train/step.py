@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
 
 from funtrain import losses
 from funtrain._tree import keystr
@@ -142,12 +143,33 @@ class _JittedStep:
     "Buffer has been deleted or donated"). Other attributes are the jitted function's."""
 
     def __init__(self, step: StepFn, donate: bool) -> None:
+        self.step, self.donate = step, donate
         self.jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+        self.sharded: dict[Any, Any] = {}  # a jit per state layout on a mesh
         functools.update_wrapper(self, step)
+
+    def _for(self, state: TrainState) -> Any:
+        """The jitted step; for a state placed on a mesh (``parallel.shard_state``), one
+        that keeps each new leaf where the old one was (GSPMD would otherwise choose)."""
+        leaves, treedef = jax.tree.flatten(state)
+        shardings = tuple(getattr(x, "sharding", None) for x in leaves)
+        if not any(isinstance(sh, NamedSharding) and sh.mesh.size > 1 for sh in shardings):
+            return self.jitted
+        key = (treedef, shardings)
+        if key not in self.sharded:
+            def keep(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+                new, metrics = self.step(state, batch)
+                new = treedef.unflatten([
+                    lax.with_sharding_constraint(x, sh) if isinstance(sh, NamedSharding)
+                    else x for x, sh in zip(jax.tree.leaves(new), shardings, strict=True)])
+                return new, metrics
+
+            self.sharded[key] = jax.jit(keep, donate_argnums=(0,) if self.donate else ())
+        return self.sharded[key]
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         try:
-            return self.jitted(state, batch)
+            return self._for(state)(state, batch)
         except (RuntimeError, ValueError):
             if _is_deleted(state):
                 raise donated_state_error("step") from None

@@ -1,0 +1,95 @@
+"""Run by test_parallel.py in a fresh process with 8 emulated CPU devices: trains the seed
+MLP and a small GPT for 20 steps on 1 device, data parallel and FSDP, and prints JSON."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \
+    " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from funtrain import losses, nn, optim, parallel, train  # noqa: E402
+
+
+def problem(kind):
+    rng = np.random.default_rng(0)
+    if kind == "mlp":
+        model = nn.mlp([256, 10])
+        params = model.init(jax.random.key(0), jnp.zeros((1, 784)))
+        batches = [{"x": rng.standard_normal((32, 784)).astype(np.float32),
+                    "y": rng.integers(0, 10, 32).astype(np.int32)} for _ in range(20)]
+        return params, train.classifier_loss(model), batches
+    model = nn.models.gpt(64, 16, 2, 4, 64)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+
+    def loss(p, batch, key):
+        logits = model.apply(p, batch["x"], key=key, train=True)
+        return losses.softmax_cross_entropy(logits, batch["y"])
+
+    batches = []
+    for _ in range(20):
+        tokens = rng.integers(0, 64, (16, 17)).astype(np.int32)
+        batches.append({"x": tokens[:, :-1], "y": tokens[:, 1:]})
+    return params, loss, batches
+
+
+def run(kind, layout):
+    params, loss, batches = problem(kind)
+    opt = optim.adamw(1e-3)
+    state = train.TrainState.create(params, opt, jax.random.key(1))
+    step = train.make_train_step(loss, opt)
+    mesh = None
+    if layout != "single":
+        mesh = parallel.mesh(data=-1) if layout == "dp" else parallel.mesh(data=1, fsdp=-1)
+        state = parallel.shard_state(state, mesh, fsdp_min_size=1024)
+    before = parallel.device_bytes((state.params, state.opt_state))
+    specs = jax.tree.map(lambda x: str(x.sharding.spec) if mesh else "", state.params)
+    out = []
+    for batch in batches:
+        state, metrics = step(state, batch if mesh is None else parallel.shard_batch(batch, mesh))
+        out.append(float(metrics["loss"]))
+    same = True
+    if mesh is not None:  # the state after 20 steps sits where shard_state put it
+        placed = parallel.shard_state(state, mesh, fsdp_min_size=1024)
+        same = all(a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in zip(
+            jax.tree.leaves(state.params), jax.tree.leaves(placed.params), strict=True))
+    total = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
+    return {"losses": out, "per_device": max(before.values()), "total": total,
+            "kept_sharding": same, "specs": jax.tree.leaves(specs)}
+
+
+def bad_input():
+    """The message of each bad input (or None when nothing was raised)."""
+    from jax.sharding import PartitionSpec as P
+
+    params, _, batches = problem("mlp")
+    fsdp = parallel.mesh(data=1, fsdp=-1)
+    cases = {
+        "batch not divisible": lambda: parallel.shard_batch(
+            {"x": np.zeros((12, 784))}, fsdp),
+        "rule matches nothing": lambda: parallel.param_specs(params, fsdp, [("conv", P())]),
+        "spec does not divide": lambda: parallel.param_specs(
+            params, fsdp, [("dense_1/w", P(None, "fsdp"))]),
+        "unknown mesh axis": lambda: parallel.param_specs(params, fsdp, [("w", P("model"))]),
+        "mesh size": lambda: parallel.mesh(data=3),
+    }
+    out = {}
+    for name, make in cases.items():
+        try:
+            make()
+            out[name] = None
+        except (ValueError, TypeError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+if __name__ == "__main__":
+    result = {"devices": len(jax.devices()), "bad_input": bad_input()}
+    for kind in sys.argv[1:] or ["mlp", "gpt"]:
+        for layout in ("single", "dp", "fsdp"):
+            result[f"{kind}/{layout}"] = run(kind, layout)
+    print(json.dumps(result))

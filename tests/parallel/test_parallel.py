@@ -1,0 +1,64 @@
+"""SPMD on 8 emulated CPU devices, in a fresh process (the device count is fixed when JAX
+starts): data parallel and FSDP train like one device, and FSDP splits the memory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from funtrain import parallel
+
+SCRIPT = Path(__file__).with_name("spmd_run.py")
+
+
+@pytest.fixture(scope="module")
+def runs():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "mlp", "gpt"], capture_output=True,
+                          text=True, timeout=600, cwd=SCRIPT.parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt"])
+@pytest.mark.parametrize("layout", ["dp", "fsdp"])
+def test_sharded_training_equals_one_device(runs, kind, layout):
+    assert runs["devices"] == 8
+    one, many = runs[f"{kind}/single"], runs[f"{kind}/{layout}"]
+    # float32, 20 AdamW steps: the reductions split over devices change the last bits only
+    np.testing.assert_allclose(many["losses"], one["losses"], rtol=1e-5)
+    assert many["kept_sharding"]  # the step hands the state back where it was placed
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt"])
+def test_fsdp_holds_an_eighth_of_the_state_per_device(runs, kind):
+    dp, fsdp = runs[f"{kind}/dp"], runs[f"{kind}/fsdp"]
+    assert dp["per_device"] == dp["total"]  # replicated
+    # an eighth, plus the leaves under fsdp_min_size (biases, norms) that stay replicated
+    assert fsdp["per_device"] <= fsdp["total"] / 8 * 1.2
+    assert any("fsdp" in spec for spec in fsdp["specs"])
+
+
+def test_bad_input_is_named(runs):
+    bad = runs["bad_input"]
+    assert "batch array 'x' of shape (12, 784) must have a first axis divisible by " \
+           "data * fsdp = 8" in bad["batch not divisible"]
+    assert "rule(s) ['conv'] match no param key path" in bad["rule matches nothing"]
+    assert "splits 'dense_1/w' of shape (256, 10) over ('fsdp',) (8 devices), which does " \
+           "not divide 10" in bad["spec does not divide"]
+    assert "names mesh axis 'model', which the mesh lacks" in bad["unknown mesh axis"]
+    assert "8 devices do not divide into 3" in bad["mesh size"] or \
+        "data * fsdp * tensor" in bad["mesh size"]
+
+
+def test_mesh_on_this_process_devices():
+    m = parallel.mesh()
+    assert m.axis_names == ("data", "fsdp", "tensor")
+    assert m.shape["data"] == len(jax.devices())
+    with pytest.raises(ValueError, match=r"parallel.mesh: data \* fsdp \* tensor = "):
+        parallel.mesh(data=len(jax.devices()) + 1)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        parallel.mesh(data=-1, fsdp=-1)
