@@ -9,8 +9,13 @@ one device: GSPMD partitions the computation and inserts the collectives.
 - FSDP / ZeRO-3 (``mesh(data=1, fsdp=-1)``): each param, and its optimizer state, split
   along its largest axis that the ``fsdp`` axis divides; leaves under ``fsdp_min_size``
   elements stay replicated. The batch is split over ``data`` and ``fsdp`` together.
+- Tensor parallel (``mesh(fsdp=4, tensor=2)`` with ``rules=tensor_rules()``): Megatron's
+  column/row split of each MLP and attention pair, FSDP on the other axis.
 - Your rules first: ``rules=[(regex, PartitionSpec), ...]`` matched against each param's key
   path (``"dense_0/w"``); the first match wins over the defaults.
+
+BatchNorm needs nothing: under GSPMD a batch statistic is a mean over the whole global
+batch, so data-parallel BatchNorm is synchronized BatchNorm.
 
 Example (8 emulated CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``):
 
@@ -72,6 +77,18 @@ def fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int = 1 << 14) -> Pa
         if shape[axis] % n == 0:
             return PartitionSpec(*[("fsdp" if a == axis else None) for a in range(len(shape))])
     return PartitionSpec()
+
+
+def tensor_rules(fsdp: bool = True) -> list[tuple[str, PartitionSpec]]:
+    """Megatron-style tensor parallelism for ``transformer_block``/``gpt`` params: the MLP's
+    first ``dense`` and the attention's query/key/value split by columns over ``tensor`` (so
+    whole heads land on a device when ``n_head`` divides), the MLP's second ``dense`` and
+    the attention's ``out`` by rows; one all-reduce per pair. With ``fsdp`` the other axis of
+    each weight is split over ``fsdp`` too. Prepend your own rules to override."""
+    f = "fsdp" if fsdp else None
+    return [(r"(mlp/dense_0|/query|/key|/value)/w$", PartitionSpec(f, "tensor")),
+            (r"(mlp/dense_0|/query|/key|/value)/b$", PartitionSpec("tensor")),
+            (r"(mlp/dense_1|/out)/w$", PartitionSpec("tensor", f))]
 
 
 def _check_spec(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh,

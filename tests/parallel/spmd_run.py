@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from funtrain import losses, nn, optim, parallel, train  # noqa: E402
 
@@ -23,6 +24,13 @@ def problem(kind):
         batches = [{"x": rng.standard_normal((32, 784)).astype(np.float32),
                     "y": rng.integers(0, 10, 32).astype(np.int32)} for _ in range(20)]
         return params, train.classifier_loss(model), batches
+    if kind == "cnn":  # BatchNorm: its statistics are over the global batch
+        model = nn.serial(nn.conv(8, (3, 3)), nn.batch_norm(), nn.relu(),
+                          nn.global_avg_pool(), nn.dense(10))
+        params, model_state = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+        batches = [{"x": rng.standard_normal((16, 8, 8, 3)).astype(np.float32),
+                    "y": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(20)]
+        return (params, model_state), train.classifier_loss(model), batches
     model = nn.models.gpt(64, 16, 2, 4, 64)
     params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
 
@@ -37,15 +45,28 @@ def problem(kind):
     return params, loss, batches
 
 
+MLP_TENSOR = [(r"dense_0/w", P("fsdp", "tensor")), (r"dense_0/b", P("tensor")),
+              (r"dense_1/w", P("tensor", None))]  # 10 classes: no fsdp split
+
+
 def run(kind, layout):
     params, loss, batches = problem(kind)
+    model_state = None
+    if kind == "cnn":
+        params, model_state = params
     opt = optim.adamw(1e-3)
-    state = train.TrainState.create(params, opt, jax.random.key(1))
+    state = train.TrainState.create(params, opt, jax.random.key(1), model_state=model_state)
     step = train.make_train_step(loss, opt)
-    mesh = None
-    if layout != "single":
-        mesh = parallel.mesh(data=-1) if layout == "dp" else parallel.mesh(data=1, fsdp=-1)
-        state = parallel.shard_state(state, mesh, fsdp_min_size=1024)
+    mesh, rules = None, ()
+    if layout == "dp":
+        mesh = parallel.mesh(data=-1)
+    elif layout == "fsdp":
+        mesh = parallel.mesh(data=1, fsdp=-1)
+    elif layout == "fsdp+tp":
+        mesh = parallel.mesh(data=1, fsdp=4, tensor=2)
+        rules = MLP_TENSOR if kind == "mlp" else parallel.tensor_rules()
+    if mesh is not None:
+        state = parallel.shard_state(state, mesh, rules, fsdp_min_size=1024)
     before = parallel.device_bytes((state.params, state.opt_state))
     specs = jax.tree.map(lambda x: str(x.sharding.spec) if mesh else "", state.params)
     out = []
@@ -54,7 +75,7 @@ def run(kind, layout):
         out.append(float(metrics["loss"]))
     same = True
     if mesh is not None:  # the state after 20 steps sits where shard_state put it
-        placed = parallel.shard_state(state, mesh, fsdp_min_size=1024)
+        placed = parallel.shard_state(state, mesh, rules, fsdp_min_size=1024)
         same = all(a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in zip(
             jax.tree.leaves(state.params), jax.tree.leaves(placed.params), strict=True))
     total = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
@@ -64,8 +85,6 @@ def run(kind, layout):
 
 def bad_input():
     """The message of each bad input (or None when nothing was raised)."""
-    from jax.sharding import PartitionSpec as P
-
     params, _, batches = problem("mlp")
     fsdp = parallel.mesh(data=1, fsdp=-1)
     cases = {
@@ -89,7 +108,7 @@ def bad_input():
 
 if __name__ == "__main__":
     result = {"devices": len(jax.devices()), "bad_input": bad_input()}
-    for kind in sys.argv[1:] or ["mlp", "gpt"]:
-        for layout in ("single", "dp", "fsdp"):
+    for kind in sys.argv[1:] or ["mlp", "gpt", "cnn"]:
+        for layout in ("single", "dp", "fsdp") + (("fsdp+tp",) if kind != "cnn" else ()):
             result[f"{kind}/{layout}"] = run(kind, layout)
     print(json.dumps(result))
