@@ -74,6 +74,8 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("launch", help="python -m funtrain launch --nproc N script.py [args]: run "
+                   "the script as N processes of one jax.distributed job on this machine")
     demo = sub.add_parser("demo", help="train the seed's MLP (64 -> 256 -> 10) on the 8x8 "
                           "digits with SGD + momentum and print the test accuracy")
     demo.add_argument("--model", choices=tuple(MODELS), default="mlp",
@@ -151,6 +153,10 @@ def demo(args: argparse.Namespace) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # the rest belongs to the launched script
+        from funtrain.parallel import main_launch
+        return main_launch(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo" and args.resume and not args.checkpoint_dir:

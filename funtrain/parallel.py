@@ -27,7 +27,11 @@ Example (8 emulated CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_co
 from __future__ import annotations
 
 import math
+import os
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -154,24 +158,120 @@ def shard_state(state: Any, mesh: Mesh, rules: Rules = (), *,
             if (name == param or name.endswith("/" + param)) and np.shape(leaf) == shape:
                 spec = param_spec
                 break
-        return jax.device_put(leaf, NamedSharding(mesh, spec))
+        return _put(leaf, NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(place, state)
 
 
+def _put(x: Any, sharding: NamedSharding) -> Any:
+    """``x`` (the same value in every process) placed with ``sharding``: ``device_put`` in
+    one process; across processes each builds its own shards from its copy."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=impl)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """``batch`` split along its first axis over the ``data`` and ``fsdp`` axes. Its size
-    must be a multiple of their product (the message says which array is not)."""
+    """``batch`` split along its first axis over the ``data`` and ``fsdp`` axes.
+
+    In one process ``batch`` is the global batch; its size must be a multiple of ``data *
+    fsdp``. With several processes (``initialize``) each passes its own part, the rows its
+    devices hold (``Loader(..., process_index=jax.process_index(),
+    process_count=jax.process_count())`` reads just those), and the global batch is
+    assembled with ``jax.make_array_from_process_local_data``.
+    """
     n = mesh.shape["data"] * mesh.shape["fsdp"]
+    processes = jax.process_count()
+    sharding = NamedSharding(mesh, BATCH)
 
     def place(path: tuple[Any, ...], x: Any) -> Any:
-        if np.ndim(x) == 0 or np.shape(x)[0] % n:
+        if np.ndim(x) == 0 or (np.shape(x)[0] * processes) % n:
             raise ValueError(f"parallel.shard_batch: batch array {keystr(path)!r} of shape "
                              f"{np.shape(x)} must have a first axis divisible by data * fsdp "
-                             f"= {n}")
-        return jax.device_put(x, NamedSharding(mesh, BATCH))
+                             f"= {n}" + (f" (with {processes} processes, {processes} times "
+                                         f"the local part)" if processes > 1 else ""))
+        if processes > 1:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map_with_path(place, batch)
+
+
+# ----------------------------------------------------------------------------- processes
+
+ENV = ("FUNTRAIN_COORDINATOR", "FUNTRAIN_NUM_PROCESSES", "FUNTRAIN_PROCESS_ID")
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Start ``jax.distributed`` for a multi-process run; ``True`` if it did.
+
+    Explicit arguments win; else the variables that ``python -m funtrain launch`` sets
+    (``FUNTRAIN_COORDINATOR``, ``FUNTRAIN_NUM_PROCESSES``, ``FUNTRAIN_PROCESS_ID``); else,
+    under SLURM (``SLURM_JOB_ID`` with more than one task), JAX's own detection of the job.
+    Otherwise the run has one process and nothing is started. On CPU the collectives are
+    gloo's. Call it first, before anything touches a device.
+    """
+    if coordinator_address is None and all(k in os.environ for k in ENV):
+        coordinator_address = os.environ[ENV[0]]
+        num_processes, process_id = int(os.environ[ENV[1]]), int(os.environ[ENV[2]])
+    slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if coordinator_address is None and not slurm:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address is None:
+        jax.distributed.initialize()  # JAX reads the SLURM job's nodes and task ids
+    else:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(nproc: int, command: Sequence[str], *, timeout: float | None = None) -> int:
+    """Run ``command`` (e.g. ``[sys.executable, "train.py"]``) as ``nproc`` processes of one
+    job on this machine, for tests and laptops: each gets the ``FUNTRAIN_*`` variables that
+    ``initialize`` reads. Returns the first non-zero exit code (the others are stopped),
+    else 0."""
+    check_int("parallel.launch", "nproc", nproc)
+    address = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen(list(command), env={**os.environ, ENV[0]: address,
+                                                   ENV[1]: str(nproc), ENV[2]: str(i)})
+             for i in range(nproc)]
+    code = 0
+    try:
+        for proc in procs:
+            rc = proc.wait(timeout=timeout)
+            if rc and not code:
+                code = rc
+                for other in procs:  # one failed: the others would wait for it forever
+                    other.kill()
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    return code
+
+
+def main_launch(argv: Sequence[str]) -> int:
+    """``python -m funtrain launch --nproc N script.py [args]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="funtrain launch", description=launch.__doc__)
+    parser.add_argument("--nproc", type=int, required=True, help="processes to start")
+    parser.add_argument("script", help="the Python script each process runs")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
+    args = parser.parse_args(argv)
+    return launch(args.nproc, [sys.executable, args.script, *args.args])
 
 
 def device_bytes(tree: Any) -> dict[Any, int]:

@@ -69,6 +69,10 @@ class Loader:
         resuming at an epoch is exact. ``None`` keeps the dataset order.
       drop_remainder: drop the last, smaller batch (keeps every batch the same
         shape, which avoids a second compilation of a jitted step).
+      process_index, process_count: in a multi-process run (``parallel.initialize``), this
+        process reads only its own part of every global batch: rows ``[i * b / n, (i + 1)
+        * b / n)`` of each batch of ``batch_size`` ``b`` (the global size; every process
+        draws the same order). Needs ``drop_remainder=True`` and ``b`` divisible by ``n``.
 
     Example:
       >>> import jax, numpy as np
@@ -81,6 +85,8 @@ class Loader:
     batch_size: int
     key: PRNGKey | None = None
     drop_remainder: bool = False
+    process_index: int = 0
+    process_count: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, ArrayDataset):
@@ -99,6 +105,13 @@ class Loader:
         check_int("Loader", "batch_size", bs)
         if n == 0:
             raise ValueError("Loader: the dataset is empty (0 examples)")
+        check_int("Loader", "process_count", self.process_count)
+        check_int("Loader", "process_index", self.process_index, low=0,
+                  high=self.process_count - 1)
+        if self.process_count > 1 and (bs % self.process_count or not self.drop_remainder):
+            raise ValueError(f"Loader: with process_count={self.process_count}, batch_size "
+                             f"(the global batch, {bs}) must divide by it and "
+                             f"drop_remainder must be True, so every process gets equal parts")
         if self.drop_remainder and bs > n:
             raise ValueError(f"Loader: batch_size={bs} is larger than the dataset ({n} "
                              f"examples) and drop_remainder=True would yield no batch")
@@ -121,8 +134,10 @@ class Loader:
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Yield the batches of epoch ``epoch`` (numpy arrays, on the host)."""
         idx = self.order(epoch)
+        local = self.batch_size // self.process_count
         for b in range(len(self)):
-            yield self.dataset[idx[b * self.batch_size:(b + 1) * self.batch_size]]
+            start = b * self.batch_size + self.process_index * local
+            yield self.dataset[idx[start:start + local]]
 
     def __iter__(self) -> Iterator[Batch]:
         """Epoch 0's batches. Loop over ``loader.epoch(e)`` to get a new order each epoch."""

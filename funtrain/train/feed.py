@@ -149,7 +149,7 @@ def fits_on_device(data: Any) -> bool:
     """Whether ``fit`` serves ``data`` from the device by default: a ``Loader`` over an
     in-memory dataset of numeric arrays that takes at most ``_device_budget()`` bytes
     twice (strings or objects stay on the host)."""
-    if not isinstance(data, Loader):
+    if not isinstance(data, Loader) or data.process_count > 1:  # a process's part: host path
         return False
     arrays = data.dataset.arrays
     numeric = all(a.dtype.kind in "biuf" or a.dtype.name == "bfloat16"

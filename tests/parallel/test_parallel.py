@@ -68,3 +68,55 @@ def test_mesh_on_this_process_devices():
         parallel.mesh(data=len(jax.devices()) + 1)
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         parallel.mesh(data=-1, fsdp=-1)
+
+
+MULTI = Path(__file__).with_name("multiprocess_run.py")
+
+
+def _last_json(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_two_processes_on_localhost_train_like_one():
+    """``python -m funtrain launch --nproc 2``: jax.distributed with gloo on this CPU, each
+    process reading half of every global batch (Loader's process_index/process_count)."""
+    root = SCRIPT.parents[2]
+    one = _last_json(subprocess.run([sys.executable, str(MULTI)], capture_output=True,
+                                    text=True, timeout=300, cwd=root))
+    two = _last_json(subprocess.run(
+        [sys.executable, "-m", "funtrain", "launch", "--nproc", "2", str(MULTI)],
+        capture_output=True, text=True, timeout=300, cwd=root))
+    assert (one["processes"], two["processes"], two["devices"]) == (1, 2, 2)
+    assert (one["local_batch"], two["local_batch"]) == (32, 16)
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+
+
+def test_launch_returns_the_first_failure(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys\n"
+                      "sys.exit(3 if os.environ['FUNTRAIN_PROCESS_ID'] == '1' else 0)\n")
+    assert parallel.launch(2, [sys.executable, str(script)], timeout=60) == 3
+
+
+def test_initialize_in_one_process_starts_nothing(monkeypatch):
+    for name in (*parallel.ENV, "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.initialize() is False
+
+
+def test_loader_gives_each_process_its_part_of_every_global_batch():
+    from funtrain import data
+
+    ds = data.ArrayDataset(x=np.arange(12))
+    whole = [b["x"].tolist() for b in ds.batches(4, key=jax.random.key(0),
+                                                  drop_remainder=True).epoch(1)]
+    parts = [[b["x"].tolist() for b in data.Loader(ds, 4, key=jax.random.key(0),
+                                                   drop_remainder=True, process_index=i,
+                                                   process_count=2).epoch(1)]
+             for i in range(2)]
+    assert [p0 + p1 for p0, p1 in zip(*parts, strict=True)] == whole
+    with pytest.raises(ValueError, match="with process_count=2, batch_size .* must divide"):
+        data.Loader(ds, 3, drop_remainder=True, process_index=0, process_count=2)
+    with pytest.raises(ValueError, match=r"process_index must be an int in \[0, 1\], got 2"):
+        data.Loader(ds, 4, drop_remainder=True, process_index=2, process_count=2)

@@ -1,0 +1,34 @@
+"""Run by test_parallel.py: 20 data-parallel AdamW steps on the seed MLP, as one process or
+as one of several started by ``python -m funtrain launch``; the first process prints the
+losses as JSON."""
+
+import json
+
+from funtrain import parallel
+
+parallel.initialize()  # a no-op in one process
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from funtrain import data, nn, optim, train  # noqa: E402
+
+rng = np.random.default_rng(0)
+dataset = data.ArrayDataset(x=rng.standard_normal((640, 784)).astype(np.float32),
+                            y=rng.integers(0, 10, 640).astype(np.int32))
+loader = data.Loader(dataset, 32, key=jax.random.key(2), drop_remainder=True,
+                     process_index=jax.process_index(), process_count=jax.process_count())
+model = nn.mlp([256, 10])
+opt = optim.adamw(1e-3)
+params = model.init(jax.random.key(0), jnp.zeros((1, 784)))
+mesh = parallel.mesh(data=-1)
+state = parallel.shard_state(train.TrainState.create(params, opt, jax.random.key(1)), mesh)
+step = train.make_train_step(train.classifier_loss(model), opt)
+losses = []
+for batch in loader.epoch(0):
+    state, metrics = step(state, parallel.shard_batch(batch, mesh))
+    losses.append(float(metrics["loss"]))
+if jax.process_index() == 0:
+    print(json.dumps({"processes": jax.process_count(), "devices": len(jax.devices()),
+                      "local_batch": len(batch["x"]), "losses": losses}), flush=True)
