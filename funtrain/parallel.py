@@ -42,6 +42,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from funtrain._checks import check_int
 from funtrain._tree import keystr
 
+__all__ = ["mesh", "fsdp_spec", "tensor_rules", "param_specs", "shard_state", "shard_batch",
+           "device_bytes", "initialize", "launch", "AXES", "BATCH"]
+
 AXES = ("data", "fsdp", "tensor")
 BATCH = PartitionSpec(("data", "fsdp"))  # a batch's first axis, over every data-like axis
 Rules = Sequence[tuple[str, PartitionSpec]]
