@@ -75,6 +75,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from funtrain._tree import keystr
 from funtrain.optim.fused import fuse_like, has_fused, unfuse_on_host, unfuse_spec
@@ -747,6 +748,8 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
       target: a tree like the saved state (a fresh ``TrainState``, or one of
         ``jax.ShapeDtypeStruct`` from ``jax.eval_shape``). Its structure, and each leaf's
         shape and dtype, must match the checkpoint; the result has its structure.
+        A leaf sharded over several devices (``parallel.shard_state``) is restored with
+        its sharding, so a checkpoint saved on one mesh restores onto another.
         ``None`` returns nested dicts keyed by the key path components.
       step: which step (default: the latest).
 
@@ -786,8 +789,18 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
     if target is None:
         return _nested(manifest, values)
     values = [np.asarray(v) if isinstance(t, np.ndarray) and not isinstance(v, np.ndarray)
-              else v for v, t in zip(values, target_leaves, strict=True)]
+              else _placed_like(v, t) for v, t in zip(values, target_leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _placed_like(value: Any, target: Any) -> Any:
+    """``value`` with the target leaf's sharding when that spans several devices (a state
+    placed by ``parallel.shard_state``, or a ``ShapeDtypeStruct`` given a sharding): a
+    checkpoint restores onto any mesh, whatever mesh saved it."""
+    sharding = getattr(target, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return jax.device_put(value, sharding)
+    return value
 
 
 # ----------------------------------------------------------------------------- manager

@@ -106,8 +106,43 @@ def bad_input():
     return out
 
 
+def checkpoint_across_meshes():
+    """Save an FSDP state on 8 devices; restore it onto 4 devices (data parallel) and onto
+    one; all three then take the same next step."""
+    import tempfile
+
+    from funtrain.train import checkpoint
+
+    params, loss, batches = problem("mlp")
+    opt = optim.adamw(1e-3)
+    step = train.make_train_step(loss, opt)
+
+    def fresh():  # a new state each time: the step donates what it is given
+        return train.TrainState.create(params, opt, jax.random.key(1))
+
+    state = parallel.shard_state(fresh(), parallel.mesh(data=1, fsdp=-1), fsdp_min_size=1024)
+    state, _ = step(state, parallel.shard_batch(batches[0], parallel.mesh(data=1, fsdp=-1)))
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.save(d, state, 1)
+        four = parallel.mesh(data=-1, devices=jax.devices()[:4])
+        targets = {"8 devices, FSDP": state,
+                   "4 devices, DP": parallel.shard_state(fresh(), four),
+                   "1 device": fresh()}
+        for name, target in targets.items():
+            restored = checkpoint.restore(d, target=target)
+            mesh = target.params["dense_0"]["w"].sharding.mesh if name != "1 device" else None
+            batch = batches[1] if mesh is None else parallel.shard_batch(batches[1], mesh)
+            spec = str(restored.params["dense_0"]["w"].sharding.spec) if mesh else ""
+            devices = len(restored.params["dense_0"]["w"].sharding.device_set)
+            restored, metrics = step(restored, batch)
+            out[name] = {"loss": float(metrics["loss"]), "spec": spec, "devices": devices}
+    return out
+
+
 if __name__ == "__main__":
-    result = {"devices": len(jax.devices()), "bad_input": bad_input()}
+    result = {"devices": len(jax.devices()), "bad_input": bad_input(),
+              "checkpoint": checkpoint_across_meshes()}
     for kind in sys.argv[1:] or ["mlp", "gpt", "cnn"]:
         for layout in ("single", "dp", "fsdp") + (("fsdp+tp",) if kind != "cnn" else ()):
             result[f"{kind}/{layout}"] = run(kind, layout)

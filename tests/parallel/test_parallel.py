@@ -48,6 +48,17 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device(runs, run):
         assert any("tensor" in spec for spec in fsdp["specs"])
 
 
+def test_a_checkpoint_saved_under_fsdp_restores_onto_other_meshes(runs):
+    """Saved on 8 devices with FSDP (one process: the arrays are gathered to the host);
+    restored onto the same mesh, 4 devices data parallel, and 1 device, each placed like
+    its target, and each takes the same next step."""
+    restored = runs["checkpoint"]
+    assert {k: (v["spec"], v["devices"]) for k, v in restored.items()} == {
+        "8 devices, FSDP": ("P('fsdp',)", 8), "4 devices, DP": ("P()", 4), "1 device": ("", 1)}
+    losses = [v["loss"] for v in restored.values()]
+    np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
+
+
 def test_bad_input_is_named(runs):
     bad = runs["bad_input"]
     assert "batch array 'x' of shape (12, 784) must have a first axis divisible by " \
