@@ -156,10 +156,11 @@ def shard_state(state: Any, mesh: Mesh, rules: Rules = (), *,
                                                 fsdp_min_size=fsdp_min_size))
 
     def place(path: tuple[Any, ...], leaf: Any) -> Any:
-        name, spec = keystr(path), PartitionSpec()
-        for param, (shape, param_spec) in by_path.items():
-            if (name == param or name.endswith("/" + param)) and np.shape(leaf) == shape:
-                spec = param_spec
+        parts, spec = keystr(path).split("/"), PartitionSpec()
+        for k in range(len(parts)):  # the longest key-path suffix that names a param
+            shape, param_spec = by_path.get("/".join(parts[k:]), (None, None))
+            if shape is not None:
+                spec = param_spec if np.shape(leaf) == shape else spec
                 break
         return _put(leaf, NamedSharding(mesh, spec))
 

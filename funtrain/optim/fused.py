@@ -37,13 +37,14 @@ GroupFn = Callable[[str, Any], Any]  # (key path "a/b", leaf) -> a label for the
 class Layout(NamedTuple):
     """Where each leaf lives: static (hashable), so it is the pytree's aux data.
 
-    ``groups``: ``(label, dtype name, size)`` per buffer; ``leaves``: ``(group index, offset,
-    shape)`` per leaf, in the tree's flattening order; ``treedef``: the params' structure.
+    ``groups``: ``(label, dtype name, size)`` per buffer; ``leaves``: ``(group index,
+    shape)`` per leaf, in the tree's flattening order (a leaf follows the one before it in
+    its buffer); ``treedef``: the params' structure.
     """
 
     treedef: Any
     groups: tuple[tuple[str, str, int], ...]
-    leaves: tuple[tuple[int, int, tuple[int, ...]], ...]
+    leaves: tuple[tuple[int, tuple[int, ...]], ...]
 
 
 def default_group(path: str, leaf: Any) -> str:
@@ -77,11 +78,10 @@ class FlatParams:
         """The params tree: each leaf split from its buffer and reshaped."""
         layout, pieces = self.layout, []
         for g, buffer in enumerate(self.buffers):
-            members = [(o, s) for (gi, o, s) in layout.leaves if gi == g]
-            sizes = [math.prod(s) for _, s in members]
-            parts = _split(buffer, sizes)
-            pieces.append(iter([p.reshape(s) for p, (_, s) in zip(parts, members, strict=True)]))
-        return layout.treedef.unflatten([next(pieces[g]) for g, _, _ in layout.leaves])
+            shapes = [s for gi, s in layout.leaves if gi == g]
+            parts = _split(buffer, [math.prod(s) for s in shapes])
+            pieces.append(iter([p.reshape(s) for p, s in zip(parts, shapes, strict=True)]))
+        return layout.treedef.unflatten([next(pieces[g]) for g, _ in layout.leaves])
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{label}[{size}]" for label, _, size in self.layout.groups)
@@ -118,7 +118,7 @@ def layout_of(params: Any, group: GroupFn | None = None) -> Layout:
             labels[label] = len(groups)
             groups.append([label, dtype, 0])
         g = labels[label]
-        leaves.append((g, groups[g][2], shape))
+        leaves.append((g, shape))
         groups[g][2] += math.prod(shape)
     return Layout(treedef, tuple(tuple(g) for g in groups), tuple(leaves))
 
@@ -126,13 +126,13 @@ def layout_of(params: Any, group: GroupFn | None = None) -> Layout:
 def pack(params: Any, layout: Layout) -> FlatParams:
     """``params`` (a tree with ``layout``'s structure, shapes and dtypes) into buffers."""
     leaves = layout.treedef.flatten_up_to(params)
-    for (g, _, shape), leaf in zip(layout.leaves, leaves, strict=True):
+    for (g, shape), leaf in zip(layout.leaves, leaves, strict=True):
         label, dtype, _ = layout.groups[g]
         if tuple(np.shape(leaf)) != shape or np.dtype(leaf.dtype).name != dtype:
             raise ValueError(f"fuse: a leaf of {np.dtype(leaf.dtype).name}{list(np.shape(leaf))}"
                              f" does not fit the layout's {dtype}{list(shape)} in buffer "
                              f"{label!r}")
-    buffers = [_concat([x for (gi, _, _), x in zip(layout.leaves, leaves, strict=True)
+    buffers = [_concat([x for (gi, _), x in zip(layout.leaves, leaves, strict=True)
                         if gi == g]) for g in range(len(layout.groups))]
     return FlatParams(tuple(buffers), layout)
 
@@ -180,7 +180,7 @@ def unfuse_spec(tree: Any) -> Any:
     (nothing is computed, so buffers may be ``ShapeDtypeStruct``s too)."""
     def spec(x: Any) -> Any:
         return x.layout.treedef.unflatten(
-            [jax.ShapeDtypeStruct(shape, x.layout.groups[g][1]) for g, _, shape in x.layout.leaves])
+            [jax.ShapeDtypeStruct(shape, x.layout.groups[g][1]) for g, shape in x.layout.leaves])
 
     return jax.tree.map(lambda x: spec(x) if _is_flat(x) else x, tree, is_leaf=_is_flat)
 
@@ -228,7 +228,7 @@ def flat_mask(mask: Any, params: FlatParams) -> tuple[Any, ...]:
     leaves = params.layout.treedef.flatten_up_to(mask)
     out = []
     for g in range(len(params.layout.groups)):
-        members = [(m, s) for (gi, _, s), m in zip(params.layout.leaves, leaves, strict=True)
+        members = [(m, s) for (gi, s), m in zip(params.layout.leaves, leaves, strict=True)
                    if gi == g]
         if all(isinstance(m, (bool, np.bool_)) for m, _ in members) and \
                 len({bool(m) for m, _ in members}) == 1:

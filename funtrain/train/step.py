@@ -149,12 +149,15 @@ class _JittedStep:
         functools.update_wrapper(self, step)
 
     def _for(self, state: TrainState) -> Any:
-        """The jitted step; for a state placed on a mesh (``parallel.shard_state``), one
-        that keeps each new leaf where the old one was (GSPMD would otherwise choose)."""
+        """The jitted step; for a state placed on a mesh (``parallel.shard_state``, which
+        places every leaf, the step count included), one that keeps each new leaf where the
+        old one was (GSPMD would otherwise choose). One attribute read on one device."""
+        on_mesh = getattr(state, "step", None)
+        on_mesh = getattr(on_mesh, "sharding", None)
+        if not (isinstance(on_mesh, NamedSharding) and on_mesh.mesh.size > 1):
+            return self.jitted
         leaves, treedef = jax.tree.flatten(state)
         shardings = tuple(getattr(x, "sharding", None) for x in leaves)
-        if not any(isinstance(sh, NamedSharding) and sh.mesh.size > 1 for sh in shardings):
-            return self.jitted
         key = (treedef, shardings)
         if key not in self.sharded:
             def keep(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:

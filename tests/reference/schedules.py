@@ -87,18 +87,23 @@ def one_cycle(t, max_value, total_steps, pct_start=0.3, anneal="cos", div_factor
         raise ValueError(f"OneCycleLR is not defined past total_steps, got t={t}")
     initial = max_value / div_factor
     minimum = initial / final_div_factor
+    values = ([(initial, max_value), (max_value, initial), (initial, minimum)] if three_phase
+              else [(initial, max_value), (max_value, minimum)])
+    return _phased(t, _phase_ends(total_steps, pct_start, three_phase), values, anneal)
+
+
+def _phase_ends(total_steps, pct_start, three_phase):
+    """OneCycleLR's phase end steps (PyTorch's ``end_step`` of each phase)."""
     if three_phase:
-        phases = [(float(pct_start * total_steps) - 1, initial, max_value),
-                  (float(2 * pct_start * total_steps) - 2, max_value, initial),
-                  (total_steps - 1, initial, minimum)]
-    else:
-        phases = [(float(pct_start * total_steps) - 1, initial, max_value),
-                  (total_steps - 1, max_value, minimum)]
-    return _phased(t, phases, anneal)
+        return [float(pct_start * total_steps) - 1, float(2 * pct_start * total_steps) - 2,
+                total_steps - 1]
+    return [float(pct_start * total_steps) - 1, total_steps - 1]
 
 
-def _phased(t, phases, anneal):
-    """OneCycleLR's interpolation: phases of (end step, start value, end value)."""
+def _phased(t, ends, values, anneal):
+    """OneCycleLR's interpolation over phases ending at ``ends``, each from a start value
+    to an end value (``values``)."""
+    phases = [(end, a, b) for end, (a, b) in zip(ends, values, strict=True)]
     start = 0.0
     for i, (end, a, b) in enumerate(phases):
         if t <= end or i == len(phases) - 1:
@@ -121,14 +126,9 @@ def one_cycle_momentum(t, total_steps, pct_start=0.3, anneal="cos", base_momentu
     """
     if t > total_steps:
         raise ValueError(f"OneCycleLR is not defined past total_steps, got t={t}")
-    if three_phase:
-        phases = [(float(pct_start * total_steps) - 1, max_momentum, base_momentum),
-                  (float(2 * pct_start * total_steps) - 2, base_momentum, max_momentum),
-                  (total_steps - 1, max_momentum, max_momentum)]
-    else:
-        phases = [(float(pct_start * total_steps) - 1, max_momentum, base_momentum),
-                  (total_steps - 1, base_momentum, max_momentum)]
-    return _phased(t, phases, anneal)
+    hi, lo = max_momentum, base_momentum
+    values = [(hi, lo), (lo, hi), (hi, hi)] if three_phase else [(hi, lo), (lo, hi)]
+    return _phased(t, _phase_ends(total_steps, pct_start, three_phase), values, anneal)
 
 
 def per_epoch(t, schedule, steps_per_epoch):
