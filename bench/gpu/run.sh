@@ -3,7 +3,8 @@
 #   run: bash bench/gpu/run.sh            (PYTHONPATH=. ; nothing is installed there)
 # On a CPU it runs the same scripts at CPU sizes, to test this script before a device call.
 # Each script has its own time limit (seconds, scaled by LIMIT_SCALE) so that one slow
-# script cannot starve the rest; the most wanted figures run first.
+# script cannot starve the rest; the most wanted figures run first. ONLY="remat fit" runs
+# those alone.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -24,6 +25,7 @@ fi
 status=0
 step() {  # step NAME LIMIT_S CMD...: run one script, its output in $OUT/NAME.txt
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "== $name: $* (limit $((limit * SCALE)) s)"
   local t0=$SECONDS
   timeout "$((limit * SCALE))" "$@" 2>&1 | tee "$OUT/$name.txt"
@@ -34,7 +36,7 @@ step() {  # step NAME LIMIT_S CMD...: run one script, its output in $OUT/NAME.tx
 if [ -n "$GPU_FLAG" ]; then OPTIM_ARGS="--gpu --only update"; else OPTIM_ARGS="--params 1000000 --leaves 200 --repeats 5"; fi
 step optim 120 "$PY" bench/optim.py $OPTIM_ARGS
 step fit 120 "$PY" bench/fit.py --repeats "${FIT_REPEATS:-3}" $GPU_FLAG
-step remat 80 "$PY" bench/remat.py $GPU_FLAG
+step remat ${REMAT_LIMIT:-80} "$PY" bench/remat.py $GPU_FLAG
 step precision 80 "$PY" bench/precision.py $GPU_FLAG
 step models 50 "$PY" bench/models.py $GPU_FLAG
 step attention 40 "$PY" bench/gpu/attention_check.py

@@ -1050,15 +1050,16 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
         if impl is None:
             # cuDNN's fused kernel on GPUs for half precision; everywhere else funtrain's
             # path (jax's own XLA path saves f32 copies of the weights for the backward).
+            # The projections' dtype decides (bf16 inputs with f32 weights give f32 q).
             fused = (not drop and m is None and jax.default_backend() == "gpu"
-                     and x.dtype in (jnp.bfloat16, jnp.float16) and (d // h) % 8 == 0
+                     and q.dtype in (jnp.bfloat16, jnp.float16) and (d // h) % 8 == 0
                      and d // h <= 128)
             impl = "cudnn" if fused else "funtrain"
         if impl == "funtrain":
-            acc = jnp.promote_types(x.dtype, jnp.float32)
+            acc = jnp.promote_types(q.dtype, jnp.float32)
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k_, preferred_element_type=acc)
             logits = logits / jnp.sqrt(jnp.asarray(d // h, acc))
-            weights = softmax_lowp(logits, m, x.dtype, causal)
+            weights = softmax_lowp(logits, m, q.dtype, causal)
             if drop:
                 keep = jax.random.bernoulli(key, 1.0 - dropout, weights.shape)
                 weights = jnp.where(keep, weights / (1.0 - dropout),

@@ -128,3 +128,28 @@ def test_padding_mask_through_transformer_block_and_gpt():
     l1 = jax.jit(model.apply)(gp, ids, left_pad)
     l2 = jax.jit(model.apply)(gp, ids.at[0, :2].set(5), left_pad)
     np.testing.assert_allclose(l1[0, 2:], l2[0, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_default_kernel_follows_the_projections_dtype(monkeypatch):
+    """On a GPU the default picks cuDNN's fused kernel only for half-precision q/k/v. bf16
+    inputs with float32 weights give float32 projections, which cuDNN refuses ("Q must be
+    fp16/bf16"), so they take funtrain's path (seen on an H200 with jax 0.11)."""
+    import funtrain.nn.layers as layers
+
+    chosen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kw):
+        chosen.append(implementation)
+        return real(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(layers.jax.nn, "dot_product_attention", spy)
+    layer = nn.multi_head_attention(2, causal=True)
+    x16 = jnp.zeros((2, 8, 16), jnp.bfloat16)
+    params = layer.init(jax.random.key(0), x16)  # float32 weights
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32))))
+    grad(params, x16)
+    assert chosen == []  # float32 q: funtrain's path
+    grad(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), x16)
+    assert chosen == ["cudnn"]  # bf16 q: the fused kernel
