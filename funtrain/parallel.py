@@ -32,6 +32,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -251,19 +252,25 @@ def launch(nproc: int, command: Sequence[str], *, timeout: float | None = None) 
     procs = [subprocess.Popen(list(command), env={**os.environ, ENV[0]: address,
                                                    ENV[1]: str(nproc), ENV[2]: str(i)})
              for i in range(nproc)]
-    code = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        for proc in procs:
-            rc = proc.wait(timeout=timeout)
-            if rc and not code:
-                code = rc
-                for other in procs:  # one failed: the others would wait for it forever
-                    other.kill()
+        while True:  # poll all: a process that failed must not wait behind a live one
+            codes = [proc.poll() for proc in procs]
+            failed = next((c for c in codes if c), None)
+            if failed is not None:
+                for proc in procs:  # the others would wait for it forever
+                    proc.kill()
+                    proc.wait()
+                return failed
+            if all(c == 0 for c in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(list(command), timeout)
+            time.sleep(0.05)
     except BaseException:
         for proc in procs:
             proc.kill()
         raise
-    return code
 
 
 def main_launch(argv: Sequence[str]) -> int:

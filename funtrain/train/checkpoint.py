@@ -40,6 +40,15 @@ writer's are never touched. Two writers of one step: the first rename wins and t
 gets a :class:`CheckpointError`. Deleting what another process deleted first is a no-op, so
 concurrent ``keep_last`` pruning is safe.
 
+Across processes (``parallel.initialize``), every process calls ``save``; each writes the
+shards it holds (those with ``replica_id`` 0, so each element once; values that do not span
+processes are written by process 0) into its own ``part_{process:05d}.npz``, with no gather
+to one host. Only when every part is complete does process 0 write the manifest (format 3:
+each leaf's pieces with their bounds and SHA-256, each part file's size and SHA-256) and
+rename the folder, so a process killed mid-save leaves the earlier steps intact. Any process
+count restores it, onto any mesh: each leaf is assembled from its pieces, then placed like
+the target's leaf.
+
 ``restore`` checks the checksums and, given a ``target`` tree, its structure, shapes and
 dtypes (without one, the manifest's dtypes against the stored arrays): every problem is a
 :class:`CheckpointError` that names the key path, never a silently wrong tree.
@@ -78,7 +87,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from funtrain._tree import keystr
-from funtrain.optim.fused import fuse_like, has_fused, unfuse_on_host, unfuse_spec
+from funtrain.optim.fused import fuse_like, has_fused, unfuse, unfuse_on_host, unfuse_spec
 
 __all__ = ["CheckpointError", "CheckpointManager", "save", "restore", "latest_step",
            "all_steps", "read_manifest", "step_dir"]
@@ -86,8 +95,10 @@ __all__ = ["CheckpointError", "CheckpointManager", "save", "restore", "latest_st
 PathLike = str | os.PathLike
 ARRAYS = "arrays.npz"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
-KNOWN_FORMATS = (1, 2)  # manifest formats restore can read; 2 adds manifest_sha256
+FORMAT_VERSION = 2  # one process; 2 adds manifest_sha256 to format 1
+PARTS_FORMAT = 3  # several processes: a part file per process (see save)
+KNOWN_FORMATS = (1, 2, 3)  # manifest formats restore can read
+PART = "part_{:05d}"  # part_00000.npz: what process 0 stored
 STALE_AGE_S = 24 * 3600  # a leftover whose owner cannot be checked is stale after this
 _STEP_RE = re.compile(r"step_(\d{8,})")
 _OWNED_RE = re.compile(r"\.(?P<kind>tmp|old|tmp_delete)_step_(?P<step>\d{8,})_"
@@ -303,8 +314,9 @@ def _put_back(old: Path, step: int) -> None:
 # ----------------------------------------------------------------------------- save
 
 
-def _encode(path: str, leaf: Any) -> tuple[dict[str, Any], np.ndarray]:
-    """A leaf's manifest entry (kind, dtype, shape, ...) and the array stored for it."""
+def _info(path: str, leaf: Any) -> tuple[dict[str, Any], Any]:
+    """A leaf's manifest entry (kind, dtype, shape, ...) and the value to store: the leaf,
+    or a PRNG key's ``key_data``."""
     try:
         kind, dtype, shape = _describe(leaf)
     except TypeError as e:
@@ -312,11 +324,23 @@ def _encode(path: str, leaf: Any) -> tuple[dict[str, Any], np.ndarray]:
     info: dict[str, Any] = {"kind": kind, "dtype": dtype, "shape": list(shape)}
     if kind == "key":
         info["impl"] = str(jax.random.key_impl(leaf))
-        stored = np.asarray(jax.random.key_data(leaf))
-    else:
-        stored = np.asarray(leaf)
-        if not _is_native(stored.dtype):  # bfloat16, float8_*, int4 ...: store the bytes
-            stored = np.ascontiguousarray(stored).view(f"uint{stored.dtype.itemsize * 8}")
+        return info, jax.random.key_data(leaf)
+    return info, leaf
+
+
+def _storable(value: Any) -> np.ndarray:
+    """``value`` on the host as numpy can store it: dtypes numpy cannot store (bfloat16,
+    float8_*, int4 ...) as an unsigned view of their bytes."""
+    stored = np.asarray(value)
+    if _is_native(stored.dtype):
+        return stored
+    return np.ascontiguousarray(stored).view(f"uint{stored.dtype.itemsize * 8}")
+
+
+def _encode(path: str, leaf: Any) -> tuple[dict[str, Any], np.ndarray]:
+    """A leaf's manifest entry and the array stored for it."""
+    info, value = _info(path, leaf)
+    stored = _storable(value)
     info["stored_dtype"] = stored.dtype.name
     info["sha256"] = _sha256_array(stored)
     return info, stored
@@ -350,13 +374,15 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
     step = _checked_step(step)
     directory = Path(directory)
     final = step_dir(directory, step)
-    if final.exists() and not overwrite:
-        raise CheckpointError(f"checkpoint.save: {final} already exists; pass overwrite=True "
-                              f"to replace it")
     try:
         json.dumps(metadata)
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint.save: metadata must be JSON-serializable: {e}") from None
+    if jax.process_count() > 1:
+        return _save_parts(directory, state, step, metadata, overwrite)
+    if final.exists() and not overwrite:
+        raise CheckpointError(f"checkpoint.save: {final} already exists; pass overwrite=True "
+                              f"to replace it")
 
     entries, leaves, _ = _flatten(unfuse_on_host(state))  # fused buffers stored as leaves
     arrays = {}
@@ -463,6 +489,158 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+# ----------------------------------------------------------------------------- across processes
+# With several processes (``parallel.initialize``) every process calls ``save``. Each writes
+# the pieces it holds into its own part file; only process 0 writes the manifest and
+# renames the folder, after all parts are complete. The phases are kept in step with a
+# collective (``process_allgather``), so an error anywhere fails the save everywhere, and a
+# process killed mid-save leaves no final folder: the earlier checkpoints stay intact, and
+# the temporary folder is deleted as stale by the next ``CheckpointManager``.
+
+
+def _agree(ok: bool, step: int, what: str) -> None:
+    """A barrier that also tells every process whether all of them succeeded."""
+    from jax.experimental import multihost_utils
+
+    try:
+        oks = np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1)
+    except Exception as e:  # gloo/NCCL: a peer died or hung up mid-save
+        raise CheckpointError(f"checkpoint.save: step {step}: lost contact with the other "
+                              f"processes before all could {what} ({type(e).__name__}: {e}); "
+                              f"the step was not saved (earlier steps are intact)") from None
+    if not oks.all():
+        failed = ", ".join(map(str, np.flatnonzero(oks == 0)))
+        raise CheckpointError(f"checkpoint.save: step {step}: process {failed} could not "
+                              f"{what}, so the step was not saved (earlier steps are intact)")
+
+
+def _phase(step: int, what: str, fn: Any) -> Any:
+    """``fn()`` in every process, then ``_agree``: a process's own error is raised there,
+    the others get a ``CheckpointError`` naming it."""
+    try:
+        result, error = fn(), None
+    except Exception as e:
+        result, error = None, e
+    try:
+        _agree(error is None, step, what)
+    except CheckpointError:
+        if error is not None:
+            raise error from None
+        raise
+    return result
+
+
+def _broadcast_name(name: str) -> str:
+    """Process 0's ``name`` in every process."""
+    from jax.experimental import multihost_utils
+
+    raw = np.zeros(512, np.uint8)
+    raw[:len(name.encode())] = np.frombuffer(name.encode(), np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(raw))).rstrip(b"\0").decode()
+
+
+def _pieces(value: Any, me: int) -> list[tuple[list[list[int]], np.ndarray]]:
+    """The pieces of one leaf this process stores, as ``(index bounds, array)``: for an
+    array over several processes, the shards it holds with ``replica_id`` 0 (so every
+    element is stored once); anything else whole, by process 0."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return [([list(s.indices(n)[:2]) for s, n in zip(shard.index, value.shape,
+                                                          strict=True)], _storable(shard.data))
+                for shard in value.addressable_shards if shard.replica_id == 0]
+    return [([[0, n] for n in np.shape(value)], _storable(value))] if me == 0 else []
+
+
+def _stored_dtype(value: Any) -> str:
+    dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+    return dtype.name if _is_native(dtype) else f"uint{dtype.itemsize * 8}"
+
+
+def _write_part(folder: Path, me: int, entries: list[dict[str, Any]], values: list[Any]
+                ) -> None:
+    """This process's pieces: ``part_{me}.npz``, then ``part_{me}.json`` listing them with
+    their bounds and SHA-256, and the file's size and SHA-256."""
+    arrays, pieces = {}, {}
+    for i, value in enumerate(values):
+        for k, (index, array) in enumerate(_pieces(value, me)):
+            name = f"{i}.{k}"
+            arrays[name] = array
+            pieces.setdefault(str(i), []).append(
+                {"part": me, "name": name, "index": index, "sha256": _sha256_array(array)})
+    npz = folder / f"{PART.format(me)}.npz"
+    with open(npz, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    listing = {"pieces": pieces, "bytes": npz.stat().st_size, "sha256": _sha256_file(npz)}
+    with open(folder / f"{PART.format(me)}.json", "w") as f:
+        json.dump(listing, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _merge_parts(folder: Path, processes: int, entries: list[dict[str, Any]], step: int,
+                 metadata: Any) -> None:
+    """Process 0: the manifest, from every process's listing (then deleted)."""
+    parts = []
+    for entry in entries:
+        entry["pieces"] = []
+    for j in range(processes):
+        listing_path = folder / f"{PART.format(j)}.json"
+        listing = json.loads(listing_path.read_text())
+        parts.append({"file": f"{PART.format(j)}.npz", "bytes": listing["bytes"],
+                      "sha256": listing["sha256"]})
+        for i, pieces in listing["pieces"].items():
+            entries[int(i)]["pieces"].extend(pieces)
+    manifest = {"format": PARTS_FORMAT, "step": step, "metadata": metadata,
+                "processes": processes, "parts": parts, "leaves": entries}
+    manifest = json.loads(json.dumps(manifest))
+    manifest["manifest_sha256"] = _manifest_sha256(manifest)
+    with open(folder / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for j in range(processes):
+        (folder / f"{PART.format(j)}.json").unlink()
+    _fsync_dir(folder)
+
+
+def _save_parts(directory: Path, state: Any, step: int, metadata: Any, overwrite: bool
+                ) -> Path:
+    """``save`` with several processes (format 3): see the comment above."""
+    me, processes = jax.process_index(), jax.process_count()
+    final = step_dir(directory, step)
+    entries, leaves, _ = _flatten(unfuse(state) if has_fused(state) else state)
+    values = []
+    for i, (entry, leaf) in enumerate(zip(entries, leaves, strict=True)):
+        info, value = _info(entry["path"], leaf)
+        entry.update(info, name=str(i), stored_dtype=_stored_dtype(value),
+                     stored_shape=list(np.shape(value)))
+        values.append(value)
+
+    def create() -> str:
+        if me != 0:
+            return ""
+        if final.exists() and not overwrite:
+            raise CheckpointError(f"checkpoint.save: {final} already exists; pass "
+                                  f"overwrite=True to replace it")
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = _owned_name(directory, "tmp", step)
+        tmp.mkdir()
+        return tmp.name
+
+    tmp = directory / _broadcast_name(_phase(step, "create its temporary folder", create))
+    try:
+        _phase(step, "write its part", lambda: _write_part(tmp, me, entries, values))
+        _phase(step, "publish it", lambda: me == 0 and (
+            _merge_parts(tmp, processes, entries, step, metadata),
+            _publish(tmp, final, step, overwrite)))
+    except BaseException:
+        if me == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # our own; already gone once published
+        raise
+    return final
+
+
 # ----------------------------------------------------------------------------- listing
 
 
@@ -550,10 +728,21 @@ def read_manifest(directory: PathLike, step: Any = None) -> dict[str, Any]:
         raise _damaged(directory, step, f"{MANIFEST} does not match its own checksum "
                                         f"(manifest_sha256): it was edited or corrupted")
     try:
-        _ = manifest["step"], manifest["arrays_sha256"], manifest["arrays_bytes"]
+        _ = manifest["step"]
+        parts = manifest["format"] >= PARTS_FORMAT
+        if parts:
+            for part in manifest["parts"]:
+                _ = part["file"], part["bytes"], part["sha256"]
+        else:
+            _ = manifest["arrays_sha256"], manifest["arrays_bytes"]
         for leaf in manifest["leaves"]:
             _ = leaf["path"], leaf["keys"], leaf["name"], leaf["kind"], leaf["dtype"]
-            _ = leaf["shape"], leaf["stored_dtype"], leaf["sha256"]
+            _ = leaf["shape"], leaf["stored_dtype"]
+            if parts:
+                _ = leaf["stored_shape"], [(p["part"], p["name"], p["index"], p["sha256"])
+                                           for p in leaf["pieces"]]
+            else:
+                _ = leaf["sha256"]
     except (KeyError, TypeError) as e:
         raise _damaged(directory, step, f"{MANIFEST} is unreadable or malformed "
                                         f"({type(e).__name__}: {e})") from None
@@ -567,9 +756,20 @@ def read_manifest(directory: PathLike, step: Any = None) -> dict[str, Any]:
 
 
 def _load_arrays(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Every stored array, after checking the file's size and SHA-256, and that it holds
-    exactly the manifest's arrays (each array's own SHA-256 is checked by ``_decode``)."""
-    path = folder / ARRAYS
+    """Every stored array by name, after checking the file's size and SHA-256, and that it
+    holds exactly the manifest's arrays (each array's own SHA-256 is checked by
+    ``_decode``); for a checkpoint saved across processes, each leaf assembled from its
+    pieces in the part files."""
+    if manifest["format"] >= PARTS_FORMAT:
+        return _assemble(folder, manifest)
+    return _read_arrays(folder / ARRAYS, manifest["arrays_bytes"], manifest["arrays_sha256"],
+                        manifest["leaves"])
+
+
+def _read_arrays(path: Path, expected_size: int, expected_sha256: str,
+                 listed: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The arrays of one ``.npz`` file, which must have this size and SHA-256 and hold
+    exactly the ``listed`` arrays (entries with ``name``, ``sha256`` and key ``path``)."""
     try:  # one open file: a folder renamed or deleted meanwhile cannot swap it under us
         f = open(path, "rb")
     except FileNotFoundError:
@@ -577,19 +777,18 @@ def _load_arrays(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray
     try:
         with f:
             size = os.fstat(f.fileno()).st_size
-            expected_size = manifest["arrays_bytes"]
             if size != expected_size:
                 raise CheckpointError(f"checkpoint: {path} is truncated or corrupted: it has "
                                       f"{size} bytes, the manifest expects {expected_size}")
             h = hashlib.sha256()
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-            if h.hexdigest() != manifest["arrays_sha256"]:
-                raise _corrupted(path, manifest)
+            if h.hexdigest() != expected_sha256:
+                raise _corrupted(path, listed)
             f.seek(0)
             with np.load(f, allow_pickle=False) as npz:
-                _check_names(path, manifest, npz.files)
-                return {leaf["name"]: npz[leaf["name"]] for leaf in manifest["leaves"]}
+                _check_names(path, listed, npz.files)
+                return {entry["name"]: npz[entry["name"]] for entry in listed}
     except CheckpointError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
@@ -597,26 +796,26 @@ def _load_arrays(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray
                               f"({type(e).__name__}: {e})") from None
 
 
-def _check_names(path: Path, manifest: dict[str, Any], names: list[str]) -> None:
+def _check_names(path: Path, listed: list[dict[str, Any]], names: list[str]) -> None:
     """The file must hold exactly the manifest's arrays: a dropped leaf entry (in a format 1
     manifest, which has no checksum of its own) must not go unnoticed."""
-    listed = {leaf["name"] for leaf in manifest["leaves"]}
-    problems = [f"key path {leaf['path']!r}: array {leaf['name']!r} is missing"
-                for leaf in manifest["leaves"] if leaf["name"] not in names]
-    extra = sorted(set(names) - listed, key=lambda n: (len(n), n))
+    wanted = {entry["name"] for entry in listed}
+    problems = [f"key path {entry['path']!r}: array {entry['name']!r} is missing"
+                for entry in listed if entry["name"] not in names]
+    extra = sorted(set(names) - wanted, key=lambda n: (len(n), n))
     if extra:
         problems.append(f"arrays {', '.join(map(repr, extra))} are not in the manifest (it "
-                        f"lists {len(listed)} leaves, the file holds {len(names)} arrays: "
+                        f"lists {len(wanted)} leaves, the file holds {len(names)} arrays: "
                         f"leaf entries were dropped from it)")
     if problems:
         raise CheckpointError(f"checkpoint: {path} does not match its manifest: "
                               + "; ".join(problems))
 
 
-def _corrupted(path: Path, manifest: dict[str, Any]) -> CheckpointError:
+def _corrupted(path: Path, listed: list[dict[str, Any]]) -> CheckpointError:
     """The error for an arrays file whose SHA-256 does not match: it names the damaged
     leaves' key paths, or says the file is corrupted when no array can be blamed."""
-    damaged = _damaged_leaves(path, manifest)
+    damaged = _damaged_leaves(path, listed)
     if damaged:
         return CheckpointError(f"checkpoint: {path} is corrupted (checksum mismatch): the "
                                f"arrays of key paths {', '.join(map(repr, damaged))} are "
@@ -626,7 +825,7 @@ def _corrupted(path: Path, manifest: dict[str, Any]) -> CheckpointError:
                            f"blamed (the damage is in the zip file's structure)")
 
 
-def _damaged_leaves(path: Path, manifest: dict[str, Any]) -> list[str]:
+def _damaged_leaves(path: Path, listed: list[dict[str, Any]]) -> list[str]:
     """Key paths whose array does not read back (zip CRC, npy header) or fails its own
     SHA-256; ``[]`` when the file cannot be opened at all."""
     try:
@@ -635,14 +834,45 @@ def _damaged_leaves(path: Path, manifest: dict[str, Any]) -> list[str]:
         return []
     damaged = []
     with npz:
-        for leaf in manifest["leaves"]:
+        for entry in listed:
             try:
-                intact = _sha256_array(npz[leaf["name"]]) == leaf["sha256"]
+                intact = _sha256_array(npz[entry["name"]]) == entry["sha256"]
             except Exception:  # any failure to read it back means its bytes are damaged
                 intact = False
-            if not intact:
-                damaged.append(leaf["path"])
+            if not intact and entry["path"] not in damaged:
+                damaged.append(entry["path"])
     return damaged
+
+
+def _assemble(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Each leaf of a checkpoint saved across processes, assembled on the host from its
+    pieces (every part file is read and checked, so any process count can restore it)."""
+    listed: list[list[dict[str, Any]]] = [[] for _ in manifest["parts"]]
+    for leaf in manifest["leaves"]:
+        for piece in leaf["pieces"]:
+            listed[piece["part"]].append({**piece, "path": leaf["path"]})
+    out = {leaf["name"]: np.empty(leaf["stored_shape"], leaf["stored_dtype"])
+           for leaf in manifest["leaves"]}
+    filled = dict.fromkeys(out, 0)
+    paths = {leaf["name"]: leaf["path"] for leaf in manifest["leaves"]}
+    for part, pieces in zip(manifest["parts"], listed, strict=True):
+        path = folder / part["file"]
+        arrays = _read_arrays(path, part["bytes"], part["sha256"], pieces)
+        for piece in pieces:
+            leaf_name = piece["name"].split(".")[0]
+            array = arrays[piece["name"]]
+            where = tuple(slice(a, b) for a, b in piece["index"])
+            dest = out[leaf_name]
+            if _sha256_array(array) != piece["sha256"] or dest[where].shape != array.shape:
+                raise CheckpointError(f"checkpoint: key path {paths[leaf_name]!r}: a piece in "
+                                      f"{path} is corrupted (checksum or shape mismatch)")
+            dest[where] = array
+            filled[leaf_name] += array.size
+    for name, count in filled.items():
+        if count != out[name].size:
+            raise CheckpointError(f"checkpoint: key path {paths[name]!r}: its pieces hold "
+                                  f"{count} of its {out[name].size} elements")
+    return out
 
 
 def _stored_as(leaf: dict[str, Any], stored: np.dtype) -> bool:
@@ -667,7 +897,7 @@ def _decode(leaf: dict[str, Any], stored: np.ndarray) -> Any:
     if stored.dtype.name != leaf["stored_dtype"]:
         raise CheckpointError(f"checkpoint: key path {path!r}: stored dtype "
                               f"{stored.dtype.name}, the manifest says {leaf['stored_dtype']}")
-    if _sha256_array(stored) != leaf["sha256"]:
+    if "sha256" in leaf and _sha256_array(stored) != leaf["sha256"]:  # pieces: in _assemble
         raise CheckpointError(f"checkpoint: key path {path!r}: array is corrupted "
                               f"(checksum mismatch)")
     if not _stored_as(leaf, stored.dtype):
@@ -799,7 +1029,9 @@ def _placed_like(value: Any, target: Any) -> Any:
     checkpoint restores onto any mesh, whatever mesh saved it."""
     sharding = getattr(target, "sharding", None)
     if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-        return jax.device_put(value, sharding)
+        from funtrain.parallel import _put  # across processes too
+
+        return _put(value, sharding)
     return value
 
 
@@ -832,7 +1064,8 @@ class CheckpointManager:
                              f"got {keep_last!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
-        _recover(self.directory)
+        if jax.process_index() == 0:  # with several processes, process 0 tidies up
+            _recover(self.directory)
 
     def save(self, state: Any, step: Any, metadata: Any = None, *,
              overwrite: bool = False) -> Path:
@@ -840,7 +1073,7 @@ class CheckpointManager:
         one just written)."""
         step = _checked_step(step)
         final = save(self.directory, state, step, metadata, overwrite=overwrite)
-        if self.keep_last is not None:
+        if self.keep_last is not None and jax.process_index() == 0:
             for old in self.all_steps()[:-self.keep_last]:
                 if old != step:
                     _remove(step_dir(self.directory, old), old)

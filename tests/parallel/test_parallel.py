@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from funtrain import parallel
+from funtrain.train import checkpoint
 
 SCRIPT = Path(__file__).with_name("spmd_run.py")
 pytestmark = pytest.mark.slow  # one subprocess: 11 short training runs on 8 devices, ~40 s
@@ -131,3 +132,57 @@ def test_loader_gives_each_process_its_part_of_every_global_batch():
         data.Loader(ds, 3, drop_remainder=True, process_index=0, process_count=2)
     with pytest.raises(ValueError, match=r"process_index must be an int in \[0, 1\], got 2"):
         data.Loader(ds, 4, drop_remainder=True, process_index=2, process_count=2)
+
+
+CKPT = Path(__file__).with_name("checkpoint_run.py")
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _restore_in_one_process(directory):
+    proc = subprocess.run([sys.executable, str(CKPT), str(directory), "--restore"],
+                          capture_output=True, text=True, timeout=300, cwd=CKPT.parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _json_lines(proc.stdout)[-1]
+
+
+def test_two_process_checkpoint_is_written_in_parts_and_restores_in_one_process(tmp_path):
+    """FSDP over two processes: each writes the shards it holds (no gather to one host),
+    process 0 commits; one process restores the state bitwise."""
+    proc = subprocess.run([sys.executable, "-m", "funtrain", "launch", "--nproc", "2",
+                           str(CKPT), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=CKPT.parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = _json_lines(proc.stdout)
+    at_20 = next(x for x in lines if x.get("step") == 20)["digests"]
+    assert [x["saved"] for x in lines if "saved" in x] == [10, 20]
+
+    folder = checkpoint.step_dir(tmp_path, 20)
+    manifest = checkpoint.read_manifest(tmp_path)
+    assert manifest["format"] == 3 and manifest["processes"] == 2
+    sizes = [(folder / part["file"]).stat().st_size for part in manifest["parts"]]
+    assert min(sizes) > 0.4 * sum(sizes), sizes  # the FSDP shards split about evenly
+    w = next(leaf for leaf in manifest["leaves"] if leaf["path"] == "params/dense_0/w")
+    assert sorted(p["part"] for p in w["pieces"]) == [0, 1]
+
+    restored = _restore_in_one_process(tmp_path)
+    assert restored["step"] == 20
+    assert restored["digests"] == at_20
+
+
+def test_killing_one_process_of_a_two_process_save_keeps_the_previous_step(tmp_path):
+    """Process 1 writes a torn part of step 20 and exits; the launcher stops process 0.
+    Step 20 never becomes final, step 10 restores bitwise, and the temporary folder is
+    deleted (by process 0, or as a dead writer's leftover by the next manager)."""
+    proc = subprocess.run([sys.executable, "-m", "funtrain", "launch", "--nproc", "2",
+                           str(CKPT), str(tmp_path), "--die-at", "20"],
+                          capture_output=True, text=True, timeout=300, cwd=CKPT.parents[2])
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    at_10 = next(x for x in _json_lines(proc.stdout) if x.get("step") == 10)["digests"]
+    assert checkpoint.all_steps(tmp_path) == [10]
+    restored = _restore_in_one_process(tmp_path)
+    assert restored["step"] == 10
+    assert restored["digests"] == at_10
+    assert restored["left"] == ["step_00000010"]

@@ -122,7 +122,7 @@ def test_an_unknown_format_is_a_clear_error(tmp_path):
     manifest["format"] = 99
     path.write_text(json.dumps(manifest))
     with pytest.raises(checkpoint.CheckpointError, match=r"has format 99; this funtrain reads "
-                                                         r"formats 1, 2\. It was written by "
+                                                         r"formats 1, 2, 3\. It was written by "
                                                          r"another version of funtrain"):
         checkpoint.restore(tmp_path)
 
@@ -552,3 +552,55 @@ def test_killed_writer_leaves_a_valid_checkpoint(tmp_path):
     print(f"latest steps {max_steps}; trials killed mid-write or mid-delete: "
           f"{sum(n > 0 for n in leftovers)}")
     assert max(max_steps) > 0  # some kills happened after several saves
+
+
+# ----------------------------------------------------------------------------- parts (format 3)
+# The format that several processes write (tests/parallel runs two processes); written here
+# by one process, which stores every leaf in its one part.
+
+
+@pytest.fixture
+def parts(tmp_path):
+    state = _state()
+    checkpoint._save_parts(tmp_path, state, 1, {"note": "parts"}, False)
+    return tmp_path, state
+
+
+def test_a_parts_checkpoint_restores_bitwise(parts):
+    d, state = parts
+    manifest = checkpoint.read_manifest(d)
+    assert manifest["format"] == 3 and [p["file"] for p in manifest["parts"]] == [
+        "part_00000.npz"]
+    assert sorted(os.listdir(checkpoint.step_dir(d, 1))) == ["manifest.json", "part_00000.npz"]
+    back = checkpoint.restore(d, target=_state())
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    w = state.params["dense_0"]["w"]
+    assert checkpoint.restore(d)["params"]["dense_0"]["w"].shape == w.shape
+
+
+def test_a_damaged_part_names_the_key_path(parts):
+    d, state = parts
+    path = checkpoint.step_dir(d, 1) / "part_00000.npz"
+    w = np.asarray(state.params["dense_0"]["w"]).tobytes()
+    _flip(path, path.read_bytes().find(w) + len(w) // 2)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "part_00000.npz is corrupted (checksum mismatch): the arrays of key paths "
+            "'params/dense_0/w' are damaged")):
+        checkpoint.restore(d, target=_state())
+
+
+def test_a_missing_piece_is_an_error_naming_the_key_path(parts):
+    d, _ = parts
+    path = checkpoint.step_dir(d, 1) / "manifest.json"
+    m = json.loads(path.read_text())
+    leaf = next(x for x in m["leaves"] if x["path"] == "params/dense_0/w")
+    piece = leaf["pieces"][0]
+    piece["index"] = [[0, 1], [0, 4]]  # claims one row of three
+    m["manifest_sha256"] = checkpoint._manifest_sha256(m)
+    path.write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "key path 'params/dense_0/w': a piece in")):
+        checkpoint.restore(d)
