@@ -9,6 +9,7 @@ from typing import Any
 import jax
 
 from funtrain.optim.base import state_bytes
+from funtrain.parallel import device_bytes
 
 _MEMORY_FIELDS = {
     "argument_bytes": "argument_size_in_bytes",
@@ -48,6 +49,11 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
       ``step_time``, ``flops_per_second``. Entries the backend does not report are
       ``None``, and ``notes`` says which.
 
+      For a state placed on a mesh (``parallel.shard_state``) it also gives ``devices``
+      and ``params_bytes_per_device`` / ``opt_state_bytes_per_device`` (the most any one
+      device holds, read from the arrays' shards). XLA compiles one program per device
+      there, so ``argument_bytes``, ``temp_bytes`` and ``flops`` are per device too.
+
     Example:
       >>> import jax.numpy as jnp
       >>> report = step_report(lambda x: (x @ x).sum(), jnp.ones((64, 64)), print_table=False)
@@ -63,6 +69,13 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
     if hasattr(first, "params") and hasattr(first, "opt_state"):
         report["params_bytes"] = state_bytes(first.params)
         report["opt_state_bytes"] = state_bytes(first.opt_state)
+        devices = {d for x in jax.tree.leaves(first) for d in getattr(
+            getattr(x, "sharding", None), "device_set", ())}
+        if len(devices) > 1:
+            report["devices"] = len(devices)
+            for part in ("params", "opt_state"):
+                held = device_bytes(getattr(first, part))
+                report[f"{part}_bytes_per_device"] = max(held.values(), default=0)
     try:
         mem = compiled.memory_analysis()
     except Exception:  # noqa: BLE001
@@ -88,7 +101,7 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "n/a"
-    if key.endswith("_bytes"):
+    if key.endswith(("_bytes", "_bytes_per_device")):
         return f"{value / 2**20:,.2f} MiB"
     if key == "flops":
         return f"{value / 1e9:,.3f} GFLOP"
@@ -101,6 +114,6 @@ def _fmt(key: str, value: Any) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as an aligned two-column table."""
-    lines = [f"{k:<22}{_fmt(k, v)}" for k, v in report.items() if k != "notes"]
+    lines = [f"{k:<28}{_fmt(k, v)}" for k, v in report.items() if k != "notes"]
     lines += [f"note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from funtrain import losses, nn, optim, parallel, train  # noqa: E402
+from funtrain import losses, nn, optim, parallel, profile, train  # noqa: E402
 
 
 def problem(kind):
@@ -137,12 +137,40 @@ def checkpoint_across_meshes():
             devices = len(restored.params["dense_0"]["w"].sharding.device_set)
             restored, metrics = step(restored, batch)
             out[name] = {"loss": float(metrics["loss"]), "spec": spec, "devices": devices}
+        wider = train.TrainState.create(nn.mlp([128, 10]).init(jax.random.key(0), jnp.zeros(
+            (1, 784))), opt, jax.random.key(1))
+        errors = {}
+        for name, target in {"other shapes": wider, "other tree": {"params": params}}.items():
+            try:
+                checkpoint.restore(d, target=target)
+                errors[name] = None
+            except checkpoint.CheckpointError as e:
+                errors[name] = str(e)
+    return out, errors
+
+
+def step_reports():
+    """``profile.step_report`` of the MLP's step on one device and under FSDP on 8."""
+    params, loss, batches = problem("mlp")
+    opt = optim.adamw(1e-3)
+    step = train.make_train_step(loss, opt)
+    state = train.TrainState.create(params, opt, jax.random.key(1))
+    fsdp = parallel.mesh(data=1, fsdp=-1)
+    sharded = parallel.shard_state(state, fsdp, fsdp_min_size=1024)
+    keys = ("devices", "params_bytes", "opt_state_bytes", "params_bytes_per_device",
+            "opt_state_bytes_per_device", "argument_bytes", "temp_bytes", "flops")
+    out = {}
+    for name, s, b in (("single", state, batches[0]),
+                       ("fsdp", sharded, parallel.shard_batch(batches[0], fsdp))):
+        report = profile.step_report(step, s, b, print_table=name == "fsdp")
+        out[name] = {k: report.get(k) for k in keys}
     return out
 
 
 if __name__ == "__main__":
     result = {"devices": len(jax.devices()), "bad_input": bad_input(),
-              "checkpoint": checkpoint_across_meshes()}
+              "reports": step_reports()}
+    result["checkpoint"], result["restore_errors"] = checkpoint_across_meshes()
     for kind in sys.argv[1:] or ["mlp", "gpt", "cnn"]:
         for layout in ("single", "dp", "fsdp") + (("fsdp+tp",) if kind != "cnn" else ()):
             result[f"{kind}/{layout}"] = run(kind, layout)

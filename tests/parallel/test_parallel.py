@@ -72,6 +72,26 @@ def test_bad_input_is_named(runs):
         "data * fsdp * tensor" in bad["mesh size"]
 
 
+def test_restoring_a_different_tree_is_named(runs):
+    ck = runs["restore_errors"]
+    assert "key path 'params/dense_0/w': checkpoint has shape (784, 256), target expects " \
+           "(784, 128)" in ck["other shapes"]
+    assert "does not match the structure of target. Extra key paths in the checkpoint: " \
+           "opt_state/0/count" in ck["other tree"]
+
+
+def test_step_report_gives_per_device_bytes_under_a_mesh(runs):
+    """Measured on the MLP: 102,696 of 814,120 B of params and 205,396 of 1,628,244 B of
+    AdamW state per device, and XLA's per-device arguments 320,668 B against 2,542,860 B."""
+    single, fsdp = runs["reports"]["single"], runs["reports"]["fsdp"]
+    assert single["devices"] is None and fsdp["devices"] == 8
+    for part in ("params", "opt_state"):
+        assert fsdp[f"{part}_bytes"] == single[f"{part}_bytes"]
+        assert fsdp[f"{part}_bytes_per_device"] <= fsdp[f"{part}_bytes"] / 8 + 4096
+    assert fsdp["argument_bytes"] < single["argument_bytes"] / 6
+    assert fsdp["flops"] < single["flops"] / 6  # one device's share of the step
+
+
 def test_mesh_on_this_process_devices():
     m = parallel.mesh()
     assert m.axis_names == ("data", "fsdp", "tensor")
