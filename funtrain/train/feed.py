@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from funtrain._typing import Batch
 from funtrain.data.checks import check_batch
@@ -96,15 +97,20 @@ def auto_steps_per_call(steps_per_epoch: int | None, cuts: Iterable[int] = (),
 # ----------------------------------------------------------------------------- compiled runs
 
 
-@functools.partial(jax.jit, static_argnames=("step", "size", "batch_size"),
+@functools.partial(jax.jit, static_argnames=("step", "size", "batch_size", "placed", "split"),
                    donate_argnames=("state", "arrays"))
 def _steps_on_device(state: Any, arrays: Any, order: Any, batch: Any, *, step: StepFn,
-                     size: int, batch_size: int) -> tuple[Any, Any, Any]:
+                     size: int, batch_size: int, placed: tuple[Any, ...] | None = None,
+                     split: NamedSharding | None = None) -> tuple[Any, Any, Any]:
     """``size`` steps on batches ``batch, batch + 1, ...`` of device ``arrays``: sliced
     from arrays already in the epoch's order, or gathered through ``order``.
 
     ``arrays`` is donated and handed back unchanged: a read-only argument would be copied
-    into the scan's loop state on every call (the whole dataset, each time)."""
+    into the scan's loop state on every call (the whole dataset, each time).
+
+    On a mesh, ``placed`` holds the state's leaf shardings (kept, as the train step keeps
+    them) and ``split`` the batch's: each device takes its rows of every batch from its
+    own copy of the dataset, so no step moves data between devices."""
 
     def body(state: Any, i: Any) -> tuple[Any, Any]:
         start = (batch + i) * batch_size
@@ -115,10 +121,25 @@ def _steps_on_device(state: Any, arrays: Any, order: Any, batch: Any, *, step: S
             rows = lax.dynamic_slice_in_dim(order, start, batch_size)
             batch_ = jax.tree.map(lambda a: a.at[rows].get(unique_indices=True,
                                                           mode="promise_in_bounds"), arrays)
+        if split is not None:
+            batch_ = jax.tree.map(lambda a: lax.with_sharding_constraint(a, split), batch_)
         return step(state, batch_)
 
     state, metrics = lax.scan(body, state, jnp.arange(size))
+    if placed is not None:
+        leaves, treedef = jax.tree.flatten(state)
+        state = treedef.unflatten([lax.with_sharding_constraint(x, sh) for x, sh in
+                                   zip(leaves, placed, strict=True)])
     return state, arrays, metrics
+
+
+def _on_mesh(state: Any) -> tuple[Any, tuple[Any, ...]] | None:
+    """``(mesh, leaf shardings)`` of a state placed on a mesh (``parallel.shard_state``
+    places every leaf, the step count included), else ``None``."""
+    on = getattr(getattr(state, "step", None), "sharding", None)
+    if not (isinstance(on, NamedSharding) and on.mesh.size > 1):
+        return None
+    return on.mesh, tuple(x.sharding for x in jax.tree.leaves(state))
 
 
 @jax.jit
@@ -184,6 +205,26 @@ class DeviceFeed:
         # copies (it never aliases the host arrays).
         self.arrays = jax.device_put(host)
         self._epoch: tuple[int, Any, Any] | None = None  # (epoch, arrays, order)
+        self.mesh: dict[str, Any] = {}  # on a mesh: the placed/split shardings of a chunk
+
+    def _place(self, state: Any) -> dict[str, Any]:
+        """On a mesh: the dataset copied to every device of it (once), and the chunk's
+        shardings: the state's, and the batch split over ``data`` and ``fsdp``."""
+        found = _on_mesh(state)
+        if found is None:
+            return {}
+        mesh, placed = found
+        if self.mesh.get("mesh") != mesh:
+            n = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+            if self.batch_size % n:
+                raise ValueError(f"fit: batch size {self.batch_size} must be divisible by "
+                                 f"data * fsdp = {n} of the state's mesh "
+                                 f"{dict(mesh.shape)}")
+            axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+            self.arrays = jax.device_put(self.arrays, NamedSharding(mesh, PartitionSpec()))
+            self._epoch = None
+            self.mesh = {"mesh": mesh, "split": NamedSharding(mesh, PartitionSpec(axes))}
+        return {"placed": placed, "split": self.mesh["split"]}
 
     def check(self, num_classes: int | None) -> None:
         """The checked mode: the whole dataset is checked once, before it is used."""
@@ -217,11 +258,12 @@ class DeviceFeed:
 
     def run(self, state: Any, chunk: Chunk, epoch: int) -> tuple[Any, list[Any], bool]:
         """Run ``chunk``: the new state, its metrics and ``True`` (they are stacked)."""
+        shardings = self._place(state)
         arrays, order = self._source(epoch)
         if chunk.scanned:
             state, arrays, metrics = _steps_on_device(
                 state, arrays, order, np.int32(chunk.batch), step=self.step,
-                size=chunk.size, batch_size=self.batch_size)
+                size=chunk.size, batch_size=self.batch_size, **shardings)
             self._keep(epoch, arrays, order)
             return state, [metrics], True
         out = []
@@ -229,15 +271,15 @@ class DeviceFeed:
             if b < self.full_batches:
                 state, arrays, metrics = _steps_on_device(
                     state, arrays, order, np.int32(b), step=self.step, size=1,
-                    batch_size=self.batch_size)
+                    batch_size=self.batch_size, **shardings)
                 self._keep(epoch, arrays, order)
             else:  # the smaller last batch (drop_remainder=False): its own shapes
                 start = b * self.batch_size
                 tail = (jax.tree.map(lambda a, s=start: a[s:], arrays) if order is None
                         else jax.tree.map(lambda a, s=start: a[order[s:]], arrays))
-                state, _, metrics = _steps_on_device(state, tail, None, np.int32(0),
-                                                     step=self.step, size=1,
-                                                     batch_size=self.tail)
+                state, _, metrics = _steps_on_device(  # may not divide: not split
+                    state, tail, None, np.int32(0), step=self.step, size=1,
+                    batch_size=self.tail, placed=shardings.get("placed"))
             out.append(metrics)
         return state, out, True
 

@@ -83,6 +83,18 @@ def run(kind, layout):
             "kept_sharding": same, "specs": jax.tree.leaves(specs)}
 
 
+def fit_with_batch(batch_size):
+    from funtrain import data
+
+    model, opt = nn.mlp([10]), optim.sgd(0.1)
+    state = parallel.shard_state(train.TrainState.create(
+        model.init(jax.random.key(0), jnp.zeros((1, 4))), opt, jax.random.key(1)),
+        parallel.mesh(data=-1))
+    ds = data.ArrayDataset(x=np.zeros((48, 4), np.float32), y=np.zeros(48, np.int32))
+    train.fit(state, train.make_train_step(train.classifier_loss(model), opt),
+              data.Loader(ds, batch_size), progress=False)
+
+
 def bad_input():
     """The message of each bad input (or None when nothing was raised)."""
     params, _, batches = problem("mlp")
@@ -95,6 +107,7 @@ def bad_input():
             params, fsdp, [("dense_1/w", P(None, "fsdp"))]),
         "unknown mesh axis": lambda: parallel.param_specs(params, fsdp, [("w", P("model"))]),
         "mesh size": lambda: parallel.mesh(data=3),
+        "fit batch not divisible": lambda: fit_with_batch(12),
     }
     out = {}
     for name, make in cases.items():
@@ -149,6 +162,40 @@ def checkpoint_across_meshes():
     return out, errors
 
 
+def fit_on_meshes():
+    """``fit``'s device-resident path (2 epochs of 8 steps, 4 per call) on one device, data
+    parallel and FSDP: the losses, the state's specs after it, and the FLOPs one device runs
+    per chunk (a batch split over the devices gives each an eighth)."""
+    from funtrain import data
+    from funtrain.train import feed
+
+    rng = np.random.default_rng(0)
+    ds = data.ArrayDataset(x=rng.standard_normal((256, 784)).astype(np.float32),
+                           y=rng.integers(0, 10, 256).astype(np.int32))
+    model, opt = nn.mlp([256, 10]), optim.adamw(1e-3)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 784)))
+    step = train.make_train_step(train.classifier_loss(model), opt)
+    out = {}
+    for name, mesh in (("single", None), ("dp", parallel.mesh(data=-1)),
+                       ("fsdp", parallel.mesh(data=1, fsdp=-1))):
+        state = train.TrainState.create(params, opt, jax.random.key(1))
+        if mesh is not None:
+            state = parallel.shard_state(state, mesh, fsdp_min_size=1024)
+        loader = data.Loader(ds, 32, key=jax.random.key(2), drop_remainder=True)
+        probe = feed.DeviceFeed(loader, step, 4, ())
+        kw = probe._place(state)
+        flops = feed._steps_on_device.lower(
+            state, probe.arrays, None, np.int32(0), step=step, size=4, batch_size=32,
+            **kw).compile().cost_analysis()
+        flops = (flops[0] if isinstance(flops, (list, tuple)) else flops)["flops"]
+        state, history = train.fit(state, step, loader, epochs=2, steps_per_call=4,
+                                   progress=False, log_every=1)
+        out[name] = {"losses": history.train["loss"], "flops": flops,
+                     "spec": str(state.params["dense_0"]["w"].sharding.spec) if mesh else "",
+                     "step": int(state.step)}
+    return out
+
+
 def step_reports():
     """``profile.step_report`` of the MLP's step on one device and under FSDP on 8."""
     params, loss, batches = problem("mlp")
@@ -169,7 +216,7 @@ def step_reports():
 
 if __name__ == "__main__":
     result = {"devices": len(jax.devices()), "bad_input": bad_input(),
-              "reports": step_reports()}
+              "reports": step_reports(), "fit": fit_on_meshes()}
     result["checkpoint"], result["restore_errors"] = checkpoint_across_meshes()
     for kind in sys.argv[1:] or ["mlp", "gpt", "cnn"]:
         for layout in ("single", "dp", "fsdp") + (("fsdp+tp",) if kind != "cnn" else ()):
