@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from funtrain import quant
 from funtrain._checks import check_int
 from funtrain._typing import Array, Params, PRNGKey
 from funtrain.nn import initializers as inits
@@ -104,7 +105,7 @@ def dense(features: int, *, use_bias: bool = True, w_init: Initializer | None = 
                               f"{features} output features: expected w of shape "
                               f"({fan_in}, {features}); were the params made by another "
                               f"model's init?")
-        y = jnp.matmul(x, w)
+        y = quant.matmul(x, w) if isinstance(w, quant.QTensor) else jnp.matmul(x, w)
         if use_bias:
             check_param_shape(params, "b", (w.shape[1],), kind)
             y = y + params["b"]
@@ -279,14 +280,14 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
             raise ModuleError(kind, f"w has shape {tuple(w.shape)}, but this layer expects "
                               f"{expected} (kernel_size, in channels, {features} features); "
                               f"were the params made by another model's init?")
-        y = lax.conv_general_dilated(
-            x, w.astype(jnp.result_type(x, w)),
-            window_strides=_tuple(strides, n, "strides", kind),
-            padding=_padding(padding, n, kind),
-            rhs_dilation=_tuple(dilation, n, "dilation", kind),
-            dimension_numbers=_CONV_SPEC[n],
-            feature_group_count=groups,
-        )
+        how = dict(window_strides=_tuple(strides, n, "strides", kind),
+                   padding=_padding(padding, n, kind),
+                   rhs_dilation=_tuple(dilation, n, "dilation", kind),
+                   dimension_numbers=_CONV_SPEC[n], feature_group_count=groups)
+        if isinstance(w, quant.QTensor):
+            y = quant.conv(x, w, **how)
+        else:
+            y = lax.conv_general_dilated(x, w.astype(jnp.result_type(x, w)), **how)
         return _add_bias(params, y, use_bias, kind)
 
     return _make(kind, init, apply, name)

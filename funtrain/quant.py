@@ -1,0 +1,351 @@
+"""Quantization: int8/int4 weights as pytrees, integer matmuls, and quantization-aware training.
+
+A quantized model is just params: :func:`quantize` turns the selected float leaves into
+:class:`QTensor` s (symmetric integers plus float32 scales, int4 packed two per byte), and
+the tree checkpoints, shards and jits like any other. ``nn.dense`` and ``nn.conv`` take a
+``QTensor`` as their ``w``:
+
+- without an activation scale they dequantize it on the fly (XLA fuses the scaling into
+  the matmul's operand), so any model runs on quantized params unchanged;
+- after :func:`calibrate` (an activation scale per layer, from the max or a percentile of
+  ``|x|`` over a few batches) they quantize the input too and run an int8 x int8 -> int32
+  matmul or convolution (``preferred_element_type=int32``), rescaled once at the end.
+
+Quantization-aware training wraps a model with :func:`qat`: its weights (and optionally its
+activations) go through :func:`fake_quant`, which rounds in the forward pass and passes the
+gradient straight through (a ``custom_vjp``). Export the trained params with
+:func:`quantize`.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from funtrain import nn, quant
+  >>> model = nn.mlp([16, 3])
+  >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8)))
+  >>> q = quant.quantize(params, bits=8)
+  >>> model.apply(q, jnp.ones((2, 8))).shape
+  (2, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from funtrain._tree import keystr
+
+__all__ = ["QTensor", "quantize", "dequantize", "calibrate", "fake_quant", "qat",
+           "pack_int4", "unpack_int4", "DEFAULT_SELECT"]
+
+DEFAULT_SELECT = r"(^|/)w$"  # the kernels of dense and conv layers; biases and norms stay
+_GRANULARITIES = ("per_channel", "per_tensor")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+    """Symmetric integer weights: ``w ≈ values * scale``.
+
+    Attributes:
+      values: int8 (``bits=8``), or uint8 holding two int4 values per byte (``bits=4``,
+        packed over the flattened array; see :func:`pack_int4`).
+      scale: float32, per output channel (the last axis, shape ``(1, ..., 1, out)``) or a
+        scalar per tensor.
+      act_scale: the input's scale for the integer matmul, from :func:`calibrate`, or
+        ``None`` (dequantize on the fly).
+      bits, shape, dtype: static: the bit width, and the float weight's shape and dtype.
+      name: static: the key path, so that :func:`calibrate` can tell the layers apart.
+    """
+
+    values: Any
+    scale: Any
+    act_scale: Any = None
+    bits: int = dataclasses.field(default=8, metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+    dtype: Any = dataclasses.field(default=jnp.float32, metadata=dict(static=True))
+    name: str = dataclasses.field(default="", metadata=dict(static=True))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def integers(self) -> jax.Array:
+        """The integer values as int8, unpacked and in ``shape``."""
+        if self.bits == 4:
+            return unpack_int4(self.values, self.shape)
+        return self.values
+
+    def dequantize(self) -> jax.Array:
+        return (self.integers().astype(jnp.float32) * self.scale).astype(self.dtype)
+
+    def __jax_array__(self) -> jax.Array:  # any other use (attention's ``v @ w``) sees floats
+        return self.dequantize()
+
+
+# ----------------------------------------------------------------------------- int4 packing
+
+
+def pack_int4(q: jax.Array) -> jax.Array:
+    """int8 values in ``[-8, 7]`` as uint8, two per byte over the flattened array (the
+    first in the low nibble; an odd count is padded with a zero)."""
+    flat = jnp.ravel(q).astype(jnp.uint8) & 0xF
+    if flat.size % 2:
+        flat = jnp.concatenate([flat, jnp.zeros((1,), jnp.uint8)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_int4(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The inverse of :func:`pack_int4`: int8 values of ``shape``."""
+    nibbles = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1).astype(jnp.int8)
+    signed = (nibbles ^ 8) - 8  # sign-extend 4 bits
+    return signed[:int(np.prod(shape))].reshape(shape)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def _selector(select: str | Callable[[str, Any], bool] | None) -> Callable[[str, Any], bool]:
+    if select is None:
+        select = DEFAULT_SELECT
+    if isinstance(select, str):
+        pattern = re.compile(select)
+        return lambda path, leaf: bool(pattern.search(path))
+    if callable(select):
+        return select
+    raise TypeError(f"select must be a key-path regex, a function (path, leaf) -> bool or "
+                    f"None, got {type(select).__name__}")
+
+
+def _check(where: str, bits: Any, granularity: Any) -> None:
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
+    if granularity not in _GRANULARITIES:
+        raise ValueError(f"{where}: granularity must be one of {_GRANULARITIES}, got "
+                         f"{granularity!r}")
+
+
+def _scale(w: jax.Array, bits: int, granularity: str) -> jax.Array:
+    """max |w| / qmax, over everything but the last (output) axis for per_channel; an
+    all-zero channel gets scale 1 (its integers are 0 anyway)."""
+    qmax = 2 ** (bits - 1) - 1
+    axes = tuple(range(w.ndim - 1)) if granularity == "per_channel" and w.ndim > 1 else None
+    amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=axes is not None)
+    return jnp.where(amax > 0, amax / qmax, 1.0).astype(jnp.float32)
+
+
+def _integers(w: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+    qmax = 2 ** (bits - 1) - 1
+    return jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -qmax, qmax).astype(jnp.int8)
+
+
+def quantize_leaf(w: jax.Array, bits: int = 8, granularity: str = "per_channel",
+                  name: str = "") -> QTensor:
+    """One float array as a :class:`QTensor` (no checks: see :func:`quantize`)."""
+    scale = _scale(w, bits, granularity)
+    q = _integers(w, scale, bits)
+    values = pack_int4(q) if bits == 4 else q
+    return QTensor(values, scale, None, bits, tuple(w.shape), jnp.dtype(w.dtype), name)
+
+
+def quantize(params: Any, bits: int = 8, granularity: str = "per_channel",
+             select: str | Callable[[str, Any], bool] | None = None) -> Any:
+    """Post-training quantization: the selected leaves of ``params`` as :class:`QTensor` s.
+
+    Symmetric, round to nearest: ``scale = max|w| / (2**(bits-1) - 1)`` per output channel
+    (the last axis) or per tensor, ``values = round(w / scale)``; so ``|dequantize - w| <=
+    scale / 2`` element by element.
+
+    Args:
+      params: a params tree (``QTensor`` leaves already there are kept).
+      bits: 8 (int8) or 4 (int4, packed two per byte).
+      granularity: ``"per_channel"`` (default) or ``"per_tensor"``.
+      select: which leaves: a regex searched in the key path (``"dense_0/w"``), a function
+        ``(path, leaf) -> bool``, or ``None`` for :data:`DEFAULT_SELECT` (every ``w``).
+
+    Raises:
+      ValueError: bits other than 4/8, an unknown granularity, or a selected leaf that is
+        not floating point (the message names its key path).
+    """
+    _check("quant.quantize", bits, granularity)
+    chosen = _selector(select)
+
+    def one(path: Any, leaf: Any) -> Any:
+        name = keystr(path)
+        if isinstance(leaf, QTensor) or not chosen(name, leaf):
+            return leaf
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise ValueError(f"quant.quantize: key path {name!r} holds {jnp.result_type(leaf)}"
+                             f" values; only floating-point leaves can be quantized (narrow "
+                             f"`select`)")
+        return quantize_leaf(jnp.asarray(leaf), bits, granularity, name)
+
+    return jax.tree_util.tree_map_with_path(one, params,
+                                            is_leaf=lambda x: isinstance(x, QTensor))
+
+
+def dequantize(params: Any) -> Any:
+    """``params`` with every :class:`QTensor` back as a float array of its dtype."""
+    return jax.tree.map(lambda x: x.dequantize() if isinstance(x, QTensor) else x, params,
+                        is_leaf=lambda x: isinstance(x, QTensor))
+
+
+# ----------------------------------------------------------------------------- integer kernels
+
+
+def _quantize_input(x: jax.Array, act_scale: jax.Array) -> jax.Array:
+    return jnp.clip(jnp.round(x.astype(jnp.float32) / act_scale), -127, 127).astype(jnp.int8)
+
+
+def matmul(x: jax.Array, w: QTensor) -> jax.Array:
+    """``x @ w`` for a quantized ``w`` (as ``nn.dense`` calls it): int8 x int8 -> int32
+    when ``w`` has an activation scale, else on the dequantized weight."""
+    _record(w, x)
+    if w.act_scale is None:
+        return jnp.matmul(x, w.dequantize().astype(x.dtype))
+    acc = lax.dot_general(_quantize_input(x, w.act_scale), w.integers(),
+                          (((x.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * (w.act_scale * w.scale.reshape(-1))).astype(x.dtype)
+
+
+def conv(x: jax.Array, w: QTensor, **conv_kwargs: Any) -> jax.Array:
+    """``lax.conv_general_dilated(x, w, ...)`` for a quantized ``w`` (as ``nn.conv`` calls
+    it), integer when ``w`` has an activation scale."""
+    _record(w, x)
+    if w.act_scale is None:
+        return lax.conv_general_dilated(x, w.dequantize().astype(x.dtype), **conv_kwargs)
+    acc = lax.conv_general_dilated(_quantize_input(x, w.act_scale), w.integers(),
+                                   preferred_element_type=jnp.int32, **conv_kwargs)
+    return (acc.astype(jnp.float32) * (w.act_scale * w.scale.reshape(-1))).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+_RECORDER: dict[str, list[np.ndarray]] | None = None
+
+
+def _record(w: QTensor, x: jax.Array) -> None:
+    if _RECORDER is not None:
+        if isinstance(x, jax.core.Tracer):
+            raise TypeError("quant.calibrate runs the model eagerly: do not jit it")
+        _RECORDER.setdefault(w.name, []).append(np.abs(np.asarray(x, np.float32)).ravel())
+
+
+def calibrate(apply: Callable[..., Any], qparams: Any, batches: Iterable[Any],
+              method: str = "max", percentile: float = 99.99) -> Any:
+    """Activation scales for the integer kernels, from a few batches.
+
+    Runs ``apply(qparams, batch)`` eagerly on each batch (e.g. ``lambda p, b:
+    model.apply(p, b["x"])``), records ``|x|`` at the input of every quantized layer, and
+    sets its ``act_scale`` to ``max / 127`` (``method="max"``) or the ``percentile``-th
+    percentile / 127 (``"percentile"``: outliers are clipped, the rest gets finer steps).
+
+    Returns:
+      ``qparams`` with every ``QTensor``'s ``act_scale`` set, so ``nn.dense`` and
+      ``nn.conv`` run int8 x int8 -> int32.
+    """
+    global _RECORDER
+    if method not in ("max", "percentile"):
+        raise ValueError(f"quant.calibrate: method must be 'max' or 'percentile', got "
+                         f"{method!r}")
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"quant.calibrate: percentile must be in (0, 100], got {percentile}")
+    plain = jax.tree.map(lambda x: dataclasses.replace(x, act_scale=None)
+                         if isinstance(x, QTensor) else x, qparams,
+                         is_leaf=lambda x: isinstance(x, QTensor))
+    _RECORDER = {}
+    try:
+        seen = 0
+        for batch in batches:
+            apply(plain, batch)
+            seen += 1
+        recorded, _RECORDER = _RECORDER, None
+    finally:
+        _RECORDER = None
+    if not seen:
+        raise ValueError("quant.calibrate: batches yielded nothing")
+
+    def scaled(x: Any) -> Any:
+        if not isinstance(x, QTensor):
+            return x
+        if x.name not in recorded:
+            raise ValueError(f"quant.calibrate: the layer with weight {x.name!r} never ran "
+                             f"on the batches, so its input scale is unknown")
+        values = np.concatenate(recorded[x.name])
+        amax = values.max() if method == "max" else np.percentile(values, percentile)
+        return dataclasses.replace(x, act_scale=jnp.float32(max(float(amax), 1e-12) / 127))
+
+    return jax.tree.map(scaled, plain, is_leaf=lambda x: isinstance(x, QTensor))
+
+
+# ----------------------------------------------------------------------------- QAT
+
+
+@jax.custom_vjp
+def _fake_quant(w: jax.Array, scale: jax.Array, qmax: int) -> jax.Array:
+    return (jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale).astype(w.dtype)
+
+
+def _fake_quant_fwd(w, scale, qmax):  # type: ignore[no-untyped-def]
+    return _fake_quant(w, scale, qmax), (jnp.abs(w) <= qmax * scale, scale)
+
+
+def _fake_quant_bwd(res, g):  # type: ignore[no-untyped-def]
+    inside, scale = res  # straight through inside the range, zero where clipped
+    return jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(scale), None
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(w: jax.Array, bits: int = 8, granularity: str = "per_channel",
+               scale: jax.Array | None = None) -> jax.Array:
+    """``w`` rounded to the ``bits``-bit grid and back (what :func:`quantize` then
+    :func:`dequantize` give), with a straight-through gradient: the rounding's gradient is
+    taken as 1 inside the representable range and 0 where a value is clipped.
+
+    The scale is ``max|w| / qmax`` (per output channel by default), not differentiated;
+    pass ``scale`` for a fixed one (activations: a calibrated scale)."""
+    _check("quant.fake_quant", bits, granularity)
+    if scale is None:
+        scale = lax.stop_gradient(_scale(w, bits, granularity))
+    return _fake_quant(w, scale, 2 ** (bits - 1) - 1)
+
+
+def qat(model: Any, bits: int = 8, granularity: str = "per_channel",
+        select: str | Callable[[str, Any], bool] | None = None,
+        activation_bits: int | None = None) -> Any:
+    """``model`` trained with quantized weights: its ``apply`` passes the selected params
+    through :func:`fake_quant` (and, with ``activation_bits``, its input too, per tensor),
+    so ``fit`` trains float params that survive :func:`quantize` with ``bits``. ``init``
+    and the params are the model's own.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from funtrain import nn, quant
+      >>> model = quant.qat(nn.mlp([8, 2]), bits=4)
+      >>> p = model.init(jax.random.key(0), jnp.zeros((1, 3)))
+      >>> model.apply(p, jnp.ones((1, 3))).shape
+      (1, 2)
+    """
+    _check("quant.qat", bits, granularity)
+    if activation_bits is not None:
+        _check("quant.qat", activation_bits, "per_tensor")
+    chosen = _selector(select)
+
+    def apply(params: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        faked = jax.tree_util.tree_map_with_path(
+            lambda path, w: fake_quant(w, bits, granularity)
+            if chosen(keystr(path), w) and jnp.issubdtype(w.dtype, jnp.floating) else w,
+            params)
+        if activation_bits is not None:
+            x = fake_quant(x, activation_bits, "per_tensor")
+        return model.apply(faked, x, *args, **kwargs)
+
+    return model._replace(apply=apply)
