@@ -1,0 +1,134 @@
+"""funtrain.quant: round-trip bounds, int4 packing, integer kernels against float64
+references, checkpoints and jit, QAT's straight-through gradient, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import nn, quant
+from funtrain.train import checkpoint
+
+MODEL = nn.mlp([32, 10])
+PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 16)))
+X = jax.random.normal(jax.random.key(1), (8, 16))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_round_trip_error_is_at_most_half_a_step(bits, granularity):
+    q = quant.quantize(PARAMS, bits=bits, granularity=granularity)
+    for path in ("dense_0", "dense_1"):
+        w = np.asarray(PARAMS[path]["w"], np.float64)
+        qw = q[path]["w"]
+        # reference scale, from the formula: max |w| / (2^(bits-1) - 1)
+        amax = np.abs(w).max(axis=0, keepdims=True) if granularity == "per_channel" else \
+            np.abs(w).max()
+        scale = amax / (2 ** (bits - 1) - 1)
+        np.testing.assert_allclose(np.asarray(qw.scale, np.float64), np.broadcast_to(
+            scale, np.shape(qw.scale)), rtol=1e-6)
+        err = np.abs(np.asarray(quant.dequantize(q)[path]["w"], np.float64) - w)
+        assert (err <= np.broadcast_to(scale, w.shape) / 2 * (1 + 1e-5)).all()
+        assert np.abs(np.asarray(qw.integers())).max() <= 2 ** (bits - 1) - 1
+    assert q["dense_0"]["b"] is PARAMS["dense_0"]["b"]  # biases stay float
+
+
+def test_int4_packs_two_per_byte_and_round_trips_bitwise():
+    q = jnp.asarray(np.random.default_rng(0).integers(-8, 8, size=(7, 5)), jnp.int8)
+    packed = quant.pack_int4(q)
+    assert packed.dtype == jnp.uint8 and packed.shape == (18,)  # 35 values, padded to 36
+    np.testing.assert_array_equal(np.asarray(quant.unpack_int4(packed, (7, 5))), np.asarray(q))
+    w = quant.quantize(PARAMS, bits=4)["dense_0"]["w"]
+    assert w.values.nbytes * 2 == PARAMS["dense_0"]["w"].size
+
+
+def _int8_reference(x, w):
+    """float64: quantize the input with its scale, multiply the integers, rescale."""
+    xs = np.asarray(x, np.float64)
+    xq = np.clip(np.round(xs / float(w.act_scale)), -127, 127)
+    wq = np.asarray(w.integers(), np.float64)
+    return xq @ wq * float(w.act_scale) * np.asarray(w.scale, np.float64).reshape(-1)
+
+
+def test_calibrated_dense_runs_an_int8_matmul_under_jit():
+    q = quant.calibrate(lambda p, b: MODEL.apply(p, b), quant.quantize(PARAMS), [X])
+    w = q["dense_0"]["w"]
+    np.testing.assert_allclose(float(w.act_scale), np.abs(np.asarray(X)).max() / 127,
+                               rtol=1e-6)
+    layer = nn.dense(32, name="dense_0")
+    got = jax.jit(layer.apply)(q["dense_0"], X)
+    want = _int8_reference(X, w) + np.asarray(PARAMS["dense_0"]["b"])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(MODEL.apply).lower(q, X).as_text()
+    assert "i8" in hlo and "i32" in hlo  # the dot takes int8 and accumulates in int32
+    full = jax.jit(MODEL.apply)(q, X)
+    np.testing.assert_allclose(np.asarray(full), np.asarray(MODEL.apply(PARAMS, X)),
+                               atol=0.05)
+
+
+def test_percentile_calibration_clips_outliers():
+    xs = np.asarray(X).copy()
+    xs[0, 0] = 100.0
+    q = quant.quantize(PARAMS)
+    by_max = quant.calibrate(lambda p, b: MODEL.apply(p, b), q, [xs])
+    by_pct = quant.calibrate(lambda p, b: MODEL.apply(p, b), q, [xs], method="percentile",
+                             percentile=99.0)
+    assert float(by_pct["dense_0"]["w"].act_scale) < float(by_max["dense_0"]["w"].act_scale) / 10
+
+
+def test_quantized_conv_matches_its_dequantized_float_conv():
+    model = nn.serial(nn.conv(4, 3), nn.relu(), nn.flatten(), nn.dense(3))
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 2))
+    params = model.init(jax.random.key(3), x)
+    q = quant.quantize(params)
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(q, x)),
+                               np.asarray(model.apply(quant.dequantize(q), x)), rtol=1e-5,
+                               atol=1e-6)
+    c = quant.calibrate(lambda p, b: model.apply(p, b), q, [x])
+    out = jax.jit(model.apply)(c, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(model.apply(params, x)), atol=0.1)
+
+
+def test_quantized_params_survive_checkpoint_and_jit(tmp_path):
+    q = quant.calibrate(lambda p, b: MODEL.apply(p, b), quant.quantize(PARAMS, bits=4), [X])
+    checkpoint.save(tmp_path, q, 1)
+    back = checkpoint.restore(tmp_path, target=q)
+    assert isinstance(back["dense_0"]["w"], quant.QTensor) and back["dense_0"]["w"].bits == 4
+    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(jax.jit(MODEL.apply)(back, X)),
+                                  np.asarray(jax.jit(MODEL.apply)(q, X)))
+
+
+def test_fake_quant_forward_rounds_and_gradient_passes_straight_through():
+    w = PARAMS["dense_0"]["w"]
+    np.testing.assert_allclose(np.asarray(quant.fake_quant(w, 4)),
+                               np.asarray(quant.dequantize(quant.quantize({"w": w}, 4))["w"]),
+                               rtol=1e-6)
+    g = jax.jit(jax.grad(lambda w: jnp.sum(quant.fake_quant(w, 4) * 3.0)))(w)
+    np.testing.assert_array_equal(np.asarray(g), 3.0)  # the rounding's gradient is 1
+    clipped = jax.grad(lambda x: jnp.sum(quant.fake_quant(x, 8, scale=jnp.float32(0.01))))(
+        jnp.array([0.5, 2.0]))
+    np.testing.assert_array_equal(np.asarray(clipped), [1.0, 0.0])  # 2.0 > 127 * 0.01
+
+
+def test_qat_trains_under_jit_grad():
+    model = quant.qat(MODEL, bits=4, activation_bits=8)
+    y = jnp.arange(8) % 10
+    loss = lambda p: jnp.mean(-jax.nn.log_softmax(model.apply(p, X))[jnp.arange(8), y])  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(PARAMS)
+    assert all(np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
+               for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: quant.quantize(PARAMS, bits=2), "quant.quantize: bits must be 4 or 8, got 2"),
+    (lambda: quant.quantize(PARAMS, granularity="row"), "granularity must be one of"),
+    (lambda: quant.quantize({"table": {"w": jnp.arange(6).reshape(2, 3)}}),
+     "key path 'table/w' holds int32 values; only floating-point leaves can be quantized"),
+    (lambda: quant.calibrate(lambda p, b: MODEL.apply(p, b), quant.quantize(PARAMS), []),
+     "batches yielded nothing"),
+])
+def test_bad_input_is_named(call, message):
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(")):
+        call()

@@ -1,0 +1,109 @@
+"""funtrain.sparsity: mask makers against numpy references, the cubic schedule against its
+formula, pruned weights exactly 0 through AdamW with weight decay, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funtrain import nn, optim, sparsity, train
+
+MODEL = nn.mlp([32, 10])
+PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 16)))
+
+
+def test_magnitude_per_layer_prunes_exactly_the_smallest():
+    masks = sparsity.magnitude(PARAMS, 0.75)
+    for layer in ("dense_0", "dense_1"):
+        w = np.abs(np.asarray(PARAMS[layer]["w"])).ravel()
+        k = int(np.floor(0.75 * w.size))
+        want = np.ones(w.size, bool)
+        want[np.argsort(w, kind="stable")[:k]] = False
+        np.testing.assert_array_equal(np.asarray(masks[layer]["w"]).ravel(), want)
+        assert bool(masks[layer]["b"].all())  # biases stay dense
+
+
+def test_magnitude_global_uses_one_threshold():
+    masks = sparsity.magnitude(PARAMS, 0.5, scope="global")
+    kept = np.concatenate([np.abs(np.asarray(PARAMS[k]["w"]))[np.asarray(masks[k]["w"])]
+                           for k in ("dense_0", "dense_1")])
+    pruned = np.concatenate([np.abs(np.asarray(PARAMS[k]["w"]))[~np.asarray(masks[k]["w"])]
+                             for k in ("dense_0", "dense_1")])
+    assert pruned.max() <= kept.min()
+    assert pruned.size == int(0.5 * (16 * 32 + 32 * 10))
+
+
+def test_random_masks_have_the_exact_count():
+    masks = sparsity.random(PARAMS, 0.9, jax.random.key(0))
+    assert int((~masks["dense_0"]["w"]).sum()) == int(0.9 * 16 * 32)
+
+
+def test_two_four_keeps_the_two_largest_of_every_four_inputs():
+    masks = np.asarray(sparsity.n_m(PARAMS, 2, 4)["dense_0"]["w"])  # (16, 32): axis 0 inputs
+    w = np.abs(np.asarray(PARAMS["dense_0"]["w"]))
+    for g in range(4):
+        block, keep = w[4 * g:4 * g + 4], masks[4 * g:4 * g + 4]
+        assert (keep.sum(axis=0) == 2).all()
+        top2 = np.sort(block, axis=0)[2:]
+        np.testing.assert_array_equal(np.sort(block * keep, axis=0)[2:], top2)
+
+
+def test_schedule_follows_zhu_and_gupta():
+    s = sparsity.polynomial_schedule(0.1, 0.9, begin_step=100, end_step=500, frequency=50)
+    for t in (0, 100, 149, 150, 300, 499, 500, 900):
+        last = min(max(t, 100), 500)
+        last = 100 + (last - 100) // 50 * 50
+        want = 0.9 + (0.1 - 0.9) * (1 - (last - 100) / 400) ** 3
+        np.testing.assert_allclose(float(s(t)), want, rtol=1e-6)
+    assert [bool(s.due(t)) for t in (99, 100, 120, 150, 500, 550)] == [
+        False, True, False, True, True, False]
+
+
+def test_pruned_weights_stay_exactly_zero_through_adamw_with_weight_decay():
+    """200 AdamW steps with weight decay under gradual pruning to 80%: every masked weight
+    is exactly 0.0 (momentum, moments and decay cannot revive it)."""
+    x = jax.random.normal(jax.random.key(1), (64, 16))
+    y = jax.random.randint(jax.random.key(2), (64,), 0, 10)
+    opt = sparsity.pruned(optim.adamw(1e-2, weight_decay=0.1),
+                          sparsity.polynomial_schedule(0.0, 0.8, begin_step=0, end_step=100,
+                                                       frequency=20))
+    state = train.TrainState.create(PARAMS, opt, jax.random.key(3))
+    step = train.make_train_step(train.classifier_loss(MODEL), opt)
+    first = None
+    for _ in range(200):
+        state, metrics = step(state, {"x": x, "y": y})
+        first = first if first is not None else float(metrics["loss"])
+    masks = state.opt_state.masks
+    for m, w in zip(jax.tree.leaves(masks), jax.tree.leaves(state.params), strict=True):
+        assert (np.asarray(w)[~np.asarray(m)] == 0.0).all()
+    report = sparsity.summary(state.params)
+    assert report["layers"]["dense_0/w"] == pytest.approx(0.8, abs=2 / 512)
+    assert float(metrics["loss"]) < first
+
+
+def test_fixed_masks_prune_at_the_first_update():
+    masks = sparsity.n_m(PARAMS, 2, 4)
+    opt = sparsity.pruned(optim.sgd(0.1, momentum=0.9), masks=masks)
+    state = opt.init_state(PARAMS)
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    updates, state = jax.jit(opt.update)(grads, state, PARAMS)
+    new = optim.apply_updates(PARAMS, updates)
+    assert sparsity.summary(new)["layers"]["dense_0/w"] == 0.5
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: sparsity.apply_masks(PARAMS, {**sparsity.magnitude(PARAMS, 0.5),
+                                           "dense_1": {"w": jnp.ones((3, 3), bool),
+                                                       "b": jnp.ones(10, bool)}}),
+     "key path 'dense_1/w': mask of shape (3, 3) for a param of shape (32, 10)"),
+    (lambda: sparsity.n_m({"conv": {"w": jnp.ones((3, 3, 6, 8))}}, 2, 4, axis=-2),
+     "key path 'conv/w' has shape (3, 3, 6, 8): its axis -2 (6) is not divisible by m=4"),
+    (lambda: sparsity.magnitude(PARAMS, 1.5), "sparsity must be in [0, 1), got 1.5"),
+    (lambda: sparsity.polynomial_schedule(0.0, 0.9, begin_step=10, end_step=5),
+     "need begin_step <= end_step"),
+    (lambda: sparsity.pruned(optim.sgd(0.1)), "give a schedule"),
+])
+def test_bad_input_is_named(call, message):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert message in str(err.value)
