@@ -56,7 +56,7 @@ def stored_bytes(tree) -> int:
 def sparse_bytes(params) -> int:
     """Nonzero float32 values plus a 1-bit mask for the kernels; the rest dense."""
     total = 0
-    for path, w in jax.tree_util.tree_leaves_with_path(params):
+    for w in jax.tree.leaves(params):
         w = np.asarray(w)
         total += (np.count_nonzero(w) * 4 + (w.size + 7) // 8 if w.ndim >= 2 else w.nbytes)
     return total

@@ -4,8 +4,20 @@ Models are ``Module(init, apply)`` pairs, optimizers are ``Optimizer(init_state,
 update)`` pairs, and a training step is ``step(state, batch) -> (state, metrics)``.
 """
 
-from funtrain import (data, interop, losses, nn, optim, parallel, precision, profile, quant,
-                      remat, sparsity, train)
+from funtrain import (
+    data,
+    interop,
+    losses,
+    nn,
+    optim,
+    parallel,
+    precision,
+    profile,
+    quant,
+    remat,
+    sparsity,
+    train,
+)
 
 __version__ = "0.1.0"
 

@@ -429,6 +429,112 @@ CUSTOM_MODULES = [
 ]
 
 
+COMPRESSION = [
+    new_markdown_cell(
+        "# Quantization and sparsity\n\n"
+        "A quantized or pruned model is still just params: `quant.quantize` turns the kernels "
+        "into `QTensor`s (int8 or int4 values plus float32 scales), and `sparsity` makes "
+        "masks and an optimizer that keeps pruned weights at exactly zero. We compress the "
+        "digits MLP (64 → 256 → 10) both ways and plot accuracy against bits and sparsity. "
+        "`bench/compress.py` runs the same study over 3 seeds, beside torch."),
+    new_code_cell(
+        "import os, tempfile\n"
+        "EPOCHS = int(os.environ.get('FUNTRAIN_NB_EPOCHS', '20'))  # tests set 2\n\n"
+        "import jax\n"
+        "import jax.numpy as jnp\n"
+        "import matplotlib.pyplot as plt\n"
+        "import numpy as np\n"
+        "from funtrain import data, nn, optim, quant, sparsity, train\n"
+        "from funtrain.train import checkpoint\n\n"
+        "train_set, test_set = data.load_digits()\n"
+        "model = nn.mlp([256, 10])\n\n"
+        "def fit(params, opt, epochs, wrapped=model):\n"
+        "    state = train.TrainState.create(params, opt, jax.random.key(1))\n"
+        "    step = train.make_train_step(train.classifier_loss(wrapped), opt)\n"
+        "    loader = train_set.batches(64, key=jax.random.key(2), drop_remainder=True)\n"
+        "    return train.fit(state, step, loader, epochs=epochs, progress=False)[0].params\n\n"
+        "def accuracy(params):\n"
+        "    logits = jax.jit(model.apply)(params, jnp.asarray(test_set.arrays['x']))\n"
+        "    return 100 * float(np.mean(np.argmax(logits, -1) == test_set.arrays['y']))\n\n"
+        "def file_bytes(tree):\n"
+        "    with tempfile.TemporaryDirectory() as d:\n"
+        "        return os.path.getsize(checkpoint.save(d, tree, 0) / 'arrays.npz')\n\n"
+        "init = model.init(jax.random.key(0), jnp.zeros((1, 64)))\n"
+        "fp32 = fit(init, optim.adamw(1e-3, weight_decay=1e-4), EPOCHS)\n"
+        "print(f'float32: {accuracy(fp32):.2f}%')"),
+    new_markdown_cell(
+        "## Post-training quantization\n"
+        "Symmetric, per output channel: `scale = max|w| / 127` (int8) or `/ 7` (int4, packed "
+        "two per byte). The model runs on the quantized tree as it is: `nn.dense` "
+        "dequantizes on the fly, or, after `quant.calibrate` sets an input scale per layer, "
+        "runs an int8 × int8 → int32 matmul."),
+    new_code_cell(
+        "q8, q4 = quant.quantize(fp32, bits=8), quant.quantize(fp32, bits=4)\n"
+        "calib = [{'x': jnp.asarray(train_set.arrays['x'][i:i + 128])} for i in (0, 128, 256)]\n"
+        "q8_int = quant.calibrate(lambda p, b: model.apply(p, b['x']), q8, calib)\n"
+        "print(jax.tree.map(lambda a: (a.dtype.name, a.shape), q4['dense_0']))\n"
+        "hlo = jax.jit(model.apply).lower(q8_int, jnp.zeros((2, 64))).as_text()\n"
+        "print('int8 dot accumulating in int32:', 'i8' in hlo and 'i32' in hlo)"),
+    new_markdown_cell(
+        "## Quantization-aware training\n"
+        "`quant.qat` rounds the weights in the forward pass and passes the gradient straight "
+        "through, so the float params learn to survive int4. Export with `quant.quantize`."),
+    new_code_cell(
+        "qat_params = fit(fp32, optim.adamw(3e-4), max(EPOCHS // 3, 1),\n"
+        "                 quant.qat(model, bits=4))\n"
+        "q4_qat = quant.quantize(qat_params, bits=4)\n"
+        "bits = {'float32': (accuracy(fp32), file_bytes(fp32)),\n"
+        "        'int8 PTQ': (accuracy(q8), file_bytes(q8)),\n"
+        "        'int8, int8 matmuls': (accuracy(q8_int), file_bytes(q8_int)),\n"
+        "        'int4 PTQ': (accuracy(q4), file_bytes(q4)),\n"
+        "        'int4 QAT': (accuracy(q4_qat), file_bytes(q4_qat))}\n"
+        "for name, (acc, size) in bits.items():\n"
+        "    ratio = bits['float32'][1] / size\n"
+        "    print(f'{name:20} {acc:6.2f}%  {size:7,} B  ({ratio:.2f}x smaller)')"),
+    new_markdown_cell(
+        "## Pruning\n"
+        "One-shot magnitude pruning, then fine-tuning with the masks fixed "
+        "(`sparsity.pruned(opt, masks=...)` keeps pruned weights at exactly 0.0 whatever "
+        "AdamW's moments and weight decay do), and gradual pruning to 90% on Zhu & Gupta's "
+        "cubic schedule."),
+    new_code_cell(
+        "levels = [0.5, 0.7, 0.8, 0.9, 0.95]\n"
+        "one_shot, tuned = [], []\n"
+        "for s in levels:\n"
+        "    masks = sparsity.magnitude(fp32, s)\n"
+        "    pruned = sparsity.apply_masks(fp32, masks)\n"
+        "    one_shot.append(accuracy(pruned))\n"
+        "    tuned.append(accuracy(fit(pruned, sparsity.pruned(optim.adamw(3e-4), masks=masks),\n"
+        "                              max(EPOCHS // 3, 1))))\n"
+        "two_four = sparsity.n_m(fp32, 2, 4)\n"
+        "tuned_24 = fit(sparsity.apply_masks(fp32, two_four),\n"
+        "               sparsity.pruned(optim.adamw(3e-4), masks=two_four), max(EPOCHS // 3, 1))\n"
+        "steps = len(train_set) // 64 * EPOCHS\n"
+        "schedule = sparsity.polynomial_schedule(0.0, 0.9, begin_step=steps // 10,\n"
+        "                                        end_step=steps * 6 // 10,\n"
+        "                                        frequency=max(steps // 50, 1))\n"
+        "gradual = fit(init, sparsity.pruned(optim.adamw(1e-3, weight_decay=1e-4), schedule),\n"
+        "              EPOCHS)\n"
+        "print('2:4 fine-tuned', accuracy(tuned_24), sparsity.summary(tuned_24)['layers'])\n"
+        "print('90% gradual   ', accuracy(gradual), sparsity.summary(gradual)['layers'])"),
+    new_code_cell(
+        "fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))\n"
+        "names = list(bits)\n"
+        "a.bar(names, [bits[n][0] for n in names], color='tab:blue')\n"
+        "a.set_ylim(min(v[0] for v in bits.values()) - 3, 100)\n"
+        "a.set_ylabel('test accuracy (%)'); a.set_title('accuracy against bits')\n"
+        "a.tick_params(axis='x', rotation=30)\n"
+        "b.plot([100 * s for s in levels], one_shot, 'o-', label='one-shot')\n"
+        "b.plot([100 * s for s in levels], tuned, 'o-', label='one-shot, fine-tuned')\n"
+        "b.plot([90], [accuracy(gradual)], 's', label='gradual (Zhu & Gupta)')\n"
+        "b.plot([50], [accuracy(tuned_24)], '^', label='2:4, fine-tuned')\n"
+        "b.axhline(bits['float32'][0], color='grey', ls='--', label='float32')\n"
+        "b.set_xlabel('sparsity (%)'); b.set_ylabel('test accuracy (%)')\n"
+        "b.set_title('accuracy against sparsity'); b.legend(fontsize=8)\n"
+        "fig.tight_layout()"),
+]
+
+
 def write(name: str, cells: list) -> None:
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
@@ -442,3 +548,4 @@ if __name__ == "__main__":
     write("03_mixed_precision.ipynb", MIXED_PRECISION)
     write("04_checkpointing.ipynb", CHECKPOINTING)
     write("05_custom_modules.ipynb", CUSTOM_MODULES)
+    write("06_compression.ipynb", COMPRESSION)
