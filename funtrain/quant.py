@@ -5,11 +5,14 @@ A quantized model is just params: :func:`quantize` turns the selected float leav
 the tree checkpoints, shards and jits like any other. ``nn.dense`` and ``nn.conv`` take a
 ``QTensor`` as their ``w``:
 
-- without an activation scale they dequantize it on the fly (XLA fuses the scaling into
-  the matmul's operand), so any model runs on quantized params unchanged;
-- after :func:`calibrate` (an activation scale per layer, from the max or a percentile of
-  ``|x|`` over a few batches) they quantize the input too and run an int8 x int8 -> int32
-  matmul or convolution (``preferred_element_type=int32``), rescaled once at the end.
+- by default they dequantize it on the fly (XLA fuses the scaling into the matmul's
+  operand), so any model runs on quantized params unchanged;
+- with ``quantize(..., activations="dynamic")`` they quantize each input row (each example
+  for a convolution) with its own scale, ``max|x| / 127``, at run time, as torch's
+  ``quantize_dynamic`` does, and run an int8 x int8 -> int32 matmul or convolution
+  (``preferred_element_type=int32``), rescaled once at the end;
+- after :func:`calibrate` (one activation scale per layer, from the max or a percentile
+  of ``|x|`` over a few batches) they do the same with that fixed scale.
 
 Quantization-aware training wraps a model with :func:`qat`: its weights (and optionally its
 activations) go through :func:`fake_quant`, which rounds in the forward pass and passes the
@@ -58,8 +61,9 @@ class QTensor:
       scale: float32, per output channel (the last axis, shape ``(1, ..., 1, out)``) or a
         scalar per tensor.
       act_scale: the input's scale for the integer matmul, from :func:`calibrate`, or
-        ``None`` (dequantize on the fly).
+        ``None`` (dequantize on the fly, or quantize the input at run time: ``dynamic``).
       bits, shape, dtype: static: the bit width, and the float weight's shape and dtype.
+      dynamic: static: without ``act_scale``, quantize the input per row at run time.
       name: static: the key path, so that :func:`calibrate` can tell the layers apart.
     """
 
@@ -70,6 +74,7 @@ class QTensor:
     shape: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
     dtype: Any = dataclasses.field(default=jnp.float32, metadata=dict(static=True))
     name: str = dataclasses.field(default="", metadata=dict(static=True))
+    dynamic: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def ndim(self) -> int:
@@ -145,16 +150,18 @@ def _integers(w: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
 
 
 def quantize_leaf(w: jax.Array, bits: int = 8, granularity: str = "per_channel",
-                  name: str = "") -> QTensor:
+                  name: str = "", dynamic: bool = False) -> QTensor:
     """One float array as a :class:`QTensor` (no checks: see :func:`quantize`)."""
     scale = _scale(w, bits, granularity)
     q = _integers(w, scale, bits)
     values = pack_int4(q) if bits == 4 else q
-    return QTensor(values, scale, None, bits, tuple(w.shape), jnp.dtype(w.dtype), name)
+    return QTensor(values, scale, None, bits, tuple(w.shape), jnp.dtype(w.dtype), name,
+                   dynamic)
 
 
 def quantize(params: Any, bits: int = 8, granularity: str = "per_channel",
-             select: str | Callable[[str, Any], bool] | None = None) -> Any:
+             select: str | Callable[[str, Any], bool] | None = None,
+             activations: str | None = None) -> Any:
     """Post-training quantization: the selected leaves of ``params`` as :class:`QTensor` s.
 
     Symmetric, round to nearest: ``scale = max|w| / (2**(bits-1) - 1)`` per output channel
@@ -167,12 +174,18 @@ def quantize(params: Any, bits: int = 8, granularity: str = "per_channel",
       granularity: ``"per_channel"`` (default) or ``"per_tensor"``.
       select: which leaves: a regex searched in the key path (``"dense_0/w"``), a function
         ``(path, leaf) -> bool``, or ``None`` for :data:`DEFAULT_SELECT` (every ``w``).
+      activations: ``None``: layers dequantize the weight and multiply in float;
+        ``"dynamic"``: they quantize their input per row at run time and multiply int8 x
+        int8 -> int32 (see the module docstring; :func:`calibrate` gives fixed scales).
 
     Raises:
-      ValueError: bits other than 4/8, an unknown granularity, or a selected leaf that is
-        not floating point (the message names its key path).
+      ValueError: bits other than 4/8, an unknown granularity or activations mode, or a
+        selected leaf that is not floating point (the message names its key path).
     """
     _check("quant.quantize", bits, granularity)
+    if activations not in (None, "dynamic"):
+        raise ValueError(f"quant.quantize: activations must be None or 'dynamic', got "
+                         f"{activations!r}")
     chosen = _selector(select)
 
     def one(path: Any, leaf: Any) -> Any:
@@ -183,7 +196,8 @@ def quantize(params: Any, bits: int = 8, granularity: str = "per_channel",
             raise ValueError(f"quant.quantize: key path {name!r} holds {jnp.result_type(leaf)}"
                              f" values; only floating-point leaves can be quantized (narrow "
                              f"`select`)")
-        return quantize_leaf(jnp.asarray(leaf), bits, granularity, name)
+        return quantize_leaf(jnp.asarray(leaf), bits, granularity, name,
+                             activations == "dynamic")
 
     return jax.tree_util.tree_map_with_path(one, params,
                                             is_leaf=lambda x: isinstance(x, QTensor))
@@ -198,31 +212,44 @@ def dequantize(params: Any) -> Any:
 # ----------------------------------------------------------------------------- integer kernels
 
 
+def _input_scale(w: QTensor, x: jax.Array, axes: tuple[int, ...]) -> jax.Array | None:
+    """The input's scale: calibrated, per row (``axes`` reduced) at run time for a dynamic
+    ``w``, or ``None`` (multiply in float)."""
+    if w.act_scale is not None:
+        return w.act_scale
+    if not w.dynamic:
+        return None
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
+    return jnp.where(amax > 0, amax / 127, 1.0)
+
+
 def _quantize_input(x: jax.Array, act_scale: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round(x.astype(jnp.float32) / act_scale), -127, 127).astype(jnp.int8)
 
 
 def matmul(x: jax.Array, w: QTensor) -> jax.Array:
     """``x @ w`` for a quantized ``w`` (as ``nn.dense`` calls it): int8 x int8 -> int32
-    when ``w`` has an activation scale, else on the dequantized weight."""
+    with a calibrated or dynamic input scale, else on the dequantized weight."""
     _record(w, x)
-    if w.act_scale is None:
+    s = _input_scale(w, x, (x.ndim - 1,))
+    if s is None:
         return jnp.matmul(x, w.dequantize().astype(x.dtype))
-    acc = lax.dot_general(_quantize_input(x, w.act_scale), w.integers(),
+    acc = lax.dot_general(_quantize_input(x, s), w.integers(),
                           (((x.ndim - 1,), (0,)), ((), ())),
                           preferred_element_type=jnp.int32)
-    return (acc.astype(jnp.float32) * (w.act_scale * w.scale.reshape(-1))).astype(x.dtype)
+    return (acc.astype(jnp.float32) * (s * w.scale.reshape(-1))).astype(x.dtype)
 
 
 def conv(x: jax.Array, w: QTensor, **conv_kwargs: Any) -> jax.Array:
     """``lax.conv_general_dilated(x, w, ...)`` for a quantized ``w`` (as ``nn.conv`` calls
-    it), integer when ``w`` has an activation scale."""
+    it), in integers with a calibrated or dynamic (per example) input scale."""
     _record(w, x)
-    if w.act_scale is None:
+    s = _input_scale(w, x, tuple(range(1, x.ndim)))
+    if s is None:
         return lax.conv_general_dilated(x, w.dequantize().astype(x.dtype), **conv_kwargs)
-    acc = lax.conv_general_dilated(_quantize_input(x, w.act_scale), w.integers(),
+    acc = lax.conv_general_dilated(_quantize_input(x, s), w.integers(),
                                    preferred_element_type=jnp.int32, **conv_kwargs)
-    return (acc.astype(jnp.float32) * (w.act_scale * w.scale.reshape(-1))).astype(x.dtype)
+    return (acc.astype(jnp.float32) * (s * w.scale.reshape(-1))).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- calibration

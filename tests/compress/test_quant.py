@@ -132,3 +132,19 @@ def test_qat_trains_under_jit_grad():
 def test_bad_input_is_named(call, message):
     with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(")):
         call()
+
+
+def test_dynamic_activations_quantize_each_row_at_run_time():
+    q = quant.quantize(PARAMS, activations="dynamic")
+    w = q["dense_0"]["w"]
+    xs = np.asarray(X, np.float64)
+    row = np.abs(xs).max(axis=1, keepdims=True) / 127  # reference: one scale per row
+    want = (np.clip(np.round(xs / row), -127, 127) @ np.asarray(w.integers(), np.float64)
+            * row * np.asarray(w.scale, np.float64).reshape(-1)
+            + np.asarray(PARAMS["dense_0"]["b"], np.float64))
+    got = jax.jit(nn.dense(32, name="dense_0").apply)(q["dense_0"], X)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(MODEL.apply).lower(q, X).as_text()
+    assert "i8" in hlo and "i32" in hlo
+    with pytest.raises(ValueError, match="activations must be None or 'dynamic'"):
+        quant.quantize(PARAMS, activations="static")
