@@ -18,8 +18,7 @@ from funtrain import (
     sparsity,
     train,
 )
-
-__version__ = "0.1.0"
+from funtrain._version import __version__
 
 __all__ = ["nn", "optim", "losses", "precision", "remat", "profile", "train", "data",
            "interop", "parallel", "quant", "sparsity", "__version__"]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from funtrain import data, nn, optim, precision, train
+from funtrain._version import __version__
 
 # Demo learning rates that reach the accuracy bar on digits (MLP, batch 32, 10 epochs).
 DEMO_LR = {
@@ -73,6 +74,7 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funtrain", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"funtrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("launch", help="python -m funtrain launch --nproc N script.py [args]: run "
                    "the script as N processes of one jax.distributed job on this machine")

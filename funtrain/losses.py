@@ -21,6 +21,9 @@ import jax.numpy as jnp
 from funtrain._checks import check_int
 from funtrain._typing import Array
 
+__all__ = ["softmax_cross_entropy", "binary_cross_entropy", "mse", "l1", "huber", "accuracy",
+           "top_k_accuracy", "invalid_labels", "reduce"]
+
 _REDUCTIONS = ("mean", "sum", "none")
 
 

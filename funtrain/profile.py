@@ -10,6 +10,9 @@ import jax
 
 from funtrain.optim.base import state_bytes
 from funtrain.parallel import device_bytes
+from funtrain.precision import get_policy
+
+__all__ = ["step_report", "format_report", "residual_bytes"]
 
 _MEMORY_FIELDS = {
     "argument_bytes": "argument_size_in_bytes",
@@ -96,6 +99,31 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
     if print_table:
         print(format_report(report))
     return report
+
+
+def residual_bytes(loss_fn: Callable[..., Any], params: Any, *args: Any,
+                   policy: Any = None) -> int:
+    """Bytes the backward pass of ``loss_fn(params, *args)`` keeps from the forward pass
+    (the residuals of ``jax.vjp``), found abstractly: nothing runs.
+
+    With ``policy`` (a ``precision.Policy`` or its string), params and args are cast to its
+    compute dtype first, as ``make_train_step(policy=...)`` does.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> residual_bytes(lambda w, x: jnp.sum(jnp.tanh(x @ w)), jnp.ones((4, 8)),
+      ...                jnp.ones((2, 4)))  # x (32 B) and two 2 x 8 float32 for tanh
+      160
+    """
+    def residuals(p: Any) -> Any:
+        if policy is None:
+            f = lambda q: loss_fn(q, *args)  # noqa: E731
+        else:
+            pol = get_policy(policy)
+            f = lambda q: loss_fn(pol.cast_to_compute(q), *pol.cast_to_compute(args))  # noqa: E731
+        return jax.tree.leaves(jax.vjp(f, p)[1])
+
+    return sum(s.size * s.dtype.itemsize for s in jax.eval_shape(residuals, params))
 
 
 def _fmt(key: str, value: Any) -> str:

@@ -33,6 +33,8 @@ from funtrain.nn.module import (
     init_with_state,
 )
 
+__all__ = ["checkpoint", "tied_remat", "repeat", "segment_size", "get_policy"]
+
 _NAMED = {
     "nothing": "nothing_saveable",
     "everything": "everything_saveable",

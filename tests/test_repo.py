@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -53,7 +55,6 @@ def test_ruff_is_clean():
     import subprocess
     import sys
 
-    import pytest
 
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
@@ -62,3 +63,28 @@ def test_ruff_is_clean():
                            "notebooks/make_notebooks.py"], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_version_lives_in_one_place():
+    """pyproject reads funtrain/_version.py; the installed metadata, the package and the CLI
+    agree; CHANGELOG has an Unreleased section and the first release."""
+    import importlib.metadata
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    import funtrain
+    from funtrain import cli
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "funtrain._version.__version__"}
+    assert importlib.metadata.version("funtrain") == funtrain.__version__
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog and "## [0.1.0] - " in changelog
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        cli.main(["--version"])
+    assert out.getvalue().strip() == f"funtrain {funtrain.__version__}"
