@@ -21,7 +21,7 @@ import time
 
 import jax
 
-from funtrain import losses, nn, optim, precision, train
+from funtrain import losses, nn, optim, precision, profile, train
 
 PRECISIONS = {
     "fp32": (None, None),
@@ -52,22 +52,6 @@ def problems(gpu: bool):
             (f"transformer block d={d} h={h} seq={t} batch={bt}", block, tb_batch, tb_loss)]
 
 
-def activation_bytes(loss_fn, params, batch, policy) -> int:
-    """Bytes of the residuals saved for the backward pass (abstractly evaluated)."""
-
-    def residuals(p):
-        if policy is not None:
-            pol = precision.get_policy(policy)
-            f = lambda q: loss_fn(pol.cast_to_compute(q), pol.cast_to_compute(batch))
-        else:
-            f = lambda q: loss_fn(q, batch)
-        _, vjp_fn = jax.vjp(f, p)
-        return jax.tree.leaves(vjp_fn)
-
-    shapes = jax.eval_shape(residuals, params)
-    return sum(s.size * s.dtype.itemsize for s in shapes)
-
-
 def measure(loss_fn, model, batch, policy, scale, repeats, steps):
     x = batch["x"]
     params = model.init(jax.random.key(4), x[:1])
@@ -91,7 +75,7 @@ def measure(loss_fn, model, batch, policy, scale, repeats, steps):
         times.append((time.perf_counter() - t0) / steps)
     return {
         "params": optim.state_bytes(state.params),
-        "activations": activation_bytes(loss_fn, state.params, batch, policy),
+        "activations": profile.residual_bytes(loss_fn, state.params, batch, policy=policy),
         "argument": getattr(mem, "argument_size_in_bytes", None) if mem else None,
         "temp": getattr(mem, "temp_size_in_bytes", None) if mem else None,
         "step_s": statistics.median(times),

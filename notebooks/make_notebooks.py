@@ -1,9 +1,12 @@
-"""Writes the notebooks from the cell sources below (run: python notebooks/make_notebooks.py).
+"""Writes the notebooks from the cell sources below, and executes them so that they are
+committed with their outputs and plots (run: python notebooks/make_notebooks.py; add
+--no-execute to write the sources alone).
 
-Keeping the sources here makes diffs reviewable; the .ipynb files are committed
-without outputs and executed by tests/test_notebooks.py.
+Keeping the sources here makes diffs reviewable; tests/test_notebooks.py executes the
+.ipynb files again, at small sizes.
 """
 
+import sys
 from pathlib import Path
 
 import nbformat
@@ -263,23 +266,23 @@ MIXED_PRECISION = [
         "    print(f\"{name:14} mean grad norm {sum(norms) / len(norms):.2e}\"\n"
         "          f\"  test accuracy {hist.eval[-1]['accuracy']:.3f}\")"),
     new_markdown_cell(
-        "## Memory\n`bench/precision.py` measures this for the MLP and a transformer block: "
-        "the residuals kept for the backward pass (activations) halve in bf16."),
+        "## Memory\n`profile.residual_bytes` counts the residuals a backward pass keeps "
+        "(activations), without running anything; in bf16 they halve. `bench/precision.py` "
+        "measures this for the MLP and a transformer block."),
     new_code_cell(
-        "import sys; sys.path.insert(0, '../bench')\n"
-        "from precision import activation_bytes\n"
+        "from funtrain import profile\n"
         "block = nn.transformer_block(64, 4)\n"
         "x = jax.random.normal(jax.random.key(0), (4, 32, 64))\n"
         "bp = block.init(jax.random.key(1), x)\n"
         "loss = lambda p, b: losses.mse(block.apply(p, b['x']), b['x'])\n"
-        "a32 = activation_bytes(loss, bp, {'x': x}, None)\n"
+        "a32 = profile.residual_bytes(loss, bp, {'x': x})\n"
         "bf16 = 'params=float32,compute=bfloat16,output=float32'\n"
-        "a16 = activation_bytes(loss, bp, {'x': x}, bf16)\n"
+        "a16 = profile.residual_bytes(loss, bp, {'x': x}, policy=bf16)\n"
         "print(f'activations: fp32 {a32 / 2**20:.2f} MiB, bf16 {a16 / 2**20:.2f} MiB '\n"
         "      f'({a16 / a32:.2f}x)')"),
 ]
 
-CHECKPOINTING = [
+GRADIENT_CHECKPOINTING = [
     new_markdown_cell(
         "# Gradient checkpointing: O(n) → O(√n) activation memory\n\n"
         "Backprop keeps every layer's activations until the backward pass reaches it, so memory "
@@ -535,17 +538,106 @@ COMPRESSION = [
 ]
 
 
-def write(name: str, cells: list) -> None:
+RESUME = [
+    new_markdown_cell(
+        "# Checkpoints and exact resume\n\n"
+        "`fit(checkpoint_dir=...)` saves atomic, checksummed checkpoints; `resume=True` picks "
+        "the run up where it stopped, with the same data order, so an interrupted and "
+        "resumed run gives *bitwise* the same params and losses as one that never stopped. "
+        "We stop a run with a simulated Ctrl-C, resume it, compare, then look inside a "
+        "checkpoint. (Notebook 04 is about *gradient* checkpointing, which saves memory.)"),
+    new_code_cell(
+        "import os, signal, tempfile\n"
+        "EPOCHS = int(os.environ.get('FUNTRAIN_NB_EPOCHS', '4'))  # tests set 2\n\n"
+        "import jax\n"
+        "import jax.numpy as jnp\n"
+        "import numpy as np\n"
+        "from funtrain import data, nn, optim, train\n"
+        "from funtrain.train import checkpoint\n\n"
+        "train_set, test_set = data.load_digits()\n"
+        "model = nn.mlp([256, 10])\n"
+        "opt = optim.adamw(optim.schedules.warmup_cosine(1e-3, 20, 45 * EPOCHS))\n"
+        "step = train.make_train_step(train.classifier_loss(model), opt)\n\n"
+        "def fresh():\n"
+        "    params = model.init(jax.random.key(0), jnp.zeros((1, 64)))\n"
+        "    return train.TrainState.create(params, opt, jax.random.key(1))\n\n"
+        "def loader():\n"
+        "    return train_set.batches(32, key=jax.random.key(2), drop_remainder=True)\n\n"
+        "RUN = dict(epochs=EPOCHS, progress=False, log_every=1, steps_per_call=10)\n"
+        "full_state, full = train.fit(fresh(), step, loader(), **RUN)\n"
+        "print('uninterrupted:', int(full_state.step), 'steps, last loss',\n"
+        "      round(full.train['loss'][-1], 4))"),
+    new_markdown_cell(
+        "## Interrupt\n"
+        "A callback presses Ctrl-C at step 30. `fit` stops at the next chunk boundary (10 "
+        "steps a device call here), saves a checkpoint and returns a live state with "
+        "`history.interrupted`."),
+    new_code_cell(
+        "class CtrlC:\n"
+        "    def on_step(self, step, metrics):\n"
+        "        if step == 30:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n\n"
+        "run_dir = tempfile.mkdtemp()\n"
+        "state, first = train.fit(fresh(), step, loader(), **RUN, checkpoint_dir=run_dir,\n"
+        "                         callbacks=[CtrlC()])\n"
+        "print(first.stop_reason, '-> saved steps', checkpoint.all_steps(run_dir))"),
+    new_markdown_cell(
+        "## Resume\n"
+        "Rerunning the same call with `resume=True` (as a restarted script would, from a "
+        "fresh state) restores the checkpoint and the data position, then finishes the run."),
+    new_code_cell(
+        "state, rest = train.fit(fresh(), step, loader(), **RUN, checkpoint_dir=run_dir,\n"
+        "                        resume=True)\n"
+        "print('resumed from step', rest.resumed_from)\n"
+        "same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),\n"
+        "                                                jax.tree.leaves(full_state.params)))\n"
+        "losses_equal = first.train['loss'] + rest.train['loss'] == full.train['loss']\n"
+        "print('params bitwise equal:', same, '| losses equal:', losses_equal)\n"
+        "assert same and losses_equal"),
+    new_markdown_cell(
+        "## Inside a checkpoint\n"
+        "A step is a folder with `arrays.npz` and a JSON manifest: every leaf's key path, "
+        "dtype, shape and SHA-256, the run's metadata, and a checksum of the manifest itself. "
+        "`restore(target=...)` checks all of it and names the key path of any mismatch."),
+    new_code_cell(
+        "manifest = checkpoint.read_manifest(run_dir)\n"
+        "print('step', manifest['step'], '| format', manifest['format'], '|',\n"
+        "      len(manifest['leaves']), 'leaves')\n"
+        "for leaf in manifest['leaves'][:4]:\n"
+        "    print(f\"  {leaf['path']:24} {leaf['dtype']:8} {str(leaf['shape']):12} \"\n"
+        "          f\"{leaf['sha256'][:12]}...\")\n"
+        "print('fit metadata:', sorted(manifest['metadata']['fit']))\n"
+        "wider = train.TrainState.create(nn.mlp([128, 10]).init(jax.random.key(0),\n"
+        "                                jnp.zeros((1, 64))), opt, jax.random.key(1))\n"
+        "try:\n"
+        "    checkpoint.restore(run_dir, target=wider)\n"
+        "except checkpoint.CheckpointError as err:\n"
+        "    print(str(err)[:160], '...')"),
+]
+
+
+def write(name: str, cells: list, execute: bool = True) -> None:
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes only what changed
+        cell["id"] = f"{Path(name).stem}-{i}"
+    if execute:
+        import nbclient
+
+        print(f"executing {name} ...", flush=True)
+        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                resources={"metadata": {"path": str(HERE)}}).execute()
     nbformat.write(nb, HERE / name)
 
 
 if __name__ == "__main__":
-    write("01_quickstart.ipynb", QUICKSTART)
-    write("02_optimizers.ipynb", OPTIMIZERS)
-    write("03_mixed_precision.ipynb", MIXED_PRECISION)
-    write("04_checkpointing.ipynb", CHECKPOINTING)
-    write("05_custom_modules.ipynb", CUSTOM_MODULES)
-    write("06_compression.ipynb", COMPRESSION)
+    EXECUTE = "--no-execute" not in sys.argv
+    for filename, cells in [("01_quickstart.ipynb", QUICKSTART),
+                            ("02_optimizers.ipynb", OPTIMIZERS),
+                            ("03_mixed_precision.ipynb", MIXED_PRECISION),
+                            ("04_gradient_checkpointing.ipynb", GRADIENT_CHECKPOINTING),
+                            ("05_custom_modules.ipynb", CUSTOM_MODULES),
+                            ("06_compression.ipynb", COMPRESSION),
+                            ("07_checkpoints_and_resume.ipynb", RESUME)]:
+        write(filename, cells, EXECUTE)
