@@ -158,12 +158,13 @@ def shard_state(state: Any, mesh: Mesh, rules: Rules = (), *,
 
     def place(path: tuple[Any, ...], leaf: Any) -> Any:
         parts, spec = keystr(path).split("/"), PartitionSpec()
+        spec_: Any = spec
         for k in range(len(parts)):  # the longest key-path suffix that names a param
             shape, param_spec = by_path.get("/".join(parts[k:]), (None, None))
             if shape is not None:
-                spec = param_spec if np.shape(leaf) == shape else spec
+                spec_ = param_spec if np.shape(leaf) == shape else spec
                 break
-        return _put(leaf, NamedSharding(mesh, spec))
+        return _put(leaf, NamedSharding(mesh, spec_))
 
     return jax.tree_util.tree_map_with_path(place, state)
 
@@ -265,7 +266,7 @@ def launch(nproc: int, command: Sequence[str], *, timeout: float | None = None) 
             if all(c == 0 for c in codes):
                 return 0
             if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(list(command), timeout)
+                raise subprocess.TimeoutExpired(list(command), timeout or 0.0)
             time.sleep(0.05)
     except BaseException:
         for proc in procs:

@@ -250,7 +250,7 @@ class Policy(_PolicyFields):
         return super().__new__(cls, p, c, o)
 
     @classmethod
-    def _make(cls, iterable: Any) -> Policy:  # so that _replace validates too
+    def _make(cls, iterable: Any) -> Policy:  # type: ignore[override]  # _replace validates
         return cls(*iterable)
 
     def cast_to_param(self, tree: PyTree) -> PyTree:
@@ -286,8 +286,11 @@ class Policy(_PolicyFields):
                 f"{self.compute_dtype.name}, output_dtype={self.output_dtype.name})")
 
 
-jax.tree_util.register_pytree_node(Policy, lambda p: ((), tuple(p)),
-                                   lambda aux, _: Policy(*aux))
+def _policy_flatten(p: Policy) -> tuple[tuple[()], tuple[Any, ...]]:
+    return (), tuple(p)
+
+
+jax.tree_util.register_pytree_node(Policy, _policy_flatten, lambda aux, _: Policy(*aux))
 
 
 def get_policy(text: str) -> Policy:
@@ -667,6 +670,7 @@ class DynamicLossScale(LossScale):
         shrunk = jnp.maximum(self.loss_scale / self.factor, self.min_scale)
         new_scale = jnp.where(finite, jnp.where(grow, grown, self.loss_scale), shrunk)
         new_counter = jnp.where(finite & ~grow, counter, 0)
-        return DynamicLossScale.tree_unflatten(None, (
+        # tree_unflatten builds this class without __init__'s checks (traced values)
+        return DynamicLossScale.tree_unflatten(None, (  # type: ignore[return-value]
             new_scale.astype(jnp.float32), new_counter.astype(jnp.int32), self.period,
             self.factor, self.min_scale))

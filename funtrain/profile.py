@@ -68,7 +68,7 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
     compiled = jitted.lower(*args, **kwargs).compile()
     report: dict[str, Any] = {"compile_seconds": time.perf_counter() - t0}
     notes = []
-    first = args[0] if args else None
+    first: Any = args[0] if args else None
     if hasattr(first, "params") and hasattr(first, "opt_state"):
         report["params_bytes"] = state_bytes(first.params)
         report["opt_state_bytes"] = state_bytes(first.opt_state)

@@ -319,11 +319,13 @@ def _fake_quant(w: jax.Array, scale: jax.Array, qmax: int) -> jax.Array:
     return (jnp.clip(jnp.round(w / scale), -qmax, qmax) * scale).astype(w.dtype)
 
 
-def _fake_quant_fwd(w, scale, qmax):  # type: ignore[no-untyped-def]
+def _fake_quant_fwd(w: jax.Array, scale: jax.Array, qmax: int
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     return _fake_quant(w, scale, qmax), (jnp.abs(w) <= qmax * scale, scale)
 
 
-def _fake_quant_bwd(res, g):  # type: ignore[no-untyped-def]
+def _fake_quant_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, None]:
     inside, scale = res  # straight through inside the range, zero where clipped
     return jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(scale), None
 

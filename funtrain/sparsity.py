@@ -221,7 +221,7 @@ def polynomial_schedule(initial_sparsity: float = 0.0, final_sparsity: float = 0
 class PrunedState(NamedTuple):
     inner: Any
     masks: Any
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
 
 
 def pruned(opt: Optimizer, schedule: SparsitySchedule | None = None, *, masks: Any = None,

@@ -60,8 +60,8 @@ def check_batch(batch: Any, *, num_classes: int | None = None, labels: str = "y"
         elif y.size:
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= num_classes:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"{where}: labels out of range: '{labels}' contains {bad}, "
+                worst = lo if lo < 0 else hi
+                raise ValueError(f"{where}: labels out of range: '{labels}' contains {worst}, "
                                  f"expected values in [0, {num_classes})")
 
 

@@ -94,7 +94,8 @@ class Loader:
                             f"{type(self.dataset).__name__}")
         key = self.key
         typed = jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
-        raw = getattr(key, "dtype", None) == np.uint32 and np.shape(key) == (2,)  # PRNGKey
+        # a raw uint32[2] PRNGKey (np.shape's stub rejects the Optional)
+        raw = getattr(key, "dtype", None) == np.uint32 and np.shape(key) == (2,)  # type: ignore[arg-type]
         if key is not None and not (typed and np.shape(key) == () or raw):
             got = (f"{type(key).__name__} {key!r}" if np.ndim(key) == 0 else
                    f"an array of shape {np.shape(key)} and dtype {getattr(key, 'dtype', '?')}")

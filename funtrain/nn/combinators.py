@@ -104,7 +104,7 @@ def _out_shape(module: Module, params: Params, state: Any, *xs: Any) -> Any:
                           params, state, *xs)
 
 
-def _init_child(cname: str, child: Module, key: PRNGKey, xs: tuple[Any, ...],
+def _init_child(cname: str, child: Module, key: PRNGKey | None, xs: tuple[Any, ...],
                 params: dict[str, Any], state: dict[str, Any]) -> Any:
     """Init one child into ``params``/``state`` under ``cname``; return its output shapes."""
     p, s = call_in_scope(cname, init_with_state, child, key, *xs)
@@ -186,7 +186,10 @@ def serial(*modules: Module, name: str | None = None, checkpoint: str | int | No
             idx = range(start, min(start + seg, len(modules)))
             sub = {names[i]: params[names[i]] for i in idx if names[i] in params}
             sub_state = {names[i]: state[names[i]] for i in idx if modules[i].stateful}
-            fn = tied_remat(lambda p, x, aux, idx=idx: run(p, x, aux[0], aux[1], idx, train))
+            def segment(p: Any, x: Any, aux: Any, idx: range = idx) -> Any:
+                return run(p, x, aux[0], aux[1], idx, train)
+
+            fn = tied_remat(segment)
             out, s = fn(sub, _as_args(out), ([keys[i] for i in idx], sub_state))
             new.update(s)
         return _result(stateful, out, new)

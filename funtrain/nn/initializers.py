@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from funtrain._typing import Array, PRNGKey
 
-Initializer = Callable[[PRNGKey, Sequence[int], Any], Array]
+Initializer = Callable[..., Array]  # (key, shape, dtype=float32) -> array
 
 
 # Compiling the PRNG for a new shape costs about a second on a CPU, and a model has many
@@ -130,7 +130,9 @@ def lecun_uniform(in_axis: int = -2, out_axis: int = -1) -> Initializer:
 
 def zeros() -> Initializer:
     """All zeros."""
-    return lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype)
+    def init(key: PRNGKey, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return jnp.zeros(shape, dtype)
+    return init
 
 
 def ones() -> Initializer:

@@ -158,7 +158,9 @@ def _padding(padding: Padding, n: int, kind: str) -> str | tuple[tuple[int, int]
     if isinstance(padding, int):
         return ((padding, padding),) * n
     items = list(padding)
-    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in items)
+    # each item is an int or a (lo, hi) pair; the Padding alias cannot say which
+    pairs: Any = tuple((p, p) if isinstance(p, int) else tuple(p)  # type: ignore[arg-type]
+                       for p in items)
     if len(pairs) != n:
         raise ModuleError(kind, f"padding {padding!r} has {len(pairs)} entries, but the input "
                           f"has {n} spatial dimension(s)")
@@ -280,7 +282,7 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
             raise ModuleError(kind, f"w has shape {tuple(w.shape)}, but this layer expects "
                               f"{expected} (kernel_size, in channels, {features} features); "
                               f"were the params made by another model's init?")
-        how = dict(window_strides=_tuple(strides, n, "strides", kind),
+        how: dict[str, Any] = dict(window_strides=_tuple(strides, n, "strides", kind),
                    padding=_padding(padding, n, kind),
                    rhs_dilation=_tuple(dilation, n, "dilation", kind),
                    dimension_numbers=_CONV_SPEC[n], feature_group_count=groups)
@@ -1062,6 +1064,7 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
             logits = logits / jnp.sqrt(jnp.asarray(d // h, acc))
             weights = softmax_lowp(logits, m, q.dtype, causal)
             if drop:
+                assert key is not None  # checked above
                 keep = jax.random.bernoulli(key, 1.0 - dropout, weights.shape)
                 weights = jnp.where(keep, weights / (1.0 - dropout),
                                     jnp.zeros((), weights.dtype)).astype(weights.dtype)
@@ -1070,8 +1073,9 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
             if drop:
                 raise ModuleError(kind, f"implementation={impl!r} has no attention dropout; "
                                   f"use implementation=None or 'funtrain' with dropout > 0")
-            ctx = jax.nn.dot_product_attention(q, k_, v, mask=m, is_causal=causal,
-                                               implementation=impl)
+            # impl is one of the names jax accepts (checked by the factory)
+            ctx = jax.nn.dot_product_attention(  # type: ignore[call-overload]
+                q, k_, v, mask=m, is_causal=causal, implementation=impl)
         ctx = ctx.reshape(b, t, d)
         # Tagged so remat policies ("names:attention_out") can keep it.
         ctx = checkpoint_name(ctx, "attention_out")

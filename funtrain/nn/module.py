@@ -22,22 +22,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from funtrain._typing import Params, PRNGKey
 
-
-class InitFn(Protocol):
-    def __call__(self, key: PRNGKey, *example_inputs: Any) -> Params: ...
-
-
-class ApplyFn(Protocol):
-    def __call__(
-        self, params: Params, *inputs: Any, key: PRNGKey | None = None, train: bool = False
-    ) -> Any: ...
+# ``init(key, *example_inputs) -> params`` and ``apply(params, *inputs, key=None,
+# train=False, [state=...]) -> outputs``: the Module docstring gives the full contract
+# (stateful modules add ``state=`` and return ``(outputs, state)``, and layers may take
+# extra inputs such as a mask), which a Protocol cannot state once for all of them.
+InitFn = Callable[..., Any]
+ApplyFn = Callable[..., Any]
 
 
 class Module(NamedTuple):

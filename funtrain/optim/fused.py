@@ -226,7 +226,7 @@ def flat_mask(mask: Any, params: FlatParams) -> tuple[Any, ...]:
     """A per-leaf mask tree (bools, or bool arrays broadcastable to each leaf) as one mask
     per buffer: a bool where every leaf of the buffer agrees, else a bool vector."""
     leaves = params.layout.treedef.flatten_up_to(mask)
-    out = []
+    out: list[Any] = []
     for g in range(len(params.layout.groups)):
         members = [(m, s) for (gi, s), m in zip(params.layout.leaves, leaves, strict=True)
                    if gi == g]

@@ -382,7 +382,7 @@ def cosine_warm_restarts(init_value: float, t_0: int, t_mult: int = 1, eta_min: 
         t = _steps(step)
         if t_mult == 1:
             _, t_cur = _divmod(t, t_0)
-            t_i = float(t_0)
+            t_i: Any = float(t_0)
         else:
             # Cycle boundaries are few (logarithmic in the largest step), so look them up.
             starts, lengths = _restart_starts(t_0, t_mult, _max_step(t))

@@ -50,7 +50,7 @@ def scale(step_size: float) -> Optimizer:
 class ScaleByScheduleState(NamedTuple):
     """``count``: how many updates were made (the schedule's step)."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
 
 
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True
@@ -89,7 +89,7 @@ class TraceState(NamedTuple):
     """``trace``: the momentum buffer; ``count``: updates so far (first step is special)."""
 
     trace: Any
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
 
 
 def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float = 0.0,
@@ -139,7 +139,7 @@ def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float =
                              expected_name="the momentum buffer (params)", actual_name="grads")
         first = state.count == 0
         # The count the block already keeps (for the first step) is the schedule's step.
-        mu_t = decay(state.count) if scheduled else decay
+        mu_t = value_at(decay, state.count)
 
         def rule(g: Array, v: Array) -> tuple[Array, Array]:
             g = g.astype(v.dtype)  # PyTorch's arithmetic: in the buffer's dtype
@@ -199,7 +199,7 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: MaskOrFn | None = 
         params = _need_params(where, params)
         check_same_structure(params, grads, what=where, expected_name="params",
                              actual_name="grads")
-        lam = wd(state.count) if scheduled else weight_decay
+        lam = value_at(wd, state.count)
         m = resolve_mask(mask, params, where)
 
         def add(g: Array, p: Array, keep: Any) -> Array:
@@ -439,7 +439,7 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Optimizer:
 class ScaleByAdamState(NamedTuple):
     """``count``; first moment ``mu``; second moment ``nu``; ``nu_max`` (AMSGrad, else ``()``)."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
     mu: Any
     nu: Any
     nu_max: Any
@@ -450,7 +450,7 @@ class ScaleByAdamProductState(NamedTuple):
     scheduled betas (``b1_product``, ``b2_product``; ``()`` for a float beta), kept only
     with ``bias_correction="product"`` and a schedule beta."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
     mu: Any
     nu: Any
     nu_max: Any
@@ -566,7 +566,7 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
 class ScaleByAdamaxState(NamedTuple):
     """``count``; first moment ``mu``; infinity-norm accumulator ``u``."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
     mu: Any
     u: Any
 
@@ -604,7 +604,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Op
 class ScaleByNadamState(NamedTuple):
     """``count``; ``mu_product`` (product of the momentum schedule); moments ``mu``, ``nu``."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
     mu_product: Array
     mu: Any
     nu: Any
@@ -805,7 +805,7 @@ class ScaleByFactoredRmsState(NamedTuple):
     """``count``; row/column second-moment factors for >= 2-D leaves (``v_row``, ``v_col``)
     and the full second moment ``v`` for vectors and scalars; unused slots hold 0-d zeros."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
     v_row: Any
     v_col: Any
     v: Any
@@ -881,7 +881,7 @@ def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
 class ScaleByRelativeStepState(NamedTuple):
     """``count``: updates so far (for the relative step size)."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
 
 
 def scale_by_relative_step(learning_rate: ScalarOrSchedule = 1e-2, eps2: float = 1e-3,
@@ -920,7 +920,7 @@ class ScheduleFreeState(NamedTuple):
     the second moment ``nu`` and the ``z`` sequence."""
 
     b1: Array
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
     weight_sum: Array
     max_lr: Array
     nu: Any

@@ -630,7 +630,7 @@ class InjectHyperparamsState(NamedTuple):
     ``inner_state``: the state of the optimizer the factory builds.
     """
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
     hyperparams: dict[str, Array]
     inner_state: OptState
 
@@ -771,6 +771,7 @@ def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Iterable[
                         inspect.Parameter.VAR_KEYWORD):
                     bound.arguments[n] = v
                 else:
+                    assert var_kw is not None  # checked when the names were bound
                     bound.arguments[var_kw][n] = v
             return factory(*bound.args, **bound.kwargs)
 

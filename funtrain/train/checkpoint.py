@@ -143,7 +143,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def _sha256_array(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).tobytes()
+                          ).hexdigest()
 
 
 def _manifest_sha256(manifest: dict[str, Any]) -> str:
@@ -275,7 +276,8 @@ def _remove(path: Path, step: int) -> None:
 def _recover(directory: Path) -> None:
     """Put back the old copies of overwrites killed between their two renames, then delete
     the other stale leftovers. Only stale folders are touched (see the module docstring)."""
-    olds, others = [], []
+    olds: list[tuple[Path, Any]] = []
+    others: list[tuple[Path, Any]] = []
     for path in _children(directory):
         owner = _OWNED_RE.fullmatch(path.name)
         if not path.name.startswith(".tmp") and not (owner and owner["kind"] == "old"):
@@ -407,7 +409,7 @@ def _write(folder: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]
     """Write and fsync ``arrays.npz``, then the manifest with the file's checksums and its
     own."""
     with open(folder / ARRAYS, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: a name could be allow_pickle
         f.flush()
         os.fsync(f.fileno())
     manifest = {**manifest, "arrays_sha256": _sha256_file(folder / ARRAYS),
@@ -559,7 +561,8 @@ def _write_part(folder: Path, me: int, entries: list[dict[str, Any]], values: li
                 ) -> None:
     """This process's pieces: ``part_{me}.npz``, then ``part_{me}.json`` listing them with
     their bounds and SHA-256, and the file's size and SHA-256."""
-    arrays, pieces = {}, {}
+    arrays: dict[str, np.ndarray] = {}
+    pieces: dict[str, list[dict[str, Any]]] = {}
     for i, value in enumerate(values):
         for k, (index, array) in enumerate(_pieces(value, me)):
             name = f"{i}.{k}"
@@ -568,7 +571,7 @@ def _write_part(folder: Path, me: int, entries: list[dict[str, Any]], values: li
                 {"part": me, "name": name, "index": index, "sha256": _sha256_array(array)})
     npz = folder / f"{PART.format(me)}.npz"
     with open(npz, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # (as in _write)
         f.flush()
         os.fsync(f.fileno())
     listing = {"pieces": pieces, "bytes": npz.stat().st_size, "sha256": _sha256_file(npz)}
@@ -631,9 +634,12 @@ def _save_parts(directory: Path, state: Any, step: int, metadata: Any, overwrite
     tmp = directory / _broadcast_name(_phase(step, "create its temporary folder", create))
     try:
         _phase(step, "write its part", lambda: _write_part(tmp, me, entries, values))
-        _phase(step, "publish it", lambda: me == 0 and (
-            _merge_parts(tmp, processes, entries, step, metadata),
-            _publish(tmp, final, step, overwrite)))
+        def publish() -> None:
+            if me == 0:
+                _merge_parts(tmp, processes, entries, step, metadata)
+                _publish(tmp, final, step, overwrite)
+
+        _phase(step, "publish it", publish)
     except BaseException:
         if me == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # our own; already gone once published

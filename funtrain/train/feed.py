@@ -336,7 +336,7 @@ class HostFeed:
                 batches = epoch_batches(self.data, epoch)
                 for _ in range(chunk.batch):  # resuming: skip the batches seen before
                     next(batches, None)
-            group = []
+            group: list[Any] = []
             for i in range(chunk.batch, chunk.batch + chunk.size):
                 batch = next(batches, None)
                 if batch is None:

@@ -231,6 +231,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
     def run_eval(epoch: int) -> None:
         record()
         params = state.params if eval_params is None else eval_params(state)
+        assert eval_step is not None  # run_eval is called only with one
         result = evaluate(eval_step, params, eval_data, state.model_state)
         history.eval.append({"epoch": epoch, "step": step, **result})
         _call(hooks, "on_eval", step, result)
@@ -413,7 +414,7 @@ class _Guard:
     skip mode (the step skipped it on the device) ``limit`` skips in a row are."""
 
     def __init__(self, limit: int, streak: int = 0) -> None:
-        self.limit, self.streak = limit, streak
+        self.limit, self.streak = limit, int(streak)
 
     def check(self, steps: np.ndarray, metrics: dict[str, np.ndarray], last_saved: Any
               ) -> None:
@@ -443,13 +444,13 @@ class _Guard:
         if not skipped.any():
             self.streak = 0
             return
-        for i, s in enumerate(skipped):
+        for j, s in enumerate(skipped):
             self.streak = self.streak + 1 if s else 0
             if self.streak >= self.limit:
                 raise FloatingPointError(
                     f"fit: {self.streak} steps in a row were skipped as non-finite (steps "
-                    f"{steps[i] - self.streak + 1} to {steps[i]}), the last because "
-                    f"{_causes(int(nonfinite[i])) or 'its values'} were not finite: the run "
+                    f"{steps[j] - self.streak + 1} to {steps[j]}), the last because "
+                    f"{_causes(int(nonfinite[j])) or 'its values'} were not finite: the run "
                     f"is not learning{saved}. Lower the learning rate or check the data "
                     f"(max_consecutive_skips={self.limit})")
 
@@ -585,9 +586,9 @@ def _attach(err: BaseException, state: Any, history: History) -> None:
 _COMPILE_SECONDS = [0.0]
 
 
-def _on_jax_event(event: str, seconds: float, **kwargs: Any) -> None:
+def _on_jax_event(event: str, duration_secs: float, **kwargs: str | int) -> None:
     if event.startswith("/jax/core/compile/"):
-        _COMPILE_SECONDS[0] += seconds
+        _COMPILE_SECONDS[0] += duration_secs
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
