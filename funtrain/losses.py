@@ -95,7 +95,7 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: floa
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
       mask: which examples count.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> float(softmax_cross_entropy(jnp.array([[0.0, 0.0]]), jnp.array([1])))  # log 2
       0.6931471...

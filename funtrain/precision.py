@@ -101,7 +101,7 @@ def half_dtype(backend: str | None = None) -> np.dtype:
     Returns:
       ``np.dtype('bfloat16')`` or ``np.dtype('float16')``.
 
-    Example:
+    Examples:
       >>> half_dtype("tpu"), half_dtype("cpu")
       (dtype(bfloat16), dtype('float16'))
     """
@@ -229,7 +229,7 @@ class Policy(_PolicyFields):
     A policy is static configuration: as a pytree it has no leaves, so it may ride along in
     the arguments of a jitted function (and it is hashable, for ``static_argnums``).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> policy = Policy("float32", "bf16", "float32")
       >>> str(policy)
@@ -317,7 +317,7 @@ def get_policy(text: str) -> Policy:
     Returns:
       a :class:`Policy`; ``str()`` of it parses back to the same policy.
 
-    Example:
+    Examples:
       >>> print(get_policy("p=f32, c=bf16, o=f32"))
       params=float32,compute=bfloat16,output=float32
       >>> print(get_policy("c=f16"))
@@ -361,7 +361,7 @@ def get_policy(text: str) -> Policy:
 def as_policy(policy: Any) -> Policy:
     """A :class:`Policy` from a Policy (returned as is), its text, or one dtype for all three.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> as_policy("bf16") == as_policy(jnp.bfloat16) == Policy("bf16", "bf16", "bf16")
       True
@@ -392,7 +392,7 @@ def all_finite(tree: PyTree) -> Array:
     sum is formed, so large but finite values never overflow into a false alarm. Other
     leaves are ignored; a tree without floating leaves is finite.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> bool(all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf], jnp.float16)}))
       False
@@ -578,7 +578,7 @@ class StaticLossScale(LossScale):
     Args:
       scale: a finite number > 0 (any float or int dtype; stored as a float32 array).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> s = StaticLossScale(128.0)
       >>> float(s.unscale(s.scale(jnp.float16(0.5))))
@@ -622,7 +622,7 @@ class DynamicLossScale(LossScale):
       factor: the growth and shrink factor, > 1.
       min_scale: the floor, in ``(0, initial]``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> s = DynamicLossScale(initial=8.0, period=2, min_scale=4.0)
       >>> s = jax.jit(DynamicLossScale.adjust)(s, jnp.array(False))

@@ -57,7 +57,7 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
       device holds, read from the arrays' shards). XLA compiles one program per device
       there, so ``argument_bytes``, ``temp_bytes`` and ``flops`` are per device too.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> report = step_report(lambda x: (x @ x).sum(), jnp.ones((64, 64)), print_table=False)
       >>> report["flops"] > 0
@@ -109,7 +109,7 @@ def residual_bytes(loss_fn: Callable[..., Any], params: Any, *args: Any,
     With ``policy`` (a ``precision.Policy`` or its string), params and args are cast to its
     compute dtype first, as ``make_train_step(policy=...)`` does.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> residual_bytes(lambda w, x: jnp.sum(jnp.tanh(x @ w)), jnp.ones((4, 8)),
       ...                jnp.ones((2, 4)))  # x (32 B) and two 2 x 8 float32 for tanh

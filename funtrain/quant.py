@@ -19,7 +19,7 @@ activations) go through :func:`fake_quant`, which rounds in the forward pass and
 gradient straight through (a ``custom_vjp``). Export the trained params with
 :func:`quantize`.
 
-Example:
+Examples:
   >>> import jax, jax.numpy as jnp
   >>> from funtrain import nn, quant
   >>> model = nn.mlp([16, 3])
@@ -355,7 +355,7 @@ def qat(model: Any, bits: int = 8, granularity: str = "per_channel",
     so ``fit`` trains float params that survive :func:`quantize` with ``bits``. ``init``
     and the params are the model's own.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from funtrain import nn, quant
       >>> model = quant.qat(nn.mlp([8, 2]), bits=4)

@@ -88,7 +88,7 @@ def checkpoint(module: Module, policy: str | Callable[..., Any] | None = "nothin
 
     Params are unchanged (same keys), so a checkpointed model loads the same params.
 
-    Example:
+    Examples:
       >>> from funtrain import nn, remat
       >>> block = remat.checkpoint(nn.serial(nn.dense(8), nn.relu(), nn.dense(8)), "dots")
     """
@@ -184,7 +184,7 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
         segment inputs are kept during the forward pass.
       name: key for a parent combinator.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from funtrain import nn, remat
       >>> deep = remat.repeat(nn.serial(nn.dense(16), nn.relu()), 8, remat="sqrt")

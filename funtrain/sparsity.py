@@ -16,7 +16,7 @@ norms stay dense) get all-True masks. The mask makers:
 weight lands on exactly 0.0 whatever the inner optimizer does (momentum, Adam's moments and
 decoupled weight decay cannot revive it). :func:`summary` reports the sparsity.
 
-Example:
+Examples:
   >>> import jax, jax.numpy as jnp
   >>> from funtrain import sparsity
   >>> params = {"w": jnp.arange(1.0, 9.0).reshape(4, 2), "b": jnp.ones(2)}

@@ -35,7 +35,7 @@ def check_batch(batch: Any, *, num_classes: int | None = None, labels: str = "y"
       where: how to name the batch in messages.
 
     Raises:
-      ValueError naming the key path and the problem.
+      ValueError: naming the key path and the problem.
     """
     check_leading_dims(batch, where)
     for path, value in leaf_paths(batch).items():

@@ -19,7 +19,7 @@ Batch = dict[str, np.ndarray]
 class ArrayDataset:
     """Named arrays that share their leading (example) dimension, held on the host.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> ds = ArrayDataset(x=np.zeros((10, 3)), y=np.arange(10))
       >>> len(ds), ds[2:4]["y"].tolist()
@@ -74,7 +74,7 @@ class Loader:
         * b / n)`` of each batch of ``batch_size`` ``b`` (the global size; every process
         draws the same order). Needs ``drop_remainder=True`` and ``b`` divisible by ``n``.
 
-    Example:
+    Examples:
       >>> import jax, numpy as np
       >>> loader = ArrayDataset(x=np.arange(10)).batches(4, key=jax.random.key(0))
       >>> [len(b["x"]) for b in loader.epoch(0)]

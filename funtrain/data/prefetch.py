@@ -30,7 +30,7 @@ def prefetch(items: Iterable[T], size: int = 2,
     An exception raised while producing an item is raised by the consumer at that item.
     Closing the returned generator (or leaving a ``for`` loop early) stops the thread.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> [float(b.sum()) for b in prefetch(np.ones((2, 3)) for _ in range(2))]
       [6.0, 6.0]

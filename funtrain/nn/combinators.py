@@ -129,7 +129,7 @@ def serial(*modules: Module, name: str | None = None, checkpoint: str | int | No
     pass (``remat.tied_remat``), so activation memory falls from O(n) to O(sqrt(n)).
     Params are the same with or without it.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from funtrain import nn
       >>> model = nn.serial(nn.dense(8), nn.relu(), nn.dense(2, name="head"))
@@ -208,7 +208,7 @@ def residual(*modules: Module, shortcut: Module | None = None,
     (``{"dense_0": ..., "dense_1": ...}``) plus the shortcut's under its name
     (``"shortcut"`` unless named). The two branches must agree in shape; ``init`` checks it.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from funtrain import nn
       >>> block = nn.residual(nn.dense(4), nn.relu(), nn.dense(4))
@@ -307,7 +307,7 @@ def parallel(*modules: Module, combine: str | Callable[[tuple[Any, ...]], Any] |
       combine: ``None`` returns a tuple of outputs; ``"sum"`` adds them; ``"concat"``
         joins them on the last axis; a callable receives the tuple.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from funtrain import nn
       >>> block = nn.parallel(nn.dense(3), nn.dense(5), combine="concat")

@@ -70,7 +70,7 @@ def dense(features: int, *, use_bias: bool = True, w_init: Initializer | None = 
       param_dtype: dtype the params are stored in.
       name: key under which a parent stores the params.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> layer = dense(3)
       >>> params = layer.init(jax.random.key(0), jnp.zeros((1, 4)))
@@ -237,7 +237,7 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
       w_init: kernel initializer (``lecun_normal()``); ``w`` is
         ``(*kernel, in / groups, features)``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> layer = conv(8, (3, 3))
       >>> params = layer.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
@@ -316,7 +316,7 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
       strides, dilation: ints or one per spatial dimension (``dilation`` spaces the kernel).
       w_init: kernel initializer (``lecun_normal()``); ``w`` is ``(*kernel, in, features)``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> layer = conv_transpose(4, 3, strides=2)
       >>> params = layer.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
@@ -408,7 +408,7 @@ def max_pool(window: int | Sequence[int], strides: int | Sequence[int] | None = 
     ``padding`` is ``"VALID"``, ``"SAME"``, an int (both sides, PyTorch's ``padding``),
     one int per spatial dimension, or ``((lo, hi), ...)`` pairs; padded entries never win.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> layer = max_pool(3, strides=2, padding=1)  # ResNet's stem pool
       >>> layer.apply({}, jnp.zeros((1, 112, 112, 8))).shape
@@ -679,7 +679,7 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
     new state on the host; inside a function you ``jax.jit`` yourself the count is not
     known, and fresh statistics (mean 0, variance 1) are used, as PyTorch does.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> bn = batch_norm()
       >>> params, state = bn.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
@@ -785,7 +785,7 @@ def group_norm(num_groups: int = 32, *, epsilon: float = 1e-5, use_scale: bool =
     all of an example's features; ``num_groups=channels`` is instance norm. Matches
     ``torch.nn.GroupNorm``; statistics run in float32 at least.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> gn = group_norm(2)
       >>> params = gn.init(jax.random.key(0), jnp.zeros((1, 4, 4, 6)))
@@ -965,7 +965,7 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, dropout: float
     float32 whatever the input dtype. A 2-D ``mask`` is always a ``(batch, seq)`` padding
     mask. Params: ``query``, ``key``, ``value`` and ``out``, each ``{"w", "b"}``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> attn = multi_head_attention(2, causal=True)
       >>> x = jnp.ones((2, 5, 8))

@@ -50,7 +50,7 @@ class Module(NamedTuple):
       stateful: whether the module carries model state (see the module docstring). A
         combinator with a stateful child is stateful itself.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from funtrain import nn
       >>> model = nn.serial(nn.dense(4), nn.relu(), nn.dense(2))

@@ -64,7 +64,7 @@ def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | N
         ``{"head": "float32", "*norm*": "float32"}`` keeps the last layer and every norm in
         full precision (their params stay float32, so their math runs in float32).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from funtrain import nn
       >>> model = nn.with_policy(nn.mlp([16, 4]), "p=f32,c=bf16,o=f32")

@@ -184,7 +184,7 @@ def lstm(hidden_size: int, *, return_state: bool = False, reverse: bool = False,
       param_dtype: dtype the params are stored in.
       name: key under which a parent stores the params.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> layer = lstm(8, return_state=True)
       >>> x = jnp.zeros((2, 5, 3))
@@ -225,7 +225,7 @@ def gru(hidden_size: int, *, return_state: bool = False, reverse: bool = False,
       param_dtype: dtype the params are stored in.
       name: key under which a parent stores the params.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> layer = gru(8)
       >>> x = jnp.zeros((2, 5, 3))

@@ -144,7 +144,7 @@ def summary(model: Module, *example_inputs: Any, train: bool = False, depth: int
       A :class:`Summary`: ``rows`` (root first), ``total_params``, ``total_param_bytes``
       and ``total_state_bytes``; ``print`` it for the table.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from funtrain import nn
       >>> s = nn.summary(nn.mlp([16, 4]), jax.ShapeDtypeStruct((2, 8), jnp.float32))

@@ -29,7 +29,7 @@ UpdateFn = Callable[..., tuple[Updates, OptState]]
 class Optimizer(NamedTuple):
     """A gradient transformation: ``init_state(params)`` and ``update(grads, state, params)``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from funtrain import optim
       >>> opt = optim.sgd(0.1)
@@ -75,7 +75,7 @@ def identity() -> Optimizer:
 def chain(*optimizers: Optimizer) -> Optimizer:
     """Apply transformations in order; the state is the tuple of their states.
 
-    Example:
+    Examples:
       >>> from funtrain import optim
       >>> opt = optim.chain(optim.add_decayed_weights(1e-4), optim.scale_by_learning_rate(0.1))
     """

@@ -144,7 +144,7 @@ def fuse(params: Any, group: GroupFn | None = None) -> FlatParams:
     vectors apart, ``default_group``); group the way your masks split the params, so that
     a mask stays one bool per buffer.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> flat = fuse({"b": jnp.zeros(3), "w": jnp.ones((2, 3))})
       >>> flat

@@ -68,7 +68,7 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.0,
       weight_decay: :math:`\lambda \ge 0`, added to the gradient (L2), as PyTorch.
       dampening: :math:`\tau \in [0, 1]`.
 
-    Example:
+    Examples:
       >>> from funtrain import optim
       >>> opt = optim.sgd(0.05, momentum=0.9)
       >>> n = 1000  # updates in the run: PyTorch's OneCycleLR(opt, 0.1, total_steps=n)
@@ -180,7 +180,7 @@ def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
     :math:`1-\prod_{s\le t}\beta_s`, the exact one (see ``scale_by_adam``). For float
     betas the two are the same.
 
-    Example:
+    Examples:
       >>> from funtrain import optim
       >>> opt = optim.adam(3e-4)
       >>> n = 1000  # updates in the run: PyTorch's OneCycleLR(opt, 1e-3, total_steps=n)

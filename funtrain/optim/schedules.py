@@ -47,7 +47,7 @@ def constant(value: float) -> Schedule:
     Args:
       value: the value.
 
-    Example:
+    Examples:
       >>> sched = constant(0.1)
       >>> round(float(sched(1000)), 6)
       0.1
@@ -202,7 +202,7 @@ def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedul
       step_size: :math:`s \ge 1`, the number of steps between decays.
       gamma: :math:`\gamma \ge 0`, the factor applied at each decay (PyTorch's default 0.1).
 
-    Example:
+    Examples:
       >>> sched = step_decay(0.1, step_size=30, gamma=0.1)
       >>> [round(float(sched(t)), 6) for t in (0, 29, 30, 60)]
       [0.1, 0.1, 0.01, 0.001]
@@ -237,7 +237,7 @@ def multistep_decay(init_value: float, milestones: Sequence[int], gamma: float =
       gamma: :math:`\gamma \ge 0`, the factor applied at each milestone (PyTorch's default
         0.1).
 
-    Example:
+    Examples:
       >>> sched = multistep_decay(0.1, milestones=[30, 80], gamma=0.1)
       >>> [round(float(sched(t)), 6) for t in (0, 30, 79, 80)]
       [0.1, 0.01, 0.01, 0.001]
@@ -271,7 +271,7 @@ def exponential_decay(init_value: float, gamma: float) -> Schedule:
       init_value: :math:`\eta_0`, the value at step 0.
       gamma: :math:`\gamma \ge 0`, the factor per step.
 
-    Example:
+    Examples:
       >>> sched = exponential_decay(0.1, gamma=0.5)
       >>> [round(float(sched(t)), 6) for t in (0, 1, 2)]
       [0.1, 0.05, 0.025]
@@ -309,7 +309,7 @@ def cosine_annealing(init_value: float, t_max: int, eta_min: float = 0.0) -> Sch
       t_max: :math:`T_{\max} \ge 1`, the step at which the value reaches ``eta_min``.
       eta_min: :math:`\eta_{\min}`, the value at ``t_max``.
 
-    Example:
+    Examples:
       >>> sched = cosine_annealing(0.1, t_max=100)
       >>> [round(float(sched(t)), 6) for t in (0, 50, 100, 200)]
       [0.1, 0.05, 0.0, 0.1]
@@ -364,7 +364,7 @@ def cosine_warm_restarts(init_value: float, t_0: int, t_mult: int = 1, eta_min: 
       t_mult: :math:`T_{\text{mult}} \ge 1`, an int, the growth of each next cycle.
       eta_min: :math:`\eta_{\min}`, the value the cosine heads for.
 
-    Example:
+    Examples:
       >>> sched = cosine_warm_restarts(0.1, t_0=10, t_mult=2)
       >>> [round(float(sched(t)), 6) for t in (0, 5, 10, 20, 30)]
       [0.1, 0.05, 0.1, 0.05, 0.1]
@@ -418,7 +418,7 @@ def warmup_cosine(peak_value: float, warmup_steps: int, total_steps: int,
       end_value: the value from ``total_steps`` on.
       init_value: the value at step 0.
 
-    Example:
+    Examples:
       >>> sched = warmup_cosine(0.1, warmup_steps=10, total_steps=110, end_value=0.001)
       >>> [round(float(sched(t)), 6) for t in (0, 5, 10, 60, 110, 500)]
       [0.0, 0.05, 0.1, 0.0505, 0.001, 0.001]
@@ -466,7 +466,7 @@ def linear(init_value: float, end_value: float, transition_steps: int) -> Schedu
       end_value: the value from ``transition_steps`` on.
       transition_steps: :math:`T \ge 1`.
 
-    Example:
+    Examples:
       >>> sched = linear(0.0, 0.1, transition_steps=10)  # a linear warmup
       >>> [round(float(sched(t)), 6) for t in (0, 5, 10, 20)]
       [0.0, 0.05, 0.1, 0.1]
@@ -502,7 +502,7 @@ def polynomial(init_value: float, end_value: float, power: float, transition_ste
       power: :math:`p > 0`; 1 is a straight line.
       transition_steps: :math:`T \ge 1`.
 
-    Example:
+    Examples:
       >>> sched = polynomial(0.1, 0.0, power=2.0, transition_steps=10)
       >>> [round(float(sched(t)), 6) for t in (0, 5, 10, 20)]
       [0.1, 0.025, 0.0, 0.0]
@@ -568,7 +568,7 @@ def one_cycle(max_value: float, total_steps: int, pct_start: float = 0.3, anneal
       three_phase: rise, fall back to the first value, then fall to the last value, as in
         the paper; the default (two phases) is fastai's variant.
 
-    Example:
+    Examples:
       >>> sched = one_cycle(0.1, total_steps=100)
       >>> [round(float(sched(t)), 6) for t in (0, 29, 99)]
       [0.004, 0.1, 0.0]
@@ -676,7 +676,7 @@ def one_cycle_momentum(total_steps: int, pct_start: float = 0.3, anneal: str = "
         default 0.95).
       three_phase: the paper's three phases (see :func:`one_cycle`); the default is two.
 
-    Example:
+    Examples:
       >>> mom = one_cycle_momentum(total_steps=100)
       >>> [round(float(mom(t)), 6) for t in (0, 29, 99)]
       [0.95, 0.85, 0.95]
@@ -730,7 +730,7 @@ def cyclic(base_value: float, max_value: float, step_size_up: int,
       mode: ``"triangular"``, ``"triangular2"`` or ``"exp_range"``.
       gamma: :math:`\gamma > 0`, used by ``"exp_range"`` only.
 
-    Example:
+    Examples:
       >>> sched = cyclic(0.01, 0.1, step_size_up=10, mode="triangular2")
       >>> [round(float(sched(t)), 6) for t in (0, 5, 10, 20, 30)]
       [0.01, 0.055, 0.1, 0.01, 0.055]
@@ -783,7 +783,7 @@ def join(schedules: Sequence[float | Schedule], boundaries: Sequence[int]) -> Sc
       schedules: :math:`n + 1` schedules ``step -> value`` (a float is a constant).
       boundaries: :math:`n` steps :math:`b_i`, ints ``>= 0`` in non-decreasing order.
 
-    Example:
+    Examples:
       >>> warm = linear(0.0, 0.1, transition_steps=10)
       >>> sched = join([warm, cosine_annealing(0.1, t_max=90)], boundaries=[10])
       >>> [round(float(sched(t)), 6) for t in (0, 5, 10, 55, 100)]
@@ -827,7 +827,7 @@ def per_epoch(schedule: float | Schedule, steps_per_epoch: int) -> Schedule:
       schedule: :math:`f`, a schedule ``epoch -> value`` (a float is a constant).
       steps_per_epoch: :math:`S \ge 1`, the updates per epoch (``len(loader)``).
 
-    Example:
+    Examples:
       >>> sched = per_epoch(step_decay(0.1, step_size=2), steps_per_epoch=10)
       >>> [round(float(sched(t)), 6) for t in (0, 19, 20, 40)]
       [0.1, 0.1, 0.01, 0.001]

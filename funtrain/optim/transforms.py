@@ -113,7 +113,7 @@ def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float =
       dampening: :math:`\tau \in [0, 1]`.
       accumulator_dtype: dtype of the buffer; defaults to each param's dtype.
 
-    Example:
+    Examples:
       >>> from funtrain.optim import schedules
       >>> mom = trace(schedules.one_cycle_momentum(total_steps=100))
     """
@@ -219,7 +219,7 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: MaskOrFn | None = 
 def labels_to_mask(fn: Callable[[tuple[str, ...], Array], bool]) -> Callable[[Params], Any]:
     """A mask function from a predicate on ``(key_path, leaf)``; e.g. decay only 2-D weights.
 
-    Example:
+    Examples:
       >>> mask = labels_to_mask(lambda path, p: p.ndim > 1)
     """
 
@@ -497,7 +497,7 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
     ``mu_dtype``/``nu_dtype`` set the moments' storage dtype (e.g. ``jnp.bfloat16``);
     the arithmetic runs in float32 at least.
 
-    Example:
+    Examples:
       >>> from funtrain.optim import schedules
       >>> direction = scale_by_adam(b1=schedules.one_cycle_momentum(total_steps=1000))
     """

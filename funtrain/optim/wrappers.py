@@ -240,7 +240,7 @@ def masked(opt: Optimizer, mask: MaskOrFn) -> Optimizer:
     Returns:
       An ``Optimizer`` whose state is a ``MaskedState``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from funtrain import optim
       >>> from funtrain.optim.wrappers import masked
@@ -313,7 +313,7 @@ def partition(opts_by_label: Mapping[str, Optimizer], label_fn: LabelsOrFn) -> O
     Returns:
       An ``Optimizer`` whose state is a ``PartitionState``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from funtrain import optim
       >>> from funtrain.optim.wrappers import freeze, partition
@@ -415,7 +415,7 @@ def freeze(mask: MaskOrFn) -> Optimizer:
     Returns:
       An ``Optimizer`` whose state is ``EmptyState()``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from funtrain import optim
       >>> from funtrain.optim.wrappers import freeze
@@ -495,7 +495,7 @@ def multi_steps(opt: Optimizer, every_k: int) -> Optimizer:
     Returns:
       An ``Optimizer`` whose state is a ``MultiStepsState``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from funtrain import optim
       >>> from funtrain.optim.wrappers import multi_steps
@@ -579,7 +579,7 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
     Returns:
       An ``Optimizer`` whose state is an ``ApplyIfFiniteState``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from funtrain import optim
       >>> from funtrain.optim.wrappers import apply_if_finite
@@ -705,7 +705,7 @@ def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Iterable[
       A function with the factory's arguments that returns an ``Optimizer`` whose state
       is an ``InjectHyperparamsState``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from funtrain import optim
       >>> from funtrain.optim.wrappers import inject_hyperparams
@@ -841,7 +841,7 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
       opt: the optimizer whose params to average.
       decay: :math:`\delta` in ``[0, 1)``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from funtrain import optim
       >>> opt = ema(optim.sgd(1.0), decay=0.5)

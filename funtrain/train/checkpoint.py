@@ -53,7 +53,7 @@ the target's leaf.
 dtypes (without one, the manifest's dtypes against the stored arrays): every problem is a
 :class:`CheckpointError` that names the key path, never a silently wrong tree.
 
-Example:
+Examples:
   >>> import jax, jax.numpy as jnp, tempfile
   >>> from funtrain.train import checkpoint
   >>> d = tempfile.mkdtemp()
@@ -368,7 +368,7 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
       CheckpointError: the step exists (without ``overwrite``), or another process saved
         the same step first (the first rename wins; this save is discarded).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, tempfile
       >>> save(tempfile.mkdtemp(), {"w": jnp.zeros(2)}, 3).name
       'step_00000003'
@@ -1001,7 +1001,7 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
         arrays, a dtype the stored array contradicts); or a structure, shape or dtype
         mismatch with ``target``. The message names the key path.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, tempfile
       >>> d = tempfile.mkdtemp()
       >>> _ = save(d, {"a": {"b": jnp.arange(2)}}, 1)
@@ -1054,7 +1054,7 @@ class CheckpointManager:
     ``keep_last``, each save then deletes the oldest steps in the folder, whoever wrote
     them (never the one just written); a step another process deleted first is skipped.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, tempfile
       >>> m = CheckpointManager(tempfile.mkdtemp(), keep_last=2)
       >>> for s in range(4):

@@ -72,7 +72,7 @@ class TrainState(NamedTuple):
             ``state.params.unflatten()`` is the params tree; checkpoints store the tree,
             so they restore into a fused or an unfused state alike (``optim.fused``).
 
-        Example:
+        Examples:
           >>> import jax, jax.numpy as jnp
           >>> from funtrain import optim
           >>> state = TrainState.create({"w": jnp.zeros(2)}, optim.sgd(0.1), jax.random.key(0))

@@ -254,7 +254,7 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
       floats (small updates round away in them). The jitted step turns XLA's error for a
       donated state passed in again into one that says so.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from funtrain import optim
       >>> loss_fn = lambda p, batch: jnp.mean((batch["x"] * p["w"] - batch["y"]) ** 2)

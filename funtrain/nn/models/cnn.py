@@ -17,7 +17,7 @@ def cnn(num_classes: int = 10, *, channels: Sequence[int] = (16, 32), kernel_siz
     Each conv keeps the spatial size (``"SAME"``) and each pool halves it, so an 8×8
     digit becomes 2×2×32 before the classifier.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> model = cnn(10)
       >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))

@@ -51,7 +51,7 @@ def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
       attention_dropout: dropout on the attention weights; defaults to ``dropout``.
       w_init: initializer of every weight matrix (default ``lecun_normal()``).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> block = transformer_block(32, 4)
       >>> params = block.init(jax.random.key(0), jnp.zeros((1, 8, 32)))
@@ -121,7 +121,7 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
     ``ln_f``. ``apply(params, ids, mask=None)``: an optional ``(batch, seq)`` padding mask
     (True = a real token) joins the causal mask in every block.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> model = gpt(vocab_size=100, block_size=16, n_layer=2, n_head=2, d_model=32)
       >>> ids = jnp.zeros((2, 8), jnp.int32)

@@ -23,7 +23,7 @@ def mlp(sizes: Sequence[int], *, activation: Callable[[], Module] = relu,
       activation: a layer factory such as ``nn.relu`` or ``nn.gelu``.
       w_init: weight initializer; defaults to ``he_normal()``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> model = mlp([256, 10])
       >>> params = model.init(jax.random.key(0), jnp.zeros((1, 784)))

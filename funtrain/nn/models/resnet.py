@@ -80,7 +80,7 @@ def resnet(depth: int, num_classes: int = 1000, *, stem: str = "imagenet", width
     The model is stateful (BatchNorm): ``params, state = model.init(key, x)`` and
     ``logits, state = model.apply(params, x, state=state, train=True)``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> model = resnet(18, 10, stem="cifar", width=8)
       >>> params, state = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
