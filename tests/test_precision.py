@@ -591,3 +591,25 @@ def test_all_finite_with_large_leaves_and_mixed_dtypes():
         bad[-1] = np.nan if key != "h" else np.inf
         broken = {**tree, key: bad.astype(tree[key].dtype) if key == "b" else bad}
         assert not bool(jax.jit(precision.all_finite)(broken)), key
+
+
+def test_softmax_layer_keeps_only_compute_dtype_residuals():
+    """nn.softmax under bf16 saves its bf16 output for the backward pass (512 B here), not
+    a float32 copy (1,024 B, as jax.nn.softmax on upcast inputs keeps). Both losses also
+    keep the 256 B weight vector they multiply by."""
+    from funtrain import nn, profile
+
+    x = jnp.ones((4, 64), jnp.bfloat16)
+    w = jnp.arange(64.0)
+    layer = nn.softmax(axis=0)
+
+    def ours(x):
+        return jnp.sum(layer.apply({}, x).astype(jnp.float32) * w)
+
+    def upcast(x):
+        return jnp.sum(jax.nn.softmax(x.astype(jnp.float32), axis=0) * w)
+
+    assert profile.residual_bytes(ours, x) <= 512 + 256 + 16
+    assert profile.residual_bytes(upcast, x) >= 1024 + 256
+    np.testing.assert_allclose(np.asarray(jax.grad(ours)(x), np.float32),
+                               np.asarray(jax.grad(upcast)(x), np.float32), atol=1e-2)

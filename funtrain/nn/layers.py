@@ -891,11 +891,14 @@ def sigmoid(*, name: str | None = None) -> Module:
 
 
 def softmax(*, axis: int = -1, name: str | None = None) -> Module:
-    """Softmax over ``axis``, computed in float32 at least; output keeps the input dtype."""
+    """Softmax over ``axis``, computed in float32 at least; output keeps the input dtype.
+
+    The backward pass keeps only the output, in the input's dtype (bf16 under a bf16
+    policy), as attention's softmax does: not a float32 copy of the logits."""
 
     def fn(x: Array) -> Array:
-        return jax.nn.softmax(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
-                              axis=axis).astype(x.dtype)
+        y = softmax_lowp(jnp.moveaxis(x, axis, -1), None, x.dtype, False)
+        return jnp.moveaxis(y, -1, axis)
 
     return stateless(fn, name=name, kind="softmax")
 
