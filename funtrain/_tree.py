@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -13,6 +14,16 @@ def keystr(path: tuple[Any, ...]) -> str:
     if not path:
         return "<root>"
     return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes held by the arrays of a pytree (concrete arrays or ``jax.eval_shape``
+    results, so nothing needs allocating)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        dtype = jnp.dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype)
+        total += math.prod(int(d) for d in getattr(leaf, "shape", ())) * dtype.itemsize
+    return total
 
 
 def leaf_paths(tree: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from funtrain.optim.base import state_bytes
+from funtrain._tree import tree_bytes
 from funtrain.parallel import device_bytes
 from funtrain.precision import get_policy
 
@@ -70,8 +70,8 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
     notes = []
     first: Any = args[0] if args else None
     if hasattr(first, "params") and hasattr(first, "opt_state"):
-        report["params_bytes"] = state_bytes(first.params)
-        report["opt_state_bytes"] = state_bytes(first.opt_state)
+        report["params_bytes"] = tree_bytes(first.params)
+        report["opt_state_bytes"] = tree_bytes(first.opt_state)
         devices = {d for x in jax.tree.leaves(first) for d in getattr(
             getattr(x, "sharding", None), "device_set", ())}
         if len(devices) > 1:

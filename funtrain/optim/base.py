@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from funtrain._tree import check_same_structure, reduction_groups
+from funtrain._tree import check_same_structure, reduction_groups, tree_bytes
 from funtrain._typing import Grads, OptState, Params, Updates
 
 InitStateFn = Callable[[Params], OptState]
@@ -142,12 +142,4 @@ def state_bytes(state: Any) -> int:
     optimizer can be read without allocating it:
     ``state_bytes(jax.eval_shape(opt.init_state, params))``.
     """
-    total = 0
-    for leaf in jax.tree.leaves(state):
-        shape = getattr(leaf, "shape", ())
-        dtype = jnp.dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype)
-        size = 1
-        for d in shape:
-            size *= int(d)
-        total += size * dtype.itemsize
-    return total
+    return tree_bytes(state)

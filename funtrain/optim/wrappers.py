@@ -43,6 +43,7 @@ from funtrain.optim.transforms import _need_params, safe_increment
 from funtrain.precision import all_finite
 
 __all__ = [
+    "injected_hyperparams",
     "MaskedNode", "MaskedState", "masked",
     "PartitionState", "partition",
     "freeze",
@@ -662,6 +663,17 @@ def _as_hyperparam(value: Any) -> Array:
 def _as_scheduled(value: Any) -> Array:
     # The same dtype at init (eager) and in update (traced): the default float dtype.
     return jnp.asarray(value).astype(jnp.result_type(float))
+
+
+def injected_hyperparams(opt_state: Any) -> dict[str, Array]:
+    """The hyperparameters (``name -> scalar``) that the ``inject_hyperparams`` optimizer
+    inside ``opt_state`` used in its last update; ``{}`` when there is none, or more than
+    one (whose would be ambiguous). ``make_train_step`` reports the learning rate from it."""
+    def found(s: Any) -> bool:
+        return isinstance(s, InjectHyperparamsState)
+
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=found) if found(s)]
+    return dict(states[0].hyperparams) if len(states) == 1 else {}
 
 
 def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Iterable[str] = ()

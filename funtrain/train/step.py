@@ -18,9 +18,9 @@ from funtrain._tree import keystr
 from funtrain._typing import Array, Batch, Params, PRNGKey
 from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module, check_statistics
+from funtrain.optim import injected_hyperparams
 from funtrain.optim.base import Optimizer, apply_updates, check_optimizer, global_norm
 from funtrain.optim.fused import FlatParams
-from funtrain.optim.wrappers import InjectHyperparamsState
 from funtrain.precision import all_finite, as_policy
 from funtrain.train.state import TrainState
 
@@ -76,12 +76,7 @@ def _learning_rate(learning_rate: Any, state: TrainState) -> Any:
     """The lr to report: the given float/schedule at this step, or an injected one."""
     if learning_rate is not None:
         return learning_rate(state.step) if callable(learning_rate) else learning_rate
-    found = [s for s in jax.tree.leaves(state.opt_state,
-                                        is_leaf=lambda s: isinstance(s, InjectHyperparamsState))
-             if isinstance(s, InjectHyperparamsState)]
-    if len(found) == 1 and "learning_rate" in found[0].hyperparams:
-        return found[0].hyperparams["learning_rate"]
-    return None
+    return injected_hyperparams(state.opt_state).get("learning_rate")
 
 
 def _check_opt_state(where: str, optimizer: Optimizer, state: TrainState) -> None:

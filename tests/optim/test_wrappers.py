@@ -947,3 +947,18 @@ def test_ema_errors():
         optim.ema("adam")
     with pytest.raises(ValueError, match="ema_params: expected the state of one optim.ema"):
         optim.ema_params(optim.sgd(0.1).init({"w": jnp.ones(2)}))
+
+
+def test_injected_hyperparams_finds_the_one_injected_optimizer():
+    params = {"w": jnp.ones(3)}
+    opt = optim.chain(optim.clip_by_global_norm(1.0),
+                      optim.inject_hyperparams(optim.adamw)(learning_rate=0.01))
+    state = opt.init_state(params)
+    _, state = opt.update({"w": jnp.ones(3)}, state, params)
+    found = optim.injected_hyperparams(state)
+    assert float(found["learning_rate"]) == pytest.approx(0.01)
+    assert optim.injected_hyperparams(optim.sgd(0.1).init_state(params)) == {}
+    two = optim.partition({"a": optim.inject_hyperparams(optim.sgd)(learning_rate=0.1),
+                           "b": optim.inject_hyperparams(optim.sgd)(learning_rate=0.2)},
+                          {"w": "a", "v": "b"})
+    assert optim.injected_hyperparams(two.init_state({"w": jnp.ones(2), "v": jnp.ones(2)})) == {}
