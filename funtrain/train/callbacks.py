@@ -20,6 +20,7 @@ A callback stops training by setting ``stop_training = True``, and says why in
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from funtrain._checks import check_int
 
@@ -251,8 +251,19 @@ class EarlyStopping:
         self.bad_evals = int(state["bad_evals"])
 
 
+def _tqdm() -> Any:
+    """``tqdm.auto`` (a widget in Jupyter) where ipywidgets is installed; the text bar
+    otherwise, so Jupyter without ipywidgets shows a bar instead of tqdm's "IProgress not
+    found" warning (install ``funtrain[notebook]`` for the widget)."""
+    if importlib.util.find_spec("ipywidgets") is None:
+        from tqdm.std import tqdm
+        return tqdm
+    from tqdm.auto import tqdm
+    return tqdm
+
+
 class ProgressBar:
-    """``fit``'s progress bar (``tqdm.auto``: a widget in notebooks).
+    """``fit``'s progress bar (``tqdm.auto``: a widget in notebooks with ipywidgets).
 
     It shows the running means of ``loss`` and ``accuracy`` since its last refresh (not one
     step's noisy values), the last evaluation, and an ETA that leaves compile time out.
@@ -262,8 +273,8 @@ class ProgressBar:
 
     def __init__(self, total: int | None, initial: int, desc: str) -> None:
         self.desc = desc
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
-                        dynamic_ncols=True)
+        self.bar = _tqdm()(total=total, initial=initial, desc=desc, unit="step",
+                           dynamic_ncols=True)
         self._postfix: dict[str, str] = {}
 
     def set_epoch(self, epoch: int, epochs: int) -> None:

@@ -140,3 +140,20 @@ def test_eval_params_at_schedule_free_evaluation_point():
     assert hist.eval[-1]["loss"] == pytest.approx(train.evaluate(ev, x, test)["loss"], rel=1e-6)
     assert hist.eval[-1]["loss"] != pytest.approx(
         train.evaluate(ev, state.params, test)["loss"], rel=1e-6)
+
+
+def test_progress_bar_without_ipywidgets_is_the_text_bar(monkeypatch):
+    """Jupyter without ipywidgets: tqdm.auto would warn "IProgress not found"; the bar
+    falls back to tqdm's text bar instead (and funtrain's import never touches tqdm.auto)."""
+    import importlib.util
+
+    import tqdm.std
+
+    from funtrain.train import callbacks
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ipywidgets" else real(name, *a))
+    bar = callbacks.ProgressBar(3, 0, "t")
+    assert type(bar.bar) is tqdm.std.tqdm
+    bar.bar.close()
