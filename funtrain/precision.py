@@ -36,9 +36,6 @@ __all__ = [
     "get_policy",
     "as_policy",
     "half_dtype",
-    "cast_to_param",
-    "cast_to_compute",
-    "cast_to_output",
     "cast_tree",
     "all_finite",
     "LossScale",
@@ -190,22 +187,6 @@ def cast_tree(tree: PyTree, dtype: Any) -> PyTree:
         return x
 
     return jax.tree.map(cast, tree)
-
-
-def cast_to_param(policy: Policy, tree: PyTree) -> PyTree:
-    """Cast the floating arrays of ``tree`` to ``policy.param_dtype`` (see :func:`cast_tree`)."""
-    return cast_tree(tree, as_policy(policy).param_dtype)
-
-
-def cast_to_compute(policy: Policy, tree: PyTree) -> PyTree:
-    """Cast the floating arrays of ``tree`` to ``policy.compute_dtype`` (see :func:`cast_tree`).
-    """
-    return cast_tree(tree, as_policy(policy).compute_dtype)
-
-
-def cast_to_output(policy: Policy, tree: PyTree) -> PyTree:
-    """Cast the floating arrays of ``tree`` to ``policy.output_dtype`` (see :func:`cast_tree`)."""
-    return cast_tree(tree, as_policy(policy).output_dtype)
 
 
 # --------------------------------------------------------------------------- policy

@@ -33,7 +33,7 @@ from funtrain.nn.module import (
     init_with_state,
 )
 
-__all__ = ["checkpoint", "tied_remat", "repeat", "segment_size", "get_policy"]
+__all__ = ["checkpoint", "tied_remat", "repeat", "segment_size", "checkpoint_policy"]
 
 _NAMED = {
     "nothing": "nothing_saveable",
@@ -43,7 +43,7 @@ _NAMED = {
 }
 
 
-def get_policy(policy: str | Callable[..., Any] | None) -> Callable[..., Any] | None:
+def checkpoint_policy(policy: str | Callable[..., Any] | None) -> Callable[..., Any] | None:
     """Resolve a checkpoint policy name to a ``jax.checkpoint_policies`` function.
 
     ``"nothing"`` recomputes everything; ``"everything"`` keeps all; ``"dots"`` keeps
@@ -84,7 +84,7 @@ def get_policy(policy: str | Callable[..., Any] | None) -> Callable[..., Any] | 
 
 def checkpoint(module: Module, policy: str | Callable[..., Any] | None = "nothing",
                *, name: str | None = None) -> Module:
-    """Wrap ``module.apply`` in ``jax.checkpoint`` with a named policy (see ``get_policy``).
+    """Wrap ``module.apply`` in ``jax.checkpoint`` with a named policy (see ``checkpoint_policy``).
 
     Params are unchanged (same keys), so a checkpointed model loads the same params.
 
@@ -92,7 +92,7 @@ def checkpoint(module: Module, policy: str | Callable[..., Any] | None = "nothin
       >>> from funtrain import nn, remat
       >>> block = remat.checkpoint(nn.serial(nn.dense(8), nn.relu(), nn.dense(8)), "dots")
     """
-    pol = get_policy(policy)
+    pol = checkpoint_policy(policy)
 
     def apply(params: Params, *xs: Any, state: Any = None, key: PRNGKey | None = None,
               train: bool = False) -> Any:
