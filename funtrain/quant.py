@@ -42,6 +42,7 @@ import numpy as np
 from jax import lax
 
 from funtrain._tree import keystr
+from funtrain.optim.fused import has_fused
 
 __all__ = ["QTensor", "quantize", "dequantize", "calibrate", "fake_quant", "qat",
            "pack_int4", "unpack_int4", "DEFAULT_SELECT"]
@@ -183,6 +184,9 @@ def quantize(params: Any, bits: int = 8, granularity: str = "per_channel",
         selected leaf that is not floating point (the message names its key path).
     """
     _check("quant.quantize", bits, granularity)
+    if has_fused(params):
+        raise TypeError("quant.quantize: params are fused (TrainState.create(..., "
+                        "fused=True)); quantize params.unflatten() instead")
     if activations not in (None, "dynamic"):
         raise ValueError(f"quant.quantize: activations must be None or 'dynamic', got "
                          f"{activations!r}")

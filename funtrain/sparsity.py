@@ -37,6 +37,7 @@ from jax import lax
 
 from funtrain._tree import keystr
 from funtrain.optim.base import Optimizer, check_optimizer
+from funtrain.optim.fused import has_fused
 
 __all__ = ["magnitude", "random", "n_m", "apply_masks", "polynomial_schedule",
            "SparsitySchedule", "pruned", "PrunedState", "summary", "DEFAULT_SELECT"]
@@ -47,6 +48,10 @@ Select = str | Callable[[str, Any], bool] | None
 
 def _chosen(params: Any, select: Select) -> Any:
     """A tree of Python bools: which leaves are pruned."""
+    if has_fused(params):  # its leaves are whole buffers: no key path would match
+        raise TypeError("sparsity: params are fused (TrainState.create(..., fused=True)); "
+                        "masks are made per layer, so prune an unfused state, or make the "
+                        "masks from params.unflatten()")
     if select is None:
         select = DEFAULT_SELECT
     if isinstance(select, str):
@@ -249,6 +254,7 @@ def pruned(opt: Optimizer, schedule: SparsitySchedule | None = None, *, masks: A
                         f"sparsity.polynomial_schedule, got {type(schedule).__name__}")
 
     def init_state(params: Any) -> PrunedState:
+        _chosen(params, select)  # checks select, and that params are not fused
         if masks is None:
             start = jax.tree.map(lambda w: jnp.ones(jnp.shape(w), bool), params)
         else:

@@ -107,3 +107,15 @@ def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+def test_fused_params_are_a_clear_error():
+    from funtrain import quant
+
+    fused = optim.fuse(PARAMS)
+    with pytest.raises(TypeError, match="params are fused"):
+        sparsity.magnitude(fused, 0.5)
+    with pytest.raises(TypeError, match="params are fused"):
+        sparsity.pruned(optim.sgd(0.1), sparsity.polynomial_schedule()).init_state(fused)
+    with pytest.raises(TypeError, match="quantize params.unflatten"):
+        quant.quantize(fused)
