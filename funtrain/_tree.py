@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,6 +16,23 @@ def keystr(path: tuple[Any, ...]) -> str:
     if not path:
         return "<root>"
     return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+KERNELS = r"(^|/)w$"  # the weights of dense and conv layers (biases and norms are not)
+
+
+def key_path_selector(select: Any, where: str) -> Callable[[str, Any], bool]:
+    """``select`` as a function ``(key_path, leaf) -> bool``: a regex searched in the key
+    path (``"dense_0/w"``), a function as it is, or ``None`` for :data:`KERNELS`."""
+    if select is None:
+        select = KERNELS
+    if isinstance(select, str):
+        pattern = re.compile(select)
+        return lambda path, leaf: bool(pattern.search(path))
+    if callable(select):
+        return select
+    raise TypeError(f"{where}: select must be a key-path regex, a function (path, leaf) -> "
+                    f"bool or None, got {type(select).__name__}")
 
 
 def tree_bytes(tree: Any) -> int:

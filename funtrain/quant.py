@@ -2,8 +2,9 @@
 
 A quantized model is just params: :func:`quantize` turns the selected float leaves into
 :class:`QTensor` s (symmetric integers plus float32 scales, int4 packed two per byte), and
-the tree checkpoints, shards and jits like any other. ``nn.dense`` and ``nn.conv`` take a
-``QTensor`` as their ``w``:
+the tree checkpoints and jits like any other (sharding rules see its leaves' key paths,
+``dense_0/w/values`` and ``dense_0/w/scale``; int4 values are one flat array). ``nn.dense``
+and ``nn.conv`` take a ``QTensor`` as their ``w``:
 
 - by default they dequantize it on the fly (XLA fuses the scaling into the matmul's
   operand), so any model runs on quantized params unchanged;
@@ -14,8 +15,8 @@ the tree checkpoints, shards and jits like any other. ``nn.dense`` and ``nn.conv
 - after :func:`calibrate` (one activation scale per layer, from the max or a percentile
   of ``|x|`` over a few batches) they do the same with that fixed scale.
 
-Quantization-aware training wraps a model with :func:`qat`: its weights (and optionally its
-activations) go through :func:`fake_quant`, which rounds in the forward pass and passes the
+Quantization-aware training wraps a model with :func:`qat`: its weights (and optionally the
+model's input) go through :func:`fake_quant`, which rounds in the forward pass and passes the
 gradient straight through (a ``custom_vjp``). Export the trained params with
 :func:`quantize`.
 
@@ -32,7 +33,6 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,13 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from funtrain._tree import keystr
+from funtrain._tree import KERNELS, key_path_selector, keystr
 from funtrain.optim.fused import has_fused
 
 __all__ = ["QTensor", "quantize", "dequantize", "calibrate", "fake_quant", "qat",
            "pack_int4", "unpack_int4", "DEFAULT_SELECT"]
 
-DEFAULT_SELECT = r"(^|/)w$"  # the kernels of dense and conv layers; biases and norms stay
+DEFAULT_SELECT = KERNELS  # the kernels of dense and conv layers; biases and norms stay
 _GRANULARITIES = ("per_channel", "per_tensor")
 
 
@@ -116,20 +116,8 @@ def unpack_int4(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 # ----------------------------------------------------------------------------- quantize
 
 
-def _selector(select: str | Callable[[str, Any], bool] | None) -> Callable[[str, Any], bool]:
-    if select is None:
-        select = DEFAULT_SELECT
-    if isinstance(select, str):
-        pattern = re.compile(select)
-        return lambda path, leaf: bool(pattern.search(path))
-    if callable(select):
-        return select
-    raise TypeError(f"select must be a key-path regex, a function (path, leaf) -> bool or "
-                    f"None, got {type(select).__name__}")
-
-
 def _check(where: str, bits: Any, granularity: Any) -> None:
-    if bits not in (4, 8) or isinstance(bits, bool):
+    if bits not in (4, 8):
         raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
     if granularity not in _GRANULARITIES:
         raise ValueError(f"{where}: granularity must be one of {_GRANULARITIES}, got "
@@ -190,7 +178,7 @@ def quantize(params: Any, bits: int = 8, granularity: str = "per_channel",
     if activations not in (None, "dynamic"):
         raise ValueError(f"quant.quantize: activations must be None or 'dynamic', got "
                          f"{activations!r}")
-    chosen = _selector(select)
+    chosen = key_path_selector(select, "quant.quantize")
 
     def one(path: Any, leaf: Any) -> Any:
         name = keystr(path)
@@ -235,25 +223,27 @@ def matmul(x: jax.Array, w: QTensor) -> jax.Array:
     """``x @ w`` for a quantized ``w`` (as ``nn.dense`` calls it): int8 x int8 -> int32
     with a calibrated or dynamic input scale, else on the dequantized weight."""
     _record(w, x)
+    dt = jnp.result_type(x, w.dtype)  # as a float matmul promotes (an int input too)
     s = _input_scale(w, x, (x.ndim - 1,))
     if s is None:
-        return jnp.matmul(x, w.dequantize().astype(x.dtype))
+        return jnp.matmul(x.astype(dt), w.dequantize().astype(dt))
     acc = lax.dot_general(_quantize_input(x, s), w.integers(),
                           (((x.ndim - 1,), (0,)), ((), ())),
                           preferred_element_type=jnp.int32)
-    return (acc.astype(jnp.float32) * (s * w.scale.reshape(-1))).astype(x.dtype)
+    return (acc.astype(jnp.float32) * (s * w.scale.reshape(-1))).astype(dt)
 
 
 def conv(x: jax.Array, w: QTensor, **conv_kwargs: Any) -> jax.Array:
     """``lax.conv_general_dilated(x, w, ...)`` for a quantized ``w`` (as ``nn.conv`` calls
     it), in integers with a calibrated or dynamic (per example) input scale."""
     _record(w, x)
+    dt = jnp.result_type(x, w.dtype)
     s = _input_scale(w, x, tuple(range(1, x.ndim)))
     if s is None:
-        return lax.conv_general_dilated(x, w.dequantize().astype(x.dtype), **conv_kwargs)
+        return lax.conv_general_dilated(x.astype(dt), w.dequantize().astype(dt), **conv_kwargs)
     acc = lax.conv_general_dilated(_quantize_input(x, s), w.integers(),
                                    preferred_element_type=jnp.int32, **conv_kwargs)
-    return (acc.astype(jnp.float32) * (s * w.scale.reshape(-1))).astype(x.dtype)
+    return (acc.astype(jnp.float32) * (s * w.scale.reshape(-1))).astype(dt)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -296,7 +286,7 @@ def calibrate(apply: Callable[..., Any], qparams: Any, batches: Iterable[Any],
         for batch in batches:
             apply(plain, batch)
             seen += 1
-        recorded, _RECORDER = _RECORDER, None
+        recorded = _RECORDER
     finally:
         _RECORDER = None
     if not seen:
@@ -325,7 +315,8 @@ def _fake_quant(w: jax.Array, scale: jax.Array, qmax: int) -> jax.Array:
 
 def _fake_quant_fwd(w: jax.Array, scale: jax.Array, qmax: int
                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _fake_quant(w, scale, qmax), (jnp.abs(w) <= qmax * scale, scale)
+    # round(w / scale) reaches qmax + 1 (and is clipped) only past qmax + 1/2 steps
+    return _fake_quant(w, scale, qmax), (jnp.abs(w) <= (qmax + 0.5) * scale, scale)
 
 
 def _fake_quant_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array
@@ -370,7 +361,7 @@ def qat(model: Any, bits: int = 8, granularity: str = "per_channel",
     _check("quant.qat", bits, granularity)
     if activation_bits is not None:
         _check("quant.qat", activation_bits, "per_tensor")
-    chosen = _selector(select)
+    chosen = key_path_selector(select, "quant.qat")
 
     def apply(params: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         faked = jax.tree_util.tree_map_with_path(

@@ -27,22 +27,22 @@ Examples:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from funtrain._tree import keystr
+from funtrain._tree import KERNELS, key_path_selector, keystr
 from funtrain.optim.base import Optimizer, check_optimizer
 from funtrain.optim.fused import has_fused
 
 __all__ = ["magnitude", "random", "n_m", "apply_masks", "polynomial_schedule",
            "SparsitySchedule", "pruned", "PrunedState", "summary", "DEFAULT_SELECT"]
 
-DEFAULT_SELECT = r"(^|/)w$"  # dense and conv kernels
+DEFAULT_SELECT = KERNELS  # dense and conv kernels
 Select = str | Callable[[str, Any], bool] | None
 
 
@@ -52,16 +52,7 @@ def _chosen(params: Any, select: Select) -> Any:
         raise TypeError("sparsity: params are fused (TrainState.create(..., fused=True)); "
                         "masks are made per layer, so prune an unfused state, or make the "
                         "masks from params.unflatten()")
-    if select is None:
-        select = DEFAULT_SELECT
-    if isinstance(select, str):
-        pattern = re.compile(select)
-        test: Callable[[str, Any], bool] = lambda path, leaf: bool(pattern.search(path))
-    elif callable(select):
-        test = select
-    else:
-        raise TypeError(f"sparsity: select must be a key-path regex, a function (path, leaf) "
-                        f"-> bool or None, got {type(select).__name__}")
+    test = key_path_selector(select, "sparsity")
     return jax.tree_util.tree_map_with_path(lambda p, x: bool(test(keystr(p), x)), params)
 
 
@@ -96,18 +87,10 @@ def magnitude(params: Any, sparsity: Any, scope: str = "layer", select: Select =
     flags = jax.tree.leaves(chosen)
     picked = [jnp.abs(w).reshape(-1) for w, c in zip(leaves, flags, strict=True) if c]
     keep = iter(jnp.split(_keep_largest(jnp.concatenate(picked), sparsity),
-                          list(_offsets([p.size for p in picked]))) if picked else [])
+                          np.cumsum([p.size for p in picked])[:-1].tolist()) if picked else [])
     return treedef.unflatten([next(keep).reshape(jnp.shape(w)) if c
                               else jnp.ones(jnp.shape(w), bool)
                               for w, c in zip(leaves, flags, strict=True)])
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for size in sizes[:-1]:
-        total += size
-        out.append(total)
-    return out
 
 
 def random(params: Any, sparsity: float, key: jax.Array, select: Select = None) -> Any:
@@ -189,7 +172,7 @@ class SparsitySchedule(NamedTuple):
         last = self.begin + (jnp.clip(t, self.begin, self.end) - self.begin) \
             // self.frequency * self.frequency
         last = jnp.where(t >= self.end, self.end, last)
-        frac = (last - self.begin) / max(self.end - self.begin, 1)
+        frac = jnp.where(t >= self.end, 1.0, (last - self.begin) / max(self.end - self.begin, 1))
         return self.final + (self.initial - self.final) * (1.0 - frac) ** 3
 
     def due(self, step: Any) -> jax.Array:

@@ -143,7 +143,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _sha256_array(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).tobytes()
+    return hashlib.sha256(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
                           ).hexdigest()
 
 
@@ -859,7 +859,7 @@ def _assemble(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
             listed[piece["part"]].append({**piece, "path": leaf["path"]})
     out = {leaf["name"]: np.empty(leaf["stored_shape"], leaf["stored_dtype"])
            for leaf in manifest["leaves"]}
-    filled = dict.fromkeys(out, 0)
+    written = {name: np.zeros(a.shape, bool) for name, a in out.items()}  # coverage
     paths = {leaf["name"]: leaf["path"] for leaf in manifest["leaves"]}
     for part, pieces in zip(manifest["parts"], listed, strict=True):
         path = folder / part["file"]
@@ -872,12 +872,15 @@ def _assemble(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
             if _sha256_array(array) != piece["sha256"] or dest[where].shape != array.shape:
                 raise CheckpointError(f"checkpoint: key path {paths[leaf_name]!r}: a piece in "
                                       f"{path} is corrupted (checksum or shape mismatch)")
+            if written[leaf_name][where].any():
+                raise CheckpointError(f"checkpoint: key path {paths[leaf_name]!r}: two "
+                                      f"pieces overlap at {piece['index']}")
             dest[where] = array
-            filled[leaf_name] += array.size
-    for name, count in filled.items():
-        if count != out[name].size:
-            raise CheckpointError(f"checkpoint: key path {paths[name]!r}: its pieces hold "
-                                  f"{count} of its {out[name].size} elements")
+            written[leaf_name][where] = True
+    for name, mask in written.items():
+        if not mask.all():
+            raise CheckpointError(f"checkpoint: key path {paths[name]!r}: its pieces leave "
+                                  f"{int((~mask).sum())} of its {mask.size} elements unwritten")
     return out
 
 

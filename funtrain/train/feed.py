@@ -133,13 +133,11 @@ def _steps_on_device(state: Any, arrays: Any, order: Any, batch: Any, *, step: S
     return state, arrays, metrics
 
 
-def _on_mesh(state: Any) -> tuple[Any, tuple[Any, ...]] | None:
-    """``(mesh, leaf shardings)`` of a state placed on a mesh (``parallel.shard_state``
-    places every leaf, the step count included), else ``None``."""
+def _on_mesh(state: Any) -> Any:
+    """The mesh of a state placed on one (``parallel.shard_state`` places every leaf, the
+    step count included; one attribute read), else ``None``."""
     on = getattr(getattr(state, "step", None), "sharding", None)
-    if not (isinstance(on, NamedSharding) and on.mesh.size > 1):
-        return None
-    return on.mesh, tuple(x.sharding for x in jax.tree.leaves(state))
+    return on.mesh if isinstance(on, NamedSharding) and on.mesh.size > 1 else None
 
 
 @jax.jit
@@ -210,10 +208,9 @@ class DeviceFeed:
     def _place(self, state: Any) -> dict[str, Any]:
         """On a mesh: the dataset copied to every device of it (once), and the chunk's
         shardings: the state's, and the batch split over ``data`` and ``fsdp``."""
-        found = _on_mesh(state)
-        if found is None:
+        mesh = _on_mesh(state)
+        if mesh is None:
             return {}
-        mesh, placed = found
         if self.mesh.get("mesh") != mesh:
             n = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
             if self.batch_size % n:
@@ -223,8 +220,12 @@ class DeviceFeed:
             axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
             self.arrays = jax.device_put(self.arrays, NamedSharding(mesh, PartitionSpec()))
             self._epoch = None
-            self.mesh = {"mesh": mesh, "split": NamedSharding(mesh, PartitionSpec(axes))}
-        return {"placed": placed, "split": self.mesh["split"]}
+            # The state's shardings as first placed: each chunk keeps them, and a later
+            # chunk's state would spell the same ones differently (P('fsdp') for
+            # P('fsdp', None)), a new static argument and a needless recompile.
+            self.mesh = {"mesh": mesh, "split": NamedSharding(mesh, PartitionSpec(axes)),
+                         "placed": tuple(x.sharding for x in jax.tree.leaves(state))}
+        return {"placed": self.mesh["placed"], "split": self.mesh["split"]}
 
     def check(self, num_classes: int | None) -> None:
         """The checked mode: the whole dataset is checked once, before it is used."""

@@ -42,6 +42,16 @@ def test_int4_packs_two_per_byte_and_round_trips_bitwise():
     assert w.values.nbytes * 2 == PARAMS["dense_0"]["w"].size
 
 
+def _int8_dot(hlo):
+    """A dot_general whose operands are int8 and whose result is int32 (not a float dot
+    after a convert)."""
+    import re
+
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    return any(re.search(r"tensor<[^>]*xi8>, tensor<[^>]*xi8>\) -> tensor<[^>]*xi32>", line)
+               for line in dots)
+
+
 def _int8_reference(x, w):
     """float64: quantize the input with its scale, multiply the integers, rescale."""
     xs = np.asarray(x, np.float64)
@@ -59,8 +69,7 @@ def test_calibrated_dense_runs_an_int8_matmul_under_jit():
     got = jax.jit(layer.apply)(q["dense_0"], X)
     want = _int8_reference(X, w) + np.asarray(PARAMS["dense_0"]["b"])
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    hlo = jax.jit(MODEL.apply).lower(q, X).as_text()
-    assert "i8" in hlo and "i32" in hlo  # the dot takes int8 and accumulates in int32
+    assert _int8_dot(jax.jit(MODEL.apply).lower(q, X).as_text())
     full = jax.jit(MODEL.apply)(q, X)
     np.testing.assert_allclose(np.asarray(full), np.asarray(MODEL.apply(PARAMS, X)),
                                atol=0.05)
@@ -108,8 +117,23 @@ def test_fake_quant_forward_rounds_and_gradient_passes_straight_through():
     g = jax.jit(jax.grad(lambda w: jnp.sum(quant.fake_quant(w, 4) * 3.0)))(w)
     np.testing.assert_array_equal(np.asarray(g), 3.0)  # the rounding's gradient is 1
     clipped = jax.grad(lambda x: jnp.sum(quant.fake_quant(x, 8, scale=jnp.float32(0.01))))(
-        jnp.array([0.5, 2.0]))
-    np.testing.assert_array_equal(np.asarray(clipped), [1.0, 0.0])  # 2.0 > 127 * 0.01
+        jnp.array([0.5, 1.274, 2.0]))
+    # 1.274 rounds to 127 (kept: clipping starts at 127.5 steps); 2.0 is clipped
+    np.testing.assert_array_equal(np.asarray(clipped), [1.0, 1.0, 0.0])
+    # every weight, the largest of each channel included, gets the straight-through 1
+    wide = jax.random.normal(jax.random.key(5), (8, 20000))
+    for bits in (8, 4):
+        g = jax.grad(lambda w, b=bits: jnp.sum(quant.fake_quant(w, b)))(wide)
+        assert (np.asarray(g) == 1.0).all()
+
+
+def test_quantized_dense_promotes_like_a_float_dense():
+    x = jnp.arange(16, dtype=jnp.int32).reshape(1, 16) % 3
+    q = quant.quantize(PARAMS)
+    got = nn.dense(32, name="dense_0").apply(q["dense_0"], x)
+    want = nn.dense(32, name="dense_0").apply(quant.dequantize(q)["dense_0"], x)
+    assert got.dtype == want.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
 def test_qat_trains_under_jit_grad():
@@ -144,7 +168,6 @@ def test_dynamic_activations_quantize_each_row_at_run_time():
             + np.asarray(PARAMS["dense_0"]["b"], np.float64))
     got = jax.jit(nn.dense(32, name="dense_0").apply)(q["dense_0"], X)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    hlo = jax.jit(MODEL.apply).lower(q, X).as_text()
-    assert "i8" in hlo and "i32" in hlo
+    assert _int8_dot(jax.jit(MODEL.apply).lower(q, X).as_text())
     with pytest.raises(ValueError, match="activations must be None or 'dynamic'"):
         quant.quantize(PARAMS, activations="static")

@@ -57,6 +57,8 @@ def test_schedule_follows_zhu_and_gupta():
         np.testing.assert_allclose(float(s(t)), want, rtol=1e-6)
     assert [bool(s.due(t)) for t in (99, 100, 120, 150, 500, 550)] == [
         False, True, False, True, True, False]
+    at_once = sparsity.polynomial_schedule(0.0, 0.9, begin_step=100, end_step=100)
+    assert [float(at_once(t)) for t in (99, 100, 200)] == pytest.approx([0.0, 0.9, 0.9])
 
 
 def test_pruned_weights_stay_exactly_zero_through_adamw_with_weight_decay():

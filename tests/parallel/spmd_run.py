@@ -68,6 +68,9 @@ def run(kind, layout):
     if mesh is not None:
         state = parallel.shard_state(state, mesh, rules, fsdp_min_size=1024)
     before = parallel.device_bytes((state.params, state.opt_state))
+    # the leaves every device holds whole (under fsdp_min_size, or on one device)
+    replicated = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state))
+                     if mesh is None or x.sharding.is_fully_replicated)
     specs = jax.tree.map(lambda x: str(x.sharding.spec) if mesh else "", state.params)
     out = []
     for batch in batches:
@@ -80,6 +83,7 @@ def run(kind, layout):
             jax.tree.leaves(state.params), jax.tree.leaves(placed.params), strict=True))
     total = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
     return {"losses": out, "per_device": max(before.values()), "total": total,
+            "replicated": replicated,
             "kept_sharding": same, "specs": jax.tree.leaves(specs)}
 
 

@@ -42,8 +42,14 @@ def test_sharded_training_equals_one_device(runs, run):
 def test_fsdp_holds_an_eighth_of_the_state_per_device(runs, run):
     dp, fsdp = runs[run.split("/")[0] + "/dp"], runs[run]
     assert dp["per_device"] == dp["total"]  # replicated
-    # an eighth, plus the leaves under fsdp_min_size (biases, norms) that stay replicated
-    assert fsdp["per_device"] <= fsdp["total"] / 8 * 1.2
+    # an eighth of the sharded leaves, plus those under fsdp_min_size (biases, norms) that
+    # stay replicated. Measured: MLP 308,092 B of 2,442,364 (FSDP), GPT 176,644 of 1,262,596
+    sharded = fsdp["total"] - fsdp["replicated"]
+    assert 0 < fsdp["replicated"] < fsdp["total"] / 8
+    if run.endswith("/fsdp"):  # every split leaf over all 8 devices
+        assert fsdp["per_device"] <= sharded / 8 + fsdp["replicated"]
+    else:  # fsdp 4 x tensor 2: a leaf with no tensor rule is split 4 ways only
+        assert fsdp["per_device"] <= sharded / 4 + fsdp["replicated"]
     assert any("fsdp" in spec for spec in fsdp["specs"])
     if "tp" in run:
         assert any("tensor" in spec for spec in fsdp["specs"])

@@ -604,3 +604,37 @@ def test_a_missing_piece_is_an_error_naming_the_key_path(parts):
     with pytest.raises(CheckpointError, match=re.escape(
             "key path 'params/dense_0/w': a piece in")):
         checkpoint.restore(d)
+
+
+def _edit_leaf(d, edit):
+    path = checkpoint.step_dir(d, 1) / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(next(x for x in m["leaves"] if x["path"] == "params/dense_0/w"))
+    m["manifest_sha256"] = checkpoint._manifest_sha256(m)
+    path.write_text(json.dumps(m))
+
+
+def test_pieces_that_overlap_or_leave_a_gap_are_errors(parts):
+    d, _ = parts
+    _edit_leaf(d, lambda leaf: leaf["pieces"].append(dict(leaf["pieces"][0])))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "key path 'params/dense_0/w': two pieces overlap at [[0, 64], [0, 128]]")):
+        checkpoint.restore(d)
+    _edit_leaf(d, lambda leaf: (leaf["pieces"].pop(), leaf.update(stored_shape=[65, 128])))
+    with pytest.raises(CheckpointError, match=re.escape(
+            "key path 'params/dense_0/w': its pieces leave 128 of its 8320 elements "
+            "unwritten")):
+        checkpoint.restore(d)
+
+
+def test_parts_refuse_an_existing_step_and_overwrite_it_when_asked(parts):
+    d, state = parts
+    with pytest.raises(CheckpointError, match="already exists; pass overwrite=True"):
+        checkpoint._save_parts(d, state, 1, None, False)
+    other = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                         state)
+    checkpoint._save_parts(d, other, 1, None, True)
+    back = checkpoint.restore(d, target=_state())
+    np.testing.assert_array_equal(np.asarray(back.params["dense_0"]["w"]),
+                                  np.asarray(other.params["dense_0"]["w"]))
+    assert sorted(os.listdir(d)) == ["step_00000001"]  # no temporary or old copy left
