@@ -10,9 +10,11 @@ DOCS = ROOT / "docs"
 
 
 def on_pre_build(config, **kwargs):
-    shutil.copyfile(ROOT / "README.md", DOCS / "index.md")
-    for name in ("CONTRIBUTING.md", "CHANGELOG.md"):
-        shutil.copyfile(ROOT / name, DOCS / name)
+    # links into docs/ from the top of the repository lose that prefix on the site
+    for src, dst in (("README.md", "index.md"), ("CONTRIBUTING.md", "CONTRIBUTING.md"),
+                     ("CHANGELOG.md", "CHANGELOG.md")):
+        text = (ROOT / src).read_text().replace("](docs/", "](")
+        (DOCS / dst).write_text(text)
     (DOCS / "notebooks").mkdir(exist_ok=True)
     for nb in (ROOT / "notebooks").glob("*.ipynb"):
         shutil.copyfile(nb, DOCS / "notebooks" / nb.name)

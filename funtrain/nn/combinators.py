@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from funtrain._typing import Params, PRNGKey
+from funtrain.nn._remat import segment_size, tied_remat
 from funtrain.nn.module import (
     Module,
     ModuleError,
@@ -152,8 +153,6 @@ def serial(*modules: Module, name: str | None = None, checkpoint: str | int | No
 
     seg = None
     if checkpoint is not None:
-        from funtrain.remat import segment_size
-
         seg = segment_size(len(modules), checkpoint)
 
     def run(params: Params, xs: Any, keys: list[Any], state: Any, idx: range, train: bool
@@ -178,8 +177,6 @@ def serial(*modules: Module, name: str | None = None, checkpoint: str | int | No
         keys = _split(key, len(modules))
         if seg is None:
             return _result(stateful, *run(params, xs, keys, state, range(len(modules)), train))
-        from funtrain.remat import tied_remat
-
         out: Any = xs
         new: dict[str, Any] = {}
         for start in range(0, len(modules), seg):
