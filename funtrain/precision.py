@@ -21,9 +21,12 @@ Python scalars and ``None`` pass through unchanged.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -476,17 +479,13 @@ def _apply_scale(tree: PyTree, loss_scale: Array, op: Any) -> PyTree:
 class LossScale:
     """Base of the loss scales: ``loss_scale``, ``scale``, ``unscale`` and ``adjust``.
 
-    A subclass lists its array fields in ``_fields``; it is an immutable pytree with those
-    fields as children (key paths ``.loss_scale``, ``.counter`` ...), and unflattening
-    skips ``__init__``, so tracers and sentinel leaves are fine.
+    The subclasses are ``chex.dataclass``es whose every field is an array leaf (key paths
+    ``.loss_scale``, ``.counter`` ...). Unflattening skips ``__init__`` (chex builds the
+    object field by field), so tracers and sentinel leaves pass through ``jit``, ``scan``
+    and ``vmap`` unchecked; the checks run once, where the user builds the scale.
     """
 
-    __slots__ = ()
-    _fields: tuple[str, ...] = ()
-
-    @property
-    def loss_scale(self) -> Array:  # overridden by a field in the subclasses that have one
-        return jnp.ones((), jnp.float32)
+    loss_scale: Array
 
     def scale(self, tree: PyTree) -> PyTree:
         """Multiply each floating leaf by ``loss_scale`` in float32 (at least) and cast it back
@@ -505,35 +504,30 @@ class LossScale:
         _check_finite_flag(f"{type(self).__name__}.adjust", grads_finite)
         return self
 
+    def _with(self, **fields: Any) -> Any:
+        """A copy with some fields changed, without ``__init__``'s checks (values may be traced)."""
+        new = copy.copy(self)  # chex's __getstate__/__setstate__: no __init__
+        new.__dict__.update(fields)
+        return new
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable; adjust() returns a new one")
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
-    # pytree protocol
-    def tree_flatten_with_keys(self) -> tuple[tuple[Any, ...], None]:
-        return tuple((jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in self._fields), None
-
-    def tree_flatten(self) -> tuple[tuple[Any, ...], None]:
-        return tuple(getattr(self, f) for f in self._fields), None
-
-    @classmethod
-    def tree_unflatten(cls, aux: None, children: Any) -> LossScale:
-        obj = object.__new__(cls)  # no validation: children may be tracers or sentinels
-        for f, child in zip(cls._fields, children, strict=True):
-            object.__setattr__(obj, f, child)
-        return obj
-
-    def __reduce__(self) -> tuple[Any, ...]:  # pickle and copy without __init__ or setattr
-        return (type(self).tree_unflatten, (None, self.tree_flatten()[0]))
-
     def __repr__(self) -> str:
-        inner = ", ".join(f"{f}={_show(getattr(self, f))}" for f in self._fields)
+        inner = ", ".join(f"{f.name}={_show(getattr(self, f.name))}"
+                          for f in dataclasses.fields(self))  # type: ignore[arg-type]  # subclasses are dataclasses
         return f"{type(self).__name__}({inner})"
 
 
-@jax.tree_util.register_pytree_with_keys_class
+# init=False: the constructors below take the user's arguments and check them; eq=False: the
+# fields are arrays; mappable_dataclass=False: attributes, not a Mapping.
+_loss_scale_class = chex.dataclass(init=False, repr=False, eq=False, mappable_dataclass=False)
+
+
+@_loss_scale_class
 class NoOpLossScale(LossScale):
     """A loss scale of 1: ``scale`` and ``unscale`` return the tree unchanged.
 
@@ -541,7 +535,10 @@ class NoOpLossScale(LossScale):
     It is a pytree with no leaves.
     """
 
-    __slots__ = ()
+    @property
+    def loss_scale(self) -> Array:  # type: ignore[override]  # a constant, not a field
+        """1, as a float32 array."""
+        return jnp.ones((), jnp.float32)
 
     def scale(self, tree: PyTree) -> PyTree:
         """Return ``tree`` unchanged."""
@@ -552,7 +549,7 @@ class NoOpLossScale(LossScale):
         return tree
 
 
-@jax.tree_util.register_pytree_with_keys_class
+@_loss_scale_class
 class StaticLossScale(LossScale):
     """A fixed loss scale; ``adjust`` returns it unchanged.
 
@@ -566,8 +563,6 @@ class StaticLossScale(LossScale):
       0.5
     """
 
-    __slots__ = ("loss_scale",)
-    _fields = ("loss_scale",)
     loss_scale: Array
 
     def __init__(self, scale: Any) -> None:
@@ -575,7 +570,7 @@ class StaticLossScale(LossScale):
         object.__setattr__(self, "loss_scale", jnp.asarray(scale).astype(jnp.float32))
 
 
-@jax.tree_util.register_pytree_with_keys_class
+@_loss_scale_class
 class DynamicLossScale(LossScale):
     r"""A loss scale that grows while the grads stay finite and shrinks when they do not.
 
@@ -612,8 +607,6 @@ class DynamicLossScale(LossScale):
       (4.0, 4.0)
     """
 
-    __slots__ = ("loss_scale", "counter", "period", "factor", "min_scale")
-    _fields = ("loss_scale", "counter", "period", "factor", "min_scale")
     loss_scale: Array
     counter: Array
     period: Array
@@ -651,7 +644,5 @@ class DynamicLossScale(LossScale):
         shrunk = jnp.maximum(self.loss_scale / self.factor, self.min_scale)
         new_scale = jnp.where(finite, jnp.where(grow, grown, self.loss_scale), shrunk)
         new_counter = jnp.where(finite & ~grow, counter, 0)
-        # tree_unflatten builds this class without __init__'s checks (traced values)
-        return DynamicLossScale.tree_unflatten(None, (  # type: ignore[return-value]
-            new_scale.astype(jnp.float32), new_counter.astype(jnp.int32), self.period,
-            self.factor, self.min_scale))
+        return self._with(loss_scale=new_scale.astype(jnp.float32),
+                          counter=new_counter.astype(jnp.int32))

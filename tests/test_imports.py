@@ -8,8 +8,6 @@ hides a cycle; it does not remove it). Importing ``funtrain.a.b`` also runs the 
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "funtrain"
 
 # Lowest first; a module may import its own layer or a lower one. Prefixes match submodules.

@@ -379,7 +379,8 @@ def test_jmp_bug_1_min_scale_survives_jit_scan_and_flattening():
     for field in ("loss_scale", "counter", "period", "factor", "min_scale"):
         assert getattr(back, field) is getattr(cur, field)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(cur)[0]]
-    assert paths == [".loss_scale", ".counter", ".period", ".factor", ".min_scale"]
+    # a chex dataclass flattens its fields in name order
+    assert paths == [".counter", ".factor", ".loss_scale", ".min_scale", ".period"]
     for clone in (pickle.loads(pickle.dumps(cur)), copy.deepcopy(cur), copy.copy(cur)):
         assert repr(clone) == repr(cur)
 
