@@ -502,65 +502,85 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
       >>> direction = scale_by_adam(b1=schedules.one_cycle_momentum(total_steps=1000))
     """
     where = "scale_by_adam"
-    _check_beta(where, "b1", b1, schedule=True)
-    _check_beta(where, "b2", b2, schedule=True)
     _check_eps_pair(where, eps, eps_root)
     _check_choice(where, "amsgrad_convention", amsgrad_convention, ("pytorch", "optax"))
-    _check_choice(where, "bias_correction", bias_correction, ("pytorch", "product"))
-    s1, s2 = callable(b1), callable(b2)
-    if nesterov and s1:
+    if nesterov and callable(b1):
         raise ValueError(f"{where}: nesterov=True needs a float b1, got a schedule (its "
                          f"look-ahead correction 1 - b1^(t+1) assumes a constant b1)")
-    products = bias_correction == "product" and (s1 or s2)
-    if bias_correction == "product" and (is_traced_or_array(b1) or is_traced_or_array(b2)):
-        raise ValueError(f"{where}: bias_correction='product' needs the betas' schedules "
-                         f"themselves (their running product is kept in the state), got an "
-                         f"array beta; with inject_hyperparams pass static_args=('b1', 'b2')")
+    init_products, betas_at = _adam_betas(where, b1, b2, bias_correction)
 
     def init_state(params: Params) -> Any:
-        state = ScaleByAdamState(jnp.zeros((), jnp.int32), _zeros_like(params, mu_dtype),
-                                 _zeros_like(params, nu_dtype),
-                                 _zeros_like(params, nu_dtype) if amsgrad else ())
-        one = jnp.ones((), jnp.result_type(float))  # the empty product
-        return ScaleByAdamProductState(*state, one if s1 else (), one if s2 else ()) \
-            if products else state
+        return init_products(ScaleByAdamState(
+            jnp.zeros((), jnp.int32), _zeros_like(params, mu_dtype),
+            _zeros_like(params, nu_dtype), _zeros_like(params, nu_dtype) if amsgrad else ()))
 
     def update(grads: Grads, state: Any, params: Params | None = None):
         _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
-        # A schedule's step is the count before this update (the first uses schedule(0)).
-        beta1, beta2 = value_at(b1, state.count), value_at(b2, state.count)
-        if products:  # the running products of the scheduled betas
-            prod1, prod2 = ((p * b).astype(p.dtype) if s else ()
-                            for p, b, s in ((state.b1_product, beta1, s1),
-                                            (state.b2_product, beta2, s2)))
-            state = state._replace(b1_product=prod1, b2_product=prod2)
-
-        def correction(beta: Any, scheduled: bool, product: Any, dt: Any) -> Array:
-            if scheduled and products:
-                return 1.0 - product.astype(dt)  # 1 - prod_{s <= t} beta_s
-            return _bias_correction(beta, count, dt)  # 1 - beta_t^t
+        state, at = betas_at(state, count)
 
         def rule(g: Array, m: Array, v: Array, vmax: Any) -> tuple:
-            # A float beta is weakly typed; a schedule's value is cast to match it.
-            c1 = jnp.asarray(beta1, g.dtype) if s1 else beta1
-            c2 = jnp.asarray(beta2, g.dtype) if s2 else beta2
+            c1, c2, bc1, bc2 = at(g.dtype)
             m, v = c1 * m + (1 - c1) * g, c2 * v + (1 - c2) * g * g
-            bc1 = correction(c1, s1, products and state.b1_product, g.dtype)
-            bc2 = correction(c2, s2, products and state.b2_product, g.dtype)
             m_hat = m / bc1
             if nesterov:
                 m_hat = c1 * m / _bias_correction(c1, count + 1, g.dtype) + (1 - c1) * g / bc1
+            v_hat = v / bc2
             if amsgrad:  # PyTorch keeps the max of the raw v, optax of the corrected one
-                vmax = jnp.maximum(vmax, v if amsgrad_convention == "pytorch" else v / bc2)
-            v_hat = (vmax if amsgrad_convention == "optax" else vmax / bc2) if amsgrad \
-                else v / bc2
+                vmax = jnp.maximum(vmax, v if amsgrad_convention == "pytorch" else v_hat)
+                v_hat = vmax / bc2 if amsgrad_convention == "pytorch" else vmax
             return m_hat / (jnp.sqrt(v_hat + eps_root) + eps), m, v, vmax
 
         updates, mu, nu, nu_max = per_leaf(rule, grads, state.mu, state.nu, state.nu_max)
         return updates, state._replace(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return Optimizer(init_state, update)
+
+
+def _adam_betas(where: str, b1: Any, b2: Any, bias_correction: str) -> tuple:
+    """Adam's betas (floats or schedules) and their bias corrections, checked here.
+
+    Returns ``(init_products, betas_at)``. ``init_products(state)`` adds the running products
+    of the scheduled betas when ``bias_correction="product"`` needs them (a
+    ``ScaleByAdamProductState``). ``betas_at(state, count)`` multiplies them by this step's
+    betas and returns ``(state, at)``; ``at(dtype)`` gives ``(beta1, beta2, correction1,
+    correction2)`` in that dtype.
+    """
+    _check_beta(where, "b1", b1, schedule=True)
+    _check_beta(where, "b2", b2, schedule=True)
+    _check_choice(where, "bias_correction", bias_correction, ("pytorch", "product"))
+    scheduled = (callable(b1), callable(b2))
+    products = bias_correction == "product" and any(scheduled)
+    if bias_correction == "product" and (is_traced_or_array(b1) or is_traced_or_array(b2)):
+        raise ValueError(f"{where}: bias_correction='product' needs the betas' schedules "
+                         f"themselves (their running product is kept in the state), got an "
+                         f"array beta; with inject_hyperparams pass static_args=('b1', 'b2')")
+
+    def init_products(state: ScaleByAdamState) -> Any:
+        one = jnp.ones((), jnp.result_type(float))  # the empty product
+        return ScaleByAdamProductState(*state, *(one if s else () for s in scheduled)) \
+            if products else state
+
+    def betas_at(state: Any, count: Array) -> tuple:
+        # A schedule's step is the count before this update (the first uses schedule(0)).
+        betas = (value_at(b1, state.count), value_at(b2, state.count))
+        prods: tuple = ((), ())
+        if products:
+            prods = tuple((p * b).astype(p.dtype) if s else ()
+                          for p, b, s in zip((state.b1_product, state.b2_product), betas,
+                                              scheduled, strict=True))
+            state = state._replace(b1_product=prods[0], b2_product=prods[1])
+
+        def at(dt: Any) -> tuple:
+            # A float beta is weakly typed; a schedule's value is cast to match it.
+            cs = [jnp.asarray(b, dt) if s else b for b, s in zip(betas, scheduled, strict=True)]
+            return (*cs, *(1.0 - p.astype(dt) if products and s  # 1 - prod_{s <= t} beta_s
+                           else _bias_correction(c, count, dt)  # 1 - beta_t^t
+                           for c, p, s in zip(cs, prods, scheduled, strict=True)))
+
+        return state, at
+
+    return init_products, betas_at
 
 
 class ScaleByAdamaxState(NamedTuple):
