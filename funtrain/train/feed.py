@@ -133,6 +133,16 @@ def _steps_on_device(state: Any, arrays: Any, order: Any, batch: Any, *, step: S
     return state, arrays, metrics
 
 
+def _canonical(sharding: Any) -> Any:
+    """A ``NamedSharding`` with its spec's trailing ``None``s dropped (the same sharding)."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec)
+    while spec and spec[-1] is None:
+        spec = spec[:-1]
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
+
+
 def _on_mesh(state: Any) -> Any:
     """The mesh of a state placed on one (``parallel.shard_state`` places every leaf, the
     step count included; one attribute read), else ``None``."""
@@ -220,11 +230,12 @@ class DeviceFeed:
             axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
             self.arrays = jax.device_put(self.arrays, NamedSharding(mesh, PartitionSpec()))
             self._epoch = None
-            # The state's shardings as first placed: each chunk keeps them, and a later
-            # chunk's state would spell the same ones differently (P('fsdp') for
-            # P('fsdp', None)), a new static argument and a needless recompile.
+            # The state's shardings as first placed: each chunk keeps them. Spelled without
+            # trailing Nones, as jit's outputs spell them: P('fsdp', None) from shard_state
+            # and P('fsdp') after a chunk are one sharding, and one static argument, so a
+            # second fit call compiles nothing.
             self.mesh = {"mesh": mesh, "split": NamedSharding(mesh, PartitionSpec(axes)),
-                         "placed": tuple(x.sharding for x in jax.tree.leaves(state))}
+                         "placed": tuple(_canonical(x.sharding) for x in jax.tree.leaves(state))}
         return {"placed": self.mesh["placed"], "split": self.mesh["split"]}
 
     def check(self, num_classes: int | None) -> None:

@@ -166,6 +166,12 @@ def checkpoint_across_meshes():
     return out, errors
 
 
+compiles: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiles.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
 def fit_on_meshes():
     """``fit``'s device-resident path (2 epochs of 8 steps, 4 per call) on one device, data
     parallel and FSDP: the losses, the state's specs after it, and the FLOPs one device runs
@@ -197,6 +203,9 @@ def fit_on_meshes():
         out[name] = {"losses": history.train["loss"], "flops": flops,
                      "spec": str(state.params["dense_0"]["w"].sharding.spec) if mesh else "",
                      "step": int(state.step)}
+        compiles.clear()  # a second call (one more epoch; it donates state) compiles nothing
+        again, _ = train.fit(state, step, loader, epochs=1, steps_per_call=4, progress=False)
+        out[name].update(compiles_again=len(compiles), step_again=int(again.step))
     return out
 
 

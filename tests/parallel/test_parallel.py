@@ -109,6 +109,8 @@ def test_fit_serves_each_device_its_rows_of_every_batch(runs):
     for name in ("dp", "fsdp"):
         np.testing.assert_allclose(fits[name]["losses"], fits["single"]["losses"], rtol=1e-5)
         assert fits[name]["step"] == fits["single"]["step"] == 16
+    for name in ("single", "dp", "fsdp"):  # shard_state's P('fsdp', None) is jit's P('fsdp')
+        assert fits[name]["compiles_again"] == 0 and fits[name]["step_again"] == 24, name
     assert (fits["dp"]["spec"], fits["fsdp"]["spec"]) == ("P()", "P('fsdp',)")
     assert fits["dp"]["flops"] < fits["single"]["flops"] / 3
     assert fits["fsdp"]["flops"] < fits["single"]["flops"] / 6
