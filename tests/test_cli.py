@@ -59,6 +59,7 @@ def test_every_optimizer_name_is_accepted_and_trains(name):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.parametrize("prec", ["bf16", "fp16"])
 def test_demo_precision_meets_the_accuracy_bar(prec):
     proc = run_cli("demo", "--precision", prec, "--no-progress")
@@ -69,6 +70,7 @@ def test_demo_precision_meets_the_accuracy_bar(prec):
         assert "loss scale" in proc.stdout and "skipped steps" in proc.stdout
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_demo_checkpoints_and_resumes(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     from funtrain.train import checkpoint
@@ -99,6 +101,7 @@ def test_demo_cnn_meets_the_accuracy_bar():
     assert acc >= 0.95, proc.stdout
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_demo_resnet_trains_batch_norm_and_checkpoints_its_state(tmp_path):
     """A ResNet with BatchNorm from the command line: its model state is checkpointed."""
     from funtrain.train import checkpoint

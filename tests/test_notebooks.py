@@ -12,6 +12,7 @@ pytest.importorskip("ipykernel")
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("FUNTRAIN_NB_EPOCHS", "2")

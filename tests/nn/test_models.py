@@ -103,6 +103,7 @@ def test_gpt_tags_for_remat_policies():
     assert "attention_out" in jaxpr and "mlp_hidden" in jaxpr
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_tiny_gpt_learns_a_sequence_with_dropout():
     model = nn.models.gpt(**TINY, dropout=0.1)
     ids = jnp.tile(jnp.arange(9) % 32, (4, 1))

@@ -88,6 +88,7 @@ def test_masks_per_buffer_or_per_element():
         assert_same(unfuse(train_params(opt, True).params), train_params(opt, False).params)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_wrappers_over_fused_params():
     cases = [optim.chain(optim.clip_by_global_norm(0.1), optim.adam(1e-2)),
              optim.multi_steps(optim.adam(1e-2), 2),

@@ -199,6 +199,7 @@ def test_grads_of_another_tree_name_the_key_path(name):
 @settings(max_examples=20, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 4)), min_size=1, max_size=4),
        st.sampled_from(["adam", "sgd", "lion", "adafactor", "muon", "lamb"]))
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_random_trees_keep_structure_and_stay_finite(shapes, name):
     params = {f"p{i}": {"w": jnp.full(s, 0.5 + i), "b": jnp.ones(s[-1:])}
               for i, s in enumerate(shapes)}

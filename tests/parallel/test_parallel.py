@@ -14,7 +14,9 @@ from funtrain import parallel
 from funtrain.train import checkpoint
 
 SCRIPT = Path(__file__).with_name("spmd_run.py")
-pytestmark = pytest.mark.slow  # one subprocess: 11 short training runs on 8 devices, ~40 s
+# one subprocess (a module fixture, so one worker: xdist_group) runs 11 short trainings on 8
+# devices, ~50 s
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spmd")]
 
 
 @pytest.fixture(scope="module")

@@ -258,6 +258,7 @@ def fit_run(epochs, **kw):
                      eval_data=dataset(32, seed=1).batches(16), **kw)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.parametrize("interrupt", ["mid-epoch", "epoch-end"])
 def test_resume_is_bitwise_with_model_state(tmp_path, interrupt):
     full_state, full = fit_run(3)
