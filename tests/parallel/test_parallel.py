@@ -1,6 +1,7 @@
 """SPMD on 8 emulated CPU devices, in a fresh process (the device count is fixed when JAX
 starts): data parallel and FSDP train like one device, and FSDP splits the memory."""
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -14,17 +15,29 @@ from funtrain import parallel
 from funtrain.train import checkpoint
 
 SCRIPT = Path(__file__).with_name("spmd_run.py")
-# one subprocess (a module fixture, so one worker: xdist_group) runs 11 short trainings on 8
-# devices, ~50 s
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spmd")]
+pytestmark = pytest.mark.slow  # one subprocess: 11 short trainings on 8 devices, ~50 s
 
 
-@pytest.fixture(scope="module")
-def runs():
+def _spmd_run():
     proc = subprocess.run([sys.executable, str(SCRIPT), "mlp", "gpt", "cnn"], capture_output=True,
                           text=True, timeout=600, cwd=SCRIPT.parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, worker_id):
+    """The script's results, computed once per session: pytest-xdist workers share them
+    through a file under a lock (the recipe in xdist's docs), so the other worker waits
+    instead of running the script a second time."""
+    if worker_id == "master":  # no xdist
+        return json.loads(_spmd_run())
+    shared = tmp_path_factory.getbasetemp().parent / "spmd_runs.json"
+    with open(f"{shared}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not shared.exists():
+            shared.write_text(_spmd_run())
+        return json.loads(shared.read_text())
 
 
 @pytest.mark.parametrize("run", ["mlp/dp", "mlp/fsdp", "mlp/fsdp+tp", "gpt/dp", "gpt/fsdp",
