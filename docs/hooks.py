@@ -18,3 +18,8 @@ def on_pre_build(config, **kwargs):
     (DOCS / "notebooks").mkdir(exist_ok=True)
     for nb in (ROOT / "notebooks").glob("*.ipynb"):
         shutil.copyfile(nb, DOCS / "notebooks" / nb.name)
+
+
+def on_page_markdown(markdown, page, config, files, **kwargs):
+    # docs/design.md links ../CONTRIBUTING.md (right on GitHub); on the site it is a sibling
+    return markdown.replace("](../CONTRIBUTING.md)", "](CONTRIBUTING.md)")

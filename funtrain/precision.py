@@ -504,8 +504,17 @@ class LossScale:
         _check_finite_flag(f"{type(self).__name__}.adjust", grads_finite)
         return self
 
-    def _with(self, **fields: Any) -> Any:
-        """A copy with some fields changed, without ``__init__``'s checks (values may be traced)."""
+    def replace(self, **fields: Any) -> Any:
+        """A copy with some fields replaced, e.g. ``scale.replace(min_scale=jnp.float32(1))``.
+
+        The names must be fields; the values are not checked (they may be traced), so keep
+        each field's dtype and shape.
+        """
+        names = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]  # subclasses are dataclasses
+        unknown = sorted(set(fields) - set(names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.replace: no field {', '.join(unknown)}; "
+                            f"the fields are {', '.join(names)}")
         new = copy.copy(self)  # chex's __getstate__/__setstate__: no __init__
         new.__dict__.update(fields)
         return new
@@ -522,9 +531,15 @@ class LossScale:
         return f"{type(self).__name__}({inner})"
 
 
-# init=False: the constructors below take the user's arguments and check them; eq=False: the
-# fields are arrays; mappable_dataclass=False: attributes, not a Mapping.
-_loss_scale_class = chex.dataclass(init=False, repr=False, eq=False, mappable_dataclass=False)
+def _loss_scale_class(cls: Any) -> Any:
+    """``chex.dataclass``: init=False, as the constructors take the user's arguments and check
+    them; eq=False, as the fields are arrays; attributes, not a Mapping. chex's ``replace``
+    and ``from_tuple`` would call that ``__init__`` with field names: ``replace`` is
+    ``LossScale.replace`` and ``from_tuple`` is gone."""
+    cls = chex.dataclass(init=False, repr=False, eq=False, mappable_dataclass=False)(cls)
+    cls.replace = LossScale.replace
+    del cls.from_tuple
+    return cls
 
 
 @_loss_scale_class
@@ -644,5 +659,5 @@ class DynamicLossScale(LossScale):
         shrunk = jnp.maximum(self.loss_scale / self.factor, self.min_scale)
         new_scale = jnp.where(finite, jnp.where(grow, grown, self.loss_scale), shrunk)
         new_counter = jnp.where(finite & ~grow, counter, 0)
-        return self._with(loss_scale=new_scale.astype(jnp.float32),
-                          counter=new_counter.astype(jnp.int32))
+        return self.replace(loss_scale=new_scale.astype(jnp.float32),
+                            counter=new_counter.astype(jnp.int32))

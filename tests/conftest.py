@@ -8,6 +8,8 @@ def key():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first: the workers start the long ones early and fill in with the short
-    ones, instead of one worker finishing a long test alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Under pytest-xdist, slow tests first: the workers start the long ones early and fill
+    in with the short ones, instead of one worker finishing a long test alone at the end.
+    In one process (``-n 0 -x``) the order stays the files' order."""
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

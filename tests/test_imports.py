@@ -8,6 +8,8 @@ hides a cycle; it does not remove it). Importing ``funtrain.a.b`` also runs the 
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "funtrain"
 
 # Lowest first; a module may import its own layer or a lower one. Prefixes match submodules.
@@ -60,11 +62,16 @@ def _graph() -> dict[str, set[str]]:
                     continue
                 target = owner(name)
                 parts = target.split(".")
-                # the target and every package on its way; a module's own packages are not edges
-                for k in range(1, len(parts) + 1):
+                # every package on the way to the target, except the module's own (Python
+                # has them loaded already), then the target itself, even when it is one of
+                # the module's own packages (`from funtrain.optim import adam` in
+                # optim/transforms.py runs optim/__init__.py, which imports transforms)
+                for k in range(1, len(parts)):
                     dep = ".".join(parts[:k])
                     if dep != mod and not mod.startswith(dep + "."):
                         targets.add(dep)
+                if target != mod:
+                    targets.add(target)
         graph[mod] = targets
     return graph
 
@@ -73,7 +80,8 @@ def _layer(mod: str) -> int:
     best = None
     for rank, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if mod == prefix or mod.startswith(prefix + "."):
+            # the package root is one module, not a prefix of every module
+            if mod == prefix or (prefix != "funtrain" and mod.startswith(prefix + ".")):
                 if best is None or len(prefix) > best[1]:
                     best = (rank, len(prefix))
     assert best is not None, f"{mod} is in no layer of LAYERS; add it"
@@ -112,6 +120,16 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_import_graph_has_no_cycle():
     cycle = _find_cycle(_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_checker_sees_an_import_of_the_own_package():
+    """`from funtrain.optim import adam` inside optim/transforms.py is a cycle through
+    optim/__init__.py, and an unlisted module has no layer."""
+    graph = _graph()
+    graph["funtrain.optim.transforms"].add("funtrain.optim")
+    assert _find_cycle(graph) is not None
+    with pytest.raises(AssertionError, match="funtrain.newthing is in no layer"):
+        _layer("funtrain.newthing")
 
 
 def test_the_checker_sees_a_lazy_cycle():

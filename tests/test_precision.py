@@ -613,3 +613,17 @@ def test_softmax_layer_keeps_only_compute_dtype_residuals():
     assert profile.residual_bytes(upcast, x) >= 1024 + 256
     np.testing.assert_allclose(np.asarray(jax.grad(ours)(x), np.float32),
                                np.asarray(jax.grad(upcast)(x), np.float32), atol=1e-2)
+
+
+def test_replace_copies_without_checks_and_names_unknown_fields():
+    s = DynamicLossScale(initial=8.0, period=3)
+    t = s.replace(min_scale=jnp.float32(2.0))
+    assert float(t.min_scale) == 2.0 and float(s.min_scale) == 1.0  # s is unchanged
+    assert float(t.loss_scale) == 8.0 and int(t.period) == 3
+    traced = jax.jit(lambda sc, m: sc.replace(min_scale=m))(s, jnp.float32(4.0))
+    assert isinstance(traced, DynamicLossScale) and float(traced.min_scale) == 4.0
+    with pytest.raises(TypeError, match=r"DynamicLossScale.replace: no field min_scal; the "
+                                        r"fields are loss_scale, counter, period, factor, "
+                                        r"min_scale"):
+        s.replace(min_scal=1.0)
+    assert not hasattr(DynamicLossScale, "from_tuple")

@@ -502,12 +502,12 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
       >>> direction = scale_by_adam(b1=schedules.one_cycle_momentum(total_steps=1000))
     """
     where = "scale_by_adam"
+    init_products, betas_at = _adam_betas(where, b1, b2, bias_correction)  # checks the betas
     _check_eps_pair(where, eps, eps_root)
     _check_choice(where, "amsgrad_convention", amsgrad_convention, ("pytorch", "optax"))
     if nesterov and callable(b1):
         raise ValueError(f"{where}: nesterov=True needs a float b1, got a schedule (its "
                          f"look-ahead correction 1 - b1^(t+1) assumes a constant b1)")
-    init_products, betas_at = _adam_betas(where, b1, b2, bias_correction)
 
     def init_state(params: Params) -> Any:
         return init_products(ScaleByAdamState(

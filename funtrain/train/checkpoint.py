@@ -933,11 +933,21 @@ def _decode(leaf: dict[str, Any], stored: np.ndarray) -> Any:
     return value
 
 
-def _check_against_target(manifest: dict[str, Any], entries: list[dict[str, Any]],
+def _in_order(leaves: list[dict[str, Any]], wanted: list[str]) -> list[dict[str, Any]]:
+    """The saved leaves in the target's order when both hold the same key paths: a pytree
+    whose flattening order changed (loss scales, now chex dataclasses, flatten their fields
+    by name) still restores, since leaves are matched by key path."""
+    by_path = {leaf["path"]: leaf for leaf in leaves}
+    if len(by_path) == len(leaves) == len(wanted) and set(by_path) == set(wanted):
+        return [by_path[path] for path in wanted]
+    return leaves
+
+
+def _check_against_target(leaves: list[dict[str, Any]], entries: list[dict[str, Any]],
                           target_leaves: list[Any]) -> None:
-    saved = {leaf["path"]: leaf for leaf in manifest["leaves"]}
+    saved = {leaf["path"]: leaf for leaf in leaves}
     wanted = [e["path"] for e in entries]
-    if [leaf["path"] for leaf in manifest["leaves"]] != wanted:
+    if [leaf["path"] for leaf in leaves] != wanted:
         missing = sorted(set(wanted) - set(saved))
         extra = sorted(set(saved) - set(wanted))
         parts = ["checkpoint.restore: the checkpoint does not match the structure of target."]
@@ -1015,16 +1025,18 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
     if has_fused(target):  # stored as leaves: restore those, then pack them like target
         return fuse_like(restore(directory, unfuse_spec(target), step), target)
     manifest = read_manifest(directory, step)
+    leaves = manifest["leaves"]
     if target is not None:
         entries, target_leaves, treedef = _flatten(target)
-        _check_against_target(manifest, entries, target_leaves)
+        leaves = _in_order(leaves, [e["path"] for e in entries])
+        _check_against_target(leaves, entries, target_leaves)
     try:
         arrays = _load_arrays(step_dir(directory, step), manifest)
     except CheckpointError:
         if read_manifest(directory, step) == manifest:
             raise  # real damage, not an overwrite between our two reads
         return restore(directory, target, step)  # the step was overwritten: read it anew
-    values = [_decode(leaf, arrays[leaf["name"]]) for leaf in manifest["leaves"]]
+    values = [_decode(leaf, arrays[leaf["name"]]) for leaf in leaves]
     if target is None:
         return _nested(manifest, values)
     values = [np.asarray(v) if isinstance(t, np.ndarray) and not isinstance(v, np.ndarray)

@@ -137,10 +137,10 @@ def _canonical(sharding: Any) -> Any:
     """A ``NamedSharding`` with its spec's trailing ``None``s dropped (the same sharding)."""
     if not isinstance(sharding, NamedSharding):
         return sharding
-    spec = tuple(sharding.spec)
-    while spec and spec[-1] is None:
-        spec = spec[:-1]
-    return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
+    parts = tuple(sharding.spec.partitions)
+    while parts and parts[-1] is None:
+        parts = parts[:-1]
+    return sharding.update(spec=sharding.spec.update(partitions=parts))
 
 
 def _on_mesh(state: Any) -> Any:

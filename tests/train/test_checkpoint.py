@@ -638,3 +638,28 @@ def test_parts_refuse_an_existing_step_and_overwrite_it_when_asked(parts):
     np.testing.assert_array_equal(np.asarray(back.params["dense_0"]["w"]),
                                   np.asarray(other.params["dense_0"]["w"]))
     assert sorted(os.listdir(d)) == ["step_00000001"]  # no temporary or old copy left
+
+
+def test_a_tree_that_now_flattens_in_another_order_restores_by_key_path(tmp_path):
+    """Loss scales flattened in field order up to 0.1.0 and in name order since they became
+    chex dataclasses: a checkpoint of the old order restores into the new one."""
+    from typing import Any, NamedTuple
+
+    from funtrain.precision import DynamicLossScale
+
+    class OldOrder(NamedTuple):  # 0.1.0's DynamicLossScale leaves, in 0.1.0's order
+        loss_scale: Any
+        counter: Any
+        period: Any
+        factor: Any
+        min_scale: Any
+
+    old = OldOrder(jnp.float32(256.0), jnp.int32(3), jnp.int32(7), jnp.float32(4.0),
+                   jnp.float32(0.5))
+    checkpoint.save(tmp_path, {"scale": old, "w": jnp.ones(2)}, 1)
+    target = {"scale": DynamicLossScale(), "w": jnp.zeros(2)}
+    restored = checkpoint.restore(tmp_path, target=target)
+    assert isinstance(restored["scale"], DynamicLossScale)
+    for field in OldOrder._fields:
+        assert getattr(restored["scale"], field) == getattr(old, field), field
+    np.testing.assert_array_equal(restored["w"], np.ones(2))
