@@ -171,7 +171,6 @@ class SparsitySchedule(NamedTuple):
         t = jnp.asarray(step, jnp.int32)
         last = self.begin + (jnp.clip(t, self.begin, self.end) - self.begin) \
             // self.frequency * self.frequency
-        last = jnp.where(t >= self.end, self.end, last)
         frac = jnp.where(t >= self.end, 1.0, (last - self.begin) / max(self.end - self.begin, 1))
         return self.final + (self.initial - self.final) * (1.0 - frac) ** 3
 
