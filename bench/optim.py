@@ -158,12 +158,25 @@ def tree_problem(leaves: int, loss_kind: str):
     return params, {"matrix": matrix, "per-leaf": per_leaf}[loss_kind], batch
 
 
-def compile_and_run(jitted, args, steps: int = 20) -> tuple[float, float]:
-    """(first compile in s, median steady step in s)."""
+def compile_first(jitted, args) -> tuple[float, object]:
+    """(first compile in s, the compiled step)."""
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
-    first = time.perf_counter() - t0
-    return first, median_time(lambda: jax.block_until_ready(compiled(*args)), steps)
+    return time.perf_counter() - t0, compiled
+
+
+def steady_times(runs: dict, rounds: int = 5, steps: int = 10) -> dict:
+    """Median steady step of each compiled ``(fn, args)``, measured round-robin so that
+    the machine's drift (and the order of the rows) favours none of them."""
+    samples: dict = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (fn, args) in runs.items():
+            jax.block_until_ready(fn(*args))
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                samples[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(ts)) for name, ts in samples.items()}
 
 
 def bench_compile(sizes: list[int], losses: list[str]) -> None:
@@ -185,19 +198,26 @@ def bench_compile(sizes: list[int], losses: list[str]) -> None:
                 updates, s = tx.update(grads, s, p)
                 return optax.apply_updates(p, updates), s, value
 
-            c_ox, s_ox = compile_and_run(jax.jit(hand), (params, tx.init(params), batch))
             opt = optim.sgd(0.1)
             state = train.TrainState.create(params, opt, jax.random.key(0))
-            step = train.make_train_step(loss, opt, jit=False)
-            c_ft, s_ft = compile_and_run(jax.jit(step), (state, batch))
-            lean = train.make_train_step(loss, opt, grad_norm=False, jit=False)
-            c_ln, s_ln = compile_and_run(jax.jit(lean), (state, batch))
             fused = train.TrainState.create(params, opt, jax.random.key(0), fused=True)
-            c_fu, s_fu = compile_and_run(jax.jit(step), (fused, batch))
-            print(f"  {loss_kind:>8} {leaves:6d} {c_ft:11.2f} {c_ox:8.2f} "
-                  f"{c_ft / c_ox:7.2f} ({c_ln / c_ox:5.2f}) [{c_fu / c_ox:5.2f}] "
-                  f"{1e6 * s_ft:12.1f} {1e6 * s_ox:9.1f} {s_ft / s_ox:5.2f} "
-                  f"({s_ln / s_ox:5.2f}) [{s_fu / s_ox:5.2f}]", flush=True)
+            step = train.make_train_step(loss, opt, jit=False)
+            lean = train.make_train_step(loss, opt, grad_norm=False, jit=False)
+            sides = {"optax": (hand, (params, tx.init(params), batch)),
+                     "funtrain": (step, (state, batch)),
+                     "lean": (lean, (state, batch)),
+                     "fused": (step, (fused, batch))}
+            first, runs = {}, {}
+            for name, (fn, args) in sides.items():
+                first[name], compiled = compile_first(jax.jit(fn), args)
+                runs[name] = (compiled, args)
+            t = steady_times(runs)
+            c, ox = first, first["optax"]
+            print(f"  {loss_kind:>8} {leaves:6d} {c['funtrain']:11.2f} {ox:8.2f} "
+                  f"{c['funtrain'] / ox:7.2f} ({c['lean'] / ox:5.2f}) [{c['fused'] / ox:5.2f}] "
+                  f"{1e6 * t['funtrain']:12.1f} {1e6 * t['optax']:9.1f} "
+                  f"{t['funtrain'] / t['optax']:5.2f} ({t['lean'] / t['optax']:5.2f}) "
+                  f"[{t['fused'] / t['optax']:5.2f}]", flush=True)
 
 
 def main() -> None:

@@ -81,19 +81,32 @@ def check_same_structure(expected: Any, actual: Any, *, what: str, expected_name
 
 
 JOIN_MAX_SIZE = 1 << 16  # leaves of at most this many elements are reduced together
+STACK_MAX = 8  # XLA's CPU fusion takes in the operands of a concatenate of at most 8
 
 
-def reduction_groups(leaves: list[Any], dtype: Any = None) -> list[Any]:
-    """The leaves as few flat arrays for a reduction over all of them: every small leaf
-    (``<= JOIN_MAX_SIZE`` elements) raveled into one vector, each larger leaf on its own.
+def reduction_groups(leaves: list[Any], dtype: Any = None, *, stack: bool = True
+                     ) -> list[Any]:
+    """The leaves as few arrays for a reduction over all of them: small leaves (``<=
+    JOIN_MAX_SIZE`` elements) that share a shape stacked ``STACK_MAX`` at a time, the other
+    small leaves raveled into one vector, each larger leaf on its own.
 
     One reduction per leaf costs XLA a kernel per leaf and compile time that grows faster
-    than the tree (a 2,000-leaf step compiled 4x slower). Joining only small leaves keeps
-    the copy small, and large (possibly sharded) leaves are never concatenated.
-    ``dtype``: cast every leaf to it first (else the leaves must share a dtype).
+    than the tree (a 2,000-leaf step compiled 4x slower). A stack of at most 8 fuses with
+    the leaves it reads, and leaves sliced out of one array (a stacked layer's gradients)
+    stack back into a slice of it, so no leaf is copied out on its own (raveled into one
+    vector, 1,000 such leaves compiled 2x slower). ``stack=False`` ravels every small leaf
+    into the vector: the stacks' fusions may compute a leaf again, which can change the
+    last bit of values that must match elsewhere. Large (possibly sharded) leaves are
+    never joined. ``dtype``: cast every leaf to it first (else the leaves must share one).
     """
     cast = [jnp.asarray(x) if dtype is None else jnp.asarray(x).astype(dtype) for x in leaves]
-    small = [x.ravel() for x in cast if x.size <= JOIN_MAX_SIZE]
-    large = [x for x in cast if x.size > JOIN_MAX_SIZE]
-    joined = [jnp.concatenate(small)] if len(small) > 1 else small
-    return joined + large
+    small = [x for x in cast if x.size <= JOIN_MAX_SIZE]
+    by_shape: dict[Any, list[Any]] = {}
+    for x in small if stack else []:
+        by_shape.setdefault((x.shape, x.dtype), []).append(x)
+    groups = [g for g in by_shape.values() if len(g) > 1]
+    stacks = [jnp.stack(g[i:i + STACK_MAX]) for g in groups for i in range(0, len(g), STACK_MAX)]
+    stacked = {id(x) for g in groups for x in g}
+    lone = [x.ravel() for x in small if id(x) not in stacked]
+    joined = [jnp.concatenate(lone)] if len(lone) > 1 else lone
+    return stacks + joined + [x for x in cast if x.size > JOIN_MAX_SIZE]

@@ -385,8 +385,9 @@ def all_finite(tree: PyTree) -> Array:
     by_dtype: dict[Any, list[Any]] = {}
     for x in floats:  # joined per dtype: isfinite stays exact in each leaf's own dtype
         by_dtype.setdefault(x.dtype, []).append(x)
+    # Not stacked: fused with the updates, the stacks changed the params' last bits.
     checks = [jnp.all(jnp.isfinite(g)) for group in by_dtype.values()
-              for g in reduction_groups(group)]
+              for g in reduction_groups(group, stack=False)]
     if not checks:
         return jnp.array(True)
     return checks[0] if len(checks) == 1 else jnp.all(jnp.stack(checks))

@@ -135,8 +135,6 @@ def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float =
         return TraceState(trace=buf, count=jnp.zeros((), jnp.int32))
 
     def update(grads: Grads, state: TraceState, params: Params | None = None):
-        check_same_structure(state.trace, grads, what="trace.update",
-                             expected_name="the momentum buffer (params)", actual_name="grads")
         first = state.count == 0
         # The count the block already keeps (for the first step) is the schedule's step.
         mu_t = value_at(decay, state.count)
@@ -148,7 +146,8 @@ def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float =
             v = jnp.where(first, g, mu * v + (1.0 - dampening) * g)
             return (g + mu * v if nesterov else v), v
 
-        updates, new_trace = per_leaf(rule, grads, state.trace, promote=False)
+        updates, new_trace = per_leaf(rule, grads, state.trace, promote=False,
+                                       where="trace.update")
         return updates, TraceState(trace=new_trace, count=safe_increment(state.count))
 
     return Optimizer(init_state, update)
@@ -247,7 +246,7 @@ def _zeros_like(params: Params, dtype: Any = None) -> Any:
 
 
 def per_leaf(rule: Callable[..., tuple], grads: Any, *slots: Any, params: Any = None,
-             promote: bool = True) -> tuple:
+             promote: bool = True, where: str = "update") -> tuple:
     """Run an optimizer's per-leaf ``rule(g, *slots[, p]) -> (update, *new_slots)`` over
     trees: ``(updates, *new_slot_trees)``.
 
@@ -256,9 +255,14 @@ def per_leaf(rule: Callable[..., tuple], grads: Any, *slots: Any, params: Any = 
     dtype and each slot in its own. A slot of ``()`` (state the settings leave out, e.g.
     AMSGrad's maximum) reaches the rule as ``None`` and comes back as ``()``.
     ``promote=False`` passes the leaves as they are (a rule that reads their dtype).
+    Grads whose structure differs from the first slot's (the state, made from params) are
+    an error naming ``where`` and the key paths.
     """
     treedef = jax.tree.structure(grads)
     absent = [type(t) is tuple and not t for t in slots]  # () itself, not an empty node
+    if slots and not absent[0]:
+        check_same_structure(slots[0], grads, what=where, actual_name="grads",
+                             expected_name="the optimizer state (made from params)")
     columns = [[None] * treedef.num_leaves if no else treedef.flatten_up_to(t)
                for t, no in zip(slots, absent, strict=True)]
     if params is not None:
@@ -273,12 +277,6 @@ def per_leaf(rule: Callable[..., tuple], grads: Any, *slots: Any, params: Any = 
     return (treedef.unflatten([o[0] for o in outs]),
             *(() if absent[k] else treedef.unflatten([o[k + 1] for o in outs])
               for k in range(len(slots))))
-
-
-def _check_grads(where: str, reference: Any, grads: Any) -> None:
-    check_same_structure(reference, grads, what=where,
-                         expected_name="the optimizer state (made from params)",
-                         actual_name="grads")
 
 
 def _check_beta(where: str, name: str, value: Any, *, schedule: bool = False) -> None:
@@ -344,7 +342,6 @@ def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_in_sqrt: bool = 
                                mu=_zeros_like(params) if centered else ())
 
     def update(grads: Grads, state: ScaleByRmsState, params: Params | None = None):
-        _check_grads(where, state.nu, grads)
 
         def rule(g: Array, nu: Array, mu: Any) -> tuple:
             nu = decay * nu + (1 - decay) * g * g
@@ -354,7 +351,7 @@ def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_in_sqrt: bool = 
                 var = nu - mu * mu
             return g / (jnp.sqrt(var + eps) if eps_in_sqrt else jnp.sqrt(var) + eps), nu, mu
 
-        updates, nu, mu = per_leaf(rule, grads, state.nu, state.mu)
+        updates, nu, mu = per_leaf(rule, grads, state.nu, state.mu, where=where)
         return updates, ScaleByRmsState(nu=nu, mu=mu)
 
     return Optimizer(init_state, update)
@@ -383,7 +380,6 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
             lambda p: jnp.full_like(p, initial_accumulator_value, dtype=_acc_dtype(p)), params))
 
     def update(grads: Grads, state: ScaleBySumState, params: Params | None = None):
-        _check_grads(where, state.sum_of_squares, grads)
 
         def rule(g: Array, s: Array) -> tuple:
             s = s + g * g
@@ -391,7 +387,7 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
                 return jnp.where(s > 0, g * jax.lax.rsqrt(s + eps), 0.0), s
             return g / (jnp.sqrt(s) + eps), s
 
-        updates, sums = per_leaf(rule, grads, state.sum_of_squares)
+        updates, sums = per_leaf(rule, grads, state.sum_of_squares, where=where)
         return updates, ScaleBySumState(sums)
 
     return Optimizer(init_state, update)
@@ -420,14 +416,13 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Optimizer:
         return ScaleByAdadeltaState(_zeros_like(params), _zeros_like(params))
 
     def update(grads: Grads, state: ScaleByAdadeltaState, params: Params | None = None):
-        _check_grads(where, state.nu, grads)
 
         def rule(g: Array, v: Array, u: Array) -> tuple:
             v = rho * v + (1 - rho) * g * g
             d = jnp.sqrt(u + eps) / jnp.sqrt(v + eps) * g
             return d, v, rho * u + (1 - rho) * d * d
 
-        updates, nu, delta = per_leaf(rule, grads, state.nu, state.delta)
+        updates, nu, delta = per_leaf(rule, grads, state.nu, state.delta, where=where)
         return updates, ScaleByAdadeltaState(nu, delta)
 
     return Optimizer(init_state, update)
@@ -515,7 +510,6 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
             _zeros_like(params, nu_dtype), _zeros_like(params, nu_dtype) if amsgrad else ()))
 
     def update(grads: Grads, state: Any, params: Params | None = None):
-        _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
         state, at = betas_at(state, count)
 
@@ -531,7 +525,8 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
                 v_hat = vmax / bc2 if amsgrad_convention == "pytorch" else vmax
             return m_hat / (jnp.sqrt(v_hat + eps_root) + eps), m, v, vmax
 
-        updates, mu, nu, nu_max = per_leaf(rule, grads, state.mu, state.nu, state.nu_max)
+        updates, mu, nu, nu_max = per_leaf(rule, grads, state.mu, state.nu, state.nu_max,
+                                           where=where)
         return updates, state._replace(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return Optimizer(init_state, update)
@@ -607,7 +602,6 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Op
                                   _zeros_like(params))
 
     def update(grads: Grads, state: ScaleByAdamaxState, params: Params | None = None):
-        _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
 
         def rule(g: Array, m: Array, u: Array) -> tuple:
@@ -615,7 +609,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Op
             u = jnp.maximum(b2 * u, jnp.abs(g) + eps)
             return m / (_bias_correction(b1, count, m.dtype) * u), m, u
 
-        updates, mu, u = per_leaf(rule, grads, state.mu, state.u)
+        updates, mu, u = per_leaf(rule, grads, state.mu, state.u, where=where)
         return updates, ScaleByAdamaxState(count, mu, u)
 
     return Optimizer(init_state, update)
@@ -650,7 +644,6 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                                  _zeros_like(params), _zeros_like(params))
 
     def update(grads: Grads, state: ScaleByNadamState, params: Params | None = None):
-        _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
         dt = state.mu_product.dtype
         t = count.astype(dt)
@@ -665,7 +658,7 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
             d = (1 - mu_t) / (1 - prod) * g / denom + mu_next / (1 - prod_next) * m / denom
             return d, m, v
 
-        updates, mu, nu = per_leaf(rule, grads, state.mu, state.nu)
+        updates, mu, nu = per_leaf(rule, grads, state.mu, state.nu, where=where)
         return updates, ScaleByNadamState(count, prod, mu, nu)
 
     return Optimizer(init_state, update)
@@ -693,7 +686,6 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                                 _zeros_like(params), ())
 
     def update(grads: Grads, state: ScaleByAdamState, params: Params | None = None):
-        _check_grads(where, state.mu, grads)
         count = safe_increment(state.count)
 
         def rule(g: Array, m: Array, v: Array) -> tuple:
@@ -709,7 +701,7 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
             adaptive = jnp.sqrt(1.0 - b2t) / (jnp.sqrt(v) + eps)
             return jnp.where(rho_t > threshold, m_hat * r * adaptive, m_hat), m, v
 
-        updates, mu, nu = per_leaf(rule, grads, state.mu, state.nu)
+        updates, mu, nu = per_leaf(rule, grads, state.mu, state.nu, where=where)
         return updates, ScaleByAdamState(count, mu, nu, ())
 
     return Optimizer(init_state, update)
@@ -735,12 +727,11 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: Any = None) -> Op
         return ScaleByLionState(_zeros_like(params, mu_dtype))
 
     def update(grads: Grads, state: ScaleByLionState, params: Params | None = None):
-        _check_grads(where, state.mu, grads)
 
         def rule(g: Array, m: Array) -> tuple:
             return jnp.sign(b1 * m + (1 - b1) * g), b2 * m + (1 - b2) * g
 
-        updates, mu = per_leaf(rule, grads, state.mu)
+        updates, mu = per_leaf(rule, grads, state.mu, where=where)
         return updates, ScaleByLionState(mu)
 
     return Optimizer(init_state, update)
@@ -869,7 +860,6 @@ def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
                                        jax.tree.map(col, params), jax.tree.map(full, params))
 
     def update(grads: Grads, state: ScaleByFactoredRmsState, params: Params | None = None):
-        _check_grads(where, state.v, grads)
         count = safe_increment(state.count)
 
         def leaf(g: Array, r: Array, c: Array, v: Array) -> tuple:
@@ -892,7 +882,7 @@ def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
 
         # eps1 defaults to the gradient's own dtype epsilon: the rule sees the raw dtype
         updates, rows, cols, full = per_leaf(leaf, grads, state.v_row, state.v_col, state.v,
-                                             promote=False)
+                                             promote=False, where=where)
         return updates, ScaleByFactoredRmsState(count, rows, cols, full)
 
     return leafwise(Optimizer(init_state, update))
@@ -980,7 +970,6 @@ def scale_by_schedule_free(learning_rate: float = 0.0025, b1: float = 0.9, b2: f
 
     def update(grads: Any, state: ScheduleFreeState, params: Params | None = None):
         params = _need_params(where, params)
-        _check_grads(where, state.z, grads)
         count = safe_increment(state.count)
         t = count.astype(state.weight_sum.dtype)
         bc2 = 1.0 - jnp.asarray(b2, t.dtype) ** t
@@ -1010,6 +999,8 @@ def scale_by_schedule_free(learning_rate: float = 0.0025, b1: float = 0.9, b2: f
             y_new = b1 * x + (1.0 - b1) * z_new
             return (y_new - yf).astype(y.dtype), v, z_new.astype(z.dtype)
 
+        check_same_structure(state.z, grads, what=where, actual_name="grads",
+                             expected_name="the optimizer state (made from params)")
         treedef = jax.tree.structure(grads)
         flat = [treedef.flatten_up_to(tree) for tree in (grads, params, state.nu, state.z)]
         flat.append(treedef.flatten_up_to(decay))
@@ -1069,7 +1060,6 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
         return ScaleByMuonState(_zeros_like(params))
 
     def update(grads: Grads, state: ScaleByMuonState, params: Params | None = None):
-        _check_grads(where, state.mu, grads)
 
         def rule(g: Array, m: Array) -> tuple:
             m = momentum * m + (1 - momentum) * g
@@ -1080,7 +1070,7 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
                  else 0.2 * max(rows, cols) ** 0.5)
             return s * o, m
 
-        updates, mu = per_leaf(rule, grads, state.mu)
+        updates, mu = per_leaf(rule, grads, state.mu, where=where)
         return updates, ScaleByMuonState(mu)
 
     return leafwise(Optimizer(init_state, update))

@@ -144,5 +144,9 @@ def test_global_norm_joins_small_leaves_and_keeps_large_ones_apart():
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5)
     text = jax.jit(optim.global_norm).lower(leaves).as_text()
-    # one reduction for the 41 small leaves joined, one for the large leaf, one to add them
-    assert text.count("stablehlo.reduce") == 3
+    # the 40 leaves of one shape in 5 stacks of 8, the bf16 leaf (of a shape of its own)
+    # alone, the large leaf alone, and one reduction to add them: a reduction per 8 leaves
+    assert text.count("stablehlo.reduce") == 5 + 1 + 1 + 1
+    leaves.update({f"t{i}": rng.standard_normal(i + 1).astype(np.float32) for i in range(6, 9)})
+    text = jax.jit(optim.global_norm).lower(leaves).as_text()
+    assert text.count("stablehlo.reduce") == 5 + 1 + 1 + 1  # shapes of their own: one vector
