@@ -1,5 +1,28 @@
+import os
+import shutil
+import tempfile
+
 import jax
 import pytest
+
+# One compilation cache for the session, shared by the xdist workers and the subprocesses
+# (CLI runs, notebooks, the SPMD script) through the environment: a program that several
+# processes build compiles once. Only XLA's output is cached, keyed by the program, the
+# flags and the versions, so results are those of a fresh compile. The controller makes
+# the folder before the workers start (they inherit the variable) and removes it after.
+_OWN_CACHE = "FUNTRAIN_TEST_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["FUNTRAIN_TEST_CACHE"] = tempfile.mkdtemp(prefix="funtrain-xla-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["FUNTRAIN_TEST_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["FUNTRAIN_TEST_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture

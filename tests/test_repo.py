@@ -88,3 +88,37 @@ def test_the_version_lives_in_one_place():
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         cli.main(["--version"])
     assert out.getvalue().strip() == f"funtrain {funtrain.__version__}"
+
+
+def test_a_compile_the_cache_serves_is_still_counted():
+    """The suite shares a compilation cache (conftest). The tests that assert a call
+    "compiles nothing" count backend_compile_duration events: JAX records one for a
+    compile the cache serves too, so a needless recompile still fails them."""
+    import jax
+    import jax.numpy as jnp
+
+    events: list[str] = []
+
+    def on_duration(name, secs, **kw):
+        events.append(name)
+
+    def on_event(name, **kw):
+        events.append(name)
+
+    f = lambda x: jnp.sin(x) * 3.0 + 1.0  # noqa: E731
+    x = jnp.arange(7.0)
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        jax.jit(f).lower(x).compile()
+        jax.clear_caches()  # the in-memory caches only: this compile reads the disk cache
+        events.clear()
+        jax.jit(f).lower(x).compile()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+    assert "/jax/compilation_cache/cache_hits" in events
+    assert "/jax/core/compile/backend_compile_duration" in events
