@@ -40,6 +40,22 @@ def median_time(fn, repeats: int) -> float:
     return timed(fn, repeats)
 
 
+def round_robin(runs: dict, repeats: int, rounds: int = 5) -> dict:
+    """Median time of each run, its ``repeats`` calls taken in ``rounds`` turns that
+    alternate between the runs, so that the machine's drift favours none of them (timed
+    one after the other, the first measured was up to 1.5x faster on this shared CPU)."""
+    for run in runs.values():
+        run()  # compile / warm up
+    samples: dict = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            for _call in range(-(-repeats // rounds)):
+                t0 = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(ts)) for name, ts in samples.items()}
+
+
 def split(total: int, leaves: int) -> list[int]:
     base = total // leaves
     return [base + (1 if i < total % leaves else 0) for i in range(leaves)]
@@ -128,7 +144,7 @@ def bench_update(total: int, repeats: int, leaves_list: tuple[int, ...] = (200, 
         if has_torch:
             sides["torch AdamW(fused=True)"] = torch_update_timer(sizes, fused=True)
             sides["torch AdamW(foreach=True)"] = torch_update_timer(sizes, foreach=True)
-        times = {name: median_time(run, repeats) for name, run in sides.items()}
+        times = round_robin(sides, repeats)
         for name, t in times.items():
             fused = (f"{times['torch AdamW(fused=True)'] / t:17.2f}" if has_torch
                      else f"{'-':>17}")
@@ -165,18 +181,10 @@ def compile_first(jitted, args) -> tuple[float, object]:
     return time.perf_counter() - t0, compiled
 
 
-def steady_times(runs: dict, rounds: int = 5, steps: int = 10) -> dict:
-    """Median steady step of each compiled ``(fn, args)``, measured round-robin so that
-    the machine's drift (and the order of the rows) favours none of them."""
-    samples: dict = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, (fn, args) in runs.items():
-            jax.block_until_ready(fn(*args))
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                samples[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(ts)) for name, ts in samples.items()}
+def steady_times(runs: dict, repeats: int = 50) -> dict:
+    """Median steady step of each compiled ``(fn, args)``, measured round-robin."""
+    return round_robin({name: (lambda fn=fn, args=args: jax.block_until_ready(fn(*args)))
+                        for name, (fn, args) in runs.items()}, repeats)
 
 
 def bench_compile(sizes: list[int], losses: list[str]) -> None:
