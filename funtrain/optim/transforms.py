@@ -342,7 +342,6 @@ def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_in_sqrt: bool = 
                                mu=_zeros_like(params) if centered else ())
 
     def update(grads: Grads, state: ScaleByRmsState, params: Params | None = None):
-
         def rule(g: Array, nu: Array, mu: Any) -> tuple:
             nu = decay * nu + (1 - decay) * g * g
             var = nu
@@ -380,7 +379,6 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
             lambda p: jnp.full_like(p, initial_accumulator_value, dtype=_acc_dtype(p)), params))
 
     def update(grads: Grads, state: ScaleBySumState, params: Params | None = None):
-
         def rule(g: Array, s: Array) -> tuple:
             s = s + g * g
             if eps_in_sqrt:
@@ -416,7 +414,6 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Optimizer:
         return ScaleByAdadeltaState(_zeros_like(params), _zeros_like(params))
 
     def update(grads: Grads, state: ScaleByAdadeltaState, params: Params | None = None):
-
         def rule(g: Array, v: Array, u: Array) -> tuple:
             v = rho * v + (1 - rho) * g * g
             d = jnp.sqrt(u + eps) / jnp.sqrt(v + eps) * g
@@ -727,7 +724,6 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: Any = None) -> Op
         return ScaleByLionState(_zeros_like(params, mu_dtype))
 
     def update(grads: Grads, state: ScaleByLionState, params: Params | None = None):
-
         def rule(g: Array, m: Array) -> tuple:
             return jnp.sign(b1 * m + (1 - b1) * g), b2 * m + (1 - b2) * g
 
@@ -1060,7 +1056,6 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
         return ScaleByMuonState(_zeros_like(params))
 
     def update(grads: Grads, state: ScaleByMuonState, params: Params | None = None):
-
         def rule(g: Array, m: Array) -> tuple:
             m = momentum * m + (1 - momentum) * g
             u = (1 - momentum) * g + momentum * m if nesterov else m
