@@ -14,9 +14,12 @@ Two measurements:
 Ratios are peer time / funtrain time (> 1: funtrain is faster). The update also prints its
 distance from the memory bound: AdamW reads params, grads and both moments and writes
 params and moments (28 bytes a float32 param), against a measured device copy bandwidth.
-``--gpu`` requires an NVIDIA GPU and uses 200M params in 600 leaves.
+``--gpu`` requires an NVIDIA GPU and uses 200M params in 600 leaves. ``--runs N`` measures
+everything N times in this process and ends with each ratio's median over the runs (each
+run measures every side, so each ratio comes from one run).
 
     python bench/optim.py [--only update compile] [--params 8000000] [--leaves 1000 2000]
+    python bench/optim.py --only compile --leaves 1000 2000 4000 --losses matrix --runs 5
     python bench/optim.py --gpu --only update
 """
 
@@ -116,8 +119,11 @@ def copy_bandwidth(total: int, repeats: int) -> float:
     return 2 * 4 * total / median_time(run, repeats)
 
 
-def bench_update(total: int, repeats: int, leaves_list: tuple[int, ...] = (200, 1)) -> None:
+def bench_update(total: int, repeats: int, leaves_list: tuple[int, ...] = (200, 1)) -> dict:
+    """Prints the table; returns {(row, side): optax time / side time}."""
     import optax
+
+    ratios: dict = {}
 
     try:
         import torch  # noqa: F401
@@ -145,11 +151,15 @@ def bench_update(total: int, repeats: int, leaves_list: tuple[int, ...] = (200, 
             sides["torch AdamW(fused=True)"] = torch_update_timer(sizes, fused=True)
             sides["torch AdamW(foreach=True)"] = torch_update_timer(sizes, foreach=True)
         times = round_robin(sides, repeats)
+        ratios.update({(f"update, {leaves} leaves", f"{name} (optax's time / its)"):
+                       times["optax"] / t
+                       for name, t in times.items() if name != "optax"})
         for name, t in times.items():
             fused = (f"{times['torch AdamW(fused=True)'] / t:17.2f}" if has_torch
                      else f"{'-':>17}")
             print(f"  {leaves:6d} {name:34} {1e3 * t:8.2f} {t / ideal:8.2f} "
                   f"{times['optax'] / t:11.2f} {fused}", flush=True)
+    return ratios
 
 
 # ----------------------------------------------------------------------------- compile
@@ -174,10 +184,11 @@ def tree_problem(leaves: int, loss_kind: str):
     return params, {"matrix": matrix, "per-leaf": per_leaf}[loss_kind], batch
 
 
-def compile_first(jitted, args) -> tuple[float, object]:
-    """(first compile in s, the compiled step)."""
+def compile_first(fn, args) -> tuple[float, object]:
+    """(first compile in s, the compiled step). A fresh wrapper each time, so that nothing
+    JAX cached for ``fn`` (its trace, its lowering) shortens a later measurement."""
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
     return time.perf_counter() - t0, compiled
 
 
@@ -187,15 +198,19 @@ def steady_times(runs: dict, repeats: int = 50) -> dict:
                         for name, (fn, args) in runs.items()}, repeats)
 
 
-def bench_compile(sizes: list[int], losses: list[str]) -> None:
+VARIANTS = ("funtrain", "lean", "fused")
+
+
+def bench_compile(sizes: list[int], losses: list[str], variants=VARIANTS) -> dict:
+    """Prints the table; returns {(row, column): funtrain / jax + optax} for the compile and
+    the steady step of each variant."""
     import optax
 
     print("\ntrain step (SGD) as the tree grows: first compile (mean of two, in alternating "
           "order) and steady step (ratio = funtrain / jax + optax; <= 1.3 is the bar)")
-    print("  (funtrain with its default metrics, with grad_norm=False in parentheses, and "
-          "with a fused state in brackets)")
-    print(f"  {'loss':>8} {'leaves':>6} {'funtrain s':>11} {'optax s':>8} {'x compile':>24} "
-          f"{'funtrain us':>12} {'optax us':>9} {'x step':>22}")
+    print("  funtrain: default metrics; lean: grad_norm=False (the same HLO as the hand "
+          "step, so its ratio shows the noise); fused: a fused state")
+    ratios: dict = {}
     for loss_kind in losses:
         for leaves in sizes:
             params, loss, batch = tree_problem(leaves, loss_kind)
@@ -208,29 +223,46 @@ def bench_compile(sizes: list[int], losses: list[str]) -> None:
 
             opt = optim.sgd(0.1)
             state = train.TrainState.create(params, opt, jax.random.key(0))
-            fused = train.TrainState.create(params, opt, jax.random.key(0), fused=True)
             step = train.make_train_step(loss, opt, jit=False)
-            lean = train.make_train_step(loss, opt, grad_norm=False, jit=False)
             sides = {"optax": (hand, (params, tx.init(params), batch)),
                      "funtrain": (step, (state, batch)),
-                     "lean": (lean, (state, batch)),
-                     "fused": (step, (fused, batch))}
+                     "lean": (train.make_train_step(loss, opt, grad_norm=False, jit=False),
+                              (state, batch)),
+                     "fused": (step, (train.TrainState.create(params, opt, jax.random.key(0),
+                                                              fused=True), batch))}
+            sides = {k: v for k, v in sides.items() if k == "optax" or k in variants}
             # Each side compiled twice, in one order and then the other, and the mean kept:
-            # compiled one after another, the first (the same HLO as "lean") was favoured.
+            # compiled one after another, the first was favoured.
             first, runs = {name: 0.0 for name in sides}, {}
             for order in (list(sides), list(sides)[::-1]):
                 for name in order:
                     fn, args = sides[name]
-                    secs, compiled = compile_first(jax.jit(fn), args)
+                    secs, compiled = compile_first(fn, args)
                     first[name] += secs / 2
                     runs[name] = (compiled, args)
             t = steady_times(runs)
-            c, ox = first, first["optax"]
-            print(f"  {loss_kind:>8} {leaves:6d} {c['funtrain']:11.2f} {ox:8.2f} "
-                  f"{c['funtrain'] / ox:7.2f} ({c['lean'] / ox:5.2f}) [{c['fused'] / ox:5.2f}] "
-                  f"{1e6 * t['funtrain']:12.1f} {1e6 * t['optax']:9.1f} "
-                  f"{t['funtrain'] / t['optax']:5.2f} ({t['lean'] / t['optax']:5.2f}) "
-                  f"[{t['fused'] / t['optax']:5.2f}]", flush=True)
+            row = f"{loss_kind} loss, {leaves} leaves"
+            print(f"  {row:28} jax + optax: compile {first['optax']:6.2f} s, "
+                  f"step {1e6 * t['optax']:8.1f} us", flush=True)
+            for name in sides:
+                if name == "optax":
+                    continue
+                ratios[(row, f"{name} compile (its time / optax's)")] = \
+                    first[name] / first["optax"]
+                ratios[(row, f"{name} step (its time / optax's)")] = t[name] / t["optax"]
+                print(f"  {'':28} {name + ':':13} compile {first[name]:6.2f} s "
+                      f"({first[name] / first['optax']:4.2f}x), step {1e6 * t[name]:8.1f} us "
+                      f"({t[name] / t['optax']:4.2f}x)", flush=True)
+    return ratios
+
+
+def summary(runs: list[dict]) -> None:
+    """Each ratio's median (and range) over the runs, every run measuring all sides."""
+    print(f"\nmedians over {len(runs)} runs in this process (range in brackets)")
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        print(f"  {key[0]:30} {key[1]:34} {np.median(values):5.2f}x  "
+              f"[{min(values):.2f}-{max(values):.2f}]  " + " ".join(f"{v:.2f}" for v in values))
 
 
 def main() -> None:
@@ -242,6 +274,10 @@ def main() -> None:
     ap.add_argument("--losses", nargs="+", default=["per-leaf", "matrix"],
                     choices=["per-leaf", "matrix"])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=1,
+                    help="measure everything this many times and print each ratio's median")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                    help="the funtrain steps the compile sweep compiles beside the hand step")
     ap.add_argument("--gpu", action="store_true",
                     help="require an NVIDIA GPU; the update uses 200M params in 600 leaves")
     args = ap.parse_args()
@@ -249,13 +285,17 @@ def main() -> None:
     if args.gpu and device.platform != "gpu":
         raise SystemExit(f"--gpu: no GPU found (JAX sees {device})")
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
-    if "update" in args.only:
-        if args.gpu:
-            bench_update(200_000_000, args.repeats, (600, 1))
-        else:
-            bench_update(args.params, args.repeats)
-    if "compile" in args.only:
-        bench_compile(args.leaves, args.losses)
+    runs = []
+    for _ in range(args.runs):
+        ratios = {}
+        if "update" in args.only:
+            ratios.update(bench_update(200_000_000, args.repeats, (600, 1)) if args.gpu
+                          else bench_update(args.params, args.repeats))
+        if "compile" in args.only:
+            ratios.update(bench_compile(args.leaves, args.losses, args.variants))
+        runs.append(ratios)
+    if args.runs > 1:
+        summary(runs)
 
 
 if __name__ == "__main__":

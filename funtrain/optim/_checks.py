@@ -65,6 +65,17 @@ def check_int(where: str, name: str, value: Any, **kw: Any) -> None:
     _check_int(*named(where, name), value, **kw)
 
 
+def check_choice(where: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Check a setting is one of ``choices``; ``(False, True)`` checks a bool flag."""
+    flag = choices == (False, True)
+    if not isinstance(value, bool) if flag else value not in choices:
+        where, name = named(where, name)
+        want = "a bool" if flag else " or ".join(map(repr, choices)) if len(choices) == 2 \
+            else "one of " + ", ".join(map(repr, choices))
+        raise (TypeError if flag else ValueError)(f"{where}: {name} must be {want}, "
+                                                  f"got {value!r}")
+
+
 def is_traced_or_array(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 

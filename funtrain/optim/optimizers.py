@@ -8,12 +8,17 @@ import jax
 import jax.numpy as jnp
 
 from funtrain._typing import Params, ScalarOrSchedule
-from funtrain.optim._checks import check_scalar, is_traced_or_array, names_errors, naming
+from funtrain.optim._checks import (
+    check_choice,
+    check_scalar,
+    is_traced_or_array,
+    names_errors,
+    naming,
+)
 from funtrain.optim.base import Optimizer, chain
 from funtrain.optim.schedules import value_at
 from funtrain.optim.transforms import (
     ScheduleFreeState,
-    _check_choice,
     add_decayed_weights,
     scale_by_adadelta,
     scale_by_adam,
@@ -258,7 +263,7 @@ def nadam(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0
     {1-\beta_1^{t+1}} + \frac{(1-\beta_1) g_t}{1-\beta_1^t}`, then
     :math:`\theta_t = \theta_{t-1} - \eta\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)`.
     """
-    _check_choice("nadam", "convention", convention, ("pytorch", "optax"))
+    check_choice("nadam", "convention", convention, ("pytorch", "optax"))
     direction = (scale_by_nadam(b1, b2, eps, momentum_decay) if convention == "pytorch"
                  else scale_by_adam(b1, b2, eps, nesterov=True))
     return chain(*_weight_decay(weight_decay), direction, scale_by_learning_rate(learning_rate))

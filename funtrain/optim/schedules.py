@@ -31,7 +31,7 @@ import numpy as np
 
 from funtrain._checks import check_int, is_int
 from funtrain._typing import Schedule
-from funtrain.optim._checks import check_scalar, named
+from funtrain.optim._checks import check_choice, check_scalar, named
 
 __all__ = [
     "Schedule", "as_schedule", "value_at",
@@ -585,12 +585,10 @@ def one_cycle(max_value: float, total_steps: int, pct_start: float = 0.3, anneal
     check_scalar(where, "max_value", max_value)
     check_int(where, "total_steps", total_steps)
     check_scalar(where, "pct_start", pct_start, low=0.0, high=1.0)
-    if anneal not in ("cos", "linear"):
-        raise ValueError(f"{where}: anneal must be 'cos' or 'linear', got {anneal!r}")
+    check_choice(where, "anneal", anneal, ("cos", "linear"))
     check_scalar(where, "div_factor", div_factor, low=0.0, low_open=True)
     check_scalar(where, "final_div_factor", final_div_factor, low=0.0, low_open=True)
-    if not isinstance(three_phase, bool):
-        raise TypeError(f"{where}: three_phase must be a bool, got {three_phase!r}")
+    check_choice(where, "three_phase", three_phase, (False, True))
 
     first = max_value / div_factor
     last = first / final_div_factor
@@ -690,12 +688,10 @@ def one_cycle_momentum(total_steps: int, pct_start: float = 0.3, anneal: str = "
     where = "one_cycle_momentum"
     check_int(where, "total_steps", total_steps)
     check_scalar(where, "pct_start", pct_start, low=0.0, high=1.0)
-    if anneal not in ("cos", "linear"):
-        raise ValueError(f"{where}: anneal must be 'cos' or 'linear', got {anneal!r}")
+    check_choice(where, "anneal", anneal, ("cos", "linear"))
     check_scalar(where, "base_momentum", base_momentum, low=0.0)
     check_scalar(where, "max_momentum", max_momentum, low=0.0)
-    if not isinstance(three_phase, bool):
-        raise TypeError(f"{where}: three_phase must be a bool, got {three_phase!r}")
+    check_choice(where, "three_phase", three_phase, (False, True))
     # OneCycleLR's momentum phases: the lr's first/peak/last are max/base/max momentum.
     phases = _one_cycle_phases(total_steps, pct_start, three_phase, max_momentum,
                                base_momentum, max_momentum)
@@ -745,10 +741,7 @@ def cyclic(base_value: float, max_value: float, step_size_up: int,
     check_int(where, "step_size_up", step_size_up)
     down = step_size_up if step_size_down is None else step_size_down
     check_int(where, "step_size_down", down, low=0)
-    modes = ("triangular", "triangular2", "exp_range")
-    if mode not in modes:
-        raise ValueError(f"{where}: mode must be one of {', '.join(map(repr, modes))}, "
-                         f"got {mode!r}")
+    check_choice(where, "mode", mode, ("triangular", "triangular2", "exp_range"))
     check_scalar(where, "gamma", gamma, low=0.0, low_open=True)
     period = step_size_up + down
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from funtrain._tree import check_same_structure
 from funtrain._typing import Array, Grads, Params, ScalarOrSchedule, Updates
-from funtrain.optim._checks import check_int, check_scalar, is_traced_or_array, named
+from funtrain.optim._checks import check_choice, check_int, check_scalar, is_traced_or_array, named
 from funtrain.optim.base import EmptyState, Optimizer, global_norm
 from funtrain.optim.fused import FlatParams, flat_mask, leafwise
 from funtrain.optim.schedules import as_schedule, value_at
@@ -301,13 +301,6 @@ def _check_eps_pair(where: str, eps: Any, eps_root: Any) -> None:
                          f"the square root), got {eps}")
 
 
-def _check_choice(where: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        where, name = named(where, name)
-        raise ValueError(f"{where}: {name} must be " + " or ".join(map(repr, choices))
-                         + f", got {value!r}")
-
-
 def _bias_correction(decay: Any, count: Array, dtype: Any) -> Array:
     return 1.0 - jnp.asarray(decay, dtype) ** count.astype(dtype)
 
@@ -496,7 +489,7 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
     where = "scale_by_adam"
     init_products, betas_at = _adam_betas(where, b1, b2, bias_correction)  # checks the betas
     _check_eps_pair(where, eps, eps_root)
-    _check_choice(where, "amsgrad_convention", amsgrad_convention, ("pytorch", "optax"))
+    check_choice(where, "amsgrad_convention", amsgrad_convention, ("pytorch", "optax"))
     if nesterov and callable(b1):
         raise ValueError(f"{where}: nesterov=True needs a float b1, got a schedule (its "
                          f"look-ahead correction 1 - b1^(t+1) assumes a constant b1)")
@@ -540,7 +533,7 @@ def _adam_betas(where: str, b1: Any, b2: Any, bias_correction: str) -> tuple:
     """
     _check_beta(where, "b1", b1, schedule=True)
     _check_beta(where, "b2", b2, schedule=True)
-    _check_choice(where, "bias_correction", bias_correction, ("pytorch", "product"))
+    check_choice(where, "bias_correction", bias_correction, ("pytorch", "product"))
     scheduled = (callable(b1), callable(b2))
     products = bias_correction == "product" and any(scheduled)
     if bias_correction == "product" and (is_traced_or_array(b1) or is_traced_or_array(b2)):
@@ -947,7 +940,7 @@ def scale_by_schedule_free(learning_rate: float = 0.0025, b1: float = 0.9, b2: f
     check_scalar(where, "eps", eps, low=0.0, low_open=True)
     check_scalar(where, "weight_decay", weight_decay, low=0.0)
     check_int(where, "warmup_steps", warmup_steps, low=0)
-    _check_choice(where, "convention", convention, ("paper", "optax"))
+    check_choice(where, "convention", convention, ("paper", "optax"))
 
     def warm(t: Array) -> Array:
         if warmup_steps == 0:
@@ -1045,7 +1038,7 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
     """
     where = "scale_by_muon"
     check_scalar(where, "momentum", momentum, low=0.0, high=1.0, high_open=True)
-    _check_choice(where, "adjust_lr", adjust_lr, ("original", "match_rms_adamw"))
+    check_choice(where, "adjust_lr", adjust_lr, ("original", "match_rms_adamw"))
     check_int(where, "ns_steps", ns_steps)
 
     def init_state(params: Params) -> ScaleByMuonState:
