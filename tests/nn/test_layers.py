@@ -201,7 +201,8 @@ def test_gradients_match_finite_differences(layer, shape):
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
         x64 = jnp.asarray(x, jnp.float64)
-        check_grads(lambda p, x: layer.apply(p, x), (p64, x64), order=1, modes=["rev"],
+        # jitted, as a user runs it (and one compile instead of one per eager op)
+        check_grads(jax.jit(layer.apply), (p64, x64), order=1, modes=["rev"],
                     atol=1e-5, rtol=1e-5)
 
 
@@ -307,5 +308,5 @@ def test_transformer_block_shapes_and_grads():
     assert block.apply(params, x).shape == x.shape
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-        check_grads(lambda p: block.apply(p, jnp.asarray(x, jnp.float64)), (p64,), order=1,
-                    modes=["rev"], atol=1e-4, rtol=1e-4)
+        check_grads(jax.jit(lambda p: block.apply(p, jnp.asarray(x, jnp.float64))), (p64,),
+                    order=1, modes=["rev"], atol=1e-4, rtol=1e-4)
