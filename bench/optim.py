@@ -46,12 +46,16 @@ def median_time(fn, repeats: int) -> float:
 def round_robin(runs: dict, repeats: int, rounds: int = 5) -> dict:
     """Median time of each run, its ``repeats`` calls taken in ``rounds`` turns that
     alternate between the runs, so that the machine's drift favours none of them (timed
-    one after the other, the first measured was up to 1.5x faster on this shared CPU)."""
+    one after the other, the first measured was up to 1.5x faster on this shared CPU).
+    Each turn starts one run later: the run that follows torch (whose threads keep
+    spinning after it returns) changes every turn."""
     for run in runs.values():
         run()  # compile / warm up
     samples: dict = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    names = list(runs)
+    for turn in range(rounds):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            run = runs[name]
             for _call in range(-(-repeats // rounds)):
                 t0 = time.perf_counter()
                 run()
