@@ -5,7 +5,8 @@ Two measurements:
 - ``update``: one AdamW update over ``--params`` float32 params (default 8M) split into 200
   leaves and into 1 leaf: funtrain's ``optim.adamw`` and optax's ``adamw``, each jitted
   with params and state donated, against torch's AdamW (``fused=True`` and
-  ``foreach=True``) when torch is installed. Medians of ``--repeats`` timed calls.
+  ``foreach=True``) when torch is installed. Medians of ``--repeats`` timed calls. A second
+  copy of the optax side shows how far two identical programs drift apart.
 - ``compile``: the train step's first compile and its steady step time as the tree grows
   (``--leaves``), funtrain's ``make_train_step`` (SGD) against the jax + optax step a user
   writes, with two losses that read every leaf without chaining an op per leaf (see
@@ -150,6 +151,8 @@ def bench_update(total: int, repeats: int, leaves_list: tuple[int, ...] = (200, 
                                                           lambda path, leaf: "all"),
             "funtrain fused (2 buffers)": jax_update_timer(ft.init, ft.update, sizes, halves),
             "optax": jax_update_timer(ox.init, ox.update, sizes),
+            # the same program again: how far two identical sides drift apart in one run
+            "optax again (the noise)": jax_update_timer(ox.init, ox.update, sizes),
         }
         if has_torch:
             sides["torch AdamW(fused=True)"] = torch_update_timer(sizes, fused=True)
