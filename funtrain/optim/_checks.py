@@ -67,7 +67,7 @@ def check_int(where: str, name: str, value: Any, **kw: Any) -> None:
 
 def check_choice(where: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
     """Check a setting is one of ``choices``; ``(False, True)`` checks a bool flag."""
-    flag = choices == (False, True)
+    flag = all(isinstance(c, bool) for c in choices)
     if not isinstance(value, bool) if flag else value not in choices:
         where, name = named(where, name)
         want = "a bool" if flag else " or ".join(map(repr, choices)) if len(choices) == 2 \
