@@ -35,7 +35,7 @@ from funtrain._typing import Batch
 from funtrain.data.checks import check_batch
 from funtrain.data.dataset import Loader
 from funtrain.data.prefetch import prefetch
-from funtrain.train.step import scan_steps
+from funtrain.train.step import canonical_sharding, scan_steps
 
 StepFn = Callable[..., Any]
 
@@ -133,16 +133,6 @@ def _steps_on_device(state: Any, arrays: Any, order: Any, batch: Any, *, step: S
     return state, arrays, metrics
 
 
-def _canonical(sharding: Any) -> Any:
-    """A ``NamedSharding`` with its spec's trailing ``None``s dropped (the same sharding)."""
-    if not isinstance(sharding, NamedSharding):
-        return sharding
-    parts = tuple(sharding.spec.partitions)
-    while parts and parts[-1] is None:
-        parts = parts[:-1]
-    return sharding.update(spec=sharding.spec.update(partitions=parts))
-
-
 def _on_mesh(state: Any) -> Any:
     """The mesh of a state placed on one (``parallel.shard_state`` places every leaf, the
     step count included; one attribute read), else ``None``."""
@@ -235,7 +225,8 @@ class DeviceFeed:
             # and P('fsdp') after a chunk are one sharding, and one static argument, so a
             # second fit call compiles nothing.
             self.mesh = {"mesh": mesh, "split": NamedSharding(mesh, PartitionSpec(axes)),
-                         "placed": tuple(_canonical(x.sharding) for x in jax.tree.leaves(state))}
+                         "placed": tuple(canonical_sharding(x.sharding)
+                                         for x in jax.tree.leaves(state))}
         return {"placed": self.mesh["placed"], "split": self.mesh["split"]}
 
     def check(self, num_classes: int | None) -> None:

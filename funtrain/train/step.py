@@ -133,6 +133,17 @@ def donated_state_error(where: str) -> ValueError:
                       f"donate=False to keep its input alive")
 
 
+def canonical_sharding(sharding: Any) -> Any:
+    """A ``NamedSharding`` with its spec's trailing ``None``s dropped: the same placement,
+    spelled as jit spells its outputs' (``P('fsdp', None)`` comes back as ``P('fsdp')``)."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    parts = tuple(sharding.spec)
+    while parts and parts[-1] is None:
+        parts = parts[:-1]
+    return sharding.update(spec=sharding.spec.update(partitions=parts))
+
+
 class _JittedStep:
     """``jax.jit(step)``, with a clear error for a state already donated (XLA's says only
     "Buffer has been deleted or donated"). Other attributes are the jitted function's."""
@@ -141,6 +152,7 @@ class _JittedStep:
         self.step, self.donate = step, donate
         self.jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
         self.sharded: dict[Any, Any] = {}  # a jit per state layout on a mesh
+        self.by_layout: dict[Any, Any] = {}  # the same, keyed by canonical shardings
         functools.update_wrapper(self, step)
 
     def _for(self, state: TrainState) -> Any:
@@ -154,7 +166,12 @@ class _JittedStep:
         leaves, treedef = jax.tree.flatten(state)
         shardings = tuple(getattr(x, "sharding", None) for x in leaves)
         key = (treedef, shardings)
-        if key not in self.sharded:
+        if key in self.sharded:
+            return self.sharded[key]
+        # A miss may be the same layout spelled otherwise: jit hands back P('fsdp', None)
+        # as P('fsdp'), and a second jit for it would compile the step a second time.
+        layout = (treedef, tuple(canonical_sharding(sh) for sh in shardings))
+        if layout not in self.by_layout:
             def keep(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
                 new, metrics = self.step(state, batch)
                 new = treedef.unflatten([
@@ -162,7 +179,8 @@ class _JittedStep:
                     else x for x, sh in zip(jax.tree.leaves(new), shardings, strict=True)])
                 return new, metrics
 
-            self.sharded[key] = jax.jit(keep, donate_argnums=(0,) if self.donate else ())
+            self.by_layout[layout] = jax.jit(keep, donate_argnums=(0,) if self.donate else ())
+        self.sharded[key] = self.by_layout[layout]
         return self.sharded[key]
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:

@@ -1,5 +1,6 @@
 """Run by test_parallel.py in a fresh process with 8 emulated CPU devices: trains the seed
-MLP and a small GPT for 20 steps on 1 device, data parallel and FSDP, and prints JSON."""
+MLP, a one-block GPT and a small CNN for 20 steps on 1 device, data parallel and FSDP, and
+prints JSON."""
 
 import json
 import os
@@ -15,6 +16,13 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from funtrain import losses, nn, optim, parallel, profile, train  # noqa: E402
 
+compiles: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiles.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+STEPS = 20
+
 
 def problem(kind):
     rng = np.random.default_rng(0)
@@ -22,16 +30,16 @@ def problem(kind):
         model = nn.mlp([256, 10])
         params = model.init(jax.random.key(0), jnp.zeros((1, 784)))
         batches = [{"x": rng.standard_normal((32, 784)).astype(np.float32),
-                    "y": rng.integers(0, 10, 32).astype(np.int32)} for _ in range(20)]
+                    "y": rng.integers(0, 10, 32).astype(np.int32)} for _ in range(STEPS)]
         return params, train.classifier_loss(model), batches
     if kind == "cnn":  # BatchNorm: its statistics are over the global batch
         model = nn.serial(nn.conv(8, (3, 3)), nn.batch_norm(), nn.relu(),
                           nn.global_avg_pool(), nn.dense(10))
         params, model_state = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
         batches = [{"x": rng.standard_normal((16, 8, 8, 3)).astype(np.float32),
-                    "y": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(20)]
+                    "y": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(STEPS)]
         return (params, model_state), train.classifier_loss(model), batches
-    model = nn.models.gpt(64, 16, 2, 4, 64)
+    model = nn.models.gpt(64, 16, 1, 4, 64)  # one block: every kind of leaf, half the compile
     params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
 
     def loss(p, batch, key):
@@ -39,7 +47,7 @@ def problem(kind):
         return losses.softmax_cross_entropy(logits, batch["y"])
 
     batches = []
-    for _ in range(20):
+    for _ in range(STEPS):
         tokens = rng.integers(0, 64, (16, 17)).astype(np.int32)
         batches.append({"x": tokens[:, :-1], "y": tokens[:, 1:]})
     return params, loss, batches
@@ -73,18 +81,21 @@ def run(kind, layout):
                      if mesh is None or x.sharding.is_fully_replicated)
     specs = jax.tree.map(lambda x: str(x.sharding.spec) if mesh else "", state.params)
     out = []
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if i == 1:  # the first step compiled; the state it returned must not compile again
+            compiles.clear()
         state, metrics = step(state, batch if mesh is None else parallel.shard_batch(batch, mesh))
         out.append(float(metrics["loss"]))
+    recompiles = len(compiles)
     same = True
-    if mesh is not None:  # the state after 20 steps sits where shard_state put it
+    if mesh is not None:  # the state after the steps sits where shard_state put it
         placed = parallel.shard_state(state, mesh, rules, fsdp_min_size=1024)
         same = all(a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in zip(
             jax.tree.leaves(state.params), jax.tree.leaves(placed.params), strict=True))
     total = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
     return {"losses": out, "per_device": max(before.values()), "total": total,
             "replicated": replicated,
-            "kept_sharding": same, "specs": jax.tree.leaves(specs)}
+            "kept_sharding": same, "recompiles": recompiles, "specs": jax.tree.leaves(specs)}
 
 
 def fit_with_batch(batch_size):
@@ -164,12 +175,6 @@ def checkpoint_across_meshes():
             except checkpoint.CheckpointError as e:
                 errors[name] = str(e)
     return out, errors
-
-
-compiles: list[str] = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **kw: compiles.append(event)
-    if event == "/jax/core/compile/backend_compile_duration" else None)
 
 
 def fit_on_meshes():
