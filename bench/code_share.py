@@ -6,8 +6,10 @@ Counts source lines with ``ast``, docstrings, comments and blank lines left out:
   included), ``assert``s, and statement calls to a ``check_*``/``_check_*`` function;
 - *code*: every other line of a statement.
 
-It prints the validation share of each module of ``funtrain/optim`` and in all, and the
-code lines of ``scale_by_adam`` and ``adamw`` next to optax's (when optax is installed).
+It prints the validation share of each module of ``funtrain/optim`` and in all; the same
+share counting the shared check helpers (``_checks.py``) as validation line by line, since
+every line of them serves validation; and the code lines of ``scale_by_adam`` and
+``adamw`` next to optax's (when optax is installed).
 
     python bench/code_share.py
 """
@@ -83,6 +85,10 @@ def main() -> None:
         print(f"{path.name:24} {code:10d} {val:10d} {val / max(code, 1):6.1%}")
     print(f"{'funtrain/optim':24} {total_code:10d} {total_val:10d} "
           f"{total_val / total_code:6.1%}")
+    helpers, helpers_val = count((OPTIM / "_checks.py").read_text())
+    whole = total_val + helpers - helpers_val
+    print(f"{'  with _checks.py whole':24} {total_code:10d} {whole:10d} "
+          f"{whole / total_code:6.1%}")
 
     from funtrain.optim import optimizers, transforms
     rows = [("scale_by_adam", transforms.scale_by_adam), ("adamw", optimizers.adamw)]
