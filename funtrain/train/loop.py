@@ -34,6 +34,7 @@ from funtrain.train.feed import (
     DeviceFeed,
     HostFeed,
     auto_steps_per_call,
+    convolves_on_cpu,
     epoch_batches,
     fits_on_device,
 )
@@ -151,8 +152,10 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
       steps_per_call: steps per device call. By default, with device-resident data, a whole
         epoch (at most 2048 steps, cut at ``checkpoint_every``/``eval_every``), so one
         function compiles and Python dispatches once per epoch; for other data one step a
-        call, each batch prefetched (stacking batches costs host memory). Results do not
-        depend on it beyond float reassociation; a resume should keep it.
+        call, each batch prefetched (stacking batches costs host memory). On CPU a step
+        that convolves also runs one per call, with no loop around it: XLA:CPU runs
+        convolutions inside a loop 1.5-5x slower. Results do not depend on it beyond float
+        reassociation; a resume should keep it.
       device_data: serve a ``Loader``'s dataset from the device (default: when it takes at
         most a quarter of the device memory twice, 4 GiB twice on CPU).
       check_data: the checked mode: batches (a device-resident dataset: all of it, once)
@@ -178,7 +181,8 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
     steps_per_epoch = _check_arguments(locals())
     cuts = tuple(c for c in (checkpoint_every, eval_every) if c)
     on_device = device_data if device_data is not None else fits_on_device(train_data)
-    k = steps_per_call or (auto_steps_per_call(steps_per_epoch, cuts) if on_device else 1)
+    k = steps_per_call or (auto_steps_per_call(steps_per_epoch, cuts) if on_device
+                           and not convolves_on_cpu(train_step, state, train_data) else 1)
     feed = (DeviceFeed(train_data, train_step, k, cuts) if on_device else
             HostFeed(train_data, train_step, k, cuts, steps_per_epoch))
     if check_data:

@@ -84,6 +84,38 @@ def test_feeds_and_chunk_sizes_agree(digits, kw):
                  s1.params, s2.params)
 
 
+def test_a_convolutional_step_runs_one_per_call_on_cpu(monkeypatch):
+    """XLA:CPU runs convolutions inside a while loop several times slower, so by default a
+    step that convolves (forward or backward) gets one step per call and no loop there; an
+    MLP's step keeps whole-epoch scans. Both train the run that 4 steps per call trains."""
+    sizes = []
+    chunk = feed._steps_on_device
+    monkeypatch.setattr(feed, "_steps_on_device",
+                        lambda *a, **kw: sizes.append(kw["size"]) or chunk(*a, **kw))
+    rng = np.random.default_rng(0)
+    ds = data.ArrayDataset(x=rng.standard_normal((32, 6, 6, 1)).astype(np.float32),
+                           y=rng.integers(0, 3, 32).astype(np.int32))
+    cnn = nn.serial(nn.conv(4, (3, 3)), nn.relu(), nn.flatten(), nn.dense(3))
+    mlp = nn.serial(nn.flatten(), nn.dense(8), nn.relu(), nn.dense(3))
+    for model, default in ((cnn, 1), (mlp, 8)):
+        params = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
+        opt = optim.adam(1e-2)
+        step = train.make_train_step(train.classifier_loss(model), opt)
+        state = train.TrainState.create(params, opt, jax.random.key(1))
+        loader = ds.batches(4, key=jax.random.key(2))
+        assert feed.convolves_on_cpu(step, state, loader) == (model is cnn)
+        runs = []
+        for kw in ({}, {"steps_per_call": 4}):
+            sizes.clear()
+            state = train.TrainState.create(params, opt, jax.random.key(1))
+            runs.append(train.fit(state, step, loader, progress=False, **kw))
+            assert set(sizes) == {kw.get("steps_per_call", default)}
+        (s1, h1), (s2, h2) = runs
+        np.testing.assert_allclose(h1.train["loss"], h2.train["loss"], rtol=1e-5, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                     s1.params, s2.params)
+
+
 @pytest.mark.parametrize("feed_kind", ["device, sliced", "device, gathered", "host"])
 def test_device_epochs_are_the_loaders_batches(feed_kind, monkeypatch):
     """Every feed serves each epoch in the Loader's order, bit for bit, and its smaller last
