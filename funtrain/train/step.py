@@ -389,7 +389,9 @@ def scan_steps(step: StepFn, *, jit: bool = True, donate: bool = True
     ``scan_steps(step)(state, stacked)`` equals calling ``step`` once per slice of
     ``stacked``; metrics come back stacked. This cuts per-step dispatch overhead
     for small models. The compiled scan is cached per step and shapes, so calling
-    ``scan_steps(step)`` again compiles nothing.
+    ``scan_steps(step)`` again compiles nothing. On CPU, keep it for steps without
+    convolutions: XLA:CPU runs a convolution inside the scan's loop many times slower
+    (``bench/fit.py``, workload C: 15x), so ``fit`` does not scan such a step there.
     """
     if not jit:
         return functools.partial(_scan, step=step)
