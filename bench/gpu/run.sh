@@ -35,7 +35,7 @@ step() {  # step NAME LIMIT_S CMD...: run one script, its output in $OUT/NAME.tx
 }
 if [ -n "$GPU_FLAG" ]; then OPTIM_ARGS="--gpu --only update"; else OPTIM_ARGS="--params 1000000 --leaves 200 --repeats 5"; fi
 step optim 120 "$PY" bench/optim.py $OPTIM_ARGS
-step fit 90 "$PY" bench/fit.py --repeats "${FIT_REPEATS:-3}" $GPU_FLAG
+step fit 90 "$PY" bench/fit.py --repeats "${FIT_REPEATS:-3}" --workloads ${FIT_WORKLOADS:-A B} $GPU_FLAG
 step remat ${REMAT_LIMIT:-150} "$PY" bench/remat.py $GPU_FLAG
 step precision 60 "$PY" bench/precision.py $GPU_FLAG
 step models 50 "$PY" bench/models.py $GPU_FLAG
