@@ -154,7 +154,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         function compiles and Python dispatches once per epoch; for other data one step a
         call, each batch prefetched (stacking batches costs host memory). On CPU a step
         that convolves also runs one per call, with no loop around it: XLA:CPU runs
-        convolutions inside a loop 1.5-5x slower. Results do not depend on it beyond float
+        convolutions inside a loop up to 15x slower. Results do not depend on it beyond float
         reassociation; a resume should keep it.
       device_data: serve a ``Loader``'s dataset from the device (default: when it takes at
         most a quarter of the device memory twice, 4 GiB twice on CPU).
