@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from funtrain import losses
 from funtrain._tree import keystr
@@ -141,7 +141,7 @@ def canonical_sharding(sharding: Any) -> Any:
     parts = tuple(sharding.spec)
     while parts and parts[-1] is None:
         parts = parts[:-1]
-    return sharding.update(spec=sharding.spec.update(partitions=parts))
+    return NamedSharding(sharding.mesh, PartitionSpec(*parts), memory_kind=sharding.memory_kind)
 
 
 class _JittedStep:
