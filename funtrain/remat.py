@@ -119,7 +119,9 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
 
     Compile time does not grow with ``n``. The block must keep its input's shape.
     Params (and the model state of a stateful block) are the block's with a leading axis
-    of size ``n``.
+    of size ``n``. On CPU, a block with convolutions runs slower inside the scan than
+    unrolled (XLA:CPU's loops: ``bench/fit.py``, workload C); ``nn.serial`` of the
+    blocks then trades compile time for speed.
 
     Args:
       block: the block (e.g. ``nn.transformer_block(768, 12)``).
