@@ -119,9 +119,10 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
 
     Compile time does not grow with ``n``. The block must keep its input's shape.
     Params (and the model state of a stateful block) are the block's with a leading axis
-    of size ``n``. On CPU, a block with convolutions runs slower inside the scan than
-    unrolled (XLA:CPU's loops: ``bench/fit.py``, workload C); ``nn.serial`` of the
-    blocks then trades compile time for speed.
+    of size ``n``. On CPU, a block with convolutions runs many times slower inside the
+    scan than unrolled (4 blocks of a 3x3 conv of 16 channels on a batch of 32 8x8 images:
+    a jitted gradient took 56 ms here, 1.8 ms as ``nn.serial`` of the blocks), so there
+    ``nn.serial`` trades compile time for speed.
 
     Args:
       block: the block (e.g. ``nn.transformer_block(768, 12)``).
