@@ -154,7 +154,7 @@ def _steps_on_device(state: Any, arrays: Any, order: Any, batch: Any, *, step: S
         return step(state, batch_)
 
     if size == 1:  # no while loop: XLA:CPU runs convolutions in one slowly (convolves_on_cpu)
-        state, metrics = body(state, jnp.arange(1)[0])
+        state, metrics = body(state, 0)
         metrics = jax.tree.map(lambda m: m[None], metrics)
     else:
         state, metrics = lax.scan(body, state, jnp.arange(size))
