@@ -100,8 +100,9 @@ def random(params: Any, sparsity: float, key: jax.Array, select: Select = None) 
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     return treedef.unflatten([
-        _keep_largest(jax.random.uniform(k, jnp.shape(w)), sparsity) if c
-        else jnp.ones(jnp.shape(w), bool)
+        # drawn flat: XLA compiles threefry for a 4-d kernel's shape far slower
+        _keep_largest(jax.random.uniform(k, (np.size(w),)).reshape(jnp.shape(w)), sparsity)
+        if c else jnp.ones(jnp.shape(w), bool)
         for w, c, k in zip(leaves, jax.tree.leaves(chosen), keys, strict=True)])
 
 

@@ -75,6 +75,9 @@ def test_samples_are_the_same_eager_jitted_and_vmapped(shape):
     assert not np.allclose(eager, init(jax.random.key(4), shape))
 
 
+# ----------------------------------------------------------------------------- draws under jit
+
+
 def _eqns(jaxpr):
     """Every equation of ``jaxpr`` and of the jaxprs nested in it."""
     for eqn in jaxpr.eqns:
@@ -95,3 +98,16 @@ def test_a_traced_init_draws_flat():
     draws = [eqn.outvars[0].aval.shape for eqn in _eqns(closed.jaxpr)
              if eqn.primitive.name == "random_bits"]
     assert len(draws) >= 20 and all(len(s) == 1 for s in draws), draws
+
+
+def test_traced_dropout_draws_flat():
+    """The same for dropout's masks: attention weights are 4-d (8x4x16x16: 3.7 s against
+    0.35 s flat)."""
+    block = nn.transformer_block(32, 4, dropout=0.1)
+    x = jnp.zeros((2, 8, 32))
+    params = block.init(jax.random.key(0), x)
+    loss = lambda p: jnp.sum(block.apply(p, x, key=jax.random.key(1), train=True))  # noqa: E731
+    closed = jax.make_jaxpr(jax.grad(loss))(params)
+    draws = [eqn.outvars[0].aval.shape for eqn in _eqns(closed.jaxpr)
+             if eqn.primitive.name == "random_bits"]
+    assert len(draws) >= 2 and all(len(s) == 1 for s in draws), draws
