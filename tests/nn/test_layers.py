@@ -196,11 +196,11 @@ def test_dropout_identity_in_eval_and_scaled_in_train():
 def test_gradients_match_finite_differences(layer, shape):
     x = rand(*shape)
     params = layer.init(jax.random.key(1), x)
-    # Perturb ones/zeros init so scale/bias gradients are exercised.
-    params = jax.tree.map(lambda p: p + 0.1 * rand(*p.shape), params)
+    # Perturb ones/zeros init so scale/bias gradients are exercised (in numpy: no compiles).
+    params = jax.tree.map(lambda p: np.asarray(p) + 0.1 * np.asarray(rand(*p.shape)), params)
     with jax.enable_x64(True):
-        p64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
-        x64 = jnp.asarray(x, jnp.float64)
+        p64 = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+        x64 = np.asarray(x, np.float64)
         # jitted, as a user runs it (and one compile instead of one per eager op)
         check_grads(jax.jit(layer.apply), (p64, x64), order=1, modes=["rev"],
                     atol=1e-5, rtol=1e-5)
@@ -305,8 +305,9 @@ def test_transformer_block_shapes_and_grads():
     x = rand(2, 6, 16)
     params = block.init(jax.random.key(0), x)
     assert set(params) == {"attn", "mlp"}
-    assert block.apply(params, x).shape == x.shape
+    assert jax.jit(block.apply)(params, x).shape == x.shape
     with jax.enable_x64(True):
-        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-        check_grads(jax.jit(lambda p: block.apply(p, jnp.asarray(x, jnp.float64))), (p64,),
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        x64 = np.asarray(x, np.float64)
+        check_grads(jax.jit(lambda p: block.apply(p, x64)), (p64,),
                     order=1, modes=["rev"], atol=1e-4, rtol=1e-4)

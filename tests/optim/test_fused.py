@@ -14,8 +14,8 @@ from funtrain.train import checkpoint
 MODEL = nn.mlp([16, 4])
 PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 8)))
 _rng = np.random.default_rng(0)
-BATCHES = [{"x": jnp.asarray(_rng.standard_normal((32, 8)), jnp.float32),
-            "y": jnp.asarray(_rng.integers(0, 4, 32), jnp.int32)} for _ in range(4)]
+BATCHES = [jax.device_put({"x": _rng.standard_normal((32, 8)).astype(np.float32),  # no compile
+                           "y": _rng.integers(0, 4, 32).astype(np.int32)}) for _ in range(4)]
 LOSS = train.classifier_loss(MODEL)
 
 # Element-wise rules: the fused run computes the same bits. The others run per leaf
@@ -125,7 +125,7 @@ def test_layout_groups_by_dtype_and_label_and_round_trips():
 
 def test_pack_refuses_a_tree_of_other_shapes():
     layout = layout_of(PARAMS)
-    other = jax.tree.map(lambda x: jnp.zeros(x.shape + (1,)), PARAMS)
+    other = jax.tree.map(lambda x: np.zeros(x.shape + (1,), np.float32), PARAMS)
     with pytest.raises(ValueError, match="does not fit the layout's float32"):
         pack(other, layout)
 
@@ -150,7 +150,8 @@ def test_gradient_arrives_as_one_concatenate_per_buffer():
 
 
 def test_checkpoints_cross_between_fused_and_unfused():
-    opt = optim.adamw(1e-2)
+    # test_every_optimizer_trains_the_same_fused's adamw: its compiled steps are reused
+    opt = optim.OPTIMIZERS["adamw"]()
     step = train.make_train_step(LOSS, opt)
     fused, plain = train_params(opt, True, 2), train_params(opt, False, 2)
     with tempfile.TemporaryDirectory() as d:
@@ -225,7 +226,8 @@ def test_fit_resumes_a_fused_run_fused_or_unfused(tmp_path):
     rng = np.random.default_rng(2)
     ds = data.ArrayDataset(x=rng.standard_normal((128, 8)).astype(np.float32),
                            y=rng.integers(0, 4, 128).astype(np.int32))
-    opt = optim.adamw(1e-2)
+    # test_fit_with_evaluation_and_ema_is_the_same_fused's: fit's compiled chunks are reused
+    opt = optim.ema(optim.adamw(1e-2), 0.9)
     step = train.make_train_step(LOSS, opt)
 
     def run(fused, epochs, **kw):

@@ -37,6 +37,13 @@ def padded(steps):
     return [int(t) for t in np.resize(np.asarray(list(steps)), LENGTH)]
 
 
+def evaluate(sched, steps, dtype=None):
+    """``sched`` called eagerly at ``steps``, as numpy. It is called on LENGTH steps (``steps``
+    repeated) and the first ``len(steps)`` values are kept: one shape for every test."""
+    steps = list(steps)
+    return np.asarray(sched(jnp.asarray(padded(steps), dtype)))[:len(steps)]
+
+
 def case(name, steps, **kw):
     return Case(lambda: getattr(S, name)(**kw), lambda t: getattr(R, name)(t, **kw),
                 padded(steps))
@@ -161,7 +168,7 @@ def test_symmetric_cyclic_matches_smith_2017():
     for mode, gamma in [("triangular", 1.0), ("triangular2", 1.0), ("exp_range", 0.98)]:
         sched = S.cyclic(0.02, 0.2, step_size_up=6, mode=mode, gamma=gamma)
         with jax.enable_x64(True):
-            got = np.asarray(sched(jnp.arange(60)))
+            got = evaluate(sched, range(60))
         want = [R.cyclic_smith(t, 0.02, 0.2, 6, mode, gamma) for t in range(60)]
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15, err_msg=mode)
 
@@ -172,7 +179,7 @@ def test_symmetric_cyclic_matches_smith_2017():
 def test_cosine_annealing_continues_past_t_max():
     sched = S.cosine_annealing(0.1, t_max=10, eta_min=0.01)
     with jax.enable_x64(True):
-        v = np.asarray(sched(jnp.arange(61)))
+        v = evaluate(sched, range(61))
     want = R.cosine_annealing_recursive(61, 0.1, 10, 0.01)  # the documented recursion
     np.testing.assert_allclose(v, want, rtol=1e-12)
     assert v[10] == v[30] == v[50] == 0.01 and v[20] == v[40] == v[60] == 0.1
@@ -183,27 +190,28 @@ def test_cosine_annealing_continues_past_t_max():
 
 def test_warm_restarts_restart_at_init_value():
     sched = S.cosine_warm_restarts(0.1, t_0=3, t_mult=2, eta_min=0.01)
-    starts = jnp.asarray([0, 3, 9, 21, 45, 93, 3 * (2**29 - 1)], jnp.int32)
-    np.testing.assert_allclose(sched(starts), 0.1, rtol=1e-7)
-    last = jnp.asarray(2**31 - 1, jnp.int32)  # still in a cycle of 3 * 2**29 steps
+    starts = [0, 3, 9, 21, 45, 93, 3 * (2**29 - 1)]
+    np.testing.assert_allclose(evaluate(sched, starts, jnp.int32), 0.1, rtol=1e-7)
+    last = 2**31 - 1  # an int32 step still in a cycle of 3 * 2**29 steps
     t_cur = 2**31 - 1 - 3 * (2**29 - 1)
-    np.testing.assert_allclose(sched(last), R.cosine_annealing(t_cur, 0.1, 3 * 2**29, 0.01),
-                               rtol=1e-5)
+    np.testing.assert_allclose(evaluate(sched, [last], jnp.int32),
+                               R.cosine_annealing(t_cur, 0.1, 3 * 2**29, 0.01), rtol=1e-5)
 
 
 def test_schedules_that_end_stay_at_their_end():
-    far = jnp.asarray([100, 1000, 2**31 - 1], jnp.int32)
+    far = [100, 1000, 2**31 - 1]
     with jax.enable_x64(True):
-        np.testing.assert_array_equal(S.warmup_cosine(0.1, 5, 50, end_value=0.002)(far),
-                                      0.002)
-        np.testing.assert_array_equal(S.linear(0.1, 0.003, 50)(far), 0.003)
-        np.testing.assert_array_equal(S.polynomial(0.1, 0.004, 0.5, 50)(far), 0.004)
+        np.testing.assert_array_equal(
+            evaluate(S.warmup_cosine(0.1, 5, 50, end_value=0.002), far, jnp.int32), 0.002)
+        np.testing.assert_array_equal(evaluate(S.linear(0.1, 0.003, 50), far, jnp.int32),
+                                      0.003)
+        np.testing.assert_array_equal(
+            evaluate(S.polynomial(0.1, 0.004, 0.5, 50), far, jnp.int32), 0.004)
         for kw in [{}, {"anneal": "linear"}, {"three_phase": True}]:
             sched = S.one_cycle(0.1, total_steps=50, **kw)
             last = float(sched(49))
             np.testing.assert_allclose(last, 0.1 / 25 / 1e4, rtol=1e-12, err_msg=str(kw))
-            np.testing.assert_array_equal(sched(jnp.concatenate([jnp.asarray([50]), far])),
-                                          last)
+            np.testing.assert_array_equal(evaluate(sched, [50, *far]), last)
 
 
 def test_one_cycle_phase_boundaries_follow_pytorch():
@@ -217,8 +225,8 @@ def test_one_cycle_phase_boundaries_follow_pytorch():
 
 def test_one_cycle_momentum_moves_against_the_learning_rate():
     for kw in [{}, {"anneal": "linear"}, {"three_phase": True}]:
-        lr = np.asarray(S.one_cycle(0.1, total_steps=100, **kw)(jnp.arange(100)))
-        mom = np.asarray(S.one_cycle_momentum(total_steps=100, **kw)(jnp.arange(100)))
+        lr = evaluate(S.one_cycle(0.1, total_steps=100, **kw), range(100))
+        mom = evaluate(S.one_cycle_momentum(total_steps=100, **kw), range(100))
         np.testing.assert_allclose(mom[[0, 29, 99]], [0.95, 0.85, 0.95], rtol=1e-6,
                                    err_msg=str(kw))
         # Where the lr rises the momentum falls, and the other way round.
@@ -226,35 +234,35 @@ def test_one_cycle_momentum_moves_against_the_learning_rate():
         moving = np.abs(dmom) > 1e-7
         assert np.all(np.sign(dlr[moving]) == -np.sign(dmom[moving])), kw
     # It stays at max_momentum from total_steps - 1 on; a zero-length phase gets its end.
-    far = jnp.asarray([49, 50, 1000, 2**31 - 1], jnp.int32)
-    np.testing.assert_array_equal(S.one_cycle_momentum(50, base_momentum=0.8)(far),
-                                  np.float32(0.95))
+    far = [49, 50, 1000, 2**31 - 1]
+    np.testing.assert_array_equal(evaluate(S.one_cycle_momentum(50, base_momentum=0.8), far,
+                                           jnp.int32), np.float32(0.95))
     np.testing.assert_allclose(float(S.one_cycle_momentum(10, pct_start=0.1)(0)), 0.85,
                                rtol=1e-7)
 
 
 def test_per_epoch_holds_each_value_for_an_epoch():
     sched = S.per_epoch(S.step_decay(1.0, step_size=1, gamma=0.5), steps_per_epoch=3)
-    np.testing.assert_array_equal(sched(jnp.arange(9)), [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25,
-                                                         0.25])
+    np.testing.assert_array_equal(evaluate(sched, range(9)), [1, 1, 1, 0.5, 0.5, 0.5, 0.25,
+                                                              0.25, 0.25])
     # A float is a constant, one value per step; a plain function sees the epoch number.
-    assert S.per_epoch(0.1, 5)(jnp.arange(3)).shape == (3,)
-    np.testing.assert_array_equal(S.per_epoch(lambda e: 1.0 * e, 4)(jnp.arange(9)),
+    assert S.per_epoch(0.1, 5)(jnp.arange(LENGTH)).shape == (LENGTH,)
+    np.testing.assert_array_equal(evaluate(S.per_epoch(lambda e: 1.0 * e, 4), range(9)),
                                   [0, 0, 0, 0, 1, 1, 1, 1, 2])
     # An epoch longer than the step's dtype holds never wraps.
-    assert float(S.per_epoch(lambda e: 1.0 + e, 2**40)(jnp.int32(2**31 - 1))) == 1.0
+    assert evaluate(S.per_epoch(lambda e: 1.0 + e, 2**40), [2**31 - 1], jnp.int32)[0] == 1.0
 
 
 def test_join_passes_the_steps_since_the_boundary():
     seen = S.join([lambda t: 1.0 * t, lambda t: 100.0 + t, 0.5], boundaries=[3, 5])
-    np.testing.assert_array_equal(seen(jnp.arange(8)), [0, 1, 2, 100, 101, 0.5, 0.5, 0.5])
+    np.testing.assert_array_equal(evaluate(seen, range(8)), [0, 1, 2, 100, 101, 0.5, 0.5, 0.5])
     assert S.join([S.constant(0.2)], [])(7) == jnp.float32(0.2)
 
 
 def test_constant_as_schedule_and_value_at():
     c = S.constant(0.1)
     assert c(3).shape == () and c(3).dtype == jnp.float32
-    assert c(jnp.arange(4)).shape == (4,)
+    assert c(jnp.arange(LENGTH)).shape == (LENGTH,)
     with jax.enable_x64(True):
         assert c(3).dtype == jnp.float64
     fn = S.as_schedule(0.2, "sgd")
@@ -275,7 +283,7 @@ def test_docstring_examples_run():
 def test_cosine_annealing_stays_in_range_and_decreases(init, frac, t_max, at):
     eta_min = init * frac
     t = min(int(at * t_max), t_max - 1)
-    v = np.asarray(S.cosine_annealing(init, t_max, eta_min)(jnp.asarray([t, t + 1])))
+    v = evaluate(S.cosine_annealing(init, t_max, eta_min), [t, t + 1])
     tol = 1e-6 * init
     assert eta_min - tol <= v[1] <= v[0] + tol and v[0] <= init + tol
     assert v[0] >= eta_min - tol
@@ -399,9 +407,9 @@ def test_one_cycle_momentum_matches_torch(kind, kw, n):
     want = torch_momentums(kind, n, **torch_kw)
     sched = S.one_cycle_momentum(n, **kw)
     with jax.enable_x64(True):
-        got = np.asarray(sched(jnp.arange(LENGTH)))[:n]
+        got = evaluate(sched, range(n))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
-    got32 = np.asarray(sched(jnp.arange(n, dtype=jnp.int32)))
+    got32 = evaluate(sched, range(n), jnp.int32)
     np.testing.assert_allclose(got32, want, rtol=1e-6)
 
 
@@ -422,7 +430,7 @@ def test_per_epoch_matches_torch_stepped_once_per_epoch(make_sched, make_torch):
         if (t + 1) % steps_per_epoch == 0:  # the end of an epoch
             scheduler.step()
     with jax.enable_x64(True):
-        got = np.asarray(S.per_epoch(make_sched(), steps_per_epoch)(jnp.arange(n)))
+        got = evaluate(S.per_epoch(make_sched(), steps_per_epoch), range(n))
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15)
 
 
@@ -432,7 +440,7 @@ def test_matches_torch_lr_scheduler(name):
     assert n <= LENGTH
     want = torch_lrs(make, lr, n)
     with jax.enable_x64(True):
-        got = np.asarray(sched(jnp.arange(LENGTH)))[:n]  # one shape for every case
+        got = evaluate(sched, range(n))
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15)
 
 

@@ -23,11 +23,10 @@ def run_funtrain(opt, steps):
     """Run ``opt`` on the quadratic with params split across a nested dict."""
     params = {"layer": {"w": jnp.asarray([1.0, -2.0], jnp.float64)},
               "b": jnp.asarray([0.5, 3.0], jnp.float64)}
-    qj, cj = jnp.asarray(Q), jnp.asarray(C)
 
     def loss(p):
         x = jnp.concatenate([p["layer"]["w"], p["b"]])
-        return 0.5 * x @ qj @ x - cj @ x
+        return 0.5 * x @ Q @ x - C @ x
 
     @jax.jit
     def step(p, s):
@@ -173,14 +172,16 @@ def test_momentum_schedule_reuses_the_trace_count():
 
 
 def test_constant_momentum_schedule_equals_the_float_bitwise():
-    params = {"w": jnp.linspace(-1.0, 1.0, 7)}
-    grads = [{"w": jnp.sin(jnp.arange(7.0) + k)} for k in range(4)]
+    # Inputs from numpy: made with eager jnp ops, each would compile.
+    params = {"w": jax.device_put(np.linspace(-1.0, 1.0, 7, dtype=np.float32))}
+    grads = [{"w": np.sin(np.arange(7.0, dtype=np.float32) + k)} for k in range(4)]
     runs = []
     for momentum in (0.9, optim.schedules.constant(0.9), lambda t: 0.9):
         opt = optim.sgd(0.1, momentum=momentum, nesterov=True)
+        update = jax.jit(opt.update)
         state, p = opt.init_state(params), params
         for g in grads:
-            u, state = jax.jit(opt.update)(g, state, p)
+            u, state = update(g, state, p)
             p = optim.apply_updates(p, u)
         runs.append(np.asarray(p["w"]))
     np.testing.assert_array_equal(runs[1], runs[0])

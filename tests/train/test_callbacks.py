@@ -1,6 +1,7 @@
 """Loggers write parseable files; hooks fire; early stopping stops; lr is reported."""
 
 import csv
+import functools
 import json
 
 import jax
@@ -11,16 +12,25 @@ import pytest
 from funtrain import data, nn, optim, precision, train
 
 
+@functools.cache  # the default step and the eval step compile once for the module
+def default_parts():
+    model = nn.mlp([8, 2])
+    opt = optim.inject_hyperparams(optim.adam)(learning_rate=1e-2)
+    return (model, opt, train.make_train_step(train.classifier_loss(model), opt),
+            train.make_eval_step(train.classifier_eval(model)))
+
+
 def setup(opt=None, **step_kw):
     rng = np.random.default_rng(0)
     ds = data.ArrayDataset(x=rng.standard_normal((64, 4)).astype(np.float32),
                            y=rng.integers(0, 2, 64).astype(np.int32))
-    model = nn.mlp([8, 2])
-    opt = opt or optim.inject_hyperparams(optim.adam)(learning_rate=1e-2)
-    state = train.TrainState.create(model.init(jax.random.key(0), jnp.zeros((1, 4))), opt,
-                                    jax.random.key(1), loss_scale=step_kw.pop("loss_scale", None))
-    step = train.make_train_step(train.classifier_loss(model), opt, **step_kw)
-    ev = train.make_eval_step(train.classifier_eval(model))
+    model, default_opt, step, ev = default_parts()
+    state = train.TrainState.create(model.init(jax.random.key(0), jnp.zeros((1, 4))),
+                                    opt or default_opt, jax.random.key(1),
+                                    loss_scale=step_kw.pop("loss_scale", None))
+    if opt is not None or step_kw:
+        step = train.make_train_step(train.classifier_loss(model), opt or default_opt,
+                                     **step_kw)
     return state, step, ds.batches(16, drop_remainder=True), ev, ds.batches(64)
 
 

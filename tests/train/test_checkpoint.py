@@ -25,13 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _params(dtype=jnp.float32, hidden=128, seed=0):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    return {
-        "dense_0": {"w": jax.random.normal(k1, (64, hidden)).astype(dtype),
-                    "b": jnp.zeros((hidden,), dtype)},
-        "dense_1": {"w": jax.random.normal(k2, (hidden, 10)).astype(jnp.float32),
-                    "b": jnp.arange(10, dtype=jnp.float32)},
-    }
+    # built in numpy and put on the device: eager jax ops compile per shape and dtype
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(jnp.asarray, {
+        "dense_0": {"w": rng.standard_normal((64, hidden)).astype(dtype),
+                    "b": np.zeros((hidden,), dtype)},
+        "dense_1": {"w": rng.standard_normal((hidden, 10)).astype(np.float32),
+                    "b": np.arange(10, dtype=np.float32)},
+    })
 
 
 def _state(dtype=jnp.float32, hidden=128, seed=0):

@@ -2,6 +2,7 @@
 and eval steps, scan_steps, fit, exact resume, the non-finite guard, and a small ResNet
 on digits."""
 
+import functools
 import random
 
 import jax
@@ -18,6 +19,7 @@ class Interrupt(Exception):
     pass
 
 
+@functools.cache  # one model, so the steps and jits below compile once per module
 def small_model():
     """Three BatchNorms: at the root, inside a residual, and one with flax's convention.
     No bias before a BatchNorm: its gradient is 0 up to rounding, which Adam would blow up
@@ -63,13 +65,30 @@ def dataset(n=96, seed=0):
     return data.ArrayDataset(x=x, y=y)
 
 
+@functools.cache  # a step compiles once per config, not once per test
+def make_step(skip_nonfinite, policy):
+    opt = optim.adamw(1e-2)
+    step = train.make_train_step(train.classifier_loss(small_model()), opt,
+                                 skip_nonfinite=skip_nonfinite, policy=policy)
+    return opt, step
+
+
+@functools.cache
+def eval_step_fn():
+    return train.make_eval_step(train.classifier_eval(small_model()))
+
+
+@functools.cache
+def jit_apply():
+    """The model's apply, compiled once (the reference values for the steps)."""
+    return jax.jit(small_model().apply, static_argnames="train")
+
+
 def setup(*, skip_nonfinite=False, policy=None):
     model = small_model()
     params, model_state = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE)))
-    opt = optim.adamw(1e-2)
+    opt, step = make_step(skip_nonfinite, policy)
     state = train.TrainState.create(params, opt, jax.random.key(1), model_state=model_state)
-    step = train.make_train_step(train.classifier_loss(model), opt,
-                                 skip_nonfinite=skip_nonfinite, policy=policy)
     return model, state, step
 
 
@@ -111,7 +130,7 @@ def test_train_step_updates_the_model_state():
         assert set(metrics) >= {"loss", "accuracy", "grad_norm"}
         assert set(counts(state.model_state).values()) == {i}
         if i == 1:  # the state the loss returned: train mode on the params before the update
-            _, want = model.apply(before[0], batch["x"], state=before[1], train=True)
+            _, want = jit_apply()(before[0], batch["x"], state=before[1], train=True)
             tree_close(state.model_state, want)
     for s in bn_states(state.model_state).values():
         assert (s["mean"].dtype, s["var"].dtype) == (jnp.float32, jnp.float32)
@@ -144,19 +163,24 @@ def test_scan_steps_equals_single_steps():
 
 
 def test_eval_step_reads_the_model_state():
-    model, state, step = setup()
-    eval_step = train.make_eval_step(train.classifier_eval(model))
+    _, state, step = setup()
+    eval_step = eval_step_fn()
     batch = batches(1, seed=1)[0]
     state, _ = step(state, batches(1)[0])
     params, one = snapshot((state.params, state.model_state))
     got = eval_step(params, batch, one)
-    logits, same = model.apply(params, batch["x"], state=one)  # eval mode
+
+    @jax.jit  # the reference values in one program, not op by op
+    def reference(params, x, y, state):
+        logits, same = small_model().apply(params, x, state=state)  # eval mode
+        return same, losses.softmax_cross_entropy(logits, y), losses.accuracy(logits, y)
+
+    same, loss, accuracy = reference(params, batch["x"], batch["y"], one)
     tree_equal(same, one)
-    assert float(got["loss"]) == pytest.approx(
-        float(losses.softmax_cross_entropy(logits, batch["y"])), rel=1e-5)
-    assert float(got["accuracy"]) == pytest.approx(float(losses.accuracy(logits, batch["y"])))
+    assert float(got["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(got["accuracy"]) == pytest.approx(float(accuracy))
     # other statistics, other results (same params)
-    _, two = model.apply(params, batches(1, seed=2)[0]["x"] * 3.0, state=one, train=True)
+    _, two = jit_apply()(params, batches(1, seed=2)[0]["x"] * 3.0, state=one, train=True)
     assert float(eval_step(params, batch, two)["loss"]) != pytest.approx(float(got["loss"]))
     # evaluate passes model_state on, weighting batches by size
     loader = dataset(40, seed=1).batches(16)  # 16 + 16 + 8
@@ -251,10 +275,10 @@ def test_counts_after_fit_equal_the_steps(steps_per_call):
 
 
 def fit_run(epochs, **kw):
-    model, state, step = setup()
+    _, state, step = setup()
     loader = dataset().batches(16, key=jax.random.key(2), drop_remainder=True)  # 6 a epoch
     return train.fit(state, step, loader, epochs=epochs, progress=False,
-                     eval_step=train.make_eval_step(train.classifier_eval(model)),
+                     eval_step=eval_step_fn(),
                      eval_data=dataset(32, seed=1).batches(16), **kw)
 
 

@@ -1,6 +1,7 @@
 """Interrupts and resumes: Ctrl-C returns a live state, any error carries it, and a run
 killed anywhere, then resumed, equals an uninterrupted one bit for bit, logs included."""
 
+import functools
 import json
 import os
 import random
@@ -35,17 +36,22 @@ def raise_(error):
     return action
 
 
+@functools.cache  # one step per learning rate: fit's programs compile once, not per run
+def steps(lr):
+    model = nn.serial(nn.dense(16), nn.relu(), nn.dropout(0.2), nn.dense(3))
+    opt = optim.adamw(lr)
+    return (model, opt, train.make_train_step(train.classifier_loss(model), opt),
+            train.make_eval_step(train.classifier_eval(model)))
+
+
 def setup(lr=1e-2):
     rng = np.random.default_rng(0)
     ds = data.ArrayDataset(x=rng.standard_normal((96, 8)).astype(np.float32),
                            y=rng.integers(0, 3, 96).astype(np.int32))
-    model = nn.serial(nn.dense(16), nn.relu(), nn.dropout(0.2), nn.dense(3))
-    opt = optim.adamw(lr)
+    model, opt, step, ev = steps(lr)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8)))
     state = train.TrainState.create(params, opt, jax.random.key(1))
-    step = train.make_train_step(train.classifier_loss(model), opt)
     loader = ds.batches(16, key=jax.random.key(2), drop_remainder=True)  # 6 steps an epoch
-    ev = train.make_eval_step(train.classifier_eval(model))
     return state, step, loader, dict(eval_step=ev, eval_data=ds.batches(32))
 
 
