@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from funtrain._random import draw_flat
 from funtrain._tree import KERNELS, key_path_selector, keystr
 from funtrain.optim.base import Optimizer, check_optimizer
 from funtrain.optim.fused import has_fused
@@ -100,9 +101,8 @@ def random(params: Any, sparsity: float, key: jax.Array, select: Select = None) 
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     return treedef.unflatten([
-        # drawn flat: XLA compiles threefry for a 4-d kernel's shape far slower
-        _keep_largest(jax.random.uniform(k, (np.size(w),)).reshape(jnp.shape(w)), sparsity)
-        if c else jnp.ones(jnp.shape(w), bool)
+        _keep_largest(draw_flat(jax.random.uniform, k, jnp.shape(w)), sparsity) if c
+        else jnp.ones(jnp.shape(w), bool)
         for w, c, k in zip(leaves, jax.tree.leaves(chosen), keys, strict=True)])
 
 

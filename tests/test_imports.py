@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "funtrain"
 
 # Lowest first; a module may import its own layer or a lower one. Prefixes match submodules.
 LAYERS = [
-    ("base", ["funtrain._typing", "funtrain._version", "funtrain._checks", "funtrain._tree"]),
+    ("base", ["funtrain._typing", "funtrain._version", "funtrain._checks", "funtrain._tree",
+              "funtrain._random"]),
     ("core", ["funtrain.losses", "funtrain.precision", "funtrain.parallel", "funtrain.interop",
               "funtrain.data", "funtrain.optim", "funtrain.profile"]),
     ("compression", ["funtrain.quant", "funtrain.sparsity"]),
