@@ -173,10 +173,11 @@ def test_a_process_killed_by_sigkill_resumes_bitwise(tmp_path):
 
 
 def test_ctrl_c_stops_at_a_step_boundary_saves_and_returns(tmp_path):
-    full_state, full = fit(epochs=3)
     # A shell that starts pytest in the background sets SIGINT to SIG_IGN, not Python's
-    # default handler: fit must put back whichever it found.
+    # default handler: fit must put back whichever it found (taken before any fit runs).
     before = signal.getsignal(signal.SIGINT)
+    full_state, full = fit(epochs=3)
+    assert signal.getsignal(signal.SIGINT) is before
     sigint = lambda: os.kill(os.getpid(), signal.SIGINT)
     state, history = fit(tmp_path, epochs=3, extra=[At(5, sigint)])
     assert history.interrupted and history.stop_reason == "interrupted (Ctrl-C)"
