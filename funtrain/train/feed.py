@@ -56,26 +56,39 @@ class Chunk(NamedTuple):
     epoch_end: bool
 
 
-def plan(first: int, end: int, steps_per_epoch: int, k: int, cuts: Iterable[int]
-         ) -> Iterator[Chunk]:
+def plan(first: int, end: int, steps_per_epoch: int, k: int, cuts: Iterable[int],
+         full: int | None = None) -> Iterator[Chunk]:
     """The chunks from global step ``first`` to ``end``.
 
     A chunk ends at the epoch's end, at a multiple of ``k`` counted from the epoch's start,
     and at each multiple of every ``cut`` (checkpoint and evaluation steps), so those land
     exactly on chunk boundaries. Chunks of ``k`` steps are scanned; shorter ones run step by
-    step (one compiled function per chunk length would cost a compile each).
+    step (one compiled function per chunk length would cost a compile each). ``full``: the
+    epoch's full batches when its last batch is smaller (``full_batches``); a chunk ends
+    there too, so the smaller batch always runs on its own, never inside a scan.
     """
     cuts = [c for c in cuts if c]
+    full = steps_per_epoch if full is None else full
     step = first
     while step < end:
         epoch, batch = divmod(step, steps_per_epoch)
         stop = min(end, (epoch + 1) * steps_per_epoch,
                    epoch * steps_per_epoch + (batch // k + 1) * k,
+                   epoch * steps_per_epoch + (full if batch < full else steps_per_epoch),
                    *((step // c + 1) * c for c in cuts))
         size = stop - step
         yield Chunk(step, size, epoch, batch, size == k and k > 1,
                     stop == (epoch + 1) * steps_per_epoch)
         step = stop
+
+
+def full_batches(data: Any) -> int | None:
+    """The full batches of an epoch of a ``Loader`` whose last batch is smaller
+    (``drop_remainder=False`` and a dataset the batch size does not divide), else ``None``."""
+    if not isinstance(data, Loader) or data.drop_remainder or \
+            len(data.dataset) % data.batch_size == 0:
+        return None
+    return len(data.dataset) // int(data.batch_size)
 
 
 def auto_steps_per_call(steps_per_epoch: int | None, cuts: Iterable[int] = (),
@@ -288,7 +301,8 @@ class DeviceFeed:
                ) -> Iterator[tuple[Chunk, Any]]:
         """The chunks from step ``first`` to ``end`` (the epoch's arrays are the feed's)."""
         assert end is not None
-        for chunk in plan(first, end, self.steps_per_epoch, self.k, self.cuts):
+        for chunk in plan(first, end, self.steps_per_epoch, self.k, self.cuts,
+                          full_batches(self.loader)):
             yield chunk, chunk.epoch
 
     def run(self, state: Any, chunk: Chunk, epoch: int) -> tuple[Any, list[Any], bool]:
@@ -365,7 +379,8 @@ class HostFeed:
         """Runs in the prefetch thread: read, check and stack each chunk's batches."""
         assert self.steps_per_epoch is not None
         epoch, batches = None, iter(())
-        for chunk in plan(first, end, self.steps_per_epoch, self.k, self.cuts):
+        for chunk in plan(first, end, self.steps_per_epoch, self.k, self.cuts,
+                          full_batches(self.data)):
             if chunk.epoch != epoch:
                 epoch = chunk.epoch
                 batches = epoch_batches(self.data, epoch)

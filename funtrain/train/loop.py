@@ -37,6 +37,7 @@ from funtrain.train.feed import (
     convolves_on_cpu,
     epoch_batches,
     fits_on_device,
+    full_batches,
 )
 from funtrain.train.state import TrainState
 from funtrain.train.step import Metrics, StepFn, _is_deleted, donated_state_error
@@ -181,7 +182,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
     steps_per_epoch = _check_arguments(locals())
     cuts = tuple(c for c in (checkpoint_every, eval_every) if c)
     on_device = device_data if device_data is not None else fits_on_device(train_data)
-    k = steps_per_call or (auto_steps_per_call(steps_per_epoch, cuts) if on_device
+    # A smaller last batch runs on its own: scans cover the full batches
+    scanned = full_batches(train_data) or steps_per_epoch
+    k = steps_per_call or (auto_steps_per_call(scanned, cuts) if on_device
                            and not convolves_on_cpu(train_step, state, train_data) else 1)
     feed = (DeviceFeed(train_data, train_step, k, cuts) if on_device else
             HostFeed(train_data, train_step, k, cuts, steps_per_epoch))

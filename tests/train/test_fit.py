@@ -123,10 +123,13 @@ def test_a_convolutional_step_runs_one_per_call_on_cpu(monkeypatch):
                      s1.params, s2.params)
 
 
+@pytest.mark.parametrize("steps_per_call", [2, None])
 @pytest.mark.parametrize("feed_kind", ["device, sliced", "device, gathered", "host"])
-def test_device_epochs_are_the_loaders_batches(feed_kind, monkeypatch):
+def test_device_epochs_are_the_loaders_batches(feed_kind, steps_per_call, monkeypatch):
     """Every feed serves each epoch in the Loader's order, bit for bit, and its smaller last
-    batch too (drop_remainder=False); per-step vector metrics keep their shape."""
+    batch too (drop_remainder=False); per-step vector metrics keep their shape. By default
+    a device epoch of 4 full batches and a smaller one scans the 4 and runs the last alone
+    (a scan of all 5 once sliced rows 18-22 for the last batch: 18 and 19 twice)."""
     if feed_kind == "device, gathered":  # large batches gather rows inside the scan
         monkeypatch.setattr(feed.DeviceFeed, "GATHER_BYTES", 0)
     device_data = feed_kind != "host"
@@ -141,8 +144,8 @@ def test_device_epochs_are_the_loaders_batches(feed_kind, monkeypatch):
 
     loader = ds.batches(5, key=jax.random.key(3))
     state = train.TrainState.create({"w": jnp.zeros(1)}, optim.sgd(0.1), jax.random.key(0))
-    _, history = train.fit(state, step, loader, epochs=2, progress=False, steps_per_call=2,
-                           device_data=device_data)
+    _, history = train.fit(state, step, loader, epochs=2, progress=False,
+                           steps_per_call=steps_per_call, device_data=device_data)
     seen = np.asarray(history.train["y"])
     expected = [b["y"] for e in range(2) for b in loader.epoch(e)]
     assert len(seen) == len(expected) == 10
@@ -256,6 +259,11 @@ def test_plan_cuts_at_epochs_multiples_and_intervals():
                                                    (16, 2), (18, 2)]
     assert [c.scanned for c in chunks] == [False, False, False, True, True, False, False]
     assert [c.epoch_end for c in chunks] == [False, False, True, False, True, False, False]
+    # an epoch of 5 full batches and a smaller 6th: the 6th is a chunk of its own
+    chunks = list(feed.plan(0, 12, 6, 5, cuts=(), full=5))
+    assert [(c.first, c.size, c.scanned) for c in chunks] == [(0, 5, True), (5, 1, False),
+                                                              (6, 5, True), (11, 1, False)]
+    assert [c.first for c in feed.plan(0, 6, 6, 3, (), full=5)] == [0, 3, 5]
     auto = feed.auto_steps_per_call
     assert auto(468) == 468 and auto(1877) == 1877 and auto(6, (2,)) == 2  # whole epochs
     assert auto(468, target=64) == 52 and auto(1875, target=64) == 25
