@@ -268,9 +268,11 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                     run_eval(chunk.epoch)
                     last_eval = step
                 if chunk.epoch_end:
+                    record()  # the epoch's on_step calls come before its on_epoch_end
                     _call(hooks, "on_epoch_end", chunk.epoch, state)
                 stop = _stop_reason(callbacks) or interrupts.reason
-                if checkpoints is not None and (stop or (
+                # The last step's checkpoint is saved after the loop, with the final evaluation
+                if checkpoints is not None and step != end and (stop or (
                         step % checkpoint_every == 0 if checkpoint_every else chunk.epoch_end)):
                     save(stop if not interrupts.reason else None)
                 if stop:
@@ -278,8 +280,10 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                     history.interrupted = interrupts.reason is not None
                     break
             record()
+            # Interrupted after its last step, the run is finished: a resume trains nothing
+            # more, so the final evaluation is now or never.
             if (eval_step is not None and eval_every and last is not None
-                    and last_eval != step and not history.interrupted):
+                    and last_eval != step and (not history.interrupted or step == end)):
                 run_eval(last.epoch)
             save(None if history.interrupted else history.stop_reason)
     except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a callback

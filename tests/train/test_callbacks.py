@@ -89,6 +89,16 @@ def test_hooks_fire_in_order(tmp_path):
     assert names[-4:] == ["on_eval", "on_epoch_end", "on_checkpoint", "close"]
 
 
+def test_an_epoch_ends_after_its_steps_are_logged():
+    """With log_every longer than an epoch, on_epoch_end still follows the epoch's on_step
+    calls (a callback averaging the epoch's loss there sees all of it)."""
+    state, step, loader, ev, test = setup()
+    rec = Recorder()
+    train.fit(state, step, loader, epochs=2, progress=False, log_every=50, callbacks=[rec])
+    names = [n for n, _ in rec.calls if n in ("on_step", "on_epoch_end")]
+    assert names == ["on_step"] * 4 + ["on_epoch_end"] + ["on_step"] * 4 + ["on_epoch_end"]
+
+
 def test_early_stopping():
     state, step, loader, ev, test = setup(opt=optim.sgd(0.0))  # lr 0: no improvement
     stopper = train.EarlyStopping(monitor="loss", patience=2)

@@ -190,6 +190,22 @@ def test_ctrl_c_stops_at_a_step_boundary_saves_and_returns(tmp_path):
     same_tree(state.params, full_state.params)
 
 
+def test_ctrl_c_in_the_last_step_still_evaluates_the_end(tmp_path):
+    """Every step ran: the run is finished (a resume trains nothing), so its final
+    evaluation (eval_every does not divide the 12 steps) must happen in this call, and be
+    in the checkpoint's history, interrupted or not."""
+    sigint = lambda: os.kill(os.getpid(), signal.SIGINT)
+    _, full = fit(tmp_path / "full", epochs=2, eval_every=5)
+    assert [e["step"] for e in full.eval] == [5, 10, 12]
+    _, again = fit(tmp_path / "full", epochs=2, eval_every=5, resume=True)
+    assert again.train["step"] == [] and again.eval == full.eval
+    state, history = fit(tmp_path, epochs=2, eval_every=5, extra=[At(12, sigint)])
+    assert history.interrupted and int(state.step) == 12
+    assert history.eval == full.eval
+    _, again = fit(tmp_path, epochs=2, eval_every=5, resume=True)
+    assert again.train["step"] == [] and again.eval == full.eval
+
+
 def test_keyboard_interrupt_from_a_callback_returns_a_live_state(tmp_path):
     state, history = fit(tmp_path, epochs=2, extra=[At(4, raise_(KeyboardInterrupt))])
     assert history.interrupted and "KeyboardInterrupt" in history.stop_reason
