@@ -123,11 +123,16 @@ def layout_of(params: Any, group: GroupFn | None = None) -> Layout:
     return Layout(treedef, tuple(tuple(g) for g in groups), tuple(leaves))
 
 
-def pack(params: Any, layout: Layout) -> FlatParams:
-    """``params`` (a tree with ``layout``'s structure, shapes and dtypes) into buffers."""
+def pack(params: Any, layout: Layout, dtypes: tuple[str, ...] | None = None) -> FlatParams:
+    """``params`` (a tree with ``layout``'s structure, shapes and dtypes) into buffers.
+
+    ``dtypes``: the buffers' dtypes where they are not the layout's, which are the params'
+    (an optimizer state's moments in float32 for bfloat16 params, or in ``mu_dtype``).
+    """
     leaves = layout.treedef.flatten_up_to(params)
     for (g, shape), leaf in zip(layout.leaves, leaves, strict=True):
         label, dtype, _ = layout.groups[g]
+        dtype = dtype if dtypes is None else dtypes[g]
         if tuple(np.shape(leaf)) != shape or np.dtype(leaf.dtype).name != dtype:
             raise ValueError(f"fuse: a leaf of {np.dtype(leaf.dtype).name}{list(np.shape(leaf))}"
                              f" does not fit the layout's {dtype}{list(shape)} in buffer "
@@ -154,6 +159,7 @@ def fuse(params: Any, group: GroupFn | None = None) -> FlatParams:
     """
     if isinstance(params, FlatParams):
         return params
+    params = jax.tree.map(jnp.asarray, params)  # Python scalars too
     return pack(params, layout_of(params, group))
 
 
@@ -179,8 +185,9 @@ def unfuse_spec(tree: Any) -> Any:
     """``unfuse`` for shapes: each ``FlatParams`` becomes its leaves' ``ShapeDtypeStruct``s
     (nothing is computed, so buffers may be ``ShapeDtypeStruct``s too)."""
     def spec(x: Any) -> Any:
+        # the buffers' dtypes: a moment's may differ from the params' in the layout
         return x.layout.treedef.unflatten(
-            [jax.ShapeDtypeStruct(shape, x.layout.groups[g][1]) for g, shape in x.layout.leaves])
+            [jax.ShapeDtypeStruct(shape, x.buffers[g].dtype) for g, shape in x.layout.leaves])
 
     return jax.tree.map(lambda x: spec(x) if _is_flat(x) else x, tree, is_leaf=_is_flat)
 
@@ -196,8 +203,12 @@ def fuse_like(tree: Any, template: Any) -> Any:
     structure = jax.tree.structure(template, is_leaf=_is_flat)
     parts = structure.flatten_up_to(tree)
     marks = jax.tree.leaves(template, is_leaf=_is_flat)
-    return structure.unflatten([pack(p, m.layout) if _is_flat(m) else p
+    return structure.unflatten([pack(p, m.layout, _dtypes(m)) if _is_flat(m) else p
                                 for p, m in zip(parts, marks, strict=True)])
+
+
+def _dtypes(flat: FlatParams) -> tuple[str, ...]:
+    return tuple(np.dtype(b.dtype).name for b in flat.buffers)
 
 
 def leafwise(opt: Optimizer) -> Optimizer:

@@ -171,6 +171,30 @@ def test_checkpoints_cross_between_fused_and_unfused():
         assert_same(a, b)
 
 
+@pytest.mark.parametrize("case", ["bf16 params, f32 moments", "f32 params, bf16 mu",
+                                  "bf16 params, f32 ema"])
+def test_checkpoints_of_moments_in_another_dtype_than_the_params(case, tmp_path):
+    """A fused moment buffer keeps the params' layout but has its own dtype: it restores
+    into a fused state (concrete or eval_shape template) with its dtype and layout."""
+    params = {"b": jnp.zeros(3), "w": jnp.full((2, 3), 0.5, jnp.bfloat16)}
+    opt = {"bf16 params, f32 moments": optim.adam(1e-2),
+           "f32 params, bf16 mu": optim.adam(1e-2, mu_dtype=jnp.bfloat16),
+           "bf16 params, f32 ema": optim.ema(optim.sgd(0.1), 0.9)}[case]
+    if case == "f32 params, bf16 mu":
+        params["w"] = params["w"].astype(jnp.float32)
+    grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.25, params)
+    state = train.TrainState.create(params, opt, jax.random.key(1), fused=True)
+    _, opt_state = opt.update(fuse(grads), state.opt_state, state.params)  # moments not 0
+    state = state._replace(opt_state=opt_state)
+    checkpoint.save(tmp_path, state, 1)
+    for template in (state, jax.eval_shape(lambda: state)):
+        restored = checkpoint.restore(tmp_path, target=template, step=1)
+        assert jax.tree.structure(restored) == jax.tree.structure(state)  # same layouts
+        assert_same(restored, state)
+    plain = train.TrainState.create(params, opt, jax.random.key(1))
+    assert_same(checkpoint.restore(tmp_path, target=plain, step=1), unfuse(state))
+
+
 def test_fit_with_evaluation_and_ema_is_the_same_fused():
     rng = np.random.default_rng(1)
     ds = data.ArrayDataset(x=rng.standard_normal((128, 8)).astype(np.float32),
