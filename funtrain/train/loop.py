@@ -125,7 +125,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
       train_data: a ``Loader`` (``.epoch(e)`` yields batches), a callable
         ``epoch -> batches``, or a re-iterable such as a list.
       epochs: passes of *this call*: calling ``fit`` again continues the training, at the
-        data position of ``state.step`` when the data has a ``len()``.
+        data position of ``state.step`` when the data has a ``len()``. Without one, each
+        call numbers its epochs from 0 again (a callable gets ``0, 1, ...`` again, so its
+        shuffles repeat unless it keeps its own count).
       eval_step, eval_data: from ``make_eval_step``, and the data ``evaluate`` runs it on.
       eval_every: evaluate every this many steps (and at the end of the call) instead of
         after every epoch.
@@ -254,7 +256,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         with _Interrupts() as interrupts:
             for chunk, batches in feed.chunks(first, end, epochs):
                 if bar is not None and (last is None or chunk.epoch != last.epoch):
-                    bar.set_epoch(chunk.epoch - run_start // (steps_per_epoch or 1), epochs)
+                    # without a len(), each call numbers its epochs from 0
+                    bar.set_epoch(chunk.epoch - (run_start // steps_per_epoch
+                                                 if steps_per_epoch else 0), epochs)
                 compiling = _compile_seconds()
                 state, metrics, stacked = feed.run(state, chunk, batches)
                 if bar is not None:

@@ -99,6 +99,20 @@ def test_an_epoch_ends_after_its_steps_are_logged():
     assert names == ["on_step"] * 4 + ["on_epoch_end"] + ["on_step"] * 4 + ["on_epoch_end"]
 
 
+def test_the_bar_counts_the_epochs_of_each_call(monkeypatch):
+    """A second fit call shows epochs 1/2 and 2/2 again, for data with or without a len()
+    (a callable epoch -> batches has none: its epochs count from 0 in each call)."""
+    from funtrain.train.callbacks import ProgressBar
+
+    seen = []
+    monkeypatch.setattr(ProgressBar, "set_epoch", lambda self, e, n: seen.append((e, n)))
+    state, step, loader, ev, test = setup()
+    for data_ in (loader, loader.epoch):
+        for _ in range(2):
+            state, _ = train.fit(state, step, data_, epochs=2, progress=True)
+    assert seen == [(0, 2), (1, 2)] * 4
+
+
 def test_early_stopping():
     state, step, loader, ev, test = setup(opt=optim.sgd(0.0))  # lr 0: no improvement
     stopper = train.EarlyStopping(monitor="loss", patience=2)
