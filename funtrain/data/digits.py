@@ -36,7 +36,8 @@ def load_digits(*, test_fraction: float = 0.2, flatten: bool = True, seed: int =
     x = np.asarray(raw.data, np.float64)
     y = np.asarray(raw.target, np.int32)
     perm = np.random.default_rng(seed).permutation(len(x))
-    n_test = int(round(len(x) * test_fraction))
+    # at least one image each side: an empty train split would normalise by NaN
+    n_test = min(max(int(round(len(x) * test_fraction)), 1), len(x) - 1)
     test_idx, train_idx = perm[:n_test], perm[n_test:]
     mean = x[train_idx].mean(axis=0)
     std = x[train_idx].std(axis=0)

@@ -336,7 +336,9 @@ def _storable(value: Any) -> np.ndarray:
     stored = np.asarray(value)
     if _is_native(stored.dtype):
         return stored
-    return np.ascontiguousarray(stored).view(f"uint{stored.dtype.itemsize * 8}")
+    # ascontiguousarray makes a 0-d array 1-d: reshape it back
+    return np.ascontiguousarray(stored).view(f"uint{stored.dtype.itemsize * 8}") \
+        .reshape(stored.shape)
 
 
 def _encode(path: str, leaf: Any) -> tuple[dict[str, Any], np.ndarray]:

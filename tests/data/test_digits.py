@@ -99,6 +99,9 @@ def test_bad_test_fraction(frac):
 def test_custom_test_fraction():
     train, test = load_digits(test_fraction=0.5)
     assert len(train) + len(test) == 1797 and abs(len(test) - 898.5) <= 0.5
+    for frac, n_test in ((1e-4, 1), (0.9999, 1796)):  # rounding never empties a split
+        train, test = load_digits(test_fraction=frac)
+        assert len(test) == n_test and np.isfinite(test.arrays["x"]).all()
 
 
 @pytest.mark.parametrize("blocked", [("sklearn.datasets",), ("sklearn", "sklearn.datasets")])

@@ -153,6 +153,9 @@ def test_exotic_leaves_round_trip(tmp_path):
         "keys": jax.random.split(jax.random.key(1, impl="rbg"), 3),
         "raw_key": jax.random.PRNGKey(2),
         "list": [jnp.ones(2, jnp.float16), ()],
+        # 0-d leaves of dtypes numpy stores as bytes (a bf16 temperature or scale)
+        "scalars": [jnp.asarray(2.0, jnp.bfloat16), jnp.asarray(0.5, jnp.float8_e4m3fn),
+                    jnp.asarray(-3, jnp.int4), np.asarray(1.5, jnp.bfloat16)],
     }
     checkpoint.save(tmp_path, tree, 1)
     restored = checkpoint.restore(tmp_path, target=tree)
@@ -161,6 +164,8 @@ def test_exotic_leaves_round_trip(tmp_path):
     assert type(restored["py"]["b"]) is bool
     assert isinstance(restored["np"], np.ndarray)
     assert restored["none"] is None
+    assert [x.shape for x in restored["scalars"]] == [()] * 4
+    assert checkpoint.restore(tmp_path)["scalars"]["0"].shape == ()  # no target either
     # shapes/dtypes from jax.eval_shape work as a target too
     abstract = jax.eval_shape(lambda: _state(jnp.bfloat16))
     checkpoint.save(tmp_path, _state(jnp.bfloat16), 2)
