@@ -18,7 +18,7 @@ from funtrain._tree import keystr
 from funtrain._typing import Array, Batch, Params, PRNGKey
 from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module, check_statistics
-from funtrain.optim import injected_hyperparams
+from funtrain.optim import MultiStepsState, injected_hyperparams
 from funtrain.optim.base import Optimizer, apply_updates, check_optimizer, global_norm
 from funtrain.optim.fused import FlatParams
 from funtrain.precision import all_finite, as_policy
@@ -72,11 +72,24 @@ def _split_loss(where: str, out: Any, stateful: bool = False
     return loss, dict(aux), new_state
 
 
-def _learning_rate(learning_rate: Any, state: TrainState) -> Any:
-    """The lr to report: the given float/schedule at this step, or an injected one."""
-    if learning_rate is not None:
-        return learning_rate(state.step) if callable(learning_rate) else learning_rate
-    return injected_hyperparams(state.opt_state).get("learning_rate")
+def _is_multi_steps(s: Any) -> bool:
+    return isinstance(s, MultiStepsState)
+
+
+def _learning_rate(learning_rate: Any, state: TrainState, opt_state: Any) -> Any:
+    """The lr this step's update used: the given float, or schedule at the optimizer's
+    count (skipped steps and ``multi_steps``' micro-steps do not advance it), or the
+    injected one in the updated ``opt_state`` (the state before it holds the last step's)."""
+    if learning_rate is None:
+        return injected_hyperparams(opt_state).get("learning_rate")
+    if not callable(learning_rate):
+        return learning_rate
+    rounds = [s for s in jax.tree.leaves(state.opt_state, is_leaf=_is_multi_steps)
+              if _is_multi_steps(s)]
+    if len(rounds) == 1:
+        return learning_rate(rounds[0].gradient_step)
+    skipped = state.skipped_steps
+    return learning_rate(state.step if skipped is None else state.step - skipped)
 
 
 def _check_opt_state(where: str, optimizer: Optimizer, state: TrainState) -> None:
@@ -245,8 +258,9 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         next step's loss and the params before each checkpoint. Skip mode and loss scaling
         always test the gradients.
       learning_rate: a float or schedule to report as the ``learning_rate`` metric (the
-        optimizer's own is used). Without it, an ``optim.inject_hyperparams`` optimizer's
-        current ``learning_rate`` is reported.
+        optimizer's own is used); a schedule is read at the optimizer's count, which
+        skipped steps and ``multi_steps``' micro-steps do not advance. Without it, the
+        ``learning_rate`` an ``optim.inject_hyperparams`` optimizer used in this update.
       jit: compile the step with ``jax.jit``.
       donate: donate the input state's buffers to the output (halves peak memory);
         do not reuse a state after passing it in.
@@ -346,7 +360,7 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
                    "nonfinite": nonfinite}
         if bad_labels is not None:
             metrics["invalid_labels"] = jnp.asarray(bad_labels, jnp.int32)
-        lr = _learning_rate(learning_rate, state)
+        lr = _learning_rate(learning_rate, state, opt_state)
         if lr is not None:
             metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
         skipped = state.skipped_steps

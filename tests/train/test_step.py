@@ -152,3 +152,32 @@ def test_global_norm_joins_small_leaves_and_keeps_large_ones_apart():
     leaves.update({f"t{i}": rng.standard_normal(i + 1).astype(np.float32) for i in range(6, 9)})
     text = jax.jit(optim.global_norm).lower(leaves).as_text()
     assert text.count("stablehlo.reduce") == 5 + 1 + 1 + 1  # shapes of their own: one vector
+
+
+@pytest.mark.parametrize("case", ["injected", "schedule, skipped step", "schedule, multi_steps"])
+def test_the_reported_learning_rate_is_the_one_the_update_used(case):
+    """SGD on a linear loss of gradient 1 moves w by exactly -lr: the metric must say the
+    lr of that move (the injected one of this update, not the last; a schedule at the
+    optimizer's count, which skipped steps and micro-steps do not advance)."""
+    sched = optim.schedules.exponential_decay(0.5, 0.5)
+    good, bad = {"x": jnp.ones(())}, {"x": jnp.asarray(jnp.nan)}
+    opt, kw, batches = {
+        "injected": (optim.inject_hyperparams(optim.sgd)(learning_rate=sched), {},
+                     [good] * 3),
+        "schedule, skipped step": (optim.sgd(sched), {"learning_rate": sched,
+                                                      "skip_nonfinite": True},
+                                   [good, bad, good, good]),
+        "schedule, multi_steps": (optim.multi_steps(optim.sgd(sched), 2),
+                                  {"learning_rate": sched}, [good] * 4),
+    }[case]
+    state = train.TrainState.create({"w": jnp.zeros(())}, opt, jax.random.key(0))
+    step = train.make_train_step(lambda p, b: jnp.sum(p["w"] * b["x"]), opt, **kw)
+    moves = []
+    for batch in batches:
+        before = float(state.params["w"])
+        state, metrics = step(state, batch)
+        moved = before - float(state.params["w"])
+        if moved:
+            assert float(metrics["learning_rate"]) == moved, (case, len(moves))
+            moves.append(moved)
+    assert moves == [0.5, 0.25, 0.125][:len(moves)] and len(moves) >= 2
