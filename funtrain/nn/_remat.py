@@ -23,7 +23,8 @@ def tied_remat(fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], 
     The backward pass recomputes ``fn`` inside ``lax.cond`` on a predicate read from the
     incoming cotangent (always true, but not provably so). The recomputation therefore
     cannot run before the cotangent exists, and each segment's intermediates live only
-    during its own backward step. ``keys`` (PRNG keys or ``None``) get no cotangent.
+    during its own backward step. ``keys`` (PRNG keys or ``None``) and integer or bool
+    leaves (token ids, masks, quantized weights) get no cotangent.
     """
 
     def primal(params: Any, xs: Any, keys: Any) -> Any:
@@ -41,14 +42,27 @@ def tied_remat(fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], 
         # True for every value (NaN included), but XLA cannot fold it away.
         pred = jnp.logical_or(jnp.isnan(probe), jnp.logical_not(jnp.isnan(probe)))
 
-        def recompute(params: Any, xs: Any, g: Any) -> tuple[Any, Any]:
-            _, vjp = jax.vjp(lambda p, x: fn(p, x, keys), params, xs)
-            return vjp(g)
+        # Only the float leaves are differentiated; the others are closed over.
+        args, treedef = jax.tree.flatten((params, xs))
+        wrt = [i for i, a in enumerate(args) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
 
-        def skip(params: Any, xs: Any, g: Any) -> tuple[Any, Any]:
-            return jax.tree.map(jnp.zeros_like, (params, xs))
+        def call(floats: list[Any]) -> Any:
+            full = list(args)
+            for i, a in zip(wrt, floats, strict=True):
+                full[i] = a
+            return fn(*treedef.unflatten(full), keys)
 
-        d_params, d_xs = lax.cond(pred, recompute, skip, params, xs, g)
+        def recompute(floats: list[Any], g: Any) -> list[Any]:
+            return jax.vjp(call, floats)[1](g)[0]
+
+        def skip(floats: list[Any], g: Any) -> list[Any]:
+            return [jnp.zeros_like(a) for a in floats]
+
+        d_floats = lax.cond(pred, recompute, skip, [args[i] for i in wrt], g)
+        cotangents: list[Any] = [None] * len(args)
+        for i, d in zip(wrt, d_floats, strict=True):
+            cotangents[i] = d
+        d_params, d_xs = treedef.unflatten(cotangents)
         return d_params, d_xs, jax.tree.map(lambda _: None, keys)
 
     rematted.defvjp(fwd, bwd)
