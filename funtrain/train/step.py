@@ -235,8 +235,10 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         params and the floating parts of the batch are cast to ``compute_dtype`` for the
         forward and backward pass; gradients come back in the params' dtype (FP32 master
         weights) and the update runs there. The model's outputs reach ``loss_fn`` in the
-        compute dtype (funtrain's losses compute in float32 anyway); to cast them to the
-        policy's ``output_dtype``, wrap the model in ``nn.with_policy``.
+        compute dtype (funtrain's losses compute in float32 anyway). For the policy's
+        ``output_dtype`` or per-layer overrides, wrap the model in ``nn.with_policy``
+        *instead*: this cast covers every param, so an override would get params already
+        rounded to the compute dtype.
       loss_scale: the loss scale this step expects (e.g. ``precision.DynamicLossScale()``
         for float16). The current scale lives in the state, so create the state with
         ``TrainState.create(..., loss_scale=...)``; a state without one is an error here
