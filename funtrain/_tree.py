@@ -40,6 +40,8 @@ def tree_bytes(tree: Any) -> int:
     results, so nothing needs allocating)."""
     total = 0
     for leaf in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)  # a typed key: its words
         dtype = jnp.dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype)
         total += math.prod(int(d) for d in getattr(leaf, "shape", ())) * dtype.itemsize
     return total

@@ -368,8 +368,8 @@ def qat(model: Any, bits: int = 8, granularity: str = "per_channel",
             lambda path, w: fake_quant(w, bits, granularity)
             if chosen(keystr(path), w) and jnp.issubdtype(w.dtype, jnp.floating) else w,
             params)
-        if activation_bits is not None:
-            x = fake_quant(x, activation_bits, "per_tensor")
+        if activation_bits is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            x = fake_quant(x, activation_bits, "per_tensor")  # not token ids or masks
         return model.apply(faked, x, *args, **kwargs)
 
     return model._replace(apply=apply)

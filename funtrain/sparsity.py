@@ -27,7 +27,9 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import jax
@@ -67,7 +69,11 @@ def _keep_largest(scores: jax.Array, sparsity: Any) -> jax.Array:
     so the count is exact; ``sparsity`` may be traced."""
     flat = scores.reshape(-1)
     ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
-    k = jnp.floor(jnp.asarray(sparsity, jnp.float32) * flat.size).astype(jnp.int32)
+    if isinstance(sparsity, (int, float)):  # as the decimal reads: 0.53 of 100 is 53
+        k: Any = math.floor(Fraction(repr(float(sparsity))) * flat.size)
+    else:  # float32 0.53 * 100 is 52.99999: a margin far below one weight's share
+        n = flat.size
+        k = jnp.floor(jnp.asarray(sparsity, jnp.float32) * n + n * 2.0 ** -20).astype(jnp.int32)
     return (ranks >= k).reshape(scores.shape)
 
 

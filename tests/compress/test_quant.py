@@ -152,6 +152,16 @@ def test_qat_trains_under_jit_grad():
                for g in jax.tree.leaves(grads))
 
 
+def test_qat_leaves_integer_inputs_alone():
+    """Token ids are not activations: activation_bits must not round them."""
+    model = nn.serial(nn.embed(1000, 8), nn.dense(4))
+    ids = jnp.asarray([[1, 2, 3, 500, 999]], jnp.int32)
+    params = model.init(jax.random.key(0), ids)
+    got = quant.qat(model, bits=8, activation_bits=8).apply(params, ids)
+    want = quant.qat(model, bits=8).apply(params, ids)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: quant.quantize(PARAMS, bits=2), "quant.quantize: bits must be 4 or 8, got 2"),
     (lambda: quant.quantize(PARAMS, granularity="row"), "granularity must be one of"),

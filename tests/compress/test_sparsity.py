@@ -38,6 +38,16 @@ def test_random_masks_have_the_exact_count():
     assert int((~masks["dense_0"]["w"]).sum()) == int(0.9 * 16 * 32)
 
 
+@pytest.mark.parametrize("share, size", [(0.53, 100), (0.21, 300), (0.59, 3000)])
+def test_the_count_is_the_decimal_share(share, size):
+    """0.53 of 100 weights is 53, as a float or traced (float32 0.53 * 100 is 52.99999)."""
+    params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal(size), jnp.float32)}
+    jitted = jax.jit(sparsity.magnitude)
+    for masks in (sparsity.magnitude(params, share), jitted(params, share),
+                  sparsity.random(params, share, jax.random.key(0))):
+        assert int((~masks["w"]).sum()) == round(share * size)
+
+
 def test_two_four_keeps_the_two_largest_of_every_four_inputs():
     masks = np.asarray(sparsity.n_m(PARAMS, 2, 4)["dense_0"]["w"])  # (16, 32): axis 0 inputs
     w = np.abs(np.asarray(PARAMS["dense_0"]["w"]))

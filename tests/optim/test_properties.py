@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funtrain import optim
+from funtrain import optim, train
 
 # Settings that converge on the test problems below (not tuned for anything else).
 CONFIGS = {
@@ -140,6 +140,9 @@ def test_state_bytes_matches_the_seed_table():
     assert ratio(optim.adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)) == pytest.approx(
         1.0, abs=1e-3)
     assert ratio(optim.adafactor()) < 0.1  # factored: rows + cols, no first moment
+    # a whole TrainState: its typed key counts as its words (2 uint32 for threefry)
+    state = train.TrainState.create(params, optim.sgd(0.1), jax.random.key(0))
+    assert optim.state_bytes(state) == p_bytes + 4 + 8 + 4  # + step, key, skipped_steps
 
 
 def test_bf16_moments_are_stored_in_bf16():
