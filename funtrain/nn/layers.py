@@ -543,14 +543,20 @@ def _softmax_impl(logits: Array, mask: Array | None = None, out_dtype: Any = Non
     return _softmax_fwd(logits, mask, out_dtype, causal)[0]
 
 
-def _softmax_fwd(logits, mask, out_dtype, causal):  # noqa: ANN001, ANN202
-    lf = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+def _kept(shape: tuple[int, ...], mask: Any, causal: bool) -> Any:
+    """The entries the softmax keeps (``None``: all of them)."""
     keep = None
     if causal:
-        q, k = lf.shape[-2:]
+        q, k = shape[-2:]
         keep = jnp.arange(k)[None, :] <= jnp.arange(q)[:, None]
     if mask is not None:
         keep = mask if keep is None else keep & mask
+    return keep
+
+
+def _softmax_fwd(logits, mask, out_dtype, causal):  # noqa: ANN001, ANN202
+    lf = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    keep = _kept(lf.shape, mask, causal)
     if keep is not None:
         lf = jnp.where(keep, lf, jnp.finfo(lf.dtype).min)
     y = jax.nn.softmax(lf, axis=-1).astype(out_dtype or logits.dtype)
@@ -561,8 +567,12 @@ def _softmax_bwd(out_dtype, causal, res, g):  # noqa: ANN001, ANN202
     y, proto, mask = res
     yf = y.astype(jnp.promote_types(y.dtype, jnp.float32))
     gf = g.astype(yf.dtype)
-    dlogits = (yf * (gf - jnp.sum(gf * yf, axis=-1, keepdims=True))).astype(proto.dtype)
-    return dlogits, None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+    dlogits = yf * (gf - jnp.sum(gf * yf, axis=-1, keepdims=True))
+    keep = _kept(y.shape, mask, causal)
+    if keep is not None:  # a masked logit was replaced by a constant: no gradient. A row
+        dlogits = jnp.where(keep, dlogits, 0.0)  # with every entry masked has y != 0 there
+    return dlogits.astype(proto.dtype), \
+        None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
 
 
 softmax_lowp = jax.custom_vjp(_softmax_impl, nondiff_argnums=(2, 3))
