@@ -45,15 +45,17 @@ def reduce(values: Array, reduction: str = "mean", mask: Array | None = None,
             raise ValueError(f"{where}: mask of shape {tuple(mask.shape)} does not broadcast to "
                              f"the per-example loss shape {tuple(values.shape)}") from None
         mask = mask.astype(bool)
-        keep = mask.astype(values.dtype)
         values = jnp.where(mask, values, 0.0)
     if reduction == "none":
         return values
     total = jnp.sum(values)
     if reduction == "sum":
         return total
-    count = jnp.sum(keep) if mask is not None else jnp.asarray(values.size, values.dtype)
-    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+    # counted in float32 at least: float16 cannot count past 65504, bfloat16 past 256
+    acc = jnp.promote_types(values.dtype, jnp.float32)
+    count = jnp.sum(mask, dtype=acc) if mask is not None else jnp.asarray(values.size, acc)
+    mean = jnp.where(count > 0, total.astype(acc) / jnp.maximum(count, 1), 0.0)
+    return mean.astype(values.dtype) if jnp.issubdtype(values.dtype, jnp.floating) else mean
 
 
 def _check_same_shape(where: str, predictions: Array, targets: Array) -> None:
@@ -130,13 +132,16 @@ def binary_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mean
                          mask: Array | None = None) -> Array:
     r"""Elementwise sigmoid cross-entropy from logits (PyTorch's ``BCEWithLogitsLoss``).
 
-    .. math:: \ell = \max(z, 0) - z y + \log(1 + e^{-|z|})
+    .. math:: \ell = \log(1 + e^{z}) - z y
+
+    (``logaddexp(0, z)``: stable, and its gradient is :math:`\sigma(z) - y` at :math:`z = 0`
+    too, where ``max(z, 0)`` and ``|z|`` would give :math:`-y`).
     """
     where = "binary_cross_entropy"
     logits = _f32(logits)
     labels = _f32(labels)
     _check_same_shape(where, logits, labels)
-    loss = jnp.maximum(logits, 0.0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    loss = jnp.logaddexp(0.0, logits) - logits * labels
     return reduce(loss, reduction, mask, where)
 
 
@@ -150,10 +155,12 @@ def mse(predictions: Array, targets: Array, *, reduction: str = "mean",
 
 def l1(predictions: Array, targets: Array, *, reduction: str = "mean",
        mask: Array | None = None) -> Array:
-    """Absolute error ``|p - t|``, elementwise."""
+    """Absolute error ``|p - t|``, elementwise; its gradient at ``p == t`` is 0, as in
+    PyTorch (``jnp.abs``'s is 1)."""
     p, t = _f32(predictions), _f32(targets)
     _check_same_shape("l1", p, t)
-    return reduce(jnp.abs(p - t), reduction, mask, "l1")
+    d = p - t
+    return reduce(jnp.sign(d) * d, reduction, mask, "l1")
 
 
 def huber(predictions: Array, targets: Array, *, delta: float = 1.0, reduction: str = "mean",

@@ -127,6 +127,17 @@ def test_reduce_directly():
         losses.reduce(jnp.asarray(v), "max", where="myloss")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_reduce_counts_past_what_half_precision_can(dtype):
+    """70,000 entries: float16 cannot count them (65504 is its largest) and bfloat16 counts
+    in steps of 256 there; the mean must still be the mean."""
+    v = jnp.full(70_000, 0.1, dtype)
+    for mask in (None, jnp.ones(70_000, bool)):
+        mean = losses.reduce(v, "mean", mask)
+        assert mean.dtype == dtype
+        np.testing.assert_allclose(float(mean), float(v[0]), rtol=1e-2)
+
+
 # ----------------------------------------------------------------------------- cross-entropy
 
 
@@ -244,6 +255,19 @@ def test_bce_soft_labels_and_huge_logits():
         out = losses.binary_cross_entropy(z, y, reduction="none")
         assert np.all(np.isfinite(out))
         close(out, ref.binary_cross_entropy(z, y, reduction="none"))
+
+
+def test_bce_and_l1_gradients_at_the_kink():
+    """BCE's gradient is sigmoid(z) - y at z = 0 too (a zero-initialised head starts
+    there); L1's is 0 where p == t, as in PyTorch, and sign(p - t) elsewhere."""
+    z = jnp.asarray([0.0, 0.0, 2.0, -3.0])
+    y = jnp.asarray([0.0, 1.0, 0.3, 1.0])
+    got = jax.jit(jax.grad(lambda z: losses.binary_cross_entropy(z, y, reduction="sum")))(z)
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-np.asarray(z))) - np.asarray(y),
+                               rtol=1e-6)
+    p, t = jnp.asarray([1.0, 2.0, -1.0]), jnp.asarray([1.0, 0.5, 0.0])
+    got = jax.jit(jax.grad(lambda p: losses.l1(p, t, reduction="sum")))(p)
+    np.testing.assert_array_equal(got, [0.0, 1.0, -1.0])
 
 
 def test_bce_at_zero_is_log2():
