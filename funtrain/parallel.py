@@ -51,9 +51,13 @@ BATCH = PartitionSpec(("data", "fsdp"))  # a batch's first axis, over every data
 Rules = Sequence[tuple[str, PartitionSpec]]
 
 
-def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Any = None) -> Mesh:
+def mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1, *, devices: Any = None
+         ) -> Mesh:
     """A ``Mesh`` with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: all of
-    ``jax.devices()``). One size may be ``-1``: the devices the others leave."""
+    ``jax.devices()``). One size may be ``-1``: the devices the others leave. ``data``
+    defaults to ``-1``, or to 1 when another axis is ``-1`` (``mesh(fsdp=-1)``)."""
+    if data is None:
+        data = 1 if -1 in (fsdp, tensor) else -1
     devices = np.asarray(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, size in sizes.items():

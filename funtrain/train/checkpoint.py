@@ -1025,7 +1025,9 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
     """
     step = _resolve_step(directory, step, "checkpoint.restore")
     if has_fused(target):  # stored as leaves: restore those, then pack them like target
-        return fuse_like(restore(directory, unfuse_spec(target), step), target)
+        packed = fuse_like(restore(directory, unfuse_spec(target), step), target)
+        # the leaves were saved from host copies: the buffers go where target's are
+        return jax.tree.map(_buffer_like, packed, target)
     manifest = read_manifest(directory, step)
     leaves = manifest["leaves"]
     if target is not None:
@@ -1044,6 +1046,13 @@ def restore(directory: PathLike, target: Any = None, step: Any = None) -> Any:
     values = [np.asarray(v) if isinstance(t, np.ndarray) and not isinstance(v, np.ndarray)
               else _placed_like(v, t) for v, t in zip(values, target_leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _buffer_like(value: Any, target: Any) -> Any:
+    """A restored fused buffer (numpy) as ``target``'s: a device array, placed like it."""
+    if isinstance(value, np.ndarray) and not isinstance(target, np.ndarray):
+        value = jnp.asarray(value)
+    return _placed_like(value, target)
 
 
 def _placed_like(value: Any, target: Any) -> Any:

@@ -166,6 +166,8 @@ def test_checkpoints_cross_between_fused_and_unfused():
             lambda: train.TrainState.create(PARAMS, opt, jax.random.key(1), fused=True))
         into_fused = checkpoint.restore(d, target=template, step=3)
         assert isinstance(into_fused.params, FlatParams)
+        # device buffers (saved from host copies), placed like the target's
+        assert all(isinstance(b, jax.Array) for b in into_fused.params.buffers)
         a, _ = step(into_fused, BATCHES[2])
         b, _ = step(fused, BATCHES[2])
         assert_same(a, b)

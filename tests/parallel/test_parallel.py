@@ -147,6 +147,9 @@ def test_mesh_on_this_process_devices():
         parallel.mesh(data=len(jax.devices()) + 1)
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         parallel.mesh(data=-1, fsdp=-1)
+    # data takes the rest by default, unless another axis does (the module's example)
+    assert dict(parallel.mesh(fsdp=-1).shape) == {"data": 1, "fsdp": len(jax.devices()),
+                                                   "tensor": 1}
 
 
 MULTI = Path(__file__).with_name("multiprocess_run.py")
