@@ -50,7 +50,8 @@ def tied_remat(fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], 
             full = list(args)
             for i, a in zip(wrt, floats, strict=True):
                 full[i] = a
-            return fn(*treedef.unflatten(full), keys)
+            p, x = treedef.unflatten(full)
+            return fn(p, x, keys)
 
         def recompute(floats: list[Any], g: Any) -> list[Any]:
             return jax.vjp(call, floats)[1](g)[0]
