@@ -137,10 +137,12 @@ def demo(args: argparse.Namespace) -> float:
         eval_data=test_set.batches(256), steps_per_call=args.steps_per_call,
         progress=not args.no_progress, log_every=10, checkpoint_dir=args.checkpoint_dir,
         resume=args.resume)
-    acc = history.eval[-1]["accuracy"]
     if history.interrupted:
         print(f"interrupted at step {int(state.step)}"
               + ("; continue with --resume" if args.checkpoint_dir else ""))
+    if not history.eval:  # interrupted before the first evaluation
+        return float("nan")
+    acc = history.eval[-1]["accuracy"]
     if state.loss_scale is not None:
         print(f"loss scale {float(state.loss_scale.loss_scale):g}, "
               f"skipped steps {int(state.skipped_steps)}")

@@ -49,6 +49,33 @@ def test_demo_rejects_bad_flags(capsys):
     assert code == 2 and "--resume needs --checkpoint-dir" in err
 
 
+def test_ctrl_c_before_the_first_evaluation_says_how_to_resume(tmp_path, capsys,
+                                                                  monkeypatch):
+    """One Ctrl-C in the first epoch: the demo saves, says so and returns (it once indexed
+    the empty list of evaluations). A --checkpoint-dir that is a file is an error before
+    any training."""
+    import os
+    import signal
+
+    from funtrain import cli, train
+
+    class CtrlC:
+        def on_step(self, step, metrics):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    fit = train.fit
+    monkeypatch.setattr(train, "fit", lambda *a, **k: fit(*a, **{**k, "callbacks": [CtrlC()]}))
+    args = ["demo", "--steps-per-call", "1", "--no-progress"]  # 44 steps an epoch
+    assert cli.main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"interrupted at step \d+; continue with --resume", out), out
+    assert "test accuracy" not in out
+    (tmp_path / "file").write_text("")
+    assert cli.main([*args, "--checkpoint-dir", str(tmp_path / "file")]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", sorted(__import__("funtrain.cli").cli.DEMO_LR))
 def test_every_optimizer_name_is_accepted_and_trains(name):
     """--optimizer takes every name; one step of the demo's model lowers the loss."""

@@ -1096,6 +1096,9 @@ class CheckpointManager:
                              f"got {keep_last!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        if self.directory.exists() and not self.directory.is_dir():  # before any training
+            raise CheckpointError(f"CheckpointManager: {str(self.directory)!r} is a file, "
+                                  f"not a folder; give a folder for the checkpoints")
         if jax.process_index() == 0:  # with several processes, process 0 tidies up
             _recover(self.directory)
 

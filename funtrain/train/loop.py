@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.monitoring
+import jax.numpy as jnp
 import numpy as np
 
 from funtrain._checks import check_int
@@ -92,6 +93,8 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
     for batch in epoch_batches(data, 0, "evaluate"):
         n = _batch_size(batch)
         for k, v in eval_step(params, batch, *extra).items():
+            v = jnp.asarray(v)  # summed in float32 at least: float16 sums overflow
+            v = v.astype(jnp.promote_types(v.dtype, jnp.float32))
             totals[k] = totals.get(k, 0.0) + v * n
         count += n
     if count == 0:

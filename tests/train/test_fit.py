@@ -251,6 +251,10 @@ def test_evaluate_weights_by_batch_size():
     step = train.make_eval_step(lambda p, b: {"mean": jnp.mean(b["x"])})
     result = train.evaluate(step, {}, ds.batches(4))  # batches of 4, 4, 2
     assert result["mean"] == pytest.approx(4.5)
+    # a float16 metric is summed in float32: 100 batches of 256 at 3.0 overflowed to inf
+    step = train.make_eval_step(lambda p, b: jnp.mean(b["x"]).astype(jnp.float16))
+    ones = data.ArrayDataset(x=np.full(25_600, 3.0, np.float32))
+    assert train.evaluate(step, {}, ones.batches(256))["loss"] == 3.0
 
 
 def test_plan_cuts_at_epochs_multiples_and_intervals():
