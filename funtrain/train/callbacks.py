@@ -35,8 +35,12 @@ from funtrain._checks import check_int
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no nan/inf; keep them readable
+    if isinstance(value, (list, tuple)):  # vector metrics
+        return [_jsonable(v) for v in value]
     return value
 
 
@@ -58,7 +62,11 @@ class _AppendFile:
         self._file.write(text)
 
     def size(self) -> int:
-        """Flush to disk (fsync) and return the file's size: the state a checkpoint keeps."""
+        """Flush to disk (fsync) and return the file's size: the state a checkpoint keeps.
+        A file this run has not written yet, and will truncate, counts as empty (an older
+        run's lines there are not this run's)."""
+        if self._file is None and not self.append:
+            return 0
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -217,6 +225,8 @@ class EarlyStopping:
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         check_int("EarlyStopping", "patience", patience)
+        if not min_delta >= 0:  # a negative one would count a worse value as better
+            raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
         self.best_step: int | None = None
@@ -229,9 +239,11 @@ class EarlyStopping:
             raise ValueError(f"EarlyStopping: monitored metric {self.monitor!r} is not among "
                              f"the eval metrics {sorted(metrics)}")
         value = metrics[self.monitor]
-        better = (self.best is None or
-                  (value < self.best - self.min_delta if self.mode == "min"
-                   else value > self.best + self.min_delta))
+        # A NaN is never better, and any number beats a NaN best (NaN compares False)
+        better = not math.isnan(value) and (
+            self.best is None or math.isnan(self.best) or
+            (value < self.best - self.min_delta if self.mode == "min"
+             else value > self.best + self.min_delta))
         if better:
             self.best, self.best_step, self.bad_evals = value, step, 0
             return

@@ -144,6 +144,45 @@ def test_tensorboard_logger_message_or_works(tmp_path):
     assert any(tmp_path.iterdir())
 
 
+def test_early_stopping_skips_nan_and_refuses_a_negative_min_delta():
+    stopper = train.EarlyStopping(monitor="loss", patience=2)
+    for step, value in [(1, float("nan")), (2, 1.0), (3, 0.5)]:  # a NaN first evaluation
+        stopper.on_eval(step, {"loss": value})
+    assert stopper.best == 0.5 and stopper.best_step == 3 and not stopper.stop_training
+    with pytest.raises(ValueError, match="EarlyStopping: min_delta must be >= 0, got -0.1"):
+        train.EarlyStopping(min_delta=-0.1)
+
+
+def test_a_fresh_run_resumed_before_its_first_eval_drops_an_older_runs_rows(tmp_path):
+    """The checkpoint came before this run wrote its eval file: an older run's file there
+    is not this run's, so the resume must not keep its rows."""
+    (tmp_path / "log_eval.csv").write_text("step,loss\n1,9.0\n")  # the older run's
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    for make, name, written in ((train.CsvLogger, "log.csv", "log_eval.csv"),
+                                (train.JsonlLogger, "log.jsonl", "log.jsonl")):
+        first = make(tmp_path / name)
+        if make is train.CsvLogger:
+            first.on_step(1, {"loss": 1.0})  # the train file is this run's; not the eval one
+        saved = first.state_dict()  # the checkpoint; then the run is killed
+        first.close()
+        resumed = make(tmp_path / name)
+        resumed.load_state_dict(saved)
+        resumed.on_eval(3, {"loss": 0.45})
+        resumed.close()
+        text = (tmp_path / written).read_text()
+        assert "9.0" not in text and "0.45" in text, text
+
+
+def test_jsonl_vector_metrics_are_strict_json(tmp_path):
+    logger = train.JsonlLogger(tmp_path / "log.jsonl")
+    logger.on_step(1, {"loss": np.float32(0.5), "per_class": [1.0, float("nan")],
+                       "hist": np.array([1.0, np.inf])})
+    logger.close()
+    line = (tmp_path / "log.jsonl").read_text()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON {c} in {line}"))
+    assert record["per_class"] == [1.0, "nan"] and record["hist"] == [1.0, "inf"]
+
+
 def test_early_stopping_arguments():
     with pytest.raises(ValueError, match="EarlyStopping: mode must be 'min' or 'max'"):
         train.EarlyStopping(mode="up")
