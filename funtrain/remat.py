@@ -95,14 +95,15 @@ def checkpoint(module: Module, policy: str | Callable[..., Any] | None = "nothin
     pol = checkpoint_policy(policy)
 
     def apply(params: Params, *xs: Any, state: Any = None, key: PRNGKey | None = None,
-              train: bool = False) -> Any:
-        def run(p: Params, xs_: tuple[Any, ...], k: Any, s: Any) -> Any:
+              train: bool = False, **inputs: Any) -> Any:
+        # inputs: the module's keyword inputs (e.g. a transformer block's mask=)
+        def run(p: Params, xs_: tuple[Any, ...], kw: dict[str, Any], k: Any, s: Any) -> Any:
             if module.stateful:
-                return module.apply(p, *xs_, state=s, key=k, train=train)
-            return module.apply(p, *xs_, key=k, train=train)
+                return module.apply(p, *xs_, **kw, state=s, key=k, train=train)
+            return module.apply(p, *xs_, **kw, key=k, train=train)
 
         check_eval_state(state, train, f"{module.kind} (checkpointed)")
-        return jax.checkpoint(run, policy=pol)(params, xs, key, state)
+        return jax.checkpoint(run, policy=pol)(params, xs, inputs, key, state)
 
     if name is not None:
         _check_name(name, "checkpoint")
@@ -145,6 +146,9 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
     check_int(kind, "n", n)
     if remat not in (None, "block", "sqrt"):
         raise ValueError(f"repeat: remat must be None, 'block' or 'sqrt', got {remat!r}")
+    check_int(kind, "segment", segment, high=n, optional=True)
+    if segment is not None and remat != "sqrt":
+        raise ValueError(f"repeat: segment={segment} is for remat='sqrt', got remat={remat!r}")
     k = segment or max(1, math.ceil(math.sqrt(n)))
     if remat == "sqrt" and n % k:
         raise ValueError(f"repeat: remat='sqrt' needs n divisible by the segment size; n={n}, "

@@ -1,6 +1,7 @@
 """Gradient checkpointing: exact gradients, real memory savings, flat compile, clear errors."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,25 @@ def transformer_case():
 def test_checkpoint_policies_give_the_same_gradients(policy):
     block, x, params, want = transformer_case()
     assert_tree_close(grads(remat.checkpoint(block, policy), params, x), want)
+
+
+def test_checkpoint_passes_keyword_inputs():
+    """A transformer block takes mask= by keyword; checkpointed, it still does."""
+    block, x, params, _ = transformer_case()
+    mask = jnp.asarray(np.arange(8) < 6)[None].repeat(2, axis=0)
+    assert_tree_close(grads(remat.checkpoint(block), params, x, mask=mask),
+                      grads(block, params, x, mask=mask))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"segment": 0, "remat": "sqrt"}, "repeat: segment must be None or an int in [1, 4], got 0"),
+    ({"segment": 8, "remat": "sqrt"}, "repeat: segment must be None or an int in [1, 4], got 8"),
+    ({"segment": 2.0, "remat": "sqrt"}, "repeat: segment must be None or an int"),
+    ({"segment": 2}, "repeat: segment=2 is for remat='sqrt', got remat=None"),
+])
+def test_repeat_checks_its_segment(kw, message):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        remat.repeat(nn.serial(nn.dense(4), nn.relu()), 4, **kw)
 
 
 @functools.cache  # the plain stack's gradients, computed once for all the segmentings
