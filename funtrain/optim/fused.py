@@ -159,7 +159,8 @@ def fuse(params: Any, group: GroupFn | None = None) -> FlatParams:
     """
     if isinstance(params, FlatParams):
         return params
-    params = jax.tree.map(jnp.asarray, params)  # Python scalars too
+    # Python scalars as arrays (numpy and jax leaves stay as they are)
+    params = jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), params)
     return pack(params, layout_of(params, group))
 
 

@@ -239,7 +239,8 @@ class EarlyStopping:
             raise ValueError(f"EarlyStopping: monitored metric {self.monitor!r} is not among "
                              f"the eval metrics {sorted(metrics)}")
         value = metrics[self.monitor]
-        # A NaN is never better, and any number beats a NaN best (NaN compares False)
+        # A NaN is never better; a NaN best comes only from a checkpoint of an older
+        # version, and any number beats it (NaN compares False)
         better = not math.isnan(value) and (
             self.best is None or math.isnan(self.best) or
             (value < self.best - self.min_delta if self.mode == "min"

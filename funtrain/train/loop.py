@@ -274,8 +274,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                                               eval_every and step % eval_every == 0):
                     run_eval(chunk.epoch)
                     last_eval = step
-                if chunk.epoch_end:
-                    record()  # the epoch's on_step calls come before its on_epoch_end
+                if chunk.epoch_end and any(hasattr(h, "on_epoch_end") for h in hooks):
+                    # the epoch's on_step calls first (a host sync, so only for a listener)
+                    record()
                     _call(hooks, "on_epoch_end", chunk.epoch, state)
                 stop = _stop_reason(callbacks) or interrupts.reason
                 # The last step's checkpoint is saved after the loop, with the final evaluation

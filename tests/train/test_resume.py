@@ -199,7 +199,12 @@ def test_ctrl_c_in_the_last_step_still_evaluates_the_end(tmp_path):
     assert [e["step"] for e in full.eval] == [5, 10, 12]
     _, again = fit(tmp_path / "full", epochs=2, eval_every=5, resume=True)
     assert again.train["step"] == [] and again.eval == full.eval
-    state, history = fit(tmp_path, epochs=2, eval_every=5, extra=[At(12, sigint)])
+    class LastEpoch:  # Ctrl-C while the last chunk is handled, before the loop's stop check
+        def on_epoch_end(self, epoch, state):
+            if epoch == 1:
+                sigint()
+
+    state, history = fit(tmp_path, epochs=2, eval_every=5, extra=[LastEpoch()])
     assert history.interrupted and int(state.step) == 12
     assert history.eval == full.eval
     _, again = fit(tmp_path, epochs=2, eval_every=5, resume=True)
