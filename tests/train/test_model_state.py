@@ -179,6 +179,9 @@ def test_eval_step_reads_the_model_state():
     tree_equal(same, one)
     assert float(got["loss"]) == pytest.approx(float(loss), rel=1e-5)
     assert float(got["accuracy"]) == pytest.approx(float(accuracy))
+    # inside the user's own jit (its statistics are traced there, so unchecked): same values
+    in_jit = jax.jit(eval_step)(params, batch, one)
+    assert float(in_jit["loss"]) == pytest.approx(float(got["loss"]), rel=1e-6)
     # other statistics, other results (same params)
     _, two = jit_apply()(params, batches(1, seed=2)[0]["x"] * 3.0, state=one, train=True)
     assert float(eval_step(params, batch, two)["loss"]) != pytest.approx(float(got["loss"]))
