@@ -125,12 +125,19 @@ def _check(where: str, bits: Any, granularity: Any) -> None:
 
 
 def _scale(w: jax.Array, bits: int, granularity: str) -> jax.Array:
-    """max |w| / qmax, over everything but the last (output) axis for per_channel; an
-    all-zero channel gets scale 1 (its integers are 0 anyway)."""
+    """max |w| / qmax, over everything but the last (output) axis for per_channel."""
     qmax = 2 ** (bits - 1) - 1
     axes = tuple(range(w.ndim - 1)) if granularity == "per_channel" and w.ndim > 1 else None
     amax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=axes, keepdims=axes is not None)
-    return jnp.where(amax > 0, amax / qmax, 1.0).astype(jnp.float32)
+    return _amax_scale(amax, qmax)
+
+
+def _amax_scale(amax: jax.Array, qmax: int) -> jax.Array:
+    """``amax / qmax``, or 1 where that is not a normal float32 (an all-zero channel, or one
+    so small that the quotient flushes to 0 and ``0 / scale`` would be NaN): its integers
+    are 0 either way."""
+    normal = amax >= qmax * float(jnp.finfo(jnp.float32).tiny)
+    return jnp.where(normal, amax / qmax, 1.0).astype(jnp.float32)
 
 
 def _integers(w: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
@@ -212,7 +219,7 @@ def _input_scale(w: QTensor, x: jax.Array, axes: tuple[int, ...]) -> jax.Array |
     if not w.dynamic:
         return None
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
-    return jnp.where(amax > 0, amax / 127, 1.0)
+    return _amax_scale(amax, 127)
 
 
 def _quantize_input(x: jax.Array, act_scale: jax.Array) -> jax.Array:

@@ -40,6 +40,21 @@ def test_round_trip_error_is_at_most_half_a_step(bits, granularity):
     assert q["dense_0"]["b"] is PARAMS["dense_0"]["b"]  # biases stay float
 
 
+def test_zero_and_tiny_channels_stay_finite():
+    """A channel of zeros, and one whose max |w| / qmax is below float32's smallest normal
+    (it flushes to 0): scale 1, integers 0, never 0 / 0 = NaN, forward or backward."""
+    w = jnp.zeros((4, 3), jnp.float32).at[1:, 1].set(5e-38).at[:, 2].set(0.5)
+    for bits in (8, 4):
+        q = quant.quantize_leaf(w, bits)
+        np.testing.assert_array_equal(np.asarray(q.scale)[0, :2], [1.0, 1.0])
+        np.testing.assert_array_equal(np.asarray(q.integers())[:, :2], 0)
+        fq, g = jax.jit(jax.value_and_grad(lambda w, b=bits: jnp.sum(quant.fake_quant(w, b))))(w)
+        assert np.isfinite(float(fq)) and np.isfinite(np.asarray(g)).all()
+    x = jnp.zeros((2, 4)).at[1, 1:].set(5e-38)  # a dynamic input row just as small
+    out = quant.matmul(x, quant.quantize_leaf(jnp.ones((4, 3)), dynamic=True))
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
 def test_int4_packs_two_per_byte_and_round_trips_bitwise():
     q = jnp.asarray(np.random.default_rng(0).integers(-8, 8, size=(7, 5)), jnp.int8)
     packed = quant.pack_int4(q)
