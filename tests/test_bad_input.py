@@ -248,6 +248,17 @@ def test_sixteen_bit_params_warn_that_small_updates_round_away():
     assert same > 0.5
 
 
+def test_integer_params_are_named():
+    """The step differentiates every leaf of params: an integer leaf is named by its key
+    path (jax.grad's own error names none)."""
+    params = {**PARAMS, "vocab": {"ids": jnp.arange(4)}}
+    opt = optim.sgd(0.1)
+    s = train.TrainState.create(params, opt, jax.random.key(1))
+    with pytest.raises(TypeError, match=r"make_train_step: params 'vocab/ids' are int32, but "
+                                        r"the step differentiates every leaf of params"):
+        train.make_train_step(lambda p, b: jnp.sum(p["dense_0"]["b"]), opt)(s, GOOD)
+
+
 def test_schedule_checks_inside_a_trace_see_only_the_shape():
     @jax.jit
     def build_and_step(lr):

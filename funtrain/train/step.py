@@ -121,18 +121,25 @@ def _check_opt_state(where: str, optimizer: Optimizer, state: TrainState) -> Non
                              f"params. {fix}")
 
 
-def _warn_low_precision_params(where: str, params: Params) -> None:
-    """16-bit params take the update in 16 bits: small updates round away."""
+def _check_param_dtypes(where: str, params: Params) -> None:
+    """Params are differentiated, so they must be floats; 16-bit params take the update in
+    16 bits, where small updates round away (a warning)."""
+    warned = False
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits <= 16:
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(f"{where}: params {keystr(path)!r} are {dtype}, but the step "
+                            f"differentiates every leaf of params, so each must be a float "
+                            f"array; keep integer arrays (counters, masks, token tables) in "
+                            f"the batch, the model state or a closure")
+        if not warned and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits <= 16:
+            warned = True
             warnings.warn(
                 f"{where}: params {keystr(path)!r} are {dtype}, so the update is added in "
                 f"{dtype} and any update below ~2^-{jnp.finfo(dtype).nmant + 1} of a weight "
                 f"rounds away (with sgd(1e-3) most weights stop moving). Keep float32 params "
                 f"and compute in {dtype} with policy='p=f32,c={dtype}': the update then "
                 f"runs on float32 master params", stacklevel=4)
-            return
 
 
 def _is_deleted(tree: Any) -> bool:
@@ -337,7 +344,7 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
                              f"TrainState.create(params, optimizer, key, model_state=...) from "
                              f"`params, model_state = model.init(key, x)`")
         _check_opt_state(where, optimizer, state)
-        _warn_low_precision_params(where, state.params)
+        _check_param_dtypes(where, state.params)
         (_, (loss, aux, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, batch, key, scale, state.model_state)
         bad_labels = aux.pop("invalid_labels", None)  # classifier_loss's count, for the guard
