@@ -192,18 +192,41 @@ class TensorBoardLogger:
                 raise ImportError("TensorBoardLogger needs tensorboardX (or torch with "
                                   "tensorboard); install it with: pip install tensorboardX"
                                   ) from err
-        self.writer = SummaryWriter(str(logdir))
+        self._make, self._logdir, self._opened = SummaryWriter, str(logdir), 0
+        self._writer: Any = None
+        _ = self.writer  # opened now, so a bad logdir fails here
+
+    @property
+    def writer(self) -> Any:
+        """The open ``SummaryWriter``. After ``close`` a new one opens, into a new file: its
+        name has only whole seconds, so the same name would truncate the first file."""
+        if self._writer is None:
+            self._opened += 1
+            suffix = "" if self._opened == 1 else f".{self._opened}"
+            self._writer = self._make(self._logdir, filename_suffix=suffix)
+        return self._writer
+
+    def _add(self, prefix: str, step: int, metrics: dict[str, Any]) -> None:
+        for k, v in metrics.items():
+            values = np.asarray(v, np.float64)
+            if values.ndim == 0:
+                self.writer.add_scalar(f"{prefix}/{k}", float(values), step)
+            else:  # a vector metric (e.g. per class): one curve per entry
+                for i, x in enumerate(values.ravel()):
+                    self.writer.add_scalar(f"{prefix}/{k}/{i}", float(x), step)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        for k, v in metrics.items():
-            self.writer.add_scalar(f"train/{k}", v, step)
+        self._add("train", step, metrics)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        for k, v in metrics.items():
-            self.writer.add_scalar(f"eval/{k}", v, step)
+        self._add("eval", step, metrics)
 
     def close(self) -> None:
-        self.writer.flush()
+        # Closed, not only flushed: a notebook that makes a logger per run keeps no open
+        # event files or writer threads.
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 class EarlyStopping:
@@ -251,10 +274,11 @@ class EarlyStopping:
         self.bad_evals += 1
         if self.bad_evals >= self.patience:
             self.stop_training = True
+            best = "no finite value yet" if self.best is None else \
+                f"best {self.best:.6g} at step {self.best_step}"
             self.stop_reason = (f"EarlyStopping: eval {self.monitor} did not improve for "
-                                f"{self.bad_evals} evaluations (best {self.best:.6g} at step "
-                                f"{self.best_step}, mode {self.mode!r}, min_delta "
-                                f"{self.min_delta:g})")
+                                f"{self.bad_evals} evaluations ({best}, mode {self.mode!r}, "
+                                f"min_delta {self.min_delta:g})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}

@@ -139,9 +139,34 @@ def test_tensorboard_logger_message_or_works(tmp_path):
     except ImportError as err:
         assert "pip install tensorboardX" in str(err)
         return
-    logger.on_step(0, {"loss": 1.0})
+    logger.on_step(0, {"loss": 1.0, "per_class": np.array([0.25, 0.75])})  # a vector metric
+    logger.on_eval(0, {"loss": np.float32(2.0)})
+    logger.close()  # closes its event file (a notebook making one logger per run leaks none)
+    files = set(tmp_path.iterdir())
+    assert files
+    logger.on_step(1, {"loss": 0.5})  # used again after close (a second fit): a new file
     logger.close()
-    assert any(tmp_path.iterdir())
+    assert set(tmp_path.iterdir()) > files
+    from tensorboardX.event_file_writer import event_pb2
+
+    tags = set()
+    for path in tmp_path.iterdir():
+        tags |= _event_tags(path, event_pb2)
+    assert {"train/loss", "train/per_class/0", "train/per_class/1", "eval/loss"} <= tags
+
+
+def _event_tags(path, event_pb2):
+    """The scalar tags in a TensorBoard event file (TFRecord framing: length, crc, data,
+    crc)."""
+    import struct
+
+    tags, raw = set(), path.read_bytes()
+    while raw:
+        (n,) = struct.unpack("<Q", raw[:8])
+        event = event_pb2.Event.FromString(raw[12:12 + n])
+        tags |= {v.tag for v in event.summary.value}
+        raw = raw[12 + n + 4:]
+    return tags
 
 
 def test_early_stopping_skips_nan_and_refuses_a_negative_min_delta():
@@ -149,6 +174,10 @@ def test_early_stopping_skips_nan_and_refuses_a_negative_min_delta():
     for step, value in [(1, float("nan")), (2, 1.0), (3, 0.5)]:  # a NaN first evaluation
         stopper.on_eval(step, {"loss": value})
     assert stopper.best == 0.5 and stopper.best_step == 3 and not stopper.stop_training
+    never = train.EarlyStopping(monitor="loss", patience=2)  # no finite evaluation at all
+    for step in (1, 2):
+        never.on_eval(step, {"loss": float("nan")})
+    assert never.stop_training and "(no finite value yet, mode 'min'" in never.stop_reason
     with pytest.raises(ValueError, match="EarlyStopping: min_delta must be >= 0, got -0.1"):
         train.EarlyStopping(min_delta=-0.1)
 
