@@ -57,7 +57,7 @@ class ArrayDataset:
         return Loader(self, batch_size, key=key, drop_remainder=drop_remainder)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a key field: == and hash by identity
 class Loader:
     """Iterates a dataset in batches, epoch after epoch.
 

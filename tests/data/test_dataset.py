@@ -149,6 +149,10 @@ def test_legacy_uint32_key_works():
     loader = Loader(make_ds(10), 4, key=jax.random.PRNGKey(0))
     seen = np.concatenate([b["y"] for b in loader])
     assert sorted(seen.tolist()) == list(range(10))
+    # a loader is hashable and comparable (a dict key, functools.cache), whatever its key
+    same_key = Loader(make_ds(10), 4, key=jax.random.PRNGKey(0))
+    assert {loader: 1}[loader] == 1 and loader == loader and loader != same_key
+    assert hash(Loader(make_ds(10), 4, key=jax.random.key(0))) is not None
 
 
 def test_numpy_integer_batch_size_accepted():
