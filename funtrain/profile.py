@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from funtrain._tree import tree_bytes
 from funtrain.parallel import device_bytes
-from funtrain.precision import get_policy
+from funtrain.precision import as_policy
 
 __all__ = ["step_report", "format_report", "residual_bytes"]
 
@@ -77,7 +79,7 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
         if len(devices) > 1:
             report["devices"] = len(devices)
             for part in ("params", "opt_state"):
-                held = device_bytes(getattr(first, part))
+                held = _device_bytes(getattr(first, part))
                 report[f"{part}_bytes_per_device"] = max(held.values(), default=0)
     try:
         mem = compiled.memory_analysis()
@@ -91,6 +93,10 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
     if report["flops"] is None:
         notes.append(f"the {jax.default_backend()} backend returned no FLOP count "
                      f"(cost_analysis)")
+    elif " while(" in compiled.as_text():
+        notes.append("the program has a loop (lax.scan, remat.repeat, scan_steps): XLA's "
+                     "FLOP count takes each loop body once, so flops and flops_per_second "
+                     "are too low by about its trip count")
     if step_time is not None:
         report["step_seconds"] = step_time
         report["flops_per_second"] = (report["flops"] / step_time
@@ -101,13 +107,27 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
     return report
 
 
+def _device_bytes(tree: Any) -> dict[Any, int]:
+    """``parallel.device_bytes``, also for abstract leaves (``jax.ShapeDtypeStruct`` with a
+    sharding, as ``jax.eval_shape`` gives): their shard shape, from the sharding."""
+    held = device_bytes(tree)
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if hasattr(leaf, "addressable_shards") or sharding is None:
+            continue
+        nbytes = math.prod(sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+        for device in sharding.addressable_devices:
+            held[device] = held.get(device, 0) + nbytes
+    return held
+
+
 def residual_bytes(loss_fn: Callable[..., Any], params: Any, *args: Any,
                    policy: Any = None) -> int:
     """Bytes the backward pass of ``loss_fn(params, *args)`` keeps from the forward pass
     (the residuals of ``jax.vjp``), found abstractly: nothing runs.
 
-    With ``policy`` (a ``precision.Policy`` or its string), params and args are cast to its
-    compute dtype first, as ``make_train_step(policy=...)`` does.
+    With ``policy`` (a ``precision.Policy``, its string or one dtype), params and args are
+    cast to its compute dtype first, as ``make_train_step(policy=...)`` does.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -119,7 +139,7 @@ def residual_bytes(loss_fn: Callable[..., Any], params: Any, *args: Any,
         if policy is None:
             f = lambda q: loss_fn(q, *args)  # noqa: E731
         else:
-            pol = get_policy(policy)
+            pol = as_policy(policy)
             f = lambda q: loss_fn(pol.cast_to_compute(q), *pol.cast_to_compute(args))  # noqa: E731
         return jax.tree.leaves(jax.vjp(f, p)[1])
 

@@ -611,6 +611,11 @@ def test_softmax_layer_keeps_only_compute_dtype_residuals():
 
     assert profile.residual_bytes(ours, x) <= 512 + 256 + 16
     assert profile.residual_bytes(upcast, x) >= 1024 + 256
+    # the policy as text, as a Policy and as one dtype: the same cast (4 x 64 float32 in)
+    f32 = jnp.ones((4, 64))
+    sizes = {profile.residual_bytes(ours, f32, policy=p) for p in
+             ("bf16", precision.Policy("bf16", "bf16", "bf16"), jnp.bfloat16)}
+    assert sizes == {profile.residual_bytes(ours, x)}
     np.testing.assert_allclose(np.asarray(jax.grad(ours)(x), np.float32),
                                np.asarray(jax.grad(upcast)(x), np.float32), atol=1e-2)
 

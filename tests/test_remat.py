@@ -185,3 +185,14 @@ def test_step_report_on_the_demo_train_step(capsys):
     assert report["flops_per_second"] == pytest.approx(report["flops"] / 1e-3)
     out = capsys.readouterr().out
     assert "temp_bytes" in out and "MiB" in out and "GFLOP" in out
+    assert not any("loop" in note for note in report["notes"])
+
+
+def test_step_report_notes_that_loops_count_once():
+    """XLA's FLOP count takes a loop body once: the report says so for a scanned model."""
+    deep = remat.repeat(nn.dense(8), 3)
+    x = jnp.ones((2, 8))
+    params = deep.init(jax.random.key(0), x)
+    report = profile.step_report(jax.grad(lambda p: jnp.sum(deep.apply(p, x))), params,
+                                 print_table=False)
+    assert any("loop" in note and "too low" in note for note in report["notes"])

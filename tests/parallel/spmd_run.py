@@ -229,6 +229,12 @@ def step_reports():
                        ("fsdp", sharded, parallel.shard_batch(batches[0], fsdp))):
         report = profile.step_report(step, s, b, print_table=name == "fsdp")
         out[name] = {k: report.get(k) for k in keys}
+    # abstract, as a user sizes a run before allocating it: shapes with their shardings
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), sharded)
+    report = profile.step_report(step, abstract, parallel.shard_batch(batches[0], fsdp),
+                                 print_table=False)
+    out["fsdp_abstract"] = {k: report.get(k) for k in keys}
     return out
 
 

@@ -121,6 +121,10 @@ def test_step_report_gives_per_device_bytes_under_a_mesh(runs):
         assert fsdp[f"{part}_bytes_per_device"] <= fsdp[f"{part}_bytes"] / 8 + 4096
     assert fsdp["argument_bytes"] < single["argument_bytes"] / 6
     assert fsdp["flops"] < single["flops"] / 6  # one device's share of the step
+    # the same state given as ShapeDtypeStructs with shardings: the same per-device bytes
+    abstract = runs["reports"]["fsdp_abstract"]
+    for key in ("devices", "params_bytes_per_device", "opt_state_bytes_per_device"):
+        assert abstract[key] == fsdp[key], key
 
 
 def test_fit_serves_each_device_its_rows_of_every_batch(runs):
