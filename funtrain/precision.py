@@ -469,10 +469,12 @@ def _apply_scale(tree: PyTree, loss_scale: Array, op: Any) -> PyTree:
     def leaf(x: Any) -> Any:
         if isinstance(x, float):
             x = jnp.asarray(x, jnp.float32)
-        if not _is_float_array(x):
+        if not _is_inexact(x):
             return x
         wide = jnp.promote_types(x.dtype, jnp.float32)
-        return op(jnp.asarray(x).astype(wide), loss_scale.astype(wide)).astype(x.dtype)
+        # a complex leaf is scaled by the real scale (real and imaginary parts alike)
+        real = jnp.finfo(wide).dtype
+        return op(jnp.asarray(x).astype(wide), loss_scale.astype(real)).astype(x.dtype)
 
     return jax.tree.map(leaf, tree)
 

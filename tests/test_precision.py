@@ -296,6 +296,11 @@ def test_scale_unscale_round_trip(name, dtype):
     back = loss_scale.unscale(scaled)
     assert back["x"].dtype == dtype
     np.testing.assert_array_equal(np.asarray(back["x"]), np.asarray(x))  # powers of two: exact
+    z = {"z": jnp.array([0.5 - 1.25j, 3e-3j])}  # complex leaves: both parts, by the real scale
+    zs = loss_scale.scale(z)["z"]
+    np.testing.assert_array_equal(np.asarray(zs), np.asarray(z["z"]) * np.float32(factor))
+    np.testing.assert_array_equal(np.asarray(loss_scale.unscale({"z": zs})["z"]),
+                                  np.asarray(z["z"]))
 
 
 def test_scale_multiplies_in_float32_and_python_floats_become_arrays():

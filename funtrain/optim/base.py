@@ -125,8 +125,10 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 
 def global_norm(tree: Any) -> jax.Array:
-    """The L2 norm of all leaves taken together, accumulated in float32 at least."""
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    """The L2 norm of all leaves taken together, accumulated in float32 at least; a
+    complex leaf counts as its real and imaginary parts (:math:`|z|^2`)."""
+    leaves = [part for x in map(jnp.asarray, jax.tree.leaves(tree))
+              for part in ((x.real, x.imag) if jnp.iscomplexobj(x) else (x,))]
     if not leaves:
         return jnp.zeros((), jnp.float32)
     dtype = jnp.result_type(jnp.float32, *leaves)

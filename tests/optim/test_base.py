@@ -68,6 +68,9 @@ def test_weight_decay_needs_params_and_honours_mask():
 def test_global_norm():
     tree = {"a": jnp.array([3.0]), "b": jnp.array([[4.0]], jnp.bfloat16)}
     assert float(optim.global_norm(tree)) == 5.0
+    # a complex leaf counts |z|^2 (optax.global_norm's convention), so the norm is real
+    norm = optim.global_norm({"z": jnp.array([1j, 2.0 + 2j]), "a": jnp.array([4.0])})
+    assert not jnp.iscomplexobj(norm) and float(norm) == 5.0
 
 
 def test_runs_inside_optax_chain():
