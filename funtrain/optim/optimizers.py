@@ -136,7 +136,7 @@ def adagrad(learning_rate: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0,
     """
     check_scalar("adagrad", "lr_decay", lr_decay, low=0.0)
     lr = learning_rate
-    if lr_decay:
+    if _nonzero(lr_decay):
         def lr(step: Any) -> Any:  # the decayed schedule, checked at step 0 with the lr
             return value_at(learning_rate, step) / (1.0 + step * lr_decay)
 

@@ -31,7 +31,7 @@ from jax import lax
 
 from funtrain._tree import check_same_structure, keystr, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
-from funtrain.optim._checks import check_int
+from funtrain.optim._checks import check_int, is_traced_or_array
 from funtrain.optim.base import (
     EmptyState,
     Optimizer,
@@ -695,9 +695,11 @@ def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Iterable[
       weak-typed scalar of the default float dtype (float32 unless x64 is on): write
       new values with ``jnp.asarray(value)`` to keep the compiled signature. JAX
       scalars are stored as they are;
-    - callables are schedules ``step -> value``, evaluated at this wrapper's own count
-      on every update; the value used is stored in ``hyperparams`` (in the default float
-      dtype). Writing over it has no effect: the next update evaluates the schedule again;
+    - callables other than classes are schedules ``step -> value`` (a dtype such as
+      ``jnp.bfloat16`` is a class, so ``mu_dtype=jnp.bfloat16`` stays static), evaluated
+      at this wrapper's own count on every update; the value used is stored in
+      ``hyperparams`` (in the default float dtype). Writing over it has no effect: the
+      next update evaluates the schedule again;
     - bools, strings, other objects, and every name in ``static_args`` stay static
       (baked into the compiled step). Pass callables that are not schedules, and ints the
       factory needs as Python ints, in ``static_args``;
@@ -767,7 +769,8 @@ def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Iterable[
             named = dict(kwargs)
         numeric = {n: v for n, v in named.items()
                    if n not in static_names and not callable(v) and _is_numeric(v)}
-        schedules = {n: v for n, v in named.items() if n not in static_names and callable(v)}
+        schedules = {n: v for n, v in named.items() if n not in static_names and callable(v)
+                     and not isinstance(v, type)}
         names = sorted([*numeric, *schedules])
 
         def build(hyperparams: dict[str, Any]) -> Optimizer:
@@ -844,10 +847,12 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
 
     .. math:: e_t = \delta\, e_{t-1} + (1 - \delta)\, p_t, \qquad e_0 = p_0,
 
-    as ``torch.optim.swa_utils.get_ema_multi_avg_fn`` (no bias correction; optax's
-    ``ema`` averages updates instead). The average is kept in float32 at least, checkpoints
-    and shards with the state, and leaves the updates unchanged. Evaluate on it with
-    ``fit(eval_params=optim.ema_params)``.
+    the update rule of ``torch.optim.swa_utils.get_ema_multi_avg_fn`` (no bias
+    correction; optax's ``ema`` averages updates instead). It starts from the params the
+    state was made from; torch's ``AveragedModel`` starts from the first updated params
+    (:math:`e_1 = p_1`), so the two differ by :math:`\delta^t (p_1 - p_0)`. The average
+    is kept in float32 at least, checkpoints and shards with the state, and leaves the
+    updates unchanged. Evaluate on it with ``fit(eval_params=optim.ema_params)``.
 
     Args:
       opt: the optimizer whose params to average.
@@ -864,8 +869,9 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
     """
     where = "ema"
     check_optimizer(where, "opt", opt)
-    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating)) \
-            or not 0.0 <= float(decay) < 1.0:
+    if not is_traced_or_array(decay) and (  # an array: injected (inject_hyperparams)
+            isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating))
+            or not 0.0 <= float(decay) < 1.0):
         raise ValueError(f"{where}: decay must be a float in [0, 1), got {decay!r}")
 
     def init_state(params: Params) -> EmaState:

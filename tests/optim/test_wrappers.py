@@ -831,6 +831,28 @@ def test_inject_hyperparams_static_args_and_schedules():
         assert s.hyperparams["learning_rate"].dtype == jnp.float32
 
 
+def test_inject_hyperparams_keeps_dtypes_static_and_injects_what_jit_reads():
+    """A dtype class is no schedule (mu_dtype=jnp.bfloat16 once became a float); an
+    injected adagrad lr_decay and ema decay work under jit, as injected arrays must."""
+    params = make_params()
+    opt = inject_hyperparams(optim.adam)(learning_rate=1e-3, mu_dtype=jnp.bfloat16)
+    state = opt.init_state(params)
+    assert sorted(state.hyperparams) == ["learning_rate"]
+    assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(state.inner_state[0].mu))
+    grads = jax.tree.map(jnp.ones_like, params)
+    for injected, plain in [
+            (inject_hyperparams(optim.adagrad)(0.1, lr_decay=0.5), optim.adagrad(0.1, 0.5)),
+            (inject_hyperparams(optim.ema)(optim.sgd(0.1), decay=0.5),
+             optim.ema(optim.sgd(0.1), 0.5))]:
+        s, ref = injected.init_state(params), plain.init_state(params)
+        for _ in range(2):
+            u, s = jax.jit(injected.update)(grads, s, params)
+            want, ref = plain.update(grads, ref, params)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u, want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 optim.ema_params(s), optim.ema_params(ref))
+
+
 def test_inject_hyperparams_errors():
     with pytest.raises(TypeError, match=r"inject_hyperparams: factory must be a callable"):
         inject_hyperparams(optim.sgd(0.1))
