@@ -152,6 +152,8 @@ def _as_float_dtype(value: Any, where: str, label: str) -> np.dtype:
     if isinstance(value, str):
         return _parse_dtype(value, where, label)
     try:
+        if value is None:  # np.dtype(None) is float64, whatever jax_enable_x64 says
+            raise TypeError
         dtype = np.dtype(jnp.dtype(value))
     except (TypeError, ValueError):
         raise TypeError(f"{where}: {label} must be a dtype or its name, got "

@@ -137,6 +137,10 @@ def test_policy_constructor_normalises_and_validates():
     with pytest.raises(TypeError, match=r"Policy: param_dtype must be a dtype or its name, "
                                         r"got object"):
         Policy(object())
+    # None is no dtype here (numpy would read it as float64, whatever x64 says)
+    with pytest.raises(TypeError, match=r"Policy: param_dtype must be a dtype or its name, "
+                                        r"got NoneType \(None\)"):
+        Policy(None)
 
 
 def test_as_policy_takes_dtypes_and_refuses_other_things():

@@ -251,7 +251,9 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         ``TrainState.create(..., loss_scale=...)``; a state without one is an error here
         (it would change the state's structure and recompile).
         With a loss scale the step differentiates ``scale * loss``, unscales the grads in
-        float32, checks they are all finite, and applies the optimizer only if they are;
+        float32, checks they are all finite (through their float32 global norm, so a norm
+        beyond ~1.8e19, whose square overflows, counts as non-finite too), and applies
+        the optimizer only if they are;
         otherwise params and optimizer state stay bitwise unchanged and
         ``state.skipped_steps`` grows by one. The scale is then adjusted.
       skip_nonfinite: the non-finite guard's skip mode, on the device with no host sync:
