@@ -80,6 +80,12 @@ ROWS = [
                           check_data=True)),
     ("inf in input data (checked mode)", ValueError, r"'x' has 24 non-finite value",
      lambda tmp: data.check_batch({**GOOD, "x": np.full((6, 4), np.inf, np.float32)})),
+    ("nan in float8 input data", ValueError, r"'x' has 1 non-finite value",  # not a numpy
+     lambda tmp: data.check_batch({**GOOD, "x": np.where(  # float: it was missed
+         np.arange(24).reshape(6, 4) == 9, np.nan, GOOD["x"]).astype(jnp.float8_e4m3fn)})),
+    ("inf in the imaginary part", ValueError, r"'x' has 1 non-finite value",
+     lambda tmp: data.check_batch({**GOOD, "x": GOOD["x"] + np.where(
+         np.arange(24).reshape(6, 4) == 9, 1j * np.inf, 0)})),
     ("an empty dataset", ValueError, r"Loader: the dataset is empty \(0 examples\)",
      lambda tmp: data.ArrayDataset(x=np.ones((0, 4))).batches(2)),
     ("batch size <= 0", ValueError, r"Loader: batch_size must be a positive int, got 0",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from funtrain._tree import leaf_paths
@@ -40,8 +41,9 @@ def check_batch(batch: Any, *, num_classes: int | None = None, labels: str = "y"
     check_leading_dims(batch, where)
     for path, value in leaf_paths(batch).items():
         arr = np.asarray(jax.device_get(value))
-        if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
-            bad = ~np.isfinite(arr.astype(np.float32))
+        # jnp.issubdtype knows ml_dtypes' floats too (bfloat16, float8_*), numpy's does not
+        if jnp.issubdtype(arr.dtype, jnp.inexact):
+            bad = ~np.isfinite(arr if np.iscomplexobj(arr) else arr.astype(np.float32))
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise ValueError(f"{where}: '{path}' has {int(bad.sum())} non-finite value(s) "
