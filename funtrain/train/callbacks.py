@@ -241,6 +241,8 @@ class EarlyStopping:
       min_delta: the smallest change that counts as an improvement.
 
     After it stops, ``stop_reason`` says why (``fit`` copies it to ``History.stop_reason``).
+    Calling ``fit`` again then gives it ``patience`` evaluations again, measured against
+    the best so far; a ``fit`` call per epoch, with no stop between, keeps one count.
     """
 
     def __init__(self, monitor: str = "loss", mode: str = "min", patience: int = 3,
@@ -262,6 +264,8 @@ class EarlyStopping:
             raise ValueError(f"EarlyStopping: monitored metric {self.monitor!r} is not among "
                              f"the eval metrics {sorted(metrics)}")
         value = metrics[self.monitor]
+        if self.bad_evals >= self.patience:  # it stopped, and fit was called again
+            self.bad_evals = 0
         # A NaN is never better; a NaN best comes only from a checkpoint of an older
         # version, and any number beats it (NaN compares False)
         better = not math.isnan(value) and (

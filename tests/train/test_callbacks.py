@@ -116,13 +116,25 @@ def test_the_bar_counts_the_epochs_of_each_call(monkeypatch):
 def test_early_stopping():
     state, step, loader, ev, test = setup(opt=optim.sgd(0.0))  # lr 0: no improvement
     stopper = train.EarlyStopping(monitor="loss", patience=2)
-    _, hist = train.fit(state, step, loader, epochs=10, eval_step=ev, eval_data=test,
-                        progress=False, callbacks=[stopper])
+    state, hist = train.fit(state, step, loader, epochs=10, eval_step=ev, eval_data=test,
+                            progress=False, callbacks=[stopper])
     assert len(hist.eval) == 3  # best at epoch 0, then 2 evaluations without improvement
     assert stopper.stop_training
     assert hist.stop_reason == stopper.stop_reason and hist.stop_reason.startswith(
         "EarlyStopping: eval loss did not improve for 2 evaluations (best ")
     assert len(hist.train["step"]) == 12
+    # fit again after the stop (say with a lower lr): patience evaluations again, not one
+    state, hist = train.fit(state, step, loader, epochs=10, eval_step=ev, eval_data=test,
+                            progress=False, callbacks=[stopper])
+    assert len(hist.eval) == 2 and stopper.stop_training
+    # one fit call per epoch, without a stop between: one count across the calls
+    stopper = train.EarlyStopping(monitor="loss", patience=2)
+    calls = 0
+    while not stopper.stop_training:
+        state, _ = train.fit(state, step, loader, epochs=1, eval_step=ev, eval_data=test,
+                             progress=False, callbacks=[stopper])
+        calls += 1
+    assert calls == 3
 
 
 def test_schedule_learning_rate_is_reported():
