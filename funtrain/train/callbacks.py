@@ -179,7 +179,8 @@ class CsvLogger:
 class TensorBoardLogger:
     """Scalars for TensorBoard, through ``tensorboardX`` (or ``torch.utils.tensorboard``).
 
-    Train and eval metrics use the same global step, so their curves overlay.
+    Train and eval metrics use the same global step, so their curves overlay. A vector
+    metric (e.g. per class) gets one curve per entry, ``train/{name}/{i}``.
     """
 
     def __init__(self, logdir: str | os.PathLike):
