@@ -66,15 +66,42 @@ def _check_sparsity(where: str, sparsity: Any) -> None:
 
 def _keep_largest(scores: jax.Array, sparsity: Any) -> jax.Array:
     """True for all but the ``floor(sparsity * size)`` smallest scores (ties by position),
-    so the count is exact; ``sparsity`` may be traced."""
+    so the count is exact; ``sparsity`` may be traced (see ``_traced_count``)."""
     flat = scores.reshape(-1)
     ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
     if isinstance(sparsity, (int, float)):  # as the decimal reads: 0.53 of 100 is 53
         k: Any = math.floor(Fraction(repr(float(sparsity))) * flat.size)
-    else:  # float32 0.53 * 100 is 52.99999: a margin far below one weight's share
-        n = flat.size
-        k = jnp.floor(jnp.asarray(sparsity, jnp.float32) * n + n * 2.0 ** -20).astype(jnp.int32)
+    else:
+        k = _traced_count(jnp.asarray(sparsity, jnp.float32), flat.size)
     return (ranks >= k).reshape(scores.shape)
+
+
+def _traced_count(s: jax.Array, n: int) -> jax.Array:
+    """``floor(s * n)`` for a float32 ``s`` in [0, 1), of the largest real number that rounds
+    to ``s``: a float32 0.53 is 0.52999997, and 0.53 of 100 must still prune 53.
+
+    The product is formed exactly: ``s`` split into two 12-bit halves (Veltkamp) and ``n``
+    into 12-bit chunks, so each partial product is exact in float32; their integer parts
+    add up in int32 and their fractions in float32 (a plain float32 ``s * n`` rounds, and a
+    margin wide enough for that pruned a weight too many in a quarter of the layers of 2^21
+    weights). The margin ``n * spacing(s) / 2`` is the half-ulp by which the intended share
+    may exceed ``s``; capped at 1/16, so beyond about 2^21 weights (where one float32 step
+    of ``s`` is worth ``n * 2^-24`` weights) the count is ``floor(s * n)`` of ``s`` itself,
+    give or take that resolution, and never a weight past the 1/16 margin."""
+    c = s * 4097.0
+    hi = c - (c - s)
+    halves = (hi, s - hi)
+    whole = jnp.zeros((), jnp.int32)
+    fraction = jnp.minimum(n * jnp.spacing(s) / 2, 1 / 16)
+    shift = 0
+    while n >> shift:
+        chunk = float(((n >> shift) & 4095) << shift)
+        for half in halves:
+            p = half * chunk
+            f = jnp.floor(p)
+            whole, fraction = whole + f.astype(jnp.int32), fraction + (p - f)
+        shift += 12
+    return whole + jnp.floor(fraction).astype(jnp.int32)
 
 
 def magnitude(params: Any, sparsity: Any, scope: str = "layer", select: Select = None
@@ -131,6 +158,9 @@ def n_m(params: Any, n: int = 2, m: int = 4, axis: int = 0, select: Select = Non
         name = keystr(path)
         if jnp.ndim(w) == 0:
             raise ValueError(f"sparsity.n_m: key path {name!r} is a scalar; N:M needs an axis")
+        if not -jnp.ndim(w) <= axis < jnp.ndim(w):  # % would wrap it onto another axis
+            raise ValueError(f"sparsity.n_m: key path {name!r} has shape {tuple(w.shape)}: "
+                             f"axis {axis} is out of range for {jnp.ndim(w)} dimensions")
         ax = axis % jnp.ndim(w)
         if w.shape[ax] % m:
             raise ValueError(f"sparsity.n_m: key path {name!r} has shape {tuple(w.shape)}: "

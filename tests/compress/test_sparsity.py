@@ -48,6 +48,30 @@ def test_the_count_is_the_decimal_share(share, size):
         assert int((~masks["w"]).sum()) == round(share * size)
 
 
+def test_a_traced_share_counts_exactly_in_large_layers():
+    """The count a traced (float32) share gives, as pruned() passes it: the decimal share's
+    for layers up to 2^21 weights, and never past floor(share * n) + 1 of the float32 share
+    beyond (the float32 resolution). A margin of n * 2^-20 once pruned 2 extra of 2^21."""
+    from fractions import Fraction
+
+    from funtrain.sparsity import _traced_count
+
+    shares = [0.0, 0.1, 0.3, 0.5, 0.53, 0.75, 0.9, 0.999, 0.59, 0.21]
+    for n in [1, 100, 4097, 10**6, 2**21, 2**24 + 5, 2**30]:
+        counts = jax.jit(jax.vmap(_traced_count, (0, None)), static_argnums=1)(
+            jnp.asarray(shares, jnp.float32), n)
+        for share, got in zip(shares, counts.tolist(), strict=True):
+            decimal = int(Fraction(repr(share)) * n)  # floor
+            if n <= 2**21:
+                assert got == decimal, (n, share, got)
+            else:
+                exact = int(Fraction(float(np.float32(share))) * n)
+                assert exact <= got <= exact + 1, (n, share, got)
+    n = 2**20  # the whole path, under jit, on a layer where n * 2^-20 is a whole weight
+    w = {"w": jnp.asarray(np.random.default_rng(1).standard_normal(n), jnp.float32)}
+    assert int((~jax.jit(sparsity.magnitude)(w, 0.9)["w"]).sum()) == int(0.9 * n)
+
+
 def test_two_four_keeps_the_two_largest_of_every_four_inputs():
     masks = np.asarray(sparsity.n_m(PARAMS, 2, 4)["dense_0"]["w"])  # (16, 32): axis 0 inputs
     w = np.abs(np.asarray(PARAMS["dense_0"]["w"]))
@@ -111,6 +135,8 @@ def test_fixed_masks_prune_at_the_first_update():
      "key path 'dense_1/w': mask of shape (3, 3) for a param of shape (32, 10)"),
     (lambda: sparsity.n_m({"conv": {"w": jnp.ones((3, 3, 6, 8))}}, 2, 4, axis=-2),
      "key path 'conv/w' has shape (3, 3, 6, 8): its axis -2 (6) is not divisible by m=4"),
+    (lambda: sparsity.n_m({"w": jnp.ones((8, 4))}, 2, 4, axis=3),  # once wrapped to axis 1
+     "key path 'w' has shape (8, 4): axis 3 is out of range for 2 dimensions"),
     (lambda: sparsity.magnitude(PARAMS, 1.5), "sparsity must be in [0, 1), got 1.5"),
     (lambda: sparsity.polynomial_schedule(0.0, 0.9, begin_step=10, end_step=5),
      "need begin_step <= end_step"),
