@@ -1,4 +1,10 @@
-"""Models as pure ``init``/``apply`` pairs: layers, combinators, initializers, reference models."""
+"""Models as pure ``init``/``apply`` pairs: layers, combinators, initializers, reference models.
+
+``layer_norm``, ``rms_norm``, ``group_norm``, ``softmax`` and attention's softmax keep only
+compute-dtype tensors for the backward pass through a ``jax.custom_vjp``. Reverse mode and
+everything built on it work (``jax.grad``, grad of grad, ``jax.hessian``), but forward
+mode applied to them directly (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) raises
+JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function"."""
 
 from funtrain.nn import initializers, models
 from funtrain.nn.combinators import parallel, residual, serial

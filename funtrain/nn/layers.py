@@ -289,8 +289,10 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
                    dimension_numbers=_CONV_SPEC[n], feature_group_count=groups)
         if isinstance(w, quant.QTensor):
             y = quant.conv(x, w, **how)
-        else:
-            y = lax.conv_general_dilated(x, w.astype(jnp.result_type(x, w)), **how)
+        else:  # both in the promoted dtype: bf16 or uint8 images with float32 kernels
+            dt = jnp.result_type(x, w)
+            y = lax.conv_general_dilated(_as(x, dt), _as(w, dt), **how)
+        _check_nonempty(kind, x, y)
         return _add_bias(params, y, use_bias, kind)
 
     return _make(kind, init, apply, name)
@@ -352,8 +354,9 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
             pad = tuple((d * (k - 1) - lo, d * (k - 1) - hi)
                         for (lo, hi), k, d in zip(pad, ks, dil, strict=True))
         # The scatter form: lax.conv_transpose correlates, so flip the kernel spatially.
+        dt = jnp.result_type(x, w)
         y = lax.conv_transpose(
-            x, jnp.flip(w, axis=tuple(range(n))).astype(jnp.result_type(x, w)),
+            _as(x, dt), jnp.flip(w, axis=tuple(range(n))).astype(dt),
             strides=_tuple(strides, n, "strides", kind),
             padding=pad,
             rhs_dilation=dil,
@@ -365,6 +368,20 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
 
 
 # --------------------------------------------------------------------------- pooling
+
+
+def _as(x: Any, dtype: Any) -> Any:
+    """``x`` in ``dtype``, cast only when it differs (``x`` may be a ShapeDtypeStruct)."""
+    return x if x.dtype == dtype else jnp.asarray(x).astype(dtype)
+
+
+def _check_nonempty(kind: str, x: Array, y: Array) -> None:
+    """A window or kernel larger than the (padded) input leaves no output position; torch
+    raises, and an empty activation would silently feed a head of zero inputs."""
+    if 0 in y.shape[1:-1] and 0 not in x.shape[1:-1]:
+        raise ModuleError(kind, f"the input's spatial shape {tuple(x.shape[1:-1])} is too "
+                          f"small for this layer's window: the output would have shape "
+                          f"{tuple(y.shape)}, with no position left")
 
 
 def _pool(kind: str, reducer: str, window: int | Sequence[int],
@@ -386,12 +403,16 @@ def _pool(kind: str, reducer: str, window: int | Sequence[int],
         # reduce_window_max/sum primitives (an array init value gives a generic
         # reduce_window, which has no gradient under jit).
         if reducer == "max":
-            floating = jnp.issubdtype(x.dtype, jnp.floating)
-            init_val = -jnp.inf if floating else int(jnp.iinfo(x.dtype).min)
-            return lax.reduce_window(x, init_val, lax.max, win, st, pad)
+            # integers: a scalar of x's own dtype (a Python int is int32, or int64 with x64)
+            init_val = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else \
+                np.array(jnp.iinfo(x.dtype).min, x.dtype)
+            y = lax.reduce_window(x, init_val, lax.max, win, st, pad)
+            _check_nonempty(kind, x, y)
+            return y
         # Sums in float32 at least (bf16/fp16 sums lose digits or overflow).
         acc = jnp.promote_types(x.dtype, jnp.float32)
         total = lax.reduce_window(x.astype(acc), 0.0, lax.add, win, st, pad)
+        _check_nonempty(kind, x, total)
         if count_include_pad:
             return (total / math.prod(win)).astype(x.dtype)
         # Divide by the number of real (unpadded) elements in each window.
@@ -902,13 +923,15 @@ def sigmoid(*, name: str | None = None) -> Module:
 
 
 def softmax(*, axis: int = -1, name: str | None = None) -> Module:
-    """Softmax over ``axis``, computed in float32 at least; output keeps the input dtype.
+    """Softmax over ``axis``, computed in float32 at least; output keeps the input dtype
+    (float32 for integer inputs).
 
     The backward pass keeps only the output, in the input's dtype (bf16 under a bf16
     policy), as attention's softmax does: not a float32 copy of the logits."""
 
     def fn(x: Array) -> Array:
-        y = softmax_lowp(jnp.moveaxis(x, axis, -1), None, x.dtype, False)
+        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.float32  # ints
+        y = softmax_lowp(jnp.moveaxis(x, axis, -1), None, dtype, False)
         return jnp.moveaxis(y, -1, axis)
 
     return stateless(fn, name=name, kind="softmax")
@@ -945,7 +968,9 @@ def reshape(shape: Sequence[int], *, name: str | None = None) -> Module:
             raise ModuleError(kind, f"cannot reshape input of shape {tuple(x.shape)} to "
                               f"(N, {', '.join(map(str, shape))}): {per_example} values per "
                               f"example")
-        return jnp.reshape(x, (x.shape[0], *shape))
+        # -1 resolved here: reshape cannot infer it for an empty batch
+        full = tuple(per_example // known if s == -1 else s for s in shape)
+        return jnp.reshape(x, (x.shape[0], *full))
 
     return stateless(fn, name=name, kind=kind)
 

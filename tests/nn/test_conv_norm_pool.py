@@ -173,3 +173,41 @@ def test_avg_pool_sums_in_float32():
     ref = np.asarray(xb, np.float64).reshape(2, 1, 7, 1, 7, 3).mean(axis=(2, 4))
     np.testing.assert_allclose(np.asarray(nn.avg_pool(7).apply({}, xb), np.float64), ref,
                                rtol=4e-3)
+
+
+# ----------------------------------------------------------------------------- input dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.uint8])
+def test_conv_on_bf16_or_uint8_images_with_float32_kernels(dtype):
+    """Raw uint8 images, or bf16 ones, into float32 kernels: promoted as dense promotes
+    (the conv once refused the mixed dtypes). The gradient flows under jit."""
+    x = jnp.asarray(np.abs(rand(2, 6, 6, 3)) * 40).astype(dtype)
+    for layer in (nn.conv(4, 3), nn.conv_transpose(4, 3, strides=2)):
+        params = layer.init(jax.random.key(0), x)
+        y = layer.apply(params, x)
+        assert y.dtype == jnp.float32
+        np.testing.assert_allclose(y, layer.apply(params, x.astype(jnp.float32)), rtol=1e-6)
+        g = jax.jit(jax.grad(lambda p, layer=layer: jnp.sum(layer.apply(p, x) ** 2)))(params)
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(g))
+
+
+def test_max_pool_keeps_any_integer_dtype():
+    x = (np.arange(16) % 7).reshape(1, 4, 4, 1)
+    want = x.reshape(1, 2, 2, 2, 2, 1).max(axis=(2, 4))
+    for dtype in (jnp.uint8, jnp.int8, jnp.int16, jnp.uint32, jnp.int32):
+        y = nn.max_pool(2).apply({}, jnp.asarray(x, dtype))
+        assert y.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(y), want)
+
+
+@pytest.mark.parametrize("layer", [nn.max_pool(3), nn.avg_pool(3),
+                                   nn.conv(2, 3, padding="VALID")],
+                         ids=["max_pool", "avg_pool", "conv"])
+def test_a_window_larger_than_the_input_is_an_error(layer):
+    """torch raises "output size is too small"; an empty activation would feed a head with
+    no inputs and train only its bias."""
+    x = jnp.ones((1, 2, 2, 3))
+    with pytest.raises(nn.ModuleError, match=r"the input's spatial shape \(2, 2\) is too "
+                                             r"small for this layer's window"):
+        layer.apply(layer.init(jax.random.key(0), x), x)

@@ -155,6 +155,11 @@ def test_softmax_matches_numpy_with_huge_values():
     xs = np.asarray(x, np.float64)
     e = np.exp(xs - xs.max(-1, keepdims=True))
     np.testing.assert_allclose(y, e / e.sum(-1, keepdims=True), rtol=1e-6, atol=1e-7)
+    # integer logits: a float32 softmax (cast back to ints, it was all zeros)
+    ints = jnp.array([[1, 2, 3]])
+    _, y = init_apply(nn.softmax(), ints)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, jax.nn.softmax(ints.astype(jnp.float32)), rtol=1e-6)
 
 
 def test_flatten_and_reshape():
@@ -162,6 +167,7 @@ def test_flatten_and_reshape():
     assert init_apply(nn.flatten(), x)[1].shape == (2, 12)
     assert init_apply(nn.reshape((4, 3)), x)[1].shape == (2, 4, 3)
     assert init_apply(nn.reshape((-1, 2)), x)[1].shape == (2, 6, 2)
+    assert nn.reshape((-1, 2)).apply({}, x[:0]).shape == (0, 6, 2)  # an empty batch
     with pytest.raises(ValueError, match=r"reshape layer .*cannot reshape input of shape "
                                          r"\(2, 3, 4\) to \(N, 5\)"):
         init_apply(nn.reshape((5,)), x)
