@@ -9,8 +9,9 @@ and ``nn.conv`` take a ``QTensor`` as their ``w``:
 - by default they dequantize it on the fly (XLA fuses the scaling into the matmul's
   operand), so any model runs on quantized params unchanged;
 - with ``quantize(..., activations="dynamic")`` they quantize each input row (each example
-  for a convolution) with its own scale, ``max|x| / 127``, at run time, as torch's
-  ``quantize_dynamic`` does, and run an int8 x int8 -> int32 matmul or convolution
+  for a convolution) with its own symmetric scale, ``max|x| / 127``, at run time (finer
+  than torch's ``quantize_dynamic``, which uses one asymmetric scale per tensor), and run
+  an int8 x int8 -> int32 matmul or convolution
   (``preferred_element_type=int32``), rescaled once at the end;
 - after :func:`calibrate` (one activation scale per layer, from the max or a percentile
   of ``|x|`` over a few batches) they do the same with that fixed scale.

@@ -86,9 +86,10 @@ class TrainState(NamedTuple):
         params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), params)
         if loss_scale is not None:
             loss_scale = jax.tree.map(lambda x: jnp.array(x, dtype=x.dtype), loss_scale)
-        # A stateful model's init returns (params dict, state dict): catch passing it whole.
+        # A stateful model's init returns (params dict, state dict): catch passing it whole,
+        # not a pair of param dicts (an encoder's and a decoder's): a state has counters.
         if (model_state is None and isinstance(params, tuple) and len(params) == 2
-                and all(isinstance(p, dict) for p in params)):
+                and all(isinstance(p, dict) for p in params) and _has_counters(params[1])):
             raise TypeError("TrainState.create: params is a (params, state) pair, as a "
                             "stateful model's init returns; pass "
                             "TrainState.create(params, optimizer, key, model_state=state)")
@@ -105,3 +106,9 @@ class TrainState(NamedTuple):
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=optimizer.init(params), rng=key, loss_scale=loss_scale,
                    skipped_steps=jnp.zeros((), jnp.int32), model_state=model_state)
+
+
+def _has_counters(tree: Any) -> bool:
+    """Whether ``tree`` holds an integer leaf, as model states (BatchNorm's ``count``) do
+    and params cannot (the step differentiates every param)."""
+    return any(jnp.issubdtype(jnp.result_type(x), jnp.integer) for x in jax.tree.leaves(tree))

@@ -192,6 +192,20 @@ def test_eval_step_reads_the_model_state():
     assert result["loss"] == pytest.approx(float(whole["loss"]), rel=1e-5)
 
 
+def test_a_params_and_state_pair_passed_as_params_is_named():
+    """``TrainState.create(model.init(...))`` for a stateful model: the pair is caught. A
+    pair of param dicts (an encoder's and a decoder's) is params like any tree."""
+    pair = small_model().init(jax.random.key(0), jnp.zeros((1, *IMAGE)))
+    with pytest.raises(TypeError, match=r"TrainState.create: params is a \(params, state\) "
+                                        r"pair.*model_state=state"):
+        train.TrainState.create(pair, optim.sgd(0.1), jax.random.key(1))
+    enc, dec = nn.dense(4), nn.dense(3)
+    two = (enc.init(jax.random.key(0), jnp.zeros((1, 5))),
+           dec.init(jax.random.key(1), jnp.zeros((1, 4))))
+    state = train.TrainState.create(two, optim.adam(1e-3), jax.random.key(1))
+    assert jax.tree.structure(state.params) == jax.tree.structure(two)
+
+
 def test_missing_or_unused_model_state_is_a_clear_error():
     model = small_model()
     params, model_state = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE)))
