@@ -34,6 +34,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -262,7 +263,9 @@ _RECORDER: dict[str, list[np.ndarray]] | None = None
 def _record(w: QTensor, x: jax.Array) -> None:
     if _RECORDER is not None:
         if isinstance(x, jax.core.Tracer):
-            raise TypeError("quant.calibrate runs the model eagerly: do not jit it")
+            raise TypeError(f"quant.calibrate runs the model eagerly, but the input of "
+                            f"{w.name!r} is traced: do not jit the model, and calibrate it "
+                            f"built without jax.checkpoint / remat (the same params fit)")
         _RECORDER.setdefault(w.name, []).append(np.abs(np.asarray(x, np.float32)).ravel())
 
 
@@ -276,8 +279,11 @@ def calibrate(apply: Callable[..., Any], qparams: Any, batches: Iterable[Any],
     percentile / 127 (``"percentile"``: outliers are clipped, the rest gets finer steps).
 
     Returns:
-      ``qparams`` with every ``QTensor``'s ``act_scale`` set, so ``nn.dense`` and
-      ``nn.conv`` run int8 x int8 -> int32.
+      ``qparams`` with the ``act_scale`` of every ``QTensor`` whose layer ran set, so
+      ``nn.dense`` and ``nn.conv`` run int8 x int8 -> int32. The others keep ``None`` and
+      run on their dequantized weights, with a warning naming them: kernels without an
+      integer path (``conv_transpose``, attention's projections, ``remat.repeat``'s
+      stacked blocks) and layers the batches did not reach.
     """
     global _RECORDER
     if method not in ("max", "percentile"):
@@ -300,17 +306,25 @@ def calibrate(apply: Callable[..., Any], qparams: Any, batches: Iterable[Any],
     if not seen:
         raise ValueError("quant.calibrate: batches yielded nothing")
 
+    skipped: list[str] = []
+
     def scaled(x: Any) -> Any:
         if not isinstance(x, QTensor):
             return x
         if x.name not in recorded:
-            raise ValueError(f"quant.calibrate: the layer with weight {x.name!r} never ran "
-                             f"on the batches, so its input scale is unknown")
+            skipped.append(x.name)
+            return x
         values = np.concatenate(recorded[x.name])
         amax = values.max() if method == "max" else np.percentile(values, percentile)
         return dataclasses.replace(x, act_scale=jnp.float32(max(float(amax), 1e-12) / 127))
 
-    return jax.tree.map(scaled, plain, is_leaf=lambda x: isinstance(x, QTensor))
+    out = jax.tree.map(scaled, plain, is_leaf=lambda x: isinstance(x, QTensor))
+    if skipped:
+        warnings.warn(f"quant.calibrate: no integer-kernel input was recorded for "
+                      f"{', '.join(map(repr, skipped))} (a kernel without an integer path, "
+                      f"or a layer the batches did not reach): they keep act_scale=None and "
+                      f"run on their dequantized weights", stacklevel=2)
+    return out
 
 
 # ----------------------------------------------------------------------------- QAT

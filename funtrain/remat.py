@@ -21,6 +21,7 @@ from typing import Any
 import jax
 from jax import lax
 
+from funtrain import quant
 from funtrain._checks import check_int
 from funtrain._typing import Params, PRNGKey
 from funtrain.nn._remat import segment_size, tied_remat
@@ -123,7 +124,8 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
     of size ``n``. On CPU, a block with convolutions runs many times slower inside the
     scan than unrolled (4 blocks of a 3x3 conv of 16 channels on a batch of 32 8x8 images:
     a jitted gradient took 56 ms here, 1.8 ms as ``nn.serial`` of the blocks), so there
-    ``nn.serial`` trades compile time for speed.
+    ``nn.serial`` trades compile time for speed. Quantized params (``quant.quantize``) run
+    on their dequantized weights here, one scale per output channel across the blocks.
 
     Args:
       block: the block (e.g. ``nn.transformer_block(768, 12)``).
@@ -169,6 +171,9 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
               train: bool = False) -> Any:
         check_eval_state(state, train, kind)
         keys = None if key is None else jax.random.split(key, n)
+        # A QTensor's static shape and shared scale do not split along the scan's axis:
+        # quantized blocks run on their dequantized (float) weights.
+        params = quant.dequantize(params)
 
         def body(h: Any, inp: tuple[Any, Any, Any]) -> tuple[Any, Any]:
             p, kk, s = inp

@@ -55,6 +55,19 @@ def test_zero_and_tiny_channels_stay_finite():
     np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
+def test_quantized_params_run_through_remat_repeat():
+    """A stacked (scanned) block's kernels quantize like any others and the model runs on
+    them: they are dequantized before the scan (its leading axis once broke the scan)."""
+    from funtrain import remat
+
+    deep = nn.serial(remat.repeat(nn.serial(nn.dense(8), nn.relu()), 3), nn.dense(2))
+    x = normal(2, (2, 8))
+    q = quant.quantize(deep.init(jax.random.key(0), x))
+    assert isinstance(q["repeat_0"]["dense_0"]["w"], quant.QTensor)
+    got = jax.jit(deep.apply)(q, x)
+    np.testing.assert_allclose(got, deep.apply(quant.dequantize(q), x), rtol=1e-6)
+
+
 def test_int4_packs_two_per_byte_and_round_trips_bitwise():
     q = jnp.asarray(np.random.default_rng(0).integers(-8, 8, size=(7, 5)), jnp.int8)
     packed = quant.pack_int4(q)
@@ -95,6 +108,22 @@ def test_calibrated_dense_runs_an_int8_matmul_under_jit():
     full = jax.jit(MODEL.apply)(q, X)
     np.testing.assert_allclose(np.asarray(full), np.asarray(MODEL.apply(PARAMS, X)),
                                atol=0.05)
+
+
+def test_calibrate_leaves_kernels_without_an_integer_path_on_floats():
+    """conv_transpose has no integer kernel: calibrate warns and leaves it on its
+    dequantized weights (it once refused the whole model), and calibrates the conv."""
+    model = nn.serial(nn.conv(4, 3), nn.relu(), nn.conv_transpose(2, 3, strides=2))
+    x = normal(3, (2, 6, 6, 3))
+    q = quant.quantize(model.init(jax.random.key(0), x))
+    with pytest.warns(UserWarning, match=r"'conv_transpose_0/w' \(a kernel without an "
+                                         r"integer path.*keep act_scale=None"):
+        c = quant.calibrate(lambda p, b: model.apply(p, b), q, [x])
+    assert c["conv_0"]["w"].act_scale is not None
+    assert c["conv_transpose_0"]["w"].act_scale is None
+    want = np.asarray(model.apply(quant.dequantize(q), x))
+    np.testing.assert_allclose(jax.jit(model.apply)(c, x), want,
+                               atol=0.02 * np.abs(want).max())
 
 
 def test_percentile_calibration_clips_outliers():
