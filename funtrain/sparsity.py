@@ -41,6 +41,7 @@ from funtrain._random import draw_flat
 from funtrain._tree import KERNELS, key_path_selector, keystr
 from funtrain.optim.base import Optimizer, check_optimizer
 from funtrain.optim.fused import has_fused
+from funtrain.optim.transforms import ScheduleFreeState
 
 __all__ = ["magnitude", "random", "n_m", "apply_masks", "polynomial_schedule",
            "SparsitySchedule", "pruned", "PrunedState", "summary", "DEFAULT_SELECT"]
@@ -262,7 +263,9 @@ def pruned(opt: Optimizer, schedule: SparsitySchedule | None = None, *, masks: A
         \\theta), \\quad u = \\mathrm{where}(m, u', -\\theta)
 
     so ``theta + u`` is exactly 0 where ``m`` is False: the inner optimizer's moments never
-    see a pruned weight's gradient, and its weight decay or momentum cannot move it.
+    see a pruned weight's gradient, and its weight decay or momentum cannot move it. Under
+    ``schedule_free_adamw`` its ``z`` sequence is zeroed where pruned too, so the params
+    ``schedule_free_eval_params`` gives are as sparse.
     """
     check_optimizer("sparsity.pruned", "opt", opt)
     if schedule is None and masks is None:
@@ -297,6 +300,12 @@ def pruned(opt: Optimizer, schedule: SparsitySchedule | None = None, *, masks: A
                                           params)
         updates = jax.tree.map(lambda m, u, p: jnp.where(m, u, -p).astype(u.dtype),
                                current, inner_updates, params)
+        # schedule-free evaluates at x = (y - (1 - b1) z) / b1: z zeroed where pruned keeps
+        # x as sparse as the params y
+        inner = jax.tree.map(
+            lambda s: s._replace(z=jax.tree.map(zero, current, s.z))
+            if isinstance(s, ScheduleFreeState) else s,
+            inner, is_leaf=lambda s: isinstance(s, ScheduleFreeState))
         return updates, PrunedState(inner, current, state.count + 1)
 
     return Optimizer(init_state, update)

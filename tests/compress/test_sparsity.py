@@ -128,6 +128,23 @@ def test_fixed_masks_prune_at_the_first_update():
     assert sparsity.summary(new)["layers"]["dense_0/w"] == 0.5
 
 
+def test_schedule_free_evaluation_params_are_as_sparse_as_the_params():
+    """schedule_free_adamw evaluates at x = (y - (1 - b1) z) / b1: its z is zeroed where
+    pruned, or x (what fit evaluates and one exports) would be dense."""
+    masks = sparsity.n_m(PARAMS, 2, 4)
+    opt = sparsity.pruned(optim.schedule_free_adamw(1e-2), masks=masks)
+    params, state = PARAMS, opt.init_state(PARAMS)
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    for _ in range(3):
+        updates, state = jax.jit(opt.update)(grads, state, params)
+        params = optim.apply_updates(params, updates)
+    x = optim.schedule_free_eval_params(state, params)
+    assert sparsity.summary(x)["layers"]["dense_0/w"] == 0.5
+    kept = np.asarray(masks["dense_0"]["w"])
+    assert (np.asarray(x["dense_0"]["w"])[~kept] == 0).all()
+    assert (np.asarray(x["dense_0"]["w"])[kept] != np.asarray(params["dense_0"]["w"])[kept]).any()
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: sparsity.apply_masks(PARAMS, {**sparsity.magnitude(PARAMS, 0.5),
                                            "dense_1": {"w": jnp.ones((3, 3), bool),
