@@ -359,11 +359,38 @@ class HostFeed:
     """
 
     def __init__(self, data: Any, step: StepFn, k: int, cuts: tuple[int, ...],
-                 steps_per_epoch: int | None) -> None:
+                 steps_per_epoch: int | None, state: Any = None) -> None:
         self.data, self.step, self.k, self.cuts = data, step, k, cuts
         self.steps_per_epoch = steps_per_epoch
         self.num_classes: int | None = None
         self.checked = False
+        self.mesh = _on_mesh(state)
+
+    def _put(self, batch: Batch, stacked: bool = False) -> Batch:
+        """A batch (or a stack of them) on the device. For a state on a mesh its rows are
+        split over ``data`` and ``fsdp``, as ``parallel.shard_batch`` splits them; with
+        several processes each gives its own rows of the global batch (a plain
+        ``device_put`` would have each process train on its part as if it were all)."""
+        if self.mesh is None:
+            return jax.device_put(batch)
+        axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.shape)
+        n = math.prod(self.mesh.shape[a] for a in axes)
+        processes = jax.process_count()
+        axis = 1 if stacked else 0
+        rows = {np.shape(x)[axis] for x in jax.tree.leaves(batch) if np.ndim(x) > axis}
+        if any(r * processes % n for r in rows):
+            if processes > 1:
+                raise ValueError(f"fit: a batch of {sorted(rows)} rows per process cannot be "
+                                 f"split over data * fsdp = {n} devices of "
+                                 f"{processes} processes; use a Loader with "
+                                 f"drop_remainder=True and a divisible batch size")
+            return jax.device_put(batch)  # a smaller last batch: whole on each device
+        sharding = NamedSharding(self.mesh, PartitionSpec(None, axes) if stacked
+                                 else PartitionSpec(axes))
+        if processes > 1:
+            return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+                sharding, np.asarray(x)), batch)
+        return jax.device_put(batch, sharding)
 
     def check(self, num_classes: int | None) -> None:
         """The checked mode: every batch is checked on the host before it is sent."""
@@ -394,9 +421,9 @@ class HostFeed:
                                      f"{epoch}, but its len() is {self.steps_per_epoch}")
                 group.append(self._checked(batch, epoch, i))
             if chunk.scanned and _same_shapes(group):
-                yield chunk, jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *group))
+                yield chunk, self._put(jax.tree.map(lambda *xs: np.stack(xs), *group), True)
             else:
-                yield chunk._replace(scanned=False), [jax.device_put(b) for b in group]
+                yield chunk._replace(scanned=False), [self._put(b) for b in group]
 
     def _open(self, first: int, epochs: int) -> Iterator[tuple[Chunk, Any]]:
         """Runs in the prefetch thread: one step per chunk, epochs end with their data."""
@@ -413,7 +440,7 @@ class HostFeed:
                 batch, ahead = ahead, next(batches, None)
                 batch = self._checked(batch, epoch, index)
                 yield (Chunk(step, 1, epoch, index, False, ahead is None),
-                       [jax.device_put(batch)])
+                       [self._put(batch)])
                 step, index = step + 1, index + 1
 
     def chunks(self, first: int, end: int | None, epochs: int = 1

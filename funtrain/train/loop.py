@@ -192,7 +192,7 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
     k = steps_per_call or (auto_steps_per_call(scanned, cuts) if on_device
                            and not convolves_on_cpu(train_step, state, train_data) else 1)
     feed = (DeviceFeed(train_data, train_step, k, cuts) if on_device else
-            HostFeed(train_data, train_step, k, cuts, steps_per_epoch))
+            HostFeed(train_data, train_step, k, cuts, steps_per_epoch, state))
     if check_data:
         feed.check(num_classes)
     history = History()

@@ -1,6 +1,6 @@
 """Run by test_parallel.py: 20 data-parallel AdamW steps on the seed MLP, as one process or
-as one of several started by ``python -m funtrain launch``; the first process prints the
-losses as JSON."""
+as one of several started by ``python -m funtrain launch``, by hand and then through
+``fit``; the first process prints the losses as JSON."""
 
 import json
 
@@ -29,6 +29,10 @@ losses = []
 for batch in loader.epoch(0):
     state, metrics = step(state, parallel.shard_batch(batch, mesh))
     losses.append(float(metrics["loss"]))
+# the same epoch through fit, whose feed (host data, per process) splits each batch alike
+state = parallel.shard_state(train.TrainState.create(params, opt, jax.random.key(1)), mesh)
+_, history = train.fit(state, step, loader, epochs=1, progress=False, log_every=1)
 if jax.process_index() == 0:
     print(json.dumps({"processes": jax.process_count(), "devices": len(jax.devices()),
-                      "local_batch": len(batch["x"]), "losses": losses}), flush=True)
+                      "local_batch": len(batch["x"]), "losses": losses,
+                      "fit_losses": history.train["loss"]}), flush=True)

@@ -176,6 +176,10 @@ def test_two_processes_on_localhost_train_like_one():
     assert (one["processes"], two["processes"], two["devices"]) == (1, 2, 2)
     assert (one["local_batch"], two["local_batch"]) == (32, 16)
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    # fit on the host feed splits every batch over the processes too (it once trained
+    # each process on its half as if it were the whole batch: the processes drifted apart)
+    for run in (one, two):
+        np.testing.assert_allclose(run["fit_losses"], one["losses"], rtol=1e-5)
 
 
 def test_launch_returns_the_first_failure(tmp_path):
