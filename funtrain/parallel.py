@@ -29,9 +29,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -82,7 +84,7 @@ def mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1, *, devices: An
 def fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int = 1 << 14) -> PartitionSpec:
     """Split ``shape`` over the ``fsdp`` axis along its largest divisible axis (replicated
     when the leaf is smaller than ``min_size`` elements, or nothing divides)."""
-    n = mesh.shape["fsdp"]
+    n = mesh.shape.get("fsdp", 1)  # a Mesh of the user's own may have no fsdp axis
     if n == 1 or math.prod(shape) < min_size:
         return PartitionSpec()
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
@@ -146,7 +148,8 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules = (), *,
 
 def _spec_by_path(params: Any, specs: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {keystr(path): (tuple(np.shape(leaf)), spec)
+    # params that are one array: its key path is empty (keystr names it "<root>")
+    return {keystr(path) if path else "": (tuple(np.shape(leaf)), spec)
             for (path, leaf), spec in zip(flat, jax.tree.leaves(
                 specs, is_leaf=lambda x: isinstance(x, PartitionSpec)), strict=True)}
 
@@ -163,7 +166,7 @@ def shard_state(state: Any, mesh: Mesh, rules: Rules = (), *,
     def place(path: tuple[Any, ...], leaf: Any) -> Any:
         parts, spec = keystr(path).split("/"), PartitionSpec()
         spec_: Any = spec
-        for k in range(len(parts)):  # the longest key-path suffix that names a param
+        for k in range(len(parts) + 1):  # the longest key-path suffix that names a param
             shape, param_spec = by_path.get("/".join(parts[k:]), (None, None))
             if shape is not None:
                 spec_ = param_spec if np.shape(leaf) == shape else spec
@@ -194,9 +197,10 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     process_count=jax.process_count())`` reads just those), and the global batch is
     assembled with ``jax.make_array_from_process_local_data``.
     """
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+    n = math.prod(mesh.shape[a] for a in axes)
     processes = jax.process_count()
-    sharding = NamedSharding(mesh, BATCH)
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
 
     def place(path: tuple[Any, ...], x: Any) -> Any:
         if np.ndim(x) == 0 or (np.shape(x)[0] * processes) % n:
@@ -220,24 +224,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None) -> bool:
     """Start ``jax.distributed`` for a multi-process run; ``True`` if it did.
 
-    Explicit arguments win; else the variables that ``python -m funtrain launch`` sets
-    (``FUNTRAIN_COORDINATOR``, ``FUNTRAIN_NUM_PROCESSES``, ``FUNTRAIN_PROCESS_ID``); else,
-    under SLURM (``SLURM_JOB_ID`` with more than one task), JAX's own detection of the job.
-    Otherwise the run has one process and nothing is started. On CPU the collectives are
-    gloo's. Call it first, before anything touches a device.
+    Each explicit argument wins; else the variables that ``python -m funtrain launch`` sets
+    (``FUNTRAIN_COORDINATOR``, ``FUNTRAIN_NUM_PROCESSES``, ``FUNTRAIN_PROCESS_ID``); what
+    is still missing JAX detects (a SLURM job's nodes and task ids, a TPU pod's). With no
+    argument, no such variables and no SLURM job of several tasks (``SLURM_JOB_ID``,
+    ``SLURM_NTASKS > 1``), the run has one process and nothing is started. On CPU the
+    collectives are gloo's. Call it first, before anything touches a device.
     """
-    if coordinator_address is None and all(k in os.environ for k in ENV):
-        coordinator_address = os.environ[ENV[0]]
-        num_processes, process_id = int(os.environ[ENV[1]]), int(os.environ[ENV[2]])
-    slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if coordinator_address is None and not slurm:
+    if all(k in os.environ for k in ENV):  # each explicit argument wins over its variable
+        coordinator_address = coordinator_address or os.environ[ENV[0]]
+        num_processes = num_processes if num_processes is not None else int(os.environ[ENV[1]])
+        process_id = process_id if process_id is not None else int(os.environ[ENV[2]])
+    slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS") or 1) > 1
+    given: dict[str, Any] = {"coordinator_address": coordinator_address,
+                             "num_processes": num_processes, "process_id": process_id}
+    if not slurm and all(v is None for v in given.values()):
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if coordinator_address is None:
-        jax.distributed.initialize()  # JAX reads the SLURM job's nodes and task ids
-    else:
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+    # What is not given, JAX detects (the SLURM job's nodes and task ids, a TPU pod's)
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
     return True
 
 
@@ -258,6 +263,14 @@ def launch(nproc: int, command: Sequence[str], *, timeout: float | None = None) 
                                                    ENV[1]: str(nproc), ENV[2]: str(i)})
              for i in range(nproc)]
     deadline = None if timeout is None else time.monotonic() + timeout
+
+    def terminated(signum: int, frame: Any) -> None:  # a scheduler's SIGTERM: clean up
+        raise SystemExit(128 + signum)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, terminated) for sig in (
+            getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))}
     try:
         while True:  # poll all: a process that failed must not wait behind a live one
             codes = [proc.poll() for proc in procs]
@@ -272,10 +285,14 @@ def launch(nproc: int, command: Sequence[str], *, timeout: float | None = None) 
             if deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(list(command), timeout or 0.0)
             time.sleep(0.05)
-    except BaseException:
+    except BaseException:  # Ctrl-C, SIGTERM, a timeout: no process is left behind
         for proc in procs:
             proc.kill()
+            proc.wait()
         raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def main_launch(argv: Sequence[str]) -> int:
@@ -287,7 +304,10 @@ def main_launch(argv: Sequence[str]) -> int:
     parser.add_argument("script", help="the Python script each process runs")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     args = parser.parse_args(argv)
-    return launch(args.nproc, [sys.executable, args.script, *args.args])
+    if args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    code = launch(args.nproc, [sys.executable, args.script, *args.args])
+    return 128 - code if code < 0 else code  # killed by signal k: 128 + k, as shells say
 
 
 def device_bytes(tree: Any) -> dict[Any, int]:

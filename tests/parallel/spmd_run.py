@@ -134,6 +134,23 @@ def bad_input():
     return out
 
 
+def placements():
+    """Specs ``shard_state``/``shard_batch`` give: params that are one array (their key path
+    is empty) and its AdamW moments; a JAX Mesh of the user's own, with no ``fsdp`` axis."""
+    opt = optim.adamw(1e-3)
+    one = parallel.shard_state(train.TrainState.create(jnp.ones((256, 128)), opt,
+                                                       jax.random.key(0)),
+                               parallel.mesh(fsdp=-1), fsdp_min_size=1)
+    own = jax.make_mesh((8,), ("data",))
+    state = parallel.shard_state(train.TrainState.create({"w": jnp.ones((8, 8))}, opt,
+                                                         jax.random.key(0)), own)
+    batch = parallel.shard_batch({"x": np.ones((16, 3))}, own)
+    return {"one_array": [str(one.params.sharding.spec),
+                          str(one.opt_state[0].mu.sharding.spec)],
+            "own_mesh": [str(state.params["w"].sharding.spec),
+                         str(batch["x"].sharding.spec)]}
+
+
 def checkpoint_across_meshes():
     """Save an FSDP state on 8 devices; restore it onto 4 devices (data parallel) and onto
     one; all three then take the same next step."""
@@ -240,7 +257,7 @@ def step_reports():
 
 if __name__ == "__main__":
     result = {"devices": len(jax.devices()), "bad_input": bad_input(),
-              "reports": step_reports(), "fit": fit_on_meshes()}
+              "reports": step_reports(), "fit": fit_on_meshes(), "placed": placements()}
     result["checkpoint"], result["restore_errors"] = checkpoint_across_meshes()
     for kind in sys.argv[1:] or ["mlp", "gpt", "cnn"]:
         for layout in ("single", "dp", "fsdp") + (("fsdp+tp",) if kind != "cnn" else ()):

@@ -5,6 +5,7 @@ import fcntl
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -111,6 +112,14 @@ def test_restoring_a_different_tree_is_named(runs):
            "opt_state/0/count" in ck["other tree"]
 
 
+def test_one_array_params_and_a_mesh_without_fsdp_are_placed(runs):
+    """Params that are one array were left replicated (their key path is empty), and a
+    Mesh without an fsdp axis raised KeyError: 'fsdp'."""
+    placed = runs["placed"]
+    assert placed["one_array"] == ["P('fsdp', None)"] * 2, placed
+    assert placed["own_mesh"] == ["P()", "P('data',)"], placed
+
+
 def test_step_report_gives_per_device_bytes_under_a_mesh(runs):
     """Measured on the MLP: 102,696 of 814,120 B of params and 205,396 of 1,628,244 B of
     AdamW state per device, and XLA's per-device arguments 320,668 B against 2,542,860 B."""
@@ -193,6 +202,56 @@ def test_initialize_in_one_process_starts_nothing(monkeypatch):
     for name in (*parallel.ENV, "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
     assert parallel.initialize() is False
+
+
+def test_initialize_passes_each_explicit_argument(monkeypatch):
+    """Each explicit argument wins over the launcher's variable, and under SLURM is passed
+    on beside JAX's detection (they were overwritten, or dropped)."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # keeps this process's CPU
+    for name in (*parallel.ENV, "SLURM_JOB_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in zip(parallel.ENV, ("localhost:1234", "4", "3"), strict=True):
+        monkeypatch.setenv(name, value)
+    assert parallel.initialize(num_processes=2, process_id=1)
+    assert calls[-1] == {"coordinator_address": "localhost:1234", "num_processes": 2,
+                         "process_id": 1}
+    for name in parallel.ENV:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert parallel.initialize(process_id=1) and calls[-1] == {"process_id": 1}
+
+
+def test_launch_stops_its_processes_on_sigterm_and_reports_signals(tmp_path):
+    """A scheduler's SIGTERM to the launcher stops its processes (they were orphaned); a
+    process killed by signal k makes the launcher exit 128 + k, as a shell reports it."""
+    import os
+    import signal
+
+    script = tmp_path / "sleep.py"
+    script.write_text("import os, pathlib, sys, time\n"
+                      "pathlib.Path(sys.argv[1], os.environ['FUNTRAIN_PROCESS_ID'] + '.pid')"
+                      ".write_text(str(os.getpid()))\n"
+                      "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "funtrain", "launch", "--nproc", "2",
+                             str(script), str(tmp_path)], cwd=SCRIPT.parents[2])
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    for pid in pids:  # gone, and reaped by the launcher
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    killed = tmp_path / "killed.py"
+    killed.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert parallel.main_launch(["--nproc", "1", str(killed)]) == 128 + signal.SIGKILL
+    with pytest.raises(SystemExit):
+        parallel.main_launch(["--nproc", "0", str(killed)])
 
 
 def test_loader_gives_each_process_its_part_of_every_global_batch():
