@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -132,8 +131,10 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
       n: number of blocks.
       remat: ``None`` keeps every block's activations; ``"block"`` checkpoints each block
         (keeps n block inputs); ``"sqrt"`` nests scans: an outer scan over segments of
-        ``segment`` (default ``ceil(sqrt(n))``) blocks whose body is checkpointed, so only
-        segment inputs are kept during the forward pass.
+        ``segment`` blocks whose body is checkpointed, so only segment inputs are kept
+        during the forward pass. ``segment`` must divide ``n``; the default is the divisor
+        ``k`` that keeps the fewest inputs, ``n / k + k`` (``sqrt(n)`` for a square ``n``;
+        for a prime ``n`` it is ``n``, which saves nothing: choose another ``n``).
       name: key for a parent combinator.
 
     Examples:
@@ -151,7 +152,8 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
     check_int(kind, "segment", segment, high=n, optional=True)
     if segment is not None and remat != "sqrt":
         raise ValueError(f"repeat: segment={segment} is for remat='sqrt', got remat={remat!r}")
-    k = segment or max(1, math.ceil(math.sqrt(n)))
+    k = segment or min((d for d in range(1, n + 1) if n % d == 0),
+                       key=lambda d: (n // d + d, -d))
     if remat == "sqrt" and n % k:
         raise ValueError(f"repeat: remat='sqrt' needs n divisible by the segment size; n={n}, "
                          f"segment={k} (pass segment= a divisor of n)")

@@ -166,7 +166,11 @@ def test_bad_segment_and_repeat_arguments():
     with pytest.raises(ValueError, match="repeat: remat must be None, 'block' or 'sqrt'"):
         remat.repeat(nn.dense(2), 4, remat="all")
     with pytest.raises(ValueError, match="needs n divisible by the segment size"):
-        remat.repeat(nn.dense(2), 5, remat="sqrt")
+        remat.repeat(nn.dense(2), 5, remat="sqrt", segment=2)
+    # the default segment divides n: 8 blocks in segments of 4 (ceil(sqrt(8)) = 3 once
+    # made remat.repeat(block, 8, remat="sqrt") an error, its docstring example included)
+    assert remat.repeat(nn.dense(2), 8, remat="sqrt").init(
+        jax.random.key(0), jnp.zeros((1, 2)))["w"].shape == (8, 2, 2)
     with pytest.raises(ValueError, match=r"repeat layer .*maps an input of shape \(1, 3\)"):
         remat.repeat(nn.dense(2), 4).init(jax.random.key(0), jnp.zeros((1, 3)))
 
