@@ -110,6 +110,11 @@ def _check_spec(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Me
     if len(spec) > len(shape):
         raise ValueError(f"parallel: rule {rule!r} gives {spec} for {path!r} of shape {shape}: "
                          f"more axes than the param has")
+    every = [a for axes in spec if axes is not None
+             for a in (axes if isinstance(axes, tuple) else (axes,))]
+    if len(every) != len(set(every)):
+        raise ValueError(f"parallel: rule {rule!r} gives {spec} for {path!r}: a mesh axis "
+                         f"can split one dimension only")
     for dim, axes in zip(shape, spec, strict=False):
         names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
         for name in names:
@@ -127,6 +132,11 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules = (), *,
     """A ``PartitionSpec`` per param: the first of ``rules`` whose regex matches the key
     path (``re.search``), else ``fsdp_spec``. A rule that matches no param is an error."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    for pattern, _ in rules:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"parallel: rule {pattern!r} is not a valid regex: {e}") from None
     used = [False] * len(rules)
     specs = []
     for path, leaf in flat:

@@ -121,6 +121,9 @@ def bad_input():
         "spec does not divide": lambda: parallel.param_specs(
             params, fsdp, [("dense_1/w", P(None, "fsdp"))]),
         "unknown mesh axis": lambda: parallel.param_specs(params, fsdp, [("w", P("model"))]),
+        "axis used twice": lambda: parallel.param_specs(
+            params, fsdp, [("dense_0/w", P("fsdp", "fsdp"))]),
+        "bad regex": lambda: parallel.param_specs(params, fsdp, [("(", P())]),
         "mesh size": lambda: parallel.mesh(data=3),
         "fit batch not divisible": lambda: fit_with_batch(12),
     }

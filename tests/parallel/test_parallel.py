@@ -98,6 +98,9 @@ def test_bad_input_is_named(runs):
     assert "splits 'dense_1/w' of shape (256, 10) over ('fsdp',) (8 devices), which does " \
            "not divide 10" in bad["spec does not divide"]
     assert "names mesh axis 'model', which the mesh lacks" in bad["unknown mesh axis"]
+    assert "rule 'dense_0/w' gives P('fsdp', 'fsdp') for 'dense_0/w': a mesh axis can split " \
+           "one dimension only" in bad["axis used twice"]
+    assert "rule '(' is not a valid regex" in bad["bad regex"]
     assert "8 devices do not divide into 3" in bad["mesh size"] or \
         "data * fsdp * tensor" in bad["mesh size"]
     assert "fit: batch size 12 must be divisible by data * fsdp = 8 of the state's mesh" \
