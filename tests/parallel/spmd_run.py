@@ -231,6 +231,22 @@ def fit_on_meshes():
         compiles.clear()  # a second call (one more epoch; it donates state) compiles nothing
         again, _ = train.fit(state, step, loader, epochs=1, steps_per_call=4, progress=False)
         out[name].update(compiles_again=len(compiles), step_again=int(again.step))
+    # the host feed (device_data=False) on the data-parallel mesh: its stacked chunks are
+    # split over the devices too
+    mesh = parallel.mesh(data=-1)
+    state = parallel.shard_state(train.TrainState.create(params, opt, jax.random.key(1)),
+                                 mesh, fsdp_min_size=1024)
+    loader = data.Loader(ds, 32, key=jax.random.key(2), drop_remainder=True)
+    seen = []
+    probe = train.make_train_step(train.classifier_loss(model), opt)
+
+    def watched(state, batch):  # the batch's sharding, as the step receives it
+        jax.debug.inspect_array_sharding(batch["x"], callback=lambda s: seen.append(str(s)))
+        return probe(state, batch)
+
+    _, history = train.fit(state, watched, loader, epochs=2, steps_per_call=4,
+                           device_data=False, progress=False, log_every=1)
+    out["dp_host"] = {"losses": history.train["loss"], "batch_sharding": sorted(set(seen))}
     return out
 
 

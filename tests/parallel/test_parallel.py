@@ -151,6 +151,11 @@ def test_fit_serves_each_device_its_rows_of_every_batch(runs):
     for name in ("single", "dp", "fsdp"):  # shard_state's P('fsdp', None) is jit's P('fsdp')
         assert fits[name]["compiles_again"] == 0 and fits[name]["step_again"] == 24, name
     assert (fits["dp"]["spec"], fits["fsdp"]["spec"]) == ("P()", "P('fsdp',)")
+    # the host feed too (device_data=False): the step sees each batch split over the mesh
+    # (it got every batch whole on each device)
+    np.testing.assert_allclose(fits["dp_host"]["losses"], fits["single"]["losses"], rtol=1e-5)
+    assert len(fits["dp_host"]["batch_sharding"]) == 1
+    assert "spec=P('data',)" in fits["dp_host"]["batch_sharding"][0]
     assert fits["dp"]["flops"] < fits["single"]["flops"] / 3
     assert fits["fsdp"]["flops"] < fits["single"]["flops"] / 6
 
