@@ -46,7 +46,7 @@ from funtrain._checks import check_int
 from funtrain._tree import keystr
 
 __all__ = ["mesh", "fsdp_spec", "tensor_rules", "param_specs", "shard_state", "shard_batch",
-           "device_bytes", "initialize", "launch", "AXES", "BATCH"]
+           "batch_axes", "device_bytes", "initialize", "launch", "AXES", "BATCH"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = PartitionSpec(("data", "fsdp"))  # a batch's first axis, over every data-like axis
@@ -198,24 +198,32 @@ def _put(x: Any, sharding: NamedSharding) -> Any:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
+def batch_axes(mesh: Mesh) -> tuple[tuple[str, ...], int]:
+    """The mesh axes a batch's rows split over (``data`` and ``fsdp``, those ``mesh``
+    has: a Mesh of one's own may lack one) and how many devices they make."""
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def shard_batch(batch: Any, mesh: Mesh, *, axis: int = 0) -> Any:
     """``batch`` split along its first axis over the ``data`` and ``fsdp`` axes.
 
     In one process ``batch`` is the global batch; its size must be a multiple of ``data *
     fsdp``. With several processes (``initialize``) each passes its own part, the rows its
     devices hold (``Loader(..., process_index=jax.process_index(),
     process_count=jax.process_count())`` reads just those), and the global batch is
-    assembled with ``jax.make_array_from_process_local_data``.
+    assembled with ``jax.make_array_from_process_local_data``. ``axis``: the rows' axis,
+    1 for a stack of batches (``fit``'s scanned chunks).
     """
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
-    n = math.prod(mesh.shape[a] for a in axes)
+    axes, n = batch_axes(mesh)
     processes = jax.process_count()
-    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    sharding = NamedSharding(mesh, PartitionSpec(*(None,) * axis, axes))
+    which = "a first axis" if axis == 0 else f"an axis {axis}"
 
     def place(path: tuple[Any, ...], x: Any) -> Any:
-        if np.ndim(x) == 0 or (np.shape(x)[0] * processes) % n:
+        if np.ndim(x) <= axis or (np.shape(x)[axis] * processes) % n:
             raise ValueError(f"parallel.shard_batch: batch array {keystr(path)!r} of shape "
-                             f"{np.shape(x)} must have a first axis divisible by data * fsdp "
+                             f"{np.shape(x)} must have {which} divisible by data * fsdp "
                              f"= {n}" + (f" (with {processes} processes, {processes} times "
                                          f"the local part)" if processes > 1 else ""))
         if processes > 1:

@@ -36,6 +36,7 @@ from funtrain._typing import Batch
 from funtrain.data.checks import check_batch
 from funtrain.data.dataset import Loader
 from funtrain.data.prefetch import prefetch
+from funtrain.parallel import batch_axes, shard_batch
 from funtrain.train.step import canonical_sharding, scan_steps
 
 StepFn = Callable[..., Any]
@@ -257,12 +258,11 @@ class DeviceFeed:
         if mesh is None:
             return {}
         if self.mesh.get("mesh") != mesh:
-            n = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+            axes, n = batch_axes(mesh)
             if self.batch_size % n:
                 raise ValueError(f"fit: batch size {self.batch_size} must be divisible by "
                                  f"data * fsdp = {n} of the state's mesh "
                                  f"{dict(mesh.shape)}")
-            axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
             self.arrays = jax.device_put(self.arrays, NamedSharding(mesh, PartitionSpec()))
             self._epoch = None
             # The state's shardings as first placed: each chunk keeps them. Spelled without
@@ -373,24 +373,12 @@ class HostFeed:
         ``device_put`` would have each process train on its part as if it were all)."""
         if self.mesh is None:
             return jax.device_put(batch)
-        axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.shape)
-        n = math.prod(self.mesh.shape[a] for a in axes)
-        processes = jax.process_count()
         axis = 1 if stacked else 0
-        rows = {np.shape(x)[axis] for x in jax.tree.leaves(batch) if np.ndim(x) > axis}
-        if any(r * processes % n for r in rows):
-            if processes > 1:
-                raise ValueError(f"fit: a batch of {sorted(rows)} rows per process cannot be "
-                                 f"split over data * fsdp = {n} devices of "
-                                 f"{processes} processes; use a Loader with "
-                                 f"drop_remainder=True and a divisible batch size")
+        _, n = batch_axes(self.mesh)
+        if jax.process_count() == 1 and any(np.shape(x)[axis] % n for x in jax.tree.leaves(
+                batch) if np.ndim(x) > axis):
             return jax.device_put(batch)  # a smaller last batch: whole on each device
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, axes) if stacked
-                                 else PartitionSpec(axes))
-        if processes > 1:
-            return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-                sharding, np.asarray(x)), batch)
-        return jax.device_put(batch, sharding)
+        return shard_batch(batch, self.mesh, axis=axis)
 
     def check(self, num_classes: int | None) -> None:
         """The checked mode: every batch is checked on the host before it is sent."""
