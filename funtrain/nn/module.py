@@ -152,16 +152,13 @@ def check_state(state: Any, kind: str) -> None:
 
 def check_statistics(model_state: Any, where: str) -> None:
     """Raise if a BatchNorm state (a dict with ``count``, ``mean``, ``var``) was never
-    updated in train mode; called on the host, once per state, by eval entry points. Counts
-    being traced (an eval step called inside the user's own ``jit``) cannot be read, so
-    they are not checked."""
+    updated in train mode; called on the host, once per state, by eval entry points."""
     found: list[tuple[str, Any]] = []
 
     def walk(path: tuple[str, ...], node: Any) -> None:
         if isinstance(node, dict):
             if {"count", "mean", "var"} <= set(node):
-                if not isinstance(node["count"], jax.core.Tracer):
-                    found.append(("/".join(path) or "<root>", node["count"]))
+                found.append(("/".join(path) or "<root>", node["count"]))
                 return
             for k, v in node.items():
                 walk((*path, str(k)), v)

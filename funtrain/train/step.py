@@ -466,8 +466,9 @@ def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True
                             "BatchNorm statistics) but eval_fn takes (params, batch); write "
                             "eval_fn(params, batch, model_state), or use "
                             "classifier_eval(model)")
-        if model_state is not None:
-            leaves = jax.tree.leaves(model_state)
+        leaves = jax.tree.leaves(model_state)
+        # Traced statistics (the step inside the user's own jit) cannot be read: unchecked
+        if leaves and not any(isinstance(x, jax.core.Tracer) for x in leaves):
             if len(leaves) != len(checked) or any(
                     a is not b for a, b in zip(leaves, checked, strict=True)):
                 check_statistics(model_state, "eval_step")
