@@ -67,7 +67,8 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
     """
     jitted = step_fn if hasattr(step_fn, "lower") else jax.jit(step_fn)
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args, **kwargs).compile()
+    lowered = jitted.lower(*args, **kwargs)
+    compiled = lowered.compile()
     report: dict[str, Any] = {"compile_seconds": time.perf_counter() - t0}
     notes = []
     first: Any = args[0] if args else None
@@ -93,7 +94,9 @@ def step_report(step_fn: Callable[..., Any], *args: Any, step_time: float | None
     if report["flops"] is None:
         notes.append(f"the {jax.default_backend()} backend returned no FLOP count "
                      f"(cost_analysis)")
-    elif " while(" in compiled.as_text():
+    # The program's own loops, read before XLA's passes: a backend may lower an op
+    # (scatter, on XLA's legacy CPU emitters) into a loop that is not the user's.
+    elif "stablehlo.while" in lowered.as_text():
         notes.append("the program has a loop (lax.scan, remat.repeat, scan_steps): XLA's "
                      "FLOP count takes each loop body once, so flops and flops_per_second "
                      "are too low by about its trip count")
