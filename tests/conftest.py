@@ -5,6 +5,18 @@ import tempfile
 import jax
 import pytest
 
+# XLA's CPU compiler, set for speed of compiling: the suite builds ~4,000 small programs
+# and spends most of its time compiling them. The legacy elemental emitters and LLVM at -O1
+# compile train steps in about half the time of the defaults (fusion emitters, -O2), so
+# the suite takes ~400 s instead of ~580 s, and they run these tests' small shapes as fast.
+# The arithmetic is IEEE either way (no fast math). Subprocesses (CLI runs, notebooks, the
+# SPMD script) inherit the flags. FUNTRAIN_TEST_DEFAULT_XLA=1 runs the suite with XLA's
+# defaults instead (it passes there too).
+_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+if not os.environ.get("FUNTRAIN_TEST_DEFAULT_XLA") and _FAST_COMPILE not in \
+        os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
 # One compilation cache for the session, shared by the xdist workers and the subprocesses
 # (CLI runs, notebooks, the SPMD script) through the environment: a program that several
 # processes build compiles once. Only XLA's output is cached, keyed by the program, the
@@ -12,17 +24,6 @@ import pytest
 # the folder before the workers start (they inherit the variable) and removes it after.
 # Every program is cached, however quick to build: the same small and eager programs recur
 # in both workers, and a hit (about 18 ms) costs less than even a one-op compile (20-40 ms).
-# XLA's CPU compiler, set for speed of compiling: the suite builds ~4,000 small programs
-# and spends most of its time compiling them. The legacy elemental emitters and LLVM at -O1
-# compile about 40% faster than the defaults (fusion emitters, -O2) and run these tests'
-# small shapes as fast; the arithmetic is IEEE either way (no fast math). Subprocesses
-# (CLI runs, notebooks, the SPMD script) inherit the flags. FUNTRAIN_TEST_DEFAULT_XLA=1
-# runs the suite with XLA's defaults instead (it passes there too).
-_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
-if not os.environ.get("FUNTRAIN_TEST_DEFAULT_XLA") and _FAST_COMPILE not in \
-        os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
-
 _OWN_CACHE = "FUNTRAIN_TEST_CACHE" not in os.environ
 if _OWN_CACHE:
     os.environ["FUNTRAIN_TEST_CACHE"] = tempfile.mkdtemp(prefix="funtrain-xla-cache-")
