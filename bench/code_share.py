@@ -3,8 +3,9 @@
 Counts source lines with ``ast``, docstrings, comments and blank lines left out:
 
 - *validation*: ``raise`` statements, ``if`` blocks whose body only raises (their test
-  included), ``assert``s, and statement calls to a ``check_*``/``_check_*`` function;
-- *code*: every other line of a statement.
+  included), ``assert``s, statement calls to a ``check_*``/``_check_*`` function, and the
+  ``@checked`` (domains declared in a signature) and ``@names_errors`` decorators;
+- *code*: every other line of a statement, decorators included.
 
 It prints the validation share of each module of ``funtrain/optim`` and in all; the same
 share counting the shared check helpers (``_checks.py``) as validation line by line, since
@@ -47,6 +48,11 @@ def _is_validation(node: ast.stmt) -> bool:
     return False
 
 
+def _decorator_name(node: ast.expr) -> str:
+    fn = node.func if isinstance(node, ast.Call) else node
+    return fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+
+
 def count(source: str) -> tuple[int, int]:
     """(code lines, validation lines) of ``source``."""
     tree = ast.parse(source)
@@ -54,6 +60,10 @@ def count(source: str) -> tuple[int, int]:
     code: set[int] = set()
     validation: set[int] = set()
     for node in ast.walk(tree):
+        for dec in getattr(node, "decorator_list", []):  # @checked, @names_errors: validation
+            lines = set(range(dec.lineno, dec.end_lineno + 1))
+            (validation if _decorator_name(dec) in ("checked", "names_errors") else code
+             ).update(lines)
         if not isinstance(node, ast.stmt):
             continue
         span = set(range(node.lineno, node.end_lineno + 1)) - skip

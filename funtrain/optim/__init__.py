@@ -8,6 +8,12 @@
   element-wise rules run once per buffer;
 - ``wrappers``: ``masked``, ``partition``, ``freeze``, ``multi_steps``, ``apply_if_finite``,
   ``inject_hyperparams``, ``ema``.
+
+A block's signature declares each hyperparameter's domain, checked when the block is built:
+``Real`` (a finite float), ``NonNegative`` (``>= 0``), ``Positive`` (``> 0``),
+``Fraction`` (``[0, 1]``), ``Beta`` (``[0, 1)``), ``Count`` (an int ``>= 1``), the
+``...OrSchedule`` forms (a float, or a schedule whose value at step 0 is in the domain), and
+``Literal`` choices. An array passes unchecked (``inject_hyperparams`` injects them).
 """
 
 from funtrain.optim import schedules

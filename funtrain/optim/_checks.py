@@ -1,21 +1,30 @@
 """Validation of hyperparameters at construction time, with messages that name them.
 
-Each hyperparameter is checked once, by the building block that uses it. An optimizer
-factory decorated with ``@names_errors`` makes those messages name the factory the user
-called and its own argument names (``sgd: momentum must be >= 0.0``, not ``trace: decay
-...``).
+Each hyperparameter is checked once, by the building block that uses it, and its domain is
+declared in that block's signature: ``b1: Beta = 0.9`` is ``Annotated[float, Range(0.0,
+1.0, high_open=True)]``, and ``@checked`` checks every annotated argument when the block is
+built. The block's body is left with its math. An optimizer factory decorated with
+``@names_errors`` makes those messages name the factory the user called and its own
+argument names (``sgd: momentum must be >= 0.0``, not ``trace: decay ...``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
+import inspect
 import math
+import typing
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+
+import jax
+import jax.numpy as jnp
 
 from funtrain._checks import check_int as _check_int
+from funtrain._typing import ScalarOrSchedule, Schedule
 
 # (factory name, {block: {block's argument: factory's argument}}) while a factory builds
 _CALLED: contextvars.ContextVar[tuple[str, Mapping[str, Mapping[str, str]]] | None] = \
@@ -107,3 +116,132 @@ def check_scalar(where: str, name: str, value: Any, *, low: float | None = None,
         if low is not None and high is not None:
             rng = f"in {rng}"
         raise ValueError(f"{where}: {name} must be {rng}, got {value}")
+
+
+def check_schedule(schedule: Schedule, where: str, name: str = "learning_rate", *,
+                   low: float | None = 0.0, high: float | None = None,
+                   high_open: bool = False) -> None:
+    """Call ``schedule(0)`` once, when the optimizer is built: it must take the step count
+    and return a finite real scalar (``>= low``, and below ``high`` when given). A wrong
+    shape would silently reshape every param it scales; a negative learning rate would
+    climb the loss. Later steps are not checked: that would cost a call per step."""
+    where, name = named(where, name)
+    what = f"{where}: {name} is a schedule"
+    try:
+        out = schedule(jnp.zeros((), jnp.int32))
+    except TypeError as e:
+        raise TypeError(f"{what}, so it must take the step count, schedule(count) -> value; "
+                        f"calling it with count 0 raised TypeError: {e}") from None
+    if out is None or isinstance(out, (str, bytes)) or not hasattr(out, "__float__") and \
+            not hasattr(out, "dtype"):
+        raise TypeError(f"{what}; it must return a scalar, got {type(out).__name__} "
+                        f"at count 0")
+    shape = tuple(jnp.shape(out))
+    if shape != ():
+        raise ValueError(f"{what}; it must return a scalar, got shape {shape} at count 0")
+    dtype = jnp.result_type(out)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{what}; it must return a real number, got dtype {dtype} at count 0")
+    if isinstance(out, jax.core.Tracer):  # built inside a trace: only the shape is known
+        return
+    check_scalar(where, f"{name}(0)", float(out), low=low, high=high, high_open=high_open)
+
+
+# --------------------------------------------------------------------------- declared domains
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A float hyperparameter in ``[low, high]`` (``low_open``/``high_open`` exclude an end),
+    finite unless ``allow_inf``; with ``schedule``, a schedule too, whose value at step 0 is
+    checked; with ``optional``, ``None`` too. Arrays (injected or traced hyperparameters) are
+    not checked."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    allow_inf: bool = False
+    schedule: bool = False
+    optional: bool = False
+
+    def check(self, where: str, name: str, value: Any) -> None:
+        if self.optional and value is None:
+            return
+        if self.schedule and callable(value):
+            check_schedule(value, where, name, low=self.low, high=self.high,
+                           high_open=self.high_open)
+        else:
+            check_scalar(where, name, value, low=self.low, high=self.high,
+                         low_open=self.low_open, high_open=self.high_open,
+                         allow_inf=self.allow_inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int:
+    """An int hyperparameter in ``[low, high]`` (``None`` too when ``optional``)."""
+
+    low: int = 1
+    high: int | None = None
+    optional: bool = False
+
+    def check(self, where: str, name: str, value: Any) -> None:
+        check_int(where, name, value, low=self.low, high=self.high, optional=self.optional)
+
+
+# The domains the optimizers use; each reads as the math's: b1: Beta, eps: Positive.
+Real = Annotated[float, Range()]
+NonNegative = Annotated[float, Range(0.0)]
+Positive = Annotated[float, Range(0.0, low_open=True)]
+Fraction = Annotated[float, Range(0.0, 1.0)]
+Beta = Annotated[float, Range(0.0, 1.0, high_open=True)]
+Count = Annotated[int, Int()]
+Flag = Literal[False, True]
+NonNegativeOrSchedule = Annotated[ScalarOrSchedule, Range(0.0, schedule=True)]
+BetaOrSchedule = Annotated[ScalarOrSchedule, Range(0.0, 1.0, high_open=True, schedule=True)]
+
+def _check_choice_of(choices: tuple[Any, ...], where: str, name: str, value: Any) -> None:
+    check_choice(where, name, value, choices)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _rules(fn: Callable[..., Any]) -> dict[str, Callable[[str, str, Any], None]]:
+    """The check of each argument of ``fn`` whose annotation declares a domain: a ``Range``
+    or ``Int`` in ``Annotated`` metadata, or a ``Literal`` of the allowed settings."""
+    rules: dict[str, Callable[[str, str, Any], None]] = {}
+    for name, hint in typing.get_type_hints(fn, include_extras=True).items():
+        meta = getattr(hint, "__metadata__", ())
+        checks = [m.check for m in meta if isinstance(m, (Range, Int))]
+        if typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            checks.append(functools.partial(_check_choice_of, choices))
+        if checks:
+            rules[name] = checks[0]
+    return rules
+
+
+def checked(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a building block: when it is called, each argument (defaults included) whose
+    annotation declares a domain (``Range``, ``Int``, ``Literal``) is checked, and an error
+    names the block (or the ``@names_errors`` factory building it) and the argument."""
+    sig = inspect.signature(fn)
+    rules: dict[str, Callable[[str, str, Any], None]] | None = None
+
+    @functools.wraps(fn)
+    def build(*args: P.args, **kwargs: P.kwargs) -> R:
+        nonlocal rules
+        rules = _rules(fn) if rules is None else rules  # once the module's names exist
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            return fn(*args, **kwargs)  # Python's own message for a wrong call
+        bound.apply_defaults()
+        for name, value in bound.arguments.items():
+            if name in rules:
+                rules[name](fn.__name__, name, value)
+        return fn(*args, **kwargs)
+
+    return build

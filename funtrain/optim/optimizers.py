@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,8 @@ from funtrain.optim._checks import (
 from funtrain.optim.base import Optimizer, chain
 from funtrain.optim.schedules import value_at
 from funtrain.optim.transforms import (
+    AmsgradConvention,
+    BiasCorrection,
     ScheduleFreeState,
     add_decayed_weights,
     scale_by_adadelta,
@@ -162,8 +164,9 @@ def adadelta(learning_rate: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float
 @names_errors()
 def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
          b2: ScalarOrSchedule = 0.999, eps: float = 1e-8, *, eps_root: float = 0.0,
-         weight_decay: float = 0.0, amsgrad: bool = False, amsgrad_convention: str = "pytorch",
-         bias_correction: str = "pytorch", mu_dtype: Any = None, nu_dtype: Any = None
+         weight_decay: float = 0.0, amsgrad: bool = False,
+         amsgrad_convention: AmsgradConvention = "pytorch",
+         bias_correction: BiasCorrection = "pytorch", mu_dtype: Any = None, nu_dtype: Any = None
          ) -> Optimizer:
     r"""Adam (Kingma & Ba, 2014), as ``torch.optim.Adam``: eps outside the square root.
 
@@ -204,7 +207,8 @@ def adam(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
 def adamw(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
           b2: ScalarOrSchedule = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
           mask: Any = None, *, eps_root: float = 0.0, amsgrad: bool = False,
-          amsgrad_convention: str = "pytorch", bias_correction: str = "pytorch",
+          amsgrad_convention: AmsgradConvention = "pytorch",
+          bias_correction: BiasCorrection = "pytorch",
           mu_dtype: Any = None, nu_dtype: Any = None) -> Optimizer:
     r"""AdamW (Loshchilov & Hutter, 2017): Adam with decoupled weight decay, as PyTorch.
 
@@ -229,7 +233,7 @@ def adamw(learning_rate: ScalarOrSchedule = 1e-3, b1: ScalarOrSchedule = 0.9,
 @names_errors(scale_by_adam={"amsgrad_convention": "convention"})
 def amsgrad(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
             eps: float = 1e-8, weight_decay: float = 0.0, *,
-            convention: str = "pytorch") -> Optimizer:
+            convention: AmsgradConvention = "pytorch") -> Optimizer:
     r"""AMSGrad (Reddi et al., 2018): Adam with a non-decreasing second moment.
 
     PyTorch (default, ``Adam(amsgrad=True)``): :math:`\hat v^{max}_t = \max(v^{max}_{t-1}, v_t)
@@ -369,7 +373,7 @@ def adafactor(learning_rate: ScalarOrSchedule = 1e-2, beta2_decay: float = -0.8,
 def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: float = 0.999,
                         eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0,
                         *, weight_lr_power: float = 2.0, mask: Any = None,
-                        convention: str = "paper") -> Optimizer:
+                        convention: Literal["paper", "optax"] = "paper") -> Optimizer:
     r"""Schedule-free AdamW (Defazio et al., 2024, "The Road Less Scheduled", Algorithm 1).
 
     No learning-rate schedule is needed: the params held (:math:`y`) interpolate between
@@ -422,7 +426,8 @@ def schedule_free_eval_params(state: Any, params: Params | None = None) -> Param
 @names_errors()
 def muon(learning_rate: ScalarOrSchedule = 1e-3, momentum: float = 0.95,
          weight_decay: float = 0.1, nesterov: bool = True, ns_steps: int = 5,
-         eps: float = 1e-7, adjust_lr: str = "original", *,
+         eps: float = 1e-7,
+         adjust_lr: Literal["original", "match_rms_adamw"] = "original", *,
          adam_learning_rate: ScalarOrSchedule = 3e-4, adam_b1: float = 0.9,
          adam_b2: float = 0.999, adam_eps: float = 1e-8, ns_dtype: Any = None) -> Optimizer:
     r"""Muon (Keller Jordan, 2024): orthogonalised momentum for 2-D weights, AdamW for the rest.

@@ -23,15 +23,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from funtrain._checks import check_int, is_int
 from funtrain._typing import Schedule
-from funtrain.optim._checks import check_choice, check_scalar, named
+from funtrain.optim._checks import (
+    Count,
+    Flag,
+    Fraction,
+    Int,
+    NonNegative,
+    Positive,
+    Real,
+    check_scalar,
+    check_schedule,
+    checked,
+)
 
 __all__ = [
     "Schedule", "as_schedule", "value_at",
@@ -41,7 +51,8 @@ __all__ = [
 ]
 
 
-def constant(value: float) -> Schedule:
+@checked
+def constant(value: Real) -> Schedule:
     """``value`` at every step.
 
     Args:
@@ -52,7 +63,6 @@ def constant(value: float) -> Schedule:
       >>> round(float(sched(1000)), 6)
       0.1
     """
-    check_scalar("constant", "value", value)
 
     def schedule(step: Any) -> Any:
         dtype = _float_dtype()
@@ -65,42 +75,13 @@ def as_schedule(value: float | Schedule, where: str, name: str = "learning_rate"
                 *, low: float | None = 0.0, high: float | None = None,
                 high_open: bool = False) -> Schedule:
     """Turn a float into a constant schedule; check a float's range, or a schedule's value
-    at step 0 (see ``check_schedule``). ``high``/``high_open`` bound the range above
+    at step 0 (see ``optim._checks.check_schedule``). ``high``/``high_open`` bound the range above
     (betas: ``low=0.0, high=1.0, high_open=True``)."""
     if callable(value):
         check_schedule(value, where, name, low=low, high=high, high_open=high_open)
         return value
     check_scalar(where, name, value, low=low, high=high, high_open=high_open)
     return lambda step: value
-
-
-def check_schedule(schedule: Schedule, where: str, name: str = "learning_rate", *,
-                   low: float | None = 0.0, high: float | None = None,
-                   high_open: bool = False) -> None:
-    """Call ``schedule(0)`` once, when the optimizer is built: it must take the step count
-    and return a finite real scalar (``>= low``, and below ``high`` when given). A wrong
-    shape would silently reshape every param it scales; a negative learning rate would
-    climb the loss. Later steps are not checked: that would cost a call per step."""
-    where, name = named(where, name)
-    what = f"{where}: {name} is a schedule"
-    try:
-        out = schedule(jnp.zeros((), jnp.int32))
-    except TypeError as e:
-        raise TypeError(f"{what}, so it must take the step count, schedule(count) -> value; "
-                        f"calling it with count 0 raised TypeError: {e}") from None
-    if out is None or isinstance(out, (str, bytes)) or not hasattr(out, "__float__") and \
-            not hasattr(out, "dtype"):
-        raise TypeError(f"{what}; it must return a scalar, got {type(out).__name__} "
-                        f"at count 0")
-    shape = tuple(jnp.shape(out))
-    if shape != ():
-        raise ValueError(f"{what}; it must return a scalar, got shape {shape} at count 0")
-    dtype = jnp.result_type(out)
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"{what}; it must return a real number, got dtype {dtype} at count 0")
-    if isinstance(out, jax.core.Tracer):  # built inside a trace: only the shape is known
-        return
-    check_scalar(where, f"{name}(0)", float(out), low=low, high=high, high_open=high_open)
 
 
 def value_at(schedule: float | Schedule, step: Any) -> Any:
@@ -191,7 +172,8 @@ def _check_int_sequence(where: str, name: str, values: Any) -> list[int]:
 # --------------------------------------------------------------------------- decays
 
 
-def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
+@checked
+def step_decay(init_value: Real, step_size: Count, gamma: NonNegative = 0.1) -> Schedule:
     r"""Multiply by ``gamma`` every ``step_size`` steps (PyTorch's ``StepLR``).
 
     .. math::
@@ -209,10 +191,6 @@ def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedul
 
     Matches ``torch.optim.lr_scheduler.StepLR(opt, step_size, gamma)``.
     """
-    where = "step_decay"
-    check_scalar(where, "init_value", init_value)
-    check_int(where, "step_size", step_size)
-    check_scalar(where, "gamma", gamma, low=0.0)
 
     def schedule(step: Any) -> Any:
         decays, _ = _divmod(_steps(step), step_size)
@@ -221,7 +199,8 @@ def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedul
     return schedule
 
 
-def multistep_decay(init_value: float, milestones: Sequence[int], gamma: float = 0.1
+@checked
+def multistep_decay(init_value: Real, milestones: Sequence[int], gamma: NonNegative = 0.1
                     ) -> Schedule:
     r"""Multiply by ``gamma`` at each milestone (PyTorch's ``MultiStepLR``).
 
@@ -244,10 +223,7 @@ def multistep_decay(init_value: float, milestones: Sequence[int], gamma: float =
 
     Matches ``torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)``.
     """
-    where = "multistep_decay"
-    check_scalar(where, "init_value", init_value)
-    marks = _check_int_sequence(where, "milestones", milestones)
-    check_scalar(where, "gamma", gamma, low=0.0)
+    marks = _check_int_sequence("multistep_decay", "milestones", milestones)
 
     def schedule(step: Any) -> Any:
         t = _steps(step)
@@ -261,7 +237,8 @@ def multistep_decay(init_value: float, milestones: Sequence[int], gamma: float =
     return schedule
 
 
-def exponential_decay(init_value: float, gamma: float) -> Schedule:
+@checked
+def exponential_decay(init_value: Real, gamma: NonNegative) -> Schedule:
     r"""Multiply by ``gamma`` every step (PyTorch's ``ExponentialLR``).
 
     .. math::
@@ -278,9 +255,6 @@ def exponential_decay(init_value: float, gamma: float) -> Schedule:
 
     Matches ``torch.optim.lr_scheduler.ExponentialLR(opt, gamma)``.
     """
-    where = "exponential_decay"
-    check_scalar(where, "init_value", init_value)
-    check_scalar(where, "gamma", gamma, low=0.0)
 
     def schedule(step: Any) -> Any:
         return _out(init_value * _power(gamma, _as_float(_steps(step))))
@@ -291,7 +265,8 @@ def exponential_decay(init_value: float, gamma: float) -> Schedule:
 # --------------------------------------------------------------------------- cosine
 
 
-def cosine_annealing(init_value: float, t_max: int, eta_min: float = 0.0) -> Schedule:
+@checked
+def cosine_annealing(init_value: Real, t_max: Count, eta_min: Real = 0.0) -> Schedule:
     r"""Cosine from ``init_value`` down to ``eta_min`` over ``t_max`` steps (``CosineAnnealingLR``).
 
     .. math::
@@ -317,10 +292,6 @@ def cosine_annealing(init_value: float, t_max: int, eta_min: float = 0.0) -> Sch
     Matches ``torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max, eta_min)`` at every
     step, including past ``T_max``.
     """
-    where = "cosine_annealing"
-    check_scalar(where, "init_value", init_value)
-    check_int(where, "t_max", t_max)
-    check_scalar(where, "eta_min", eta_min)
 
     def schedule(step: Any) -> Any:
         # Fold t into [0, t_max] using the period 2 t_max and the symmetry about t_max:
@@ -344,7 +315,8 @@ def _restart_starts(t_0: int, t_mult: int, top: int) -> tuple[list[int], list[in
     return starts, lengths
 
 
-def cosine_warm_restarts(init_value: float, t_0: int, t_mult: int = 1, eta_min: float = 0.0
+@checked
+def cosine_warm_restarts(init_value: Real, t_0: Count, t_mult: Count = 1, eta_min: Real = 0.0
                          ) -> Schedule:
     r"""Cosine annealing restarted every cycle, cycles growing by ``t_mult`` (SGDR).
 
@@ -372,11 +344,6 @@ def cosine_warm_restarts(init_value: float, t_0: int, t_mult: int = 1, eta_min: 
     Matches ``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0, T_mult,
     eta_min)`` stepped without an ``epoch`` argument.
     """
-    where = "cosine_warm_restarts"
-    check_scalar(where, "init_value", init_value)
-    check_int(where, "t_0", t_0)
-    check_int(where, "t_mult", t_mult)
-    check_scalar(where, "eta_min", eta_min)
 
     def schedule(step: Any) -> Any:
         t = _steps(step)
@@ -395,8 +362,9 @@ def cosine_warm_restarts(init_value: float, t_0: int, t_mult: int = 1, eta_min: 
     return schedule
 
 
-def warmup_cosine(peak_value: float, warmup_steps: int, total_steps: int,
-                  end_value: float = 0.0, init_value: float = 0.0) -> Schedule:
+@checked
+def warmup_cosine(peak_value: Real, warmup_steps: Annotated[int, Int(low=0)], total_steps: Count,
+                  end_value: Real = 0.0, init_value: Real = 0.0) -> Schedule:
     r"""Linear warmup to ``peak_value``, cosine decay to ``end_value``, then constant.
 
     With :math:`W` = ``warmup_steps`` and :math:`T` = ``total_steps``:
@@ -429,15 +397,9 @@ def warmup_cosine(peak_value: float, warmup_steps: int, total_steps: int,
     ``milestones=[warmup_steps]``, up to ``total_steps`` (after which PyTorch's cosine
     climbs back up, and this schedule stays at ``end_value``).
     """
-    where = "warmup_cosine"
-    check_scalar(where, "peak_value", peak_value)
-    check_int(where, "warmup_steps", warmup_steps, low=0)
-    check_int(where, "total_steps", total_steps)
     if total_steps <= warmup_steps:
-        raise ValueError(f"{where}: total_steps must be an int > warmup_steps "
+        raise ValueError(f"warmup_cosine: total_steps must be an int > warmup_steps "
                          f"({warmup_steps}), got {total_steps}")
-    check_scalar(where, "end_value", end_value)
-    check_scalar(where, "init_value", init_value)
     decay_steps = total_steps - warmup_steps
 
     def schedule(step: Any) -> Any:
@@ -455,7 +417,8 @@ def warmup_cosine(peak_value: float, warmup_steps: int, total_steps: int,
 # --------------------------------------------------------------------------- polynomial
 
 
-def linear(init_value: float, end_value: float, transition_steps: int) -> Schedule:
+@checked
+def linear(init_value: Real, end_value: Real, transition_steps: Count) -> Schedule:
     r"""Straight line from ``init_value`` to ``end_value``, then constant.
 
     .. math::
@@ -476,10 +439,6 @@ def linear(init_value: float, end_value: float, transition_steps: int) -> Schedu
     learning rate ``lr`` (PyTorch needs ``0 < start_factor <= 1`` and
     ``0 <= end_factor <= 1``; this schedule takes any values).
     """
-    where = "linear"
-    check_scalar(where, "init_value", init_value)
-    check_scalar(where, "end_value", end_value)
-    check_int(where, "transition_steps", transition_steps)
 
     def schedule(step: Any) -> Any:
         t = jnp.clip(_steps(step), 0, transition_steps)
@@ -488,7 +447,8 @@ def linear(init_value: float, end_value: float, transition_steps: int) -> Schedu
     return schedule
 
 
-def polynomial(init_value: float, end_value: float, power: float, transition_steps: int
+@checked
+def polynomial(init_value: Real, end_value: Real, power: Positive, transition_steps: Count
                ) -> Schedule:
     r"""Polynomial decay from ``init_value`` to ``end_value``, then constant.
 
@@ -510,11 +470,6 @@ def polynomial(init_value: float, end_value: float, power: float, transition_ste
     With ``end_value=0`` it matches ``torch.optim.lr_scheduler.PolynomialLR(opt,
     total_iters=transition_steps, power=power)``.
     """
-    where = "polynomial"
-    check_scalar(where, "init_value", init_value)
-    check_scalar(where, "end_value", end_value)
-    check_scalar(where, "power", power, low=0.0, low_open=True)
-    check_int(where, "transition_steps", transition_steps)
 
     def schedule(step: Any) -> Any:
         left = transition_steps - jnp.clip(_steps(step), 0, transition_steps)
@@ -527,9 +482,10 @@ def polynomial(init_value: float, end_value: float, power: float, transition_ste
 # --------------------------------------------------------------------------- cycles
 
 
-def one_cycle(max_value: float, total_steps: int, pct_start: float = 0.3, anneal: str = "cos",
-              div_factor: float = 25.0, final_div_factor: float = 1e4,
-              three_phase: bool = False) -> Schedule:
+@checked
+def one_cycle(max_value: Real, total_steps: Count, pct_start: Fraction = 0.3,
+              anneal: Literal["cos", "linear"] = "cos", div_factor: Positive = 25.0,
+              final_div_factor: Positive = 1e4, three_phase: Flag = False) -> Schedule:
     r"""The 1cycle policy (Smith & Topin, 2017, *Super-Convergence*), as PyTorch's ``OneCycleLR``.
 
     With :math:`\eta_{\max}` = ``max_value``, the schedule starts at
@@ -581,14 +537,6 @@ def one_cycle(max_value: float, total_steps: int, pct_start: float = 0.3, anneal
     zero (a phase of zero length, e.g. ``pct_start * total_steps == 1``), the step gets the
     end value of that phase.
     """
-    where = "one_cycle"
-    check_scalar(where, "max_value", max_value)
-    check_int(where, "total_steps", total_steps)
-    check_scalar(where, "pct_start", pct_start, low=0.0, high=1.0)
-    check_choice(where, "anneal", anneal, ("cos", "linear"))
-    check_scalar(where, "div_factor", div_factor, low=0.0, low_open=True)
-    check_scalar(where, "final_div_factor", final_div_factor, low=0.0, low_open=True)
-    check_choice(where, "three_phase", three_phase, (False, True))
 
     first = max_value / div_factor
     last = first / final_div_factor
@@ -637,9 +585,11 @@ def _phased(phases: list[tuple[float, float, float]], total_steps: int, anneal: 
     return schedule
 
 
-def one_cycle_momentum(total_steps: int, pct_start: float = 0.3, anneal: str = "cos",
-                       base_momentum: float = 0.85, max_momentum: float = 0.95,
-                       three_phase: bool = False) -> Schedule:
+@checked
+def one_cycle_momentum(total_steps: Count, pct_start: Fraction = 0.3,
+                       anneal: Literal["cos", "linear"] = "cos",
+                       base_momentum: NonNegative = 0.85, max_momentum: NonNegative = 0.95,
+                       three_phase: Flag = False) -> Schedule:
     r"""The momentum of the 1cycle policy, as PyTorch's ``OneCycleLR(cycle_momentum=True)``.
 
     The momentum moves against the learning rate of :func:`one_cycle` with the same
@@ -685,22 +635,17 @@ def one_cycle_momentum(total_steps: int, pct_start: float = 0.3, anneal: str = "
     sets for steps ``0 .. total_steps - 1``, with the same zero-length-phase rule as
     :func:`one_cycle`.
     """
-    where = "one_cycle_momentum"
-    check_int(where, "total_steps", total_steps)
-    check_scalar(where, "pct_start", pct_start, low=0.0, high=1.0)
-    check_choice(where, "anneal", anneal, ("cos", "linear"))
-    check_scalar(where, "base_momentum", base_momentum, low=0.0)
-    check_scalar(where, "max_momentum", max_momentum, low=0.0)
-    check_choice(where, "three_phase", three_phase, (False, True))
     # OneCycleLR's momentum phases: the lr's first/peak/last are max/base/max momentum.
     phases = _one_cycle_phases(total_steps, pct_start, three_phase, max_momentum,
                                base_momentum, max_momentum)
     return _phased(phases, total_steps, anneal)
 
 
-def cyclic(base_value: float, max_value: float, step_size_up: int,
-           step_size_down: int | None = None, mode: str = "triangular", gamma: float = 1.0
-           ) -> Schedule:
+@checked
+def cyclic(base_value: Real, max_value: Real, step_size_up: Count,
+           step_size_down: int | None = None,
+           mode: Literal["triangular", "triangular2", "exp_range"] = "triangular",
+           gamma: Positive = 1.0) -> Schedule:
     r"""Cyclical learning rate between two bounds (Smith, 2017), as PyTorch's ``CyclicLR``.
 
     Each cycle lasts :math:`C = s_{\text{up}} + s_{\text{down}}` steps: the value rises
@@ -735,14 +680,8 @@ def cyclic(base_value: float, max_value: float, step_size_up: int,
     step_size_up=step_size_up, step_size_down=step_size_down, mode=mode, gamma=gamma)``
     (the learning rate; momentum cycling is not part of a schedule).
     """
-    where = "cyclic"
-    check_scalar(where, "base_value", base_value)
-    check_scalar(where, "max_value", max_value)
-    check_int(where, "step_size_up", step_size_up)
     down = step_size_up if step_size_down is None else step_size_down
-    check_int(where, "step_size_down", down, low=0)
-    check_choice(where, "mode", mode, ("triangular", "triangular2", "exp_range"))
-    check_scalar(where, "gamma", gamma, low=0.0, low_open=True)
+    check_int("cyclic", "step_size_down", down, low=0)
     period = step_size_up + down
 
     def schedule(step: Any) -> Any:
@@ -806,7 +745,8 @@ def join(schedules: Sequence[float | Schedule], boundaries: Sequence[int]) -> Sc
     return schedule
 
 
-def per_epoch(schedule: float | Schedule, steps_per_epoch: int) -> Schedule:
+@checked
+def per_epoch(schedule: float | Schedule, steps_per_epoch: Count) -> Schedule:
     r"""Step ``schedule`` once per epoch: a per-epoch schedule on the update count.
 
     Schedules count optimizer updates. A PyTorch script that calls ``scheduler.step()``
@@ -828,9 +768,7 @@ def per_epoch(schedule: float | Schedule, steps_per_epoch: int) -> Schedule:
     Matches a PyTorch scheduler stepped after every ``steps_per_epoch``-th
     ``optimizer.step()``.
     """
-    where = "per_epoch"
-    fn = as_schedule(schedule, where, "schedule", low=None)
-    check_int(where, "steps_per_epoch", steps_per_epoch)
+    fn = as_schedule(schedule, "per_epoch", "schedule", low=None)
 
     def per_epoch_schedule(step: Any) -> Any:
         epoch, _ = _divmod(_steps(step), steps_per_epoch)

@@ -7,17 +7,31 @@ update)`` over a NamedTuple state.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from funtrain._tree import check_same_structure
-from funtrain._typing import Array, Grads, Params, ScalarOrSchedule, Updates
-from funtrain.optim._checks import check_choice, check_int, check_scalar, is_traced_or_array, named
+from funtrain._typing import Array, Grads, Params, Updates
+from funtrain.optim._checks import (
+    Beta,
+    BetaOrSchedule,
+    Count,
+    Fraction,
+    Int,
+    NonNegative,
+    NonNegativeOrSchedule,
+    Positive,
+    Range,
+    Real,
+    checked,
+    is_traced_or_array,
+    named,
+)
 from funtrain.optim.base import EmptyState, Optimizer, global_norm
 from funtrain.optim.fused import FlatParams, flat_mask, leafwise
-from funtrain.optim.schedules import as_schedule, value_at
+from funtrain.optim.schedules import value_at
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 
@@ -37,9 +51,9 @@ def _need_params(where: str, params: Params | None) -> Params:
 # --------------------------------------------------------------------------- scale
 
 
-def scale(step_size: float) -> Optimizer:
+@checked
+def scale(step_size: Real) -> Optimizer:
     """Multiply the updates by a constant: ``u ← step_size · g``."""
-    check_scalar("scale", "step_size", step_size)
 
     def update(grads: Grads, state: EmptyState, params: Params | None = None):
         return jax.tree.map(lambda g: (step_size * g).astype(g.dtype), grads), state
@@ -53,7 +67,8 @@ class ScaleByScheduleState(NamedTuple):
     count: Array  # type: ignore[assignment]  # shadows tuple.count
 
 
-def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True
+@checked
+def scale_by_learning_rate(learning_rate: NonNegativeOrSchedule, *, flip_sign: bool = True
                            ) -> Optimizer:
     """Multiply by ``-learning_rate`` (a float, or a schedule ``step -> lr``).
 
@@ -62,7 +77,6 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     ``flip_sign=False`` keeps the sign (for gradient *ascent* or custom chains).
     """
     sign = -1.0 if flip_sign else 1.0
-    as_schedule(learning_rate, "scale_by_learning_rate")
     if not callable(learning_rate):
 
         def update_const(grads: Grads, state: EmptyState, params: Params | None = None):
@@ -92,7 +106,8 @@ class TraceState(NamedTuple):
     count: Array  # type: ignore[assignment]  # shadows tuple.count
 
 
-def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float = 0.0,
+@checked
+def trace(decay: NonNegativeOrSchedule, *, nesterov: bool = False, dampening: Fraction = 0.0,
           accumulator_dtype: Any = None) -> Optimizer:
     r"""Heavy-ball momentum, PyTorch's convention.
 
@@ -119,8 +134,6 @@ def trace(decay: ScalarOrSchedule, *, nesterov: bool = False, dampening: float =
     """
     where = "trace"
     scheduled = callable(decay)
-    as_schedule(decay, where, "decay", low=0.0)
-    check_scalar(where, "dampening", dampening, low=0.0, high=1.0)
     # A schedule's later values are unknown (PyTorch checks only dampening too).
     static = not (is_traced_or_array(decay) or is_traced_or_array(dampening))
     if nesterov and static and ((not scheduled and not decay) or dampening):
@@ -173,7 +186,8 @@ def resolve_mask(mask: MaskOrFn | None, params: Params, where: str) -> Any:
     return m
 
 
-def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: MaskOrFn | None = None
+@checked
+def add_decayed_weights(weight_decay: NonNegativeOrSchedule, mask: MaskOrFn | None = None
                         ) -> Optimizer:
     r"""Add :math:`\lambda \theta` to the updates (coupled L2 when placed before the lr).
 
@@ -184,7 +198,6 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: MaskOrFn | None = 
         A mask whose structure differs from the params fails in ``init_state``.
     """
     where = "add_decayed_weights"
-    wd = as_schedule(weight_decay, where, "weight_decay")
     scheduled = callable(weight_decay)
 
     def init_state(params: Params) -> Any:
@@ -198,7 +211,7 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule, mask: MaskOrFn | None = 
         params = _need_params(where, params)
         check_same_structure(params, grads, what=where, expected_name="params",
                              actual_name="grads")
-        lam = value_at(wd, state.count)
+        lam = weight_decay(state.count) if callable(weight_decay) else weight_decay
         m = resolve_mask(mask, params, where)
 
         def add(g: Array, p: Array, keep: Any) -> Array:
@@ -279,26 +292,11 @@ def per_leaf(rule: Callable[..., tuple], grads: Any, *slots: Any, params: Any = 
               for k in range(len(slots))))
 
 
-def _check_beta(where: str, name: str, value: Any, *, schedule: bool = False) -> None:
-    """A beta in [0, 1); with ``schedule``, a schedule whose value at step 0 is."""
-    if schedule and callable(value):
-        as_schedule(value, where, name, low=0.0, high=1.0, high_open=True)
-    else:
-        check_scalar(where, name, value, low=0.0, high=1.0, high_open=True)
-
-
-def _check_eps(where: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
-    check_scalar(where, name, value, low=0.0, low_open=not allow_zero)
-
-
 def _check_eps_pair(where: str, eps: Any, eps_root: Any) -> None:
     """``eps`` (outside the root) may be 0 only when ``eps_root > 0`` keeps it positive."""
-    _check_eps(where, "eps_root", eps_root, allow_zero=True)
-    _check_eps(where, "eps", eps, allow_zero=True)
     if not (is_traced_or_array(eps) or is_traced_or_array(eps_root)) and eps == eps_root == 0:
-        where, _ = named(where, "eps")
-        raise ValueError(f"{where}: eps must be > 0 (or pass eps_root > 0 to put it inside "
-                         f"the square root), got {eps}")
+        raise ValueError(f"{named(where, 'eps')[0]}: eps must be > 0 (or pass eps_root > 0 to "
+                         f"put it inside the square root), got {eps}")
 
 
 def _bias_correction(decay: Any, count: Array, dtype: Any) -> Array:
@@ -315,7 +313,8 @@ class ScaleByRmsState(NamedTuple):
     mu: Any
 
 
-def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_in_sqrt: bool = False,
+@checked
+def scale_by_rms(decay: Beta = 0.99, eps: Positive = 1e-8, *, eps_in_sqrt: bool = False,
                  centered: bool = False, nu_dtype: Any = None) -> Optimizer:
     r"""Divide by the root of an EMA of squared gradients (Hinton's RMSProp, 2012).
 
@@ -327,8 +326,6 @@ def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_in_sqrt: bool = 
     ``centered`` subtracts the squared EMA of the gradients from :math:`v_t`.
     """
     where = "scale_by_rms"
-    _check_beta(where, "decay", decay)
-    _check_eps(where, "eps", eps)
 
     def init_state(params: Params) -> ScaleByRmsState:
         return ScaleByRmsState(nu=_zeros_like(params, nu_dtype),
@@ -355,7 +352,8 @@ class ScaleBySumState(NamedTuple):
     sum_of_squares: Any
 
 
-def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
+@checked
+def scale_by_rss(initial_accumulator_value: NonNegative = 0.0, eps: Positive = 1e-10, *,
                  eps_in_sqrt: bool = False) -> Optimizer:
     r"""Divide by the root of the running sum of squared gradients (Adagrad; Duchi et al., 2011).
 
@@ -364,8 +362,6 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
         \ (0 \text{ where } s_t = 0)
     """
     where = "scale_by_rss"
-    check_scalar(where, "initial_accumulator_value", initial_accumulator_value, low=0.0)
-    _check_eps(where, "eps", eps)
 
     def init_state(params: Params) -> ScaleBySumState:
         return ScaleBySumState(jax.tree.map(
@@ -391,7 +387,8 @@ class ScaleByAdadeltaState(NamedTuple):
     delta: Any
 
 
-def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Optimizer:
+@checked
+def scale_by_adadelta(rho: Fraction = 0.9, eps: Positive = 1e-6) -> Optimizer:
     r"""Adadelta's unit-corrected step (Zeiler, 2012), as PyTorch.
 
     .. math::
@@ -400,8 +397,6 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Optimizer:
         u_t = \rho u_{t-1} + (1-\rho) \Delta_t^2
     """
     where = "scale_by_adadelta"
-    check_scalar(where, "rho", rho, low=0.0, high=1.0)
-    _check_eps(where, "eps", eps)
 
     def init_state(params: Params) -> ScaleByAdadeltaState:
         return ScaleByAdadeltaState(_zeros_like(params), _zeros_like(params))
@@ -419,6 +414,10 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Optimizer:
 
 
 # --------------------------------------------------------------------------- Adam family
+
+
+AmsgradConvention = Literal["pytorch", "optax"]  # which v AMSGrad keeps the max of
+BiasCorrection = Literal["pytorch", "product"]  # of scheduled betas
 
 
 class ScaleByAdamState(NamedTuple):
@@ -445,9 +444,11 @@ class ScaleByAdamProductState(NamedTuple):
 
 
 
-def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps: float = 1e-8,
-                  eps_root: float = 0.0, *, nesterov: bool = False, amsgrad: bool = False,
-                  amsgrad_convention: str = "pytorch", bias_correction: str = "pytorch",
+@checked
+def scale_by_adam(b1: BetaOrSchedule = 0.9, b2: BetaOrSchedule = 0.999, eps: NonNegative = 1e-8,
+                  eps_root: NonNegative = 0.0, *, nesterov: bool = False, amsgrad: bool = False,
+                  amsgrad_convention: AmsgradConvention = "pytorch",
+                  bias_correction: BiasCorrection = "pytorch",
                   mu_dtype: Any = None, nu_dtype: Any = None) -> Optimizer:
     r"""Adam's step direction (Kingma & Ba, 2014), before the learning rate.
 
@@ -487,9 +488,8 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
       >>> direction = scale_by_adam(b1=schedules.one_cycle_momentum(total_steps=1000))
     """
     where = "scale_by_adam"
-    init_products, betas_at = _adam_betas(where, b1, b2, bias_correction)  # checks the betas
+    init_products, betas_at = _adam_betas(where, b1, b2, bias_correction)
     _check_eps_pair(where, eps, eps_root)
-    check_choice(where, "amsgrad_convention", amsgrad_convention, ("pytorch", "optax"))
     if nesterov and callable(b1):
         raise ValueError(f"{where}: nesterov=True needs a float b1, got a schedule (its "
                          f"look-ahead correction 1 - b1^(t+1) assumes a constant b1)")
@@ -523,7 +523,7 @@ def scale_by_adam(b1: ScalarOrSchedule = 0.9, b2: ScalarOrSchedule = 0.999, eps:
 
 
 def _adam_betas(where: str, b1: Any, b2: Any, bias_correction: str) -> tuple:
-    """Adam's betas (floats or schedules) and their bias corrections, checked here.
+    """Adam's betas (floats or schedules) and their bias corrections.
 
     Returns ``(init_products, betas_at)``. ``init_products(state)`` adds the running products
     of the scheduled betas when ``bias_correction="product"`` needs them (a
@@ -531,9 +531,6 @@ def _adam_betas(where: str, b1: Any, b2: Any, bias_correction: str) -> tuple:
     betas and returns ``(state, at)``; ``at(dtype)`` gives ``(beta1, beta2, correction1,
     correction2)`` in that dtype.
     """
-    _check_beta(where, "b1", b1, schedule=True)
-    _check_beta(where, "b2", b2, schedule=True)
-    check_choice(where, "bias_correction", bias_correction, ("pytorch", "product"))
     scheduled = (callable(b1), callable(b2))
     products = bias_correction == "product" and any(scheduled)
     if bias_correction == "product" and (is_traced_or_array(b1) or is_traced_or_array(b2)):
@@ -576,16 +573,14 @@ class ScaleByAdamaxState(NamedTuple):
     u: Any
 
 
-def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
+@checked
+def scale_by_adamax(b1: Beta = 0.9, b2: Beta = 0.999, eps: Positive = 1e-8) -> Optimizer:
     r"""AdaMax (Kingma & Ba, 2014, §7): Adam with the infinity norm.
 
     :math:`u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon)`,
     :math:`d_t = m_t / ((1-\beta_1^t) u_t)`. PyTorch and optax agree on this form.
     """
     where = "scale_by_adamax"
-    _check_beta(where, "b1", b1)
-    _check_beta(where, "b2", b2)
-    _check_eps(where, "eps", eps)
 
     def init_state(params: Params) -> ScaleByAdamaxState:
         return ScaleByAdamaxState(jnp.zeros((), jnp.int32), _zeros_like(params),
@@ -614,8 +609,9 @@ class ScaleByNadamState(NamedTuple):
     nu: Any
 
 
-def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   momentum_decay: float = 4e-3) -> Optimizer:
+@checked
+def scale_by_nadam(b1: Beta = 0.9, b2: Beta = 0.999, eps: Positive = 1e-8,
+                   momentum_decay: NonNegative = 4e-3) -> Optimizer:
     r"""NAdam's direction with Dozat's momentum schedule (PyTorch's ``NAdam``).
 
     .. math::
@@ -624,10 +620,6 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
             + \frac{\mu_{t+1} m_t}{(1 - \prod_{i\le t+1}\mu_i)(\sqrt{\hat v_t}+\epsilon)}
     """
     where = "scale_by_nadam"
-    _check_beta(where, "b1", b1)
-    _check_beta(where, "b2", b2)
-    _check_eps(where, "eps", eps)
-    check_scalar(where, "momentum_decay", momentum_decay, low=0.0)
 
     def init_state(params: Params) -> ScaleByNadamState:
         return ScaleByNadamState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.result_type(float)),
@@ -654,7 +646,8 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     return Optimizer(init_state, update)
 
 
-def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+@checked
+def scale_by_radam(b1: Beta = 0.9, b2: Beta = 0.999, eps: Positive = 1e-8,
                    threshold: float = 5.0) -> Optimizer:
     r"""Rectified Adam's direction (Liu et al., 2020), as PyTorch's ``RAdam``.
 
@@ -666,9 +659,6 @@ def scale_by_radam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
     """
     where = "scale_by_radam"
-    _check_beta(where, "b1", b1)
-    _check_beta(where, "b2", b2)
-    _check_eps(where, "eps", eps)
     rho_inf = 2.0 / (1.0 - b2) - 1.0
 
     def init_state(params: Params) -> ScaleByAdamState:
@@ -703,15 +693,14 @@ class ScaleByLionState(NamedTuple):
     mu: Any
 
 
-def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: Any = None) -> Optimizer:
+@checked
+def scale_by_lion(b1: Beta = 0.9, b2: Beta = 0.99, mu_dtype: Any = None) -> Optimizer:
     r"""Lion's sign update (Chen et al., 2023).
 
     .. math:: d_t = \operatorname{sign}(\beta_1 m_{t-1} + (1-\beta_1) g_t), \quad
               m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
     """
     where = "scale_by_lion"
-    _check_beta(where, "b1", b1)
-    _check_beta(where, "b2", b2)
 
     def init_state(params: Params) -> ScaleByLionState:
         return ScaleByLionState(_zeros_like(params, mu_dtype))
@@ -726,15 +715,14 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: Any = None) -> Op
     return Optimizer(init_state, update)
 
 
-def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0) -> Optimizer:
+@checked
+def scale_by_trust_ratio(trust_coefficient: Positive = 1.0, eps: NonNegative = 0.0) -> Optimizer:
     r"""Per-leaf layer-wise trust ratio (LARS, You et al. 2017; LAMB, You et al. 2019).
 
     .. math:: u \leftarrow u \cdot \frac{c\,\lVert\theta\rVert}{\lVert u\rVert + \epsilon}
         \quad (\text{ratio } 1 \text{ where either norm is } 0)
     """
     where = "scale_by_trust_ratio"
-    check_scalar(where, "trust_coefficient", trust_coefficient, low=0.0, low_open=True)
-    _check_eps(where, "eps", eps, allow_zero=True)
 
     def update(grads: Updates, state: EmptyState, params: Params | None = None):
         params = _need_params(where, params)
@@ -757,9 +745,9 @@ def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0) -> Op
 # --------------------------------------------------------------------------- clipping
 
 
-def clip(max_delta: float) -> Optimizer:
+@checked
+def clip(max_delta: Positive) -> Optimizer:
     """Clip every update element to ``[-max_delta, max_delta]``."""
-    check_scalar("clip", "max_delta", max_delta, low=0.0, low_open=True)
 
     def update(grads: Grads, state: EmptyState, params: Params | None = None):
         return jax.tree.map(lambda g: jnp.clip(g, -max_delta, max_delta), grads), state
@@ -773,7 +761,9 @@ class ClipByGlobalNormState(NamedTuple):
     norm: Array
 
 
-def clip_by_global_norm(max_norm: float, *, eps: float = 1e-6) -> Optimizer:
+@checked
+def clip_by_global_norm(max_norm: Annotated[float, Range(0.0, low_open=True, allow_inf=True)], *,
+                        eps: NonNegative = 1e-6) -> Optimizer:
     r"""Rescale all grads together so their global L2 norm is at most ``max_norm``.
 
     PyTorch's ``clip_grad_norm_``: :math:`g \leftarrow g \cdot \min(1, \frac{c}{\lVert g\rVert
@@ -781,9 +771,6 @@ def clip_by_global_norm(max_norm: float, *, eps: float = 1e-6) -> Optimizer:
     :math:`c / \max(\lVert g\rVert, c)` form. The pre-clip norm is kept in the state
     (``state.norm``) so a train step can report it.
     """
-    where = "clip_by_global_norm"
-    check_scalar(where, "max_norm", max_norm, low=0.0, low_open=True, allow_inf=True)
-    _check_eps(where, "eps", eps, allow_zero=True)
 
     def init_state(params: Params) -> ClipByGlobalNormState:
         return ClipByGlobalNormState(jnp.zeros((), jnp.float32))
@@ -811,8 +798,11 @@ class ScaleByFactoredRmsState(NamedTuple):
     v: Any
 
 
-def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
-                          clipping_threshold: float = 1.0) -> Optimizer:
+@checked
+def scale_by_factored_rms(beta2_decay: Annotated[float, Range(high=0.0)] = -0.8,
+                          eps: Annotated[float | None,
+                                         Range(0.0, low_open=True, optional=True)] = None,
+                          clipping_threshold: Positive = 1.0) -> Optimizer:
     r"""Adafactor's direction (Shazeer & Stern, 2018), as ``torch.optim.Adafactor``.
 
     For a leaf with >= 2 dims the second moment is factored over its last two axes:
@@ -829,10 +819,6 @@ def scale_by_factored_rms(beta2_decay: float = -0.8, eps: float | None = None,
     the machine epsilon of each leaf's dtype, ``clipping_threshold`` is :math:`d`.
     """
     where = "scale_by_factored_rms"
-    check_scalar(where, "beta2_decay", beta2_decay, high=0.0)
-    if eps is not None:
-        _check_eps(where, "eps", eps)
-    check_scalar(where, "clipping_threshold", clipping_threshold, low=0.0, low_open=True)
 
     def init_state(params: Params) -> ScaleByFactoredRmsState:
         def row(p: Array) -> Array:
@@ -883,15 +869,14 @@ class ScaleByRelativeStepState(NamedTuple):
     count: Array  # type: ignore[assignment]  # shadows tuple.count
 
 
-def scale_by_relative_step(learning_rate: ScalarOrSchedule = 1e-2, eps2: float = 1e-3,
-                           weight_decay: float = 0.0) -> Optimizer:
+@checked
+def scale_by_relative_step(learning_rate: NonNegativeOrSchedule = 1e-2,
+                           eps2: NonNegative = 1e-3,
+                           weight_decay: NonNegative = 0.0) -> Optimizer:
     r"""Adafactor's relative step (Shazeer & Stern, 2018), learning rate included, as
     ``torch.optim.Adafactor``: :math:`-\max(\epsilon_2, \mathrm{RMS}(\theta))
     \min(\eta, 1/\sqrt t)\,\hat U - \eta\lambda\theta`, the RMS per leaf."""
     where = "scale_by_relative_step"
-    as_schedule(learning_rate, where)
-    check_scalar(where, "eps2", eps2, low=0.0)
-    check_scalar(where, "weight_decay", weight_decay, low=0.0)
 
     def init_state(params: Params) -> ScaleByRelativeStepState:
         return ScaleByRelativeStepState(jnp.zeros((), jnp.int32))
@@ -926,21 +911,18 @@ class ScheduleFreeState(NamedTuple):
     z: Any
 
 
-def scale_by_schedule_free(learning_rate: float = 0.0025, b1: float = 0.9, b2: float = 0.999,
-                           eps: float = 1e-8, weight_decay: float = 0.0,
-                           warmup_steps: int = 0, *, weight_lr_power: float = 2.0,
-                           mask: Any = None, convention: str = "paper") -> Optimizer:
+@checked
+def scale_by_schedule_free(learning_rate: NonNegative = 0.0025,
+                           b1: Annotated[float, Range(0.0, 1.0, True, True)] = 0.9,
+                           b2: Beta = 0.999, eps: Positive = 1e-8,
+                           weight_decay: NonNegative = 0.0,
+                           warmup_steps: Annotated[int, Int(low=0)] = 0, *,
+                           weight_lr_power: float = 2.0, mask: Any = None,
+                           convention: Literal["paper", "optax"] = "paper") -> Optimizer:
     r"""Schedule-free AdamW's whole step (Defazio et al., 2024), learning rate included: the
     update moves the held params :math:`y` to :math:`y_{t+1}`. See ``schedule_free_adamw``.
     """
     where = "scale_by_schedule_free"
-    check_scalar(where, "learning_rate", learning_rate, low=0.0)
-    check_scalar(where, "b1", b1, low=0.0, high=1.0, low_open=True, high_open=True)
-    check_scalar(where, "b2", b2, low=0.0, high=1.0, high_open=True)
-    check_scalar(where, "eps", eps, low=0.0, low_open=True)
-    check_scalar(where, "weight_decay", weight_decay, low=0.0)
-    check_int(where, "warmup_steps", warmup_steps, low=0)
-    check_choice(where, "convention", convention, ("paper", "optax"))
 
     def warm(t: Array) -> Array:
         if warmup_steps == 0:
@@ -1028,18 +1010,17 @@ class ScaleByMuonState(NamedTuple):
     mu: Any
 
 
-def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                  eps: float = 1e-7, adjust_lr: str = "original", ns_dtype: Any = None
-                  ) -> Optimizer:
+@checked
+def scale_by_muon(momentum: Beta = 0.95, nesterov: bool = True, ns_steps: Count = 5,
+                  eps: float = 1e-7,
+                  adjust_lr: Literal["original", "match_rms_adamw"] = "original",
+                  ns_dtype: Any = None) -> Optimizer:
     r"""Muon's direction for 2-D leaves: :math:`s\,\mathrm{NS}(u_t)` with
     :math:`b_t = \mu b_{t-1} + (1-\mu) g_t` and :math:`u_t = (1-\mu) g_t + \mu b_t`
     (Nesterov) or :math:`b_t`; :math:`s = \sqrt{\max(1, n/m)}` (``"original"``) or
     :math:`0.2\sqrt{\max(n, m)}` (``"match_rms_adamw"``). See ``optim.muon``.
     """
     where = "scale_by_muon"
-    check_scalar(where, "momentum", momentum, low=0.0, high=1.0, high_open=True)
-    check_choice(where, "adjust_lr", adjust_lr, ("original", "match_rms_adamw"))
-    check_int(where, "ns_steps", ns_steps)
 
     def init_state(params: Params) -> ScaleByMuonState:
         for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:

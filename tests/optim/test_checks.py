@@ -6,7 +6,7 @@ import pytest
 
 from funtrain import optim
 from funtrain._checks import IntArgumentError, check_int
-from funtrain.optim import _checks, schedules, transforms
+from funtrain.optim import _checks, transforms
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def checked(monkeypatch):
         calls[(where, name)] += 1
         return where, name
 
-    for module in (_checks, schedules, transforms):
+    for module in (_checks, transforms):
         monkeypatch.setattr(module, "named", spy)
     return calls
 
