@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from funtrain._checks import check_int as _check_int
 from funtrain._typing import ScalarOrSchedule, Schedule
+from funtrain.optim.base import Optimizer, check_optimizer
 
 # (factory name, {block: {block's argument: factory's argument}}) while a factory builds
 _CALLED: contextvars.ContextVar[tuple[str, Mapping[str, Mapping[str, str]]] | None] = \
@@ -210,14 +211,18 @@ R = TypeVar("R")
 
 def _rules(fn: Callable[..., Any]) -> dict[str, Callable[[str, str, Any], None]]:
     """The check of each argument of ``fn`` whose annotation declares a domain: a ``Range``
-    or ``Int`` in ``Annotated`` metadata, or a ``Literal`` of the allowed settings."""
+    or ``Int`` in ``Annotated`` metadata, a ``Literal`` of the allowed settings, or
+    ``Optimizer``."""
     rules: dict[str, Callable[[str, str, Any], None]] = {}
     for name, hint in typing.get_type_hints(fn, include_extras=True).items():
         meta = getattr(hint, "__metadata__", ())
-        checks = [m.check for m in meta if isinstance(m, (Range, Int))]
+        checks: list[Callable[[str, str, Any], None]] = [
+            m.check for m in meta if isinstance(m, (Range, Int))]
         if typing.get_origin(hint) is Literal:
             choices = typing.get_args(hint)
             checks.append(functools.partial(_check_choice_of, choices))
+        if hint is Optimizer:
+            checks.append(check_optimizer)
         if checks:
             rules[name] = checks[0]
     return rules
@@ -225,8 +230,9 @@ def _rules(fn: Callable[..., Any]) -> dict[str, Callable[[str, str, Any], None]]
 
 def checked(fn: Callable[P, R]) -> Callable[P, R]:
     """Decorate a building block: when it is called, each argument (defaults included) whose
-    annotation declares a domain (``Range``, ``Int``, ``Literal``) is checked, and an error
-    names the block (or the ``@names_errors`` factory building it) and the argument."""
+    annotation declares a domain (``Range``, ``Int``, ``Literal``, ``Optimizer``) is
+    checked, and an error names the block (or the ``@names_errors`` factory building it) and
+    the argument."""
     sig = inspect.signature(fn)
     rules: dict[str, Callable[[str, str, Any], None]] | None = None
 

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 
 from funtrain._typing import Params, ScalarOrSchedule
 from funtrain.optim._checks import (
-    check_choice,
+    NonNegative,
     check_scalar,
+    checked,
     is_traced_or_array,
     names_errors,
     naming,
@@ -123,7 +124,8 @@ def rmsprop(learning_rate: ScalarOrSchedule = 1e-2, alpha: float = 0.99, eps: fl
 
 
 @names_errors()
-def adagrad(learning_rate: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0,
+@checked
+def adagrad(learning_rate: ScalarOrSchedule = 1e-2, lr_decay: NonNegative = 0.0,
             weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
             eps: float = 1e-10, *, eps_in_sqrt: bool = False) -> Optimizer:
     r"""Adagrad (Duchi et al., 2011), PyTorch's ``torch.optim.Adagrad`` by default.
@@ -136,7 +138,6 @@ def adagrad(learning_rate: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0,
     The optax convention is ``initial_accumulator_value=0.1, eps=1e-7, eps_in_sqrt=True``
     (:math:`g_t / \sqrt{s_t + \epsilon}`).
     """
-    check_scalar("adagrad", "lr_decay", lr_decay, low=0.0)
     lr = learning_rate
     if _nonzero(lr_decay):
         def lr(step: Any) -> Any:  # the decayed schedule, checked at step 0 with the lr
@@ -256,9 +257,10 @@ def adamax(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 
 
 
 @names_errors()
+@checked
 def nadam(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.0, momentum_decay: float = 4e-3, *,
-          convention: str = "pytorch") -> Optimizer:
+          convention: Literal["pytorch", "optax"] = "pytorch") -> Optimizer:
     r"""NAdam (Dozat, 2016): Adam with Nesterov momentum.
 
     ``convention="pytorch"`` (default, ``torch.optim.NAdam``) uses Dozat's momentum schedule
@@ -267,7 +269,6 @@ def nadam(learning_rate: ScalarOrSchedule = 2e-3, b1: float = 0.9, b2: float = 0
     {1-\beta_1^{t+1}} + \frac{(1-\beta_1) g_t}{1-\beta_1^t}`, then
     :math:`\theta_t = \theta_{t-1} - \eta\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)`.
     """
-    check_choice("nadam", "convention", convention, ("pytorch", "optax"))
     direction = (scale_by_nadam(b1, b2, eps, momentum_decay) if convention == "pytorch"
                  else scale_by_adam(b1, b2, eps, nesterov=True))
     return chain(*_weight_decay(weight_decay), direction, scale_by_learning_rate(learning_rate))

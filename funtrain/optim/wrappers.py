@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from jax import lax
 
 from funtrain._tree import check_same_structure, keystr, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
-from funtrain.optim._checks import check_int, is_traced_or_array
+from funtrain.optim._checks import Count, Int, checked, is_traced_or_array
 from funtrain.optim.base import (
     EmptyState,
     Optimizer,
@@ -190,6 +190,7 @@ class MaskedState(NamedTuple):
     inner_state: OptState
 
 
+@checked
 def masked(opt: Optimizer, mask: MaskOrFn) -> Optimizer:
     r"""Apply ``opt`` where ``mask`` is True; pass the incoming gradient through elsewhere.
 
@@ -258,7 +259,6 @@ def masked(opt: Optimizer, mask: MaskOrFn) -> Optimizer:
       Array([-0.1,  1. ], dtype=float32)
     """
     where = "masked"
-    check_optimizer(where, "opt", opt)
     _check_mask_types(where, mask)
 
     def init_state(params: Params) -> MaskedState:
@@ -475,7 +475,8 @@ class MultiStepsState(NamedTuple):
     acc_grads: Grads
 
 
-def multi_steps(opt: Optimizer, every_k: int) -> Optimizer:
+@checked
+def multi_steps(opt: Optimizer, every_k: Count) -> Optimizer:
     r"""Gradient accumulation: apply ``opt`` to the mean of every ``every_k`` gradients.
 
     Calls 1 .. k-1 of each round add the gradients to an accumulator and return zero
@@ -511,8 +512,6 @@ def multi_steps(opt: Optimizer, every_k: int) -> Optimizer:
       (Array([-2., -3.], dtype=float32), 1)
     """
     where = "multi_steps"
-    check_optimizer(where, "opt", opt)
-    check_int(where, "every_k", every_k, low=1)
     k = int(every_k)
 
     def acc_dtype(x: Any) -> Any:
@@ -563,7 +562,9 @@ class ApplyIfFiniteState(NamedTuple):
     inner_state: OptState
 
 
-def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
+@checked
+def apply_if_finite(opt: Optimizer, max_consecutive_errors: Annotated[int, Int(low=0)]
+                    ) -> Optimizer:
     """Skip the steps whose gradients hold an inf or a NaN.
 
     On such a step the updates are zero and ``opt``'s state is returned bitwise
@@ -591,10 +592,6 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
       >>> u["w"], bool(state.last_finite), int(state.notfinite_count)
       (Array([0., 0.], dtype=float32), False, 1)
     """
-    where = "apply_if_finite"
-    check_optimizer(where, "opt", opt)
-    check_int(where, "max_consecutive_errors", max_consecutive_errors, low=0)
-
     def init_state(params: Params) -> ApplyIfFiniteState:
         return ApplyIfFiniteState(
             notfinite_count=jnp.zeros((), jnp.int32),
@@ -840,6 +837,7 @@ class EmaState(NamedTuple):
     ema: Params
 
 
+@checked
 def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
     r"""Keep an exponential moving average of the params in the optimizer state.
 
@@ -868,7 +866,6 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
       -0.5
     """
     where = "ema"
-    check_optimizer(where, "opt", opt)
     if not is_traced_or_array(decay) and (  # an array: injected (inject_hyperparams)
             isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating))
             or not 0.0 <= float(decay) < 1.0):
