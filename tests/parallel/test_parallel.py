@@ -29,11 +29,6 @@ def _spmd_run():
     return proc.stdout.strip().splitlines()[-1]
 
 
-# The tests that read the SPMD script's results run on one xdist worker (--dist loadgroup):
-# spread over two, the second waited idle on the first's script.
-SPMD = pytest.mark.xdist_group("spmd")
-
-
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, worker_id):
     """The script's results, computed once per session: pytest-xdist workers share them
@@ -54,7 +49,6 @@ def runs(tmp_path_factory, worker_id):
 
 @pytest.mark.parametrize("run", ["mlp/dp", "mlp/fsdp", "mlp/fsdp+tp", "gpt/dp", "gpt/fsdp",
                                  "gpt/fsdp+tp", "cnn/dp", "cnn/fsdp"])
-@SPMD
 def test_sharded_training_equals_one_device(runs, run):
     """20 AdamW steps in float32. Measured: at most 4e-7 relative (reductions split over
     devices, and tensor parallelism's inside the matmuls, change the last bits only). The
@@ -68,7 +62,6 @@ def test_sharded_training_equals_one_device(runs, run):
     assert one["recompiles"] == many["recompiles"] == 0
 
 
-@SPMD
 @pytest.mark.parametrize("run", ["mlp/fsdp", "mlp/fsdp+tp", "gpt/fsdp", "gpt/fsdp+tp"])
 def test_fsdp_holds_an_eighth_of_the_state_per_device(runs, run):
     dp, fsdp = runs[run.split("/")[0] + "/dp"], runs[run]
@@ -86,7 +79,6 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device(runs, run):
         assert any("tensor" in spec for spec in fsdp["specs"])
 
 
-@SPMD
 def test_a_checkpoint_saved_under_fsdp_restores_onto_other_meshes(runs):
     """Saved on 8 devices with FSDP (one process: the arrays are gathered to the host);
     restored onto the same mesh, 4 devices data parallel, and 1 device, each placed like
@@ -98,7 +90,6 @@ def test_a_checkpoint_saved_under_fsdp_restores_onto_other_meshes(runs):
     np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
 
 
-@SPMD
 def test_bad_input_is_named(runs):
     bad = runs["bad_input"]
     assert "batch array 'x' of shape (12, 784) must have a first axis divisible by " \
@@ -116,7 +107,6 @@ def test_bad_input_is_named(runs):
         in bad["fit batch not divisible"]
 
 
-@SPMD
 def test_restoring_a_different_tree_is_named(runs):
     ck = runs["restore_errors"]
     assert "key path 'params/dense_0/w': checkpoint has shape (784, 256), target expects " \
@@ -125,7 +115,6 @@ def test_restoring_a_different_tree_is_named(runs):
            "opt_state/0/count" in ck["other tree"]
 
 
-@SPMD
 def test_one_array_params_and_a_mesh_without_fsdp_are_placed(runs):
     """Params that are one array were left replicated (their key path is empty), and a
     Mesh without an fsdp axis raised KeyError: 'fsdp'."""
@@ -134,7 +123,6 @@ def test_one_array_params_and_a_mesh_without_fsdp_are_placed(runs):
     assert placed["own_mesh"] == ["P()", "P('data',)"], placed
 
 
-@SPMD
 def test_step_report_gives_per_device_bytes_under_a_mesh(runs):
     """Measured on the MLP: 102,696 of 814,120 B of params and 205,396 of 1,628,244 B of
     AdamW state per device, and XLA's per-device arguments 320,668 B against 2,542,860 B."""
@@ -151,7 +139,6 @@ def test_step_report_gives_per_device_bytes_under_a_mesh(runs):
         assert abstract[key] == fsdp[key], key
 
 
-@SPMD
 def test_fit_serves_each_device_its_rows_of_every_batch(runs):
     """fit's device-resident path on a sharded state: the same losses as one device, the
     state stays where shard_state put it, and one device runs its share of each batch.
