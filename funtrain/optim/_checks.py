@@ -201,6 +201,7 @@ Flag = Literal[False, True]
 NonNegativeOrSchedule = Annotated[ScalarOrSchedule, Range(0.0, schedule=True)]
 BetaOrSchedule = Annotated[ScalarOrSchedule, Range(0.0, 1.0, high_open=True, schedule=True)]
 
+
 def _check_choice_of(choices: tuple[Any, ...], where: str, name: str, value: Any) -> None:
     check_choice(where, name, value, choices)
 
