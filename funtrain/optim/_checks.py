@@ -216,16 +216,13 @@ def _rules(fn: Callable[..., Any]) -> dict[str, Callable[[str, str, Any], None]]
     ``Optimizer``."""
     rules: dict[str, Callable[[str, str, Any], None]] = {}
     for name, hint in typing.get_type_hints(fn, include_extras=True).items():
-        meta = getattr(hint, "__metadata__", ())
-        checks: list[Callable[[str, str, Any], None]] = [
-            m.check for m in meta if isinstance(m, (Range, Int))]
-        if typing.get_origin(hint) is Literal:
-            choices = typing.get_args(hint)
-            checks.append(functools.partial(_check_choice_of, choices))
-        if hint is Optimizer:
-            checks.append(check_optimizer)
-        if checks:
-            rules[name] = checks[0]
+        domains = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, (Range, Int))]
+        if domains:
+            rules[name] = domains[0].check
+        elif typing.get_origin(hint) is Literal:
+            rules[name] = functools.partial(_check_choice_of, typing.get_args(hint))
+        elif hint is Optimizer:
+            rules[name] = check_optimizer
     return rules
 
 
