@@ -7,12 +7,15 @@ import pytest
 
 # XLA's CPU compiler, set for speed of compiling: the suite builds ~4,000 small programs
 # and spends most of its time compiling them. The legacy elemental emitters and LLVM at -O1
-# compile train steps in about half the time of the defaults (fusion emitters, -O2), so
-# the suite takes ~400 s instead of ~580 s, and they run these tests' small shapes as fast.
-# The arithmetic is IEEE either way (no fast math). Subprocesses (CLI runs, notebooks, the
-# SPMD script) inherit the flags. FUNTRAIN_TEST_DEFAULT_XLA=1 runs the suite with XLA's
-# defaults instead (it passes there too).
-_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+# compile train steps in about half the time of the defaults (fusion emitters, -O2), and
+# one LLVM module per program (split count 1; the default splits it into parts to compile
+# in parallel, which costs more than it saves on small programs) takes another 15% off the
+# suite. They run these tests' small shapes as fast, and the arithmetic is IEEE either way
+# (no fast math). Subprocesses (CLI runs, notebooks, the SPMD script) inherit the flags.
+# FUNTRAIN_TEST_DEFAULT_XLA=1 runs the suite with XLA's defaults instead (it passes there
+# too).
+_FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+                 " --xla_cpu_parallel_codegen_split_count=1")
 if not os.environ.get("FUNTRAIN_TEST_DEFAULT_XLA") and _FAST_COMPILE not in \
         os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
