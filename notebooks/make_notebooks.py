@@ -1,6 +1,6 @@
 """Writes the notebooks from the cell sources below, and executes them so that they are
 committed with their outputs and plots (run: python notebooks/make_notebooks.py; add
---no-execute to write the sources alone).
+--no-execute to write the sources alone, or notebook file names to write only those).
 
 Keeping the sources here makes diffs reviewable; tests/test_notebooks.py executes the
 .ipynb files again, at small sizes.
@@ -189,7 +189,7 @@ OPTIMIZERS = [
         "steps = jnp.arange(T)\n"
         "fig, axes = plt.subplots(3, 4, figsize=(12, 7), sharex=True)\n"
         "for ax, (name, fn) in zip(axes.ravel(), scheds.items()):\n"
-        "    ax.plot(steps, jax.vmap(fn)(steps)); ax.set_title(name, fontsize=9)\n"
+        "    ax.plot(steps, jax.jit(jax.vmap(fn))(steps)); ax.set_title(name, fontsize=9)\n"
         "fig.tight_layout(); plt.show()"),
 ]
 
@@ -635,6 +635,7 @@ def write(name: str, cells: list, execute: bool = True) -> None:
 
 if __name__ == "__main__":
     EXECUTE = "--no-execute" not in sys.argv
+    ONLY = [a for a in sys.argv[1:] if not a.startswith("--")]  # e.g. 02_optimizers.ipynb
     for filename, cells in [("01_quickstart.ipynb", QUICKSTART),
                             ("02_optimizers.ipynb", OPTIMIZERS),
                             ("03_mixed_precision.ipynb", MIXED_PRECISION),
@@ -642,4 +643,5 @@ if __name__ == "__main__":
                             ("05_custom_modules.ipynb", CUSTOM_MODULES),
                             ("06_compression.ipynb", COMPRESSION),
                             ("07_checkpoints_and_resume.ipynb", RESUME)]:
-        write(filename, cells, EXECUTE)
+        if not ONLY or filename in ONLY:
+            write(filename, cells, EXECUTE)
