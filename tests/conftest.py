@@ -8,9 +8,9 @@ import pytest
 # XLA's CPU compiler, set for speed of compiling: the suite builds ~4,000 small programs
 # and spends most of its time compiling them. The legacy elemental emitters and LLVM at -O1
 # compile train steps in about half the time of the defaults (fusion emitters, -O2), and
-# one LLVM module per program (split count 1; the default splits it into parts to compile
-# in parallel, which costs more than it saves on small programs) takes another 15% off the
-# suite. They run these tests' small shapes as fast, and the arithmetic is IEEE either way
+# one LLVM module per program (split count 1; the default splits it into parts compiled
+# in parallel, which costs more CPU than it saves while both cores run tests) takes another
+# 11-14% off. They run these tests' small shapes as fast, and the arithmetic is IEEE either way
 # (no fast math). Subprocesses (CLI runs, notebooks, the SPMD script) inherit the flags.
 # FUNTRAIN_TEST_DEFAULT_XLA=1 runs the suite with XLA's defaults instead (it passes there
 # too).
