@@ -16,7 +16,10 @@ The update's ratios are optax's time / the side's (> 1: faster than optax); the 
 sweep's are funtrain's time / the hand step's (<= 1.3 is the bar). The update also prints its
 distance from the memory bound: AdamW reads params, grads and both moments and writes
 params and moments (28 bytes a float32 param), against a measured device copy bandwidth.
-``--gpu`` requires an NVIDIA GPU and uses 200M params in 600 leaves. ``--runs N`` measures
+Under each table, the compiled programs' fusion count and bytes accessed (XLA's cost analysis):
+sides that build the same kernels over the same bytes differ in time only by the machine's
+noise, which the ``optax again`` row measures. ``--gpu`` requires an NVIDIA GPU and uses
+200M params in 600 leaves. ``--runs N`` measures
 everything N times in this process and ends with each ratio's median over the runs (each
 run measures every side, so each ratio comes from one run).
 
@@ -90,10 +93,15 @@ def jax_update_timer(init, update, sizes: list[int], group=None):
         return jax.tree.map(lambda p, u: p + u, params, updates), state
 
     step = jax.jit(step, donate_argnums=(0, 1))
+    compiled = step.lower(box[0], box[1], grads).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
     def run():
         box[0], box[1] = step(box[0], box[1], grads)
         jax.block_until_ready(box[0])
+    # what XLA built: two sides with the same kernels and bytes differ in time only by noise
+    run.program = (compiled.as_text().count(" fusion("), cost.get("bytes accessed", 0.0))
     return run
 
 
@@ -166,6 +174,9 @@ def bench_update(total: int, repeats: int, leaves_list: tuple[int, ...] = (200, 
                      else f"{'-':>17}")
             print(f"  {leaves:6d} {name:34} {1e3 * t:8.2f} {t / ideal:8.2f} "
                   f"{times['optax'] / t:11.2f} {fused}", flush=True)
+        print("         compiled (fusions, MB accessed): " + "; ".join(
+            f"{name} {run.program[0]}, {run.program[1] / 1e6:,.1f}"
+            for name, run in sides.items() if hasattr(run, "program") and "again" not in name))
     return ratios
 
 
