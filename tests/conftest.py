@@ -10,8 +10,8 @@ import pytest
 # compile train steps in about half the time of the defaults (fusion emitters, -O2), and
 # one LLVM module per program (split count 1; the default splits it into parts compiled
 # in parallel, which costs more CPU than it saves while both cores run tests) takes another
-# 11-14% off. They run these tests' small shapes as fast, and the arithmetic is IEEE either way
-# (no fast math). Subprocesses (CLI runs, notebooks, the SPMD script) inherit the flags.
+# 6-15% off. They run these tests' small shapes as fast, and the arithmetic is IEEE either
+# way (no fast math). Subprocesses (CLI runs, notebooks, the SPMD script) inherit the flags.
 # FUNTRAIN_TEST_DEFAULT_XLA=1 runs the suite with XLA's defaults instead (it passes there
 # too).
 _FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
