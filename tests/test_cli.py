@@ -1,5 +1,7 @@
-"""The demo command, run as a user would: in a subprocess. Bad flags, which the parser
-rejects before anything runs, are checked in-process through ``cli.main``."""
+"""The demo command. One test runs it as a user does, ``python -m funtrain demo`` in a
+subprocess, which covers the entry point and the exit code. The others call ``cli.main``
+with the same arguments in this process: the same parsing and training, without paying
+again for a fresh interpreter, jax's import and the data load (~2.5 s of CPU each)."""
 
 import re
 import subprocess
@@ -23,11 +25,19 @@ def test_demo_runs_and_prints_accuracy():
     assert float(match.group(1)) >= 0.9
 
 
-def test_demo_flags():
-    proc = run_cli("demo", "--epochs", "1", "--optimizer", "nesterov", "--lr", "0.02",
-                   "--batch-size", "64", "--seed", "3", "--steps-per-call", "4", "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    assert "nesterov lr=0.02" in proc.stdout and "batch 64" in proc.stdout
+def demo(capsys, *args):
+    """(exit code, stdout) of ``funtrain demo *args --no-progress``, run in this process."""
+    from funtrain import cli
+
+    code = cli.main(["demo", *args, "--no-progress"])
+    return code, capsys.readouterr().out
+
+
+def test_demo_flags(capsys):
+    code, out = demo(capsys, "--epochs", "1", "--optimizer", "nesterov", "--lr", "0.02",
+                     "--batch-size", "64", "--seed", "3", "--steps-per-call", "4")
+    assert code == 0, out
+    assert "nesterov lr=0.02" in out and "batch 64" in out
 
 
 def cli_error(capsys, *args):
@@ -100,56 +110,53 @@ def test_every_optimizer_name_is_accepted_and_trains(name):
 
 @pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.parametrize("prec", ["bf16", "fp16"])
-def test_demo_precision_meets_the_accuracy_bar(prec):
-    proc = run_cli("demo", "--precision", prec, "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    acc = float(re.search(r"test accuracy: (\d\.\d+)", proc.stdout).group(1))
-    assert acc >= 0.95, proc.stdout
+def test_demo_precision_meets_the_accuracy_bar(prec, capsys):
+    code, out = demo(capsys, "--precision", prec)
+    assert code == 0, out
+    acc = float(re.search(r"test accuracy: (\d\.\d+)", out).group(1))
+    assert acc >= 0.95, out
     if prec == "fp16":
-        assert "loss scale" in proc.stdout and "skipped steps" in proc.stdout
+        assert "loss scale" in out and "skipped steps" in out
 
 
 @pytest.mark.slow  # over 10 s on 2 cores
-def test_demo_checkpoints_and_resumes(tmp_path):
+def test_demo_checkpoints_and_resumes(tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     from funtrain.train import checkpoint
 
-    first = run_cli("demo", "--epochs", "1", "--checkpoint-dir", ckpt, "--no-progress")
-    assert first.returncode == 0, first.stderr
+    code, out = demo(capsys, "--epochs", "1", "--checkpoint-dir", ckpt)
+    assert code == 0, out
     per_epoch = 1438 // 32  # digits train split, batch 32, drop_remainder
     assert checkpoint.latest_step(ckpt) == per_epoch
-    second = run_cli("demo", "--epochs", "2", "--checkpoint-dir", ckpt, "--resume",
-                     "--no-progress")
-    assert second.returncode == 0, second.stderr
-    assert "test accuracy" in second.stdout
+    code, out = demo(capsys, "--epochs", "2", "--checkpoint-dir", ckpt, "--resume")
+    assert code == 0, out
+    assert "test accuracy" in out
     assert checkpoint.latest_step(ckpt) == 2 * per_epoch
     # the same command again: the finished run is reported, not trained or crashed
-    third = run_cli("demo", "--epochs", "2", "--checkpoint-dir", ckpt, "--resume",
-                    "--no-progress")
-    assert third.returncode == 0, third.stderr
-    assert "had finished at step 88" in third.stdout and "test accuracy" in third.stdout
+    code, out = demo(capsys, "--epochs", "2", "--checkpoint-dir", ckpt, "--resume")
+    assert code == 0, out
+    assert "had finished at step 88" in out and "test accuracy" in out
 
 
 @pytest.mark.slow
-def test_demo_cnn_meets_the_accuracy_bar():
+def test_demo_cnn_meets_the_accuracy_bar(capsys):
     """The first CNN trains: pooling is differentiable under jit (issue 9's first bug)."""
-    proc = run_cli("demo", "--model", "cnn", "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    acc = float(re.search(r"test accuracy: (\d\.\d+)", proc.stdout).group(1))
-    assert acc >= 0.95, proc.stdout
+    code, out = demo(capsys, "--model", "cnn")
+    assert code == 0, out
+    acc = float(re.search(r"test accuracy: (\d\.\d+)", out).group(1))
+    assert acc >= 0.95, out
 
 
 @pytest.mark.slow  # over 10 s on 2 cores
-def test_demo_resnet_trains_batch_norm_and_checkpoints_its_state(tmp_path):
+def test_demo_resnet_trains_batch_norm_and_checkpoints_its_state(tmp_path, capsys):
     """A ResNet with BatchNorm from the command line: its model state is checkpointed."""
     from funtrain.train import checkpoint
 
     ckpt = str(tmp_path / "ckpt")
-    proc = run_cli("demo", "--model", "resnet", "--epochs", "1", "--checkpoint-dir", ckpt,
-                   "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    assert "resnet (176,258 params)" in proc.stdout
-    acc = float(re.search(r"test accuracy: (\d\.\d+)", proc.stdout).group(1))
-    assert acc >= 0.5, proc.stdout
+    code, out = demo(capsys, "--model", "resnet", "--epochs", "1", "--checkpoint-dir", ckpt)
+    assert code == 0, out
+    assert "resnet (176,258 params)" in out
+    acc = float(re.search(r"test accuracy: (\d\.\d+)", out).group(1))
+    assert acc >= 0.5, out
     paths = [leaf["path"] for leaf in checkpoint.read_manifest(ckpt)["leaves"]]
     assert any("model_state" in p and p.endswith("bn1/count") for p in paths), paths[:20]
