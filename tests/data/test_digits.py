@@ -104,8 +104,34 @@ def test_custom_test_fraction():
         assert len(test) == n_test and np.isfinite(test.arrays["x"]).all()
 
 
-@pytest.mark.parametrize("blocked", [("sklearn.datasets",), ("sklearn", "sklearn.datasets")])
+def test_the_shipped_file_reads_as_sklearn_loads_it(monkeypatch):
+    """load_digits reads scikit-learn's CSV file without importing scikit-learn; the
+    images and labels are bitwise those of sklearn's loader, which is also the fallback
+    when the file is not where it is looked for."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from funtrain.data import digits as module
+
+    assert module._shipped_csv() is not None
+    sk = sk_load_digits()
+    x, y = module._raw_digits()
+    assert x.dtype == np.float64 and y.dtype == np.int32
+    np.testing.assert_array_equal(x, sk.data)
+    np.testing.assert_array_equal(y, sk.target)
+    fast = load_digits(flatten=False)
+    monkeypatch.setattr(module, "_shipped_csv", lambda: None)
+    for a, b in zip(fast, load_digits(flatten=False), strict=True):
+        for k in ("x", "y"):
+            np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+
+
+@pytest.mark.parametrize("blocked", [("sklearn", "sklearn.datasets"), ("sklearn.datasets",)])
 def test_missing_sklearn_hint(monkeypatch, blocked):
+    """No scikit-learn; or one whose file is not found and whose loader fails to import."""
+    from funtrain.data import digits as module
+
+    if blocked == ("sklearn.datasets",):
+        monkeypatch.setattr(module, "_shipped_csv", lambda: None)
     for name in blocked:
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=re.escape("pip install 'funtrain[data]'")) as info:
