@@ -31,6 +31,8 @@ each ratio comes from one run).
 from __future__ import annotations
 
 import argparse
+import collections
+import re
 import time
 
 import jax
@@ -48,23 +50,29 @@ def median_time(fn, repeats: int) -> float:
     return timed(fn, repeats)
 
 
+_ORDER = np.random.default_rng(0)  # a new order every turn, the same ones in every process
+
+
 def round_robin(runs: dict, repeats: int, rounds: int = 5) -> dict:
     """Median time of each run, its ``repeats`` calls taken in ``rounds`` turns that
     alternate between the runs, so that the machine's drift favours none of them (timed
     one after the other, the first measured was up to 1.5x faster on this shared CPU).
-    Each turn starts one run later: the run that follows torch (whose threads keep
-    spinning after it returns) changes every turn."""
+    Each turn takes the runs in a new seeded random order, and each run's turn starts with
+    one untimed call: a run is slower just after another (caches, pages), up to 8% over its
+    next five calls after a torch side. A rotated fixed order had put the same run after
+    torch in every turn."""
     for run in runs.values():
         run()  # compile / warm up
     samples: dict = {name: [] for name in runs}
     names = list(runs)
-    for turn in range(rounds):
-        for name in names[turn % len(names):] + names[:turn % len(names)]:
-            run = runs[name]
+    for _turn in range(rounds):
+        for i in _ORDER.permutation(len(names)):
+            run = runs[names[i]]
+            run()  # untimed: the previous run's cache state is not this one's cost
             for _call in range(-(-repeats // rounds)):
                 t0 = time.perf_counter()
                 run()
-                samples[name].append(time.perf_counter() - t0)
+                samples[names[i]].append(time.perf_counter() - t0)
     return {name: float(np.median(ts)) for name, ts in samples.items()}
 
 
@@ -102,7 +110,15 @@ def jax_update_timer(init, update, sizes: list[int], group=None):
         jax.block_until_ready(box[0])
     # what XLA built: two sides with the same kernels and bytes differ in time only by noise
     run.program = (compiled.as_text().count(" fusion("), cost.get("bytes accessed", 0.0))
+    run.ops = instructions(compiled.as_text())
     return run
+
+
+def instructions(hlo: str) -> collections.Counter:
+    """Each instruction of a compiled program as (result shape, opcode), names and operand
+    order aside: two programs with equal counts run the same kernels over the same data."""
+    return collections.Counter(re.findall(r"^\s*(?:ROOT )?%\S+ = (.+?) ([a-z][\w-]*)\(",
+                                          hlo, re.MULTILINE))
 
 
 def torch_update_timer(sizes: list[int], **kw):
@@ -177,6 +193,10 @@ def bench_update(total: int, repeats: int, leaves_list: tuple[int, ...] = (200, 
         print("         compiled (fusions, MB accessed): " + "; ".join(
             f"{name} {run.program[0]}, {run.program[1] / 1e6:,.1f}"
             for name, run in sides.items() if hasattr(run, "program") and "again" not in name))
+        ours, theirs = sides["funtrain"].ops, sides["optax"].ops
+        print(f"         instructions (shape, opcode) in funtrain's program and not optax's: "
+              f"{sum((ours - theirs).values())}, in optax's and not funtrain's: "
+              f"{sum((theirs - ours).values())}, of {sum(theirs.values())}")
     return ratios
 
 
