@@ -17,8 +17,9 @@ sweep's are funtrain's time / the hand step's (<= 1.3 is the bar). The update al
 distance from the memory bound: AdamW reads params, grads and both moments and writes
 params and moments (28 bytes a float32 param), against a measured device copy bandwidth.
 Under each table come the compiled programs' fusion count and bytes accessed (XLA's cost
-analysis): sides that build the same kernels over the same bytes differ in time only by the
-machine's noise, which the ``optax again`` row measures. ``--gpu`` requires an NVIDIA GPU
+analysis), and how many instructions differ between funtrain's program and optax's: sides
+that build the same kernels over the same bytes differ in time only by the machine's noise,
+which the ``optax again`` row measures. ``--gpu`` requires an NVIDIA GPU
 and uses 200M params in 600 leaves. ``--runs N`` measures everything N times in this
 process and ends with each ratio's median over the runs (each run measures every side, so
 each ratio comes from one run).
