@@ -389,9 +389,12 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
                               f"to replace it")
 
     entries, leaves, _ = _flatten(unfuse_on_host(state))  # fused buffers stored as leaves
+    specs = jax.tree.leaves(unfuse_spec(state))  # a fused leaf: a ShapeDtypeStruct
     arrays = {}
     for i, (entry, leaf) in enumerate(zip(entries, leaves, strict=True)):
         info, arrays[str(i)] = _encode(entry["path"], leaf)
+        if isinstance(specs[i], jax.ShapeDtypeStruct):  # a view of its buffer here, but
+            info["kind"] = "array"  # a jax.Array where it restores unfused
         entry.update(info, name=str(i))
 
     directory.mkdir(parents=True, exist_ok=True)

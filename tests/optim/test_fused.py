@@ -158,10 +158,17 @@ def test_checkpoints_cross_between_fused_and_unfused():
         checkpoint.save(d, fused, 2)
         checkpoint.save(d, plain, 3)
         # the file holds leaves: it reads back without a target, as the params tree
-        assert set(checkpoint.restore(d, step=2)["params"]) == {"dense_0", "dense_1"}
+        raw = checkpoint.restore(d, step=2)
+        assert set(raw["params"]) == {"dense_0", "dense_1"}
         into_plain = checkpoint.restore(
             d, target=train.TrainState.create(PARAMS, opt, jax.random.key(1)), step=2)
         assert_same(into_plain, plain)
+        # jax.Arrays, as saved unfused (host copies of the buffers are not numpy leaves)
+        for tree in (raw, into_plain):
+            arrays = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")]
+            assert arrays and all(isinstance(x, jax.Array) for x in arrays)
+        assert into_plain.params["dense_0"]["w"].at[0, 0].set(1.0).shape == (
+            plain.params["dense_0"]["w"].shape)
         template = jax.eval_shape(
             lambda: train.TrainState.create(PARAMS, opt, jax.random.key(1), fused=True))
         into_fused = checkpoint.restore(d, target=template, step=3)
