@@ -28,6 +28,7 @@ from funtrain._checks import check_int
 from funtrain._tree import keystr
 from funtrain._typing import Batch, Params
 from funtrain.data.dataset import Loader
+from funtrain.optim.fused import unfuse
 from funtrain.precision import all_finite
 from funtrain.train.callbacks import ProgressBar
 from funtrain.train.checkpoint import RunCheckpoints
@@ -483,8 +484,8 @@ def _check_finite_params(state: TrainState, step: int, last_saved: int | None) -
     tree = {"params": state.params, "model_state": state.model_state}
     if bool(_all_finite(tree)):
         return
-    bad = [keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if not bool(all_finite(jax.device_get(leaf)))]
+    bad = [keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(unfuse(tree))[0]
+           if not bool(all_finite(jax.device_get(leaf)))]  # fused: the leaves, not buffers
     saved = f"; the last checkpoint (step {last_saved}) is intact" if last_saved else ""
     raise FloatingPointError(
         f"fit: step {step}: the updated params are not finite ({', '.join(bad[:4])}), so "

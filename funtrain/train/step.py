@@ -20,7 +20,7 @@ from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module, check_statistics
 from funtrain.optim import MultiStepsState, injected_hyperparams
 from funtrain.optim.base import Optimizer, apply_updates, check_optimizer, global_norm
-from funtrain.optim.fused import FlatParams
+from funtrain.optim.fused import FlatParams, unfuse_spec
 from funtrain.precision import all_finite, as_policy
 from funtrain.train.state import TrainState
 
@@ -125,7 +125,8 @@ def _check_param_dtypes(where: str, params: Params) -> None:
     """Params are differentiated, so they must be floats; 16-bit params take the update in
     16 bits, where small updates round away (a warning)."""
     warned = False
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    # fused params: name the leaves, not their buffers
+    for path, leaf in jax.tree_util.tree_flatten_with_path(unfuse_spec(params))[0]:
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(f"{where}: params {keystr(path)!r} are {dtype}, but the step "

@@ -276,3 +276,26 @@ def test_fit_resumes_a_fused_run_fused_or_unfused(tmp_path):
         assert isinstance(resumed.params, FlatParams) == fused
         assert int(resumed.step) == int(reference.step)
         assert_same(unfuse(resumed.params), reference.params)
+
+
+def test_errors_about_params_name_the_leaves_not_their_buffers(tmp_path):
+    """The step's dtype checks and fit's non-finite guard name a fused leaf by its key path
+    (as unfused), not by its buffer ('float32:matrices')."""
+    opt = optim.sgd(0.1)
+    loss = lambda p, b: jnp.sum(p["w"])  # noqa: E731
+    ints = train.TrainState.create({"w": jnp.ones(2), "ids": jnp.arange(3)}, opt,
+                                   jax.random.key(0), fused=True)
+    with pytest.raises(TypeError, match=r"make_train_step: params 'ids' are int32"):
+        train.make_train_step(loss, opt)(ints, {})
+    half = train.TrainState.create({"w": jnp.ones(2), "h": jnp.ones(2, jnp.bfloat16)}, opt,
+                                   jax.random.key(0), fused=True)
+    with pytest.warns(UserWarning, match=r"make_train_step: params 'h' are bfloat16"):
+        jax.eval_shape(train.make_train_step(loss, opt, jit=False), half, {})
+    huge = optim.sgd(3e38)  # the update overflows: fit's guard refuses to checkpoint it
+    state = train.TrainState.create({"b": jnp.zeros(3), "w": jnp.ones((3, 2))}, huge,
+                                    jax.random.key(0), fused=True)
+    step = train.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"] - 1.0) ** 2), huge)
+    with pytest.raises(FloatingPointError, match=r"the updated params are not finite "
+                                                 r"\(params/w\)"):
+        train.fit(state, step, [{"x": np.full((4, 3), 2.0, np.float32)}] * 2, progress=False,
+                  checkpoint_dir=tmp_path, checkpoint_every=1)
