@@ -130,13 +130,15 @@ def pack(params: Any, layout: Layout, dtypes: tuple[str, ...] | None = None) -> 
     (an optimizer state's moments in float32 for bfloat16 params, or in ``mu_dtype``).
     """
     leaves = layout.treedef.flatten_up_to(params)
-    for (g, shape), leaf in zip(layout.leaves, leaves, strict=True):
+    for i, ((g, shape), leaf) in enumerate(zip(layout.leaves, leaves, strict=True)):
         label, dtype, _ = layout.groups[g]
         dtype = dtype if dtypes is None else dtypes[g]
         if tuple(np.shape(leaf)) != shape or np.dtype(leaf.dtype).name != dtype:
-            raise ValueError(f"fuse: a leaf of {np.dtype(leaf.dtype).name}{list(np.shape(leaf))}"
-                             f" does not fit the layout's {dtype}{list(shape)} in buffer "
-                             f"{label!r}")
+            path = keystr(jax.tree_util.tree_flatten_with_path(
+                layout.treedef.unflatten(range(len(leaves))))[0][i][0])
+            raise ValueError(f"fuse: the leaf at key path {path} is "
+                             f"{np.dtype(leaf.dtype).name}{list(np.shape(leaf))}, which does "
+                             f"not fit the layout's {dtype}{list(shape)} in buffer {label!r}")
     buffers = [_concat([x for (gi, _), x in zip(layout.leaves, leaves, strict=True)
                         if gi == g]) for g in range(len(layout.groups))]
     return FlatParams(tuple(buffers), layout)
@@ -229,7 +231,7 @@ def leafwise(opt: Optimizer) -> Optimizer:
             return opt.update(grads, state, params)
         tree_params = params.unflatten() if _is_flat(params) else params
         updates, state = opt.update(grads.unflatten(), state, tree_params)
-        return pack(updates, grads.layout), state
+        return pack(updates, grads.layout, _dtypes(grads)), state  # grads may be upcast
 
     return Optimizer(init_state, update)
 

@@ -126,8 +126,24 @@ def test_layout_groups_by_dtype_and_label_and_round_trips():
 def test_pack_refuses_a_tree_of_other_shapes():
     layout = layout_of(PARAMS)
     other = jax.tree.map(lambda x: np.zeros(x.shape + (1,), np.float32), PARAMS)
-    with pytest.raises(ValueError, match="does not fit the layout's float32"):
+    with pytest.raises(ValueError, match=r"the leaf at key path dense_0/b is float32\[16, 1\], "
+                                         r"which does not fit the layout's float32\[16\]"):
         pack(other, layout)
+
+
+def test_a_per_leaf_rule_after_a_block_that_upcasts_the_updates():
+    """bfloat16 params whose updates a block makes float32 (apply_updates casts back): a
+    per-leaf rule after it (LAMB's trust ratio) packs the float32 updates, as unfused."""
+    params = {"b": jnp.ones(3, jnp.bfloat16), "w": jnp.ones((2, 3), jnp.bfloat16)}
+    upcast = optim.Optimizer(lambda p: optim.EmptyState(), lambda g, s, p=None: (
+        jax.tree.map(lambda x: x.astype(jnp.float32), g), s))
+    opt = optim.chain(upcast, optim.lamb(1e-2))
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    want, _ = opt.update(grads, opt.init_state(params), params)
+    flat = fuse(params)
+    got, _ = opt.update(fuse(grads), opt.init_state(flat), flat)
+    assert [b.dtype for b in got.buffers] == [jnp.float32] * 2
+    assert_same(got.unflatten(), want)
 
 
 def test_gradient_arrives_as_one_concatenate_per_buffer():
