@@ -70,7 +70,8 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule = 0.0,
       momentum: :math:`\mu \ge 0` (Polyak's heavy ball, 1964), a float or a schedule
         ``step -> momentum`` that counts like the learning rate's (update :math:`t` uses
         ``schedule(t - 1)``), e.g. ``schedules.one_cycle_momentum`` for PyTorch's
-        ``OneCycleLR``. A schedule is checked at step 0 only.
+        ``OneCycleLR``. A schedule is checked at step 0 only. A step where it is 0 leaves
+        :math:`v` as it is and steps with :math:`g_t`, as PyTorch (see ``trace``).
       nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0`` (with a
         schedule momentum, ``dampening == 0``).
       weight_decay: :math:`\lambda \ge 0`, added to the gradient (L2), as PyTorch.

@@ -117,7 +117,11 @@ def trace(decay: NonNegativeOrSchedule, *, nesterov: bool = False, dampening: Fr
     and the output is :math:`v_t`, or :math:`g_t + \mu_t v_t` with ``nesterov=True``.
     With ``dampening`` :math:`\tau = 0` this equals the usual JAX ``trace`` transform (which starts
     from :math:`v_0 = 0`); with :math:`\tau > 0` PyTorch's first step skips the
-    dampening, and so does this block.
+    dampening, and so does this block. A scheduled (or injected) momentum that is 0 at a
+    step leaves :math:`v` as it is and outputs :math:`g_t`, as PyTorch's ``if momentum !=
+    0``. One case differs: PyTorch starts its buffer (undamped) at the first nonzero
+    momentum, this block at update 1, so a schedule that starts at exactly 0 with
+    :math:`\tau > 0` damps one more step than PyTorch.
 
     Args:
       decay: the momentum :math:`\mu_t \ge 0`, a float or a schedule ``step -> momentum``:
@@ -134,6 +138,7 @@ def trace(decay: NonNegativeOrSchedule, *, nesterov: bool = False, dampening: Fr
     """
     where = "trace"
     scheduled = callable(decay)
+    varies = scheduled or is_traced_or_array(decay)  # may be 0 at some step
     # A schedule's later values are unknown (PyTorch checks only dampening too).
     static = not (is_traced_or_array(decay) or is_traced_or_array(dampening))
     if nesterov and static and ((not scheduled and not decay) or dampening):
@@ -156,8 +161,11 @@ def trace(decay: NonNegativeOrSchedule, *, nesterov: bool = False, dampening: Fr
             g = g.astype(v.dtype)  # PyTorch's arithmetic: in the buffer's dtype
             # A float momentum is weakly typed; a schedule's value is cast the same way.
             mu = jnp.asarray(mu_t, v.dtype) if scheduled else mu_t
-            v = jnp.where(first, g, mu * v + (1.0 - dampening) * g)
-            return (g + mu * v if nesterov else v), v
+            new = jnp.where(first, g, mu * v + (1.0 - dampening) * g)
+            out = g + mu * new if nesterov else new
+            if varies:  # a momentum of 0 skips the buffer (PyTorch's `if momentum != 0`)
+                return jnp.where(mu == 0, g, out), jnp.where(mu == 0, v, new)
+            return out, new
 
         updates, new_trace = per_leaf(rule, grads, state.trace, promote=False,
                                        where="trace.update")

@@ -118,6 +118,10 @@ MOM_REF = lambda t: ref_schedules.one_cycle_momentum(t, STEPS)  # noqa: E731
 MOM3 = schedules.one_cycle_momentum(STEPS, anneal="linear", three_phase=True, base_momentum=0.6)
 MOM3_REF = lambda t: ref_schedules.one_cycle_momentum(  # noqa: E731
     t, STEPS, anneal="linear", three_phase=True, base_momentum=0.6)
+# exactly 0 at step 11 (pct_start * STEPS - 1): that step skips the momentum buffer
+MOM0 = schedules.one_cycle_momentum(STEPS, pct_start=0.4, base_momentum=0.0)
+MOM0_REF = lambda t: ref_schedules.one_cycle_momentum(  # noqa: E731
+    t, STEPS, pct_start=0.4, base_momentum=0.0)
 B2 = schedules.linear(0.9, 0.999, 20)
 B2_REF = lambda t: ref_schedules.linear(t, 0.9, 0.999, 20)  # noqa: E731
 
@@ -207,6 +211,11 @@ CASES = {
                                        trust_coefficient=0.02, eps=0.1, nesterov=True), {}, {}),
     "lars-mask": ("lars", dict(learning_rate=0.5, weight_decay=0.5, trust_coefficient=0.02),
                   dict(mask=nest(MASK)), dict(mask=MASK)),
+    "lars-momentum-schedule-to-zero": (
+        "lars", dict(learning_rate=0.5, weight_decay=0.1, trust_coefficient=0.02),
+        dict(momentum=MOM0), dict(momentum=MOM0_REF)),
+    "rmsprop-momentum-schedule-to-zero": ("rmsprop", dict(learning_rate=0.01, alpha=0.9),
+                                          dict(momentum=MOM0), dict(momentum=MOM0_REF)),
     "lars-momentum-schedule-nesterov": (
         "lars", dict(learning_rate=0.5, weight_decay=0.1, trust_coefficient=0.02,
                      nesterov=True), dict(momentum=MOM3), dict(momentum=MOM3_REF)),
@@ -377,6 +386,10 @@ ONE_CYCLE_CASES = {
     "adamw": ("adamw", 0.05, dict(weight_decay=0.1),
               lambda o, p: o.AdamW(p, lr=0.05, weight_decay=0.1, foreach=False),
               dict(pct_start=0.4, base_momentum=0.8, max_momentum=0.97)),
+    "rmsprop-momentum-to-zero": ("rmsprop", 0.01, dict(alpha=0.9),
+                                 lambda o, p: o.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.9,
+                                                        foreach=False),
+                                 dict(pct_start=0.4, base_momentum=0.0, max_momentum=0.9)),
     "rmsprop-centered": ("rmsprop", 0.01, dict(alpha=0.9, centered=True),
                          lambda o, p: o.RMSprop(p, lr=0.01, alpha=0.9, momentum=0.9,
                                                 centered=True, foreach=False), {}),

@@ -135,13 +135,14 @@ def test_sgd_momentum_schedule_matches_float64_reference(case):
     assert np.abs(got[-1] - fixed[-1]).max() > 1e-4
 
 
-def _torch_one_cycle_sgd(steps, **sgd_kw):
+def _torch_one_cycle_sgd(steps, cycle=None, **sgd_kw):
     """Params of torch.optim.SGD under OneCycleLR (momentum cycled) on the quadratic."""
     torch = pytest.importorskip("torch")
     theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64))
     opt = torch.optim.SGD([theta], lr=0.1, momentum=0.9, foreach=False, **sgd_kw)
+    cycle = cycle or dict(base_momentum=0.8, max_momentum=0.95)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps,
-                                                    base_momentum=0.8, max_momentum=0.95)
+                                                    **cycle)
     out = [theta.detach().numpy().copy()]
     for _ in range(steps):
         theta.grad = torch.tensor(np_grad(theta.detach().numpy()), dtype=torch.float64)
@@ -159,6 +160,45 @@ def test_sgd_one_cycle_momentum_matches_torch_one_cycle_lr(sgd_kw):
     mom = optim.schedules.one_cycle_momentum(N, base_momentum=0.8, max_momentum=0.95)
     with jax.enable_x64(True):
         got = run_funtrain(optim.sgd(lr, momentum=mom, **sgd_kw), N)
+    for t, (a, b) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
+
+
+@pytest.mark.parametrize("sgd_kw", [{}, {"nesterov": True}, {"dampening": 0.3}], ids=str)
+def test_a_momentum_of_zero_mid_run_skips_the_buffer_as_torch(sgd_kw):
+    """OneCycleLR with base_momentum=0 sets the momentum to exactly 0 at the end of its first
+    phase: torch.optim.SGD then steps with the gradient and leaves its buffer as it is
+    (``if momentum != 0``); the float64 reference and funtrain do the same."""
+    cycle = dict(pct_start=0.4, base_momentum=0.0, max_momentum=0.9)
+    mom, mom_ref = _momentum(cycle)
+    assert float(mom(9)) == mom_ref(9) == 0.0  # pct_start * N - 1
+    lr, lr_ref = optim.schedules.one_cycle(0.1, N, pct_start=0.4), \
+        (lambda t: ref_schedules.one_cycle(t, 0.1, N, pct_start=0.4))
+    want = _torch_one_cycle_sgd(N, cycle, **sgd_kw)
+    ref = sgd_trajectory([1.0, -2.0, 0.5, 3.0], np_grad, N, lr_ref, momentum=mom_ref, **sgd_kw)
+    with jax.enable_x64(True):
+        got = run_funtrain(optim.sgd(lr, momentum=mom, **sgd_kw), N)
+    for t, (a, b, c) in enumerate(zip(got, ref, want, strict=True)):
+        np.testing.assert_allclose(b, c, rtol=1e-10, atol=1e-12, err_msg=f"reference, step {t}")
+        np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-12, err_msg=f"funtrain, step {t}")
+
+
+def test_a_momentum_warmup_from_zero_matches_torch():
+    """A momentum schedule that starts at 0 (a warm-up): torch.optim.SGD creates its buffer
+    at the first nonzero momentum (b = g); without dampening funtrain's buffer, untouched
+    while the momentum is 0, gives the same steps (``trace`` documents the dampened case)."""
+    torch = pytest.importorskip("torch")
+    warm = optim.schedules.linear(0.0, 0.9, 5)
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64))
+    opt = torch.optim.SGD([theta], lr=0.1, momentum=0.9, nesterov=True, foreach=False)
+    want = [theta.detach().numpy().copy()]
+    for t in range(N):
+        opt.param_groups[0]["momentum"] = ref_schedules.linear(t, 0.0, 0.9, 5)
+        theta.grad = torch.tensor(np_grad(theta.detach().numpy()), dtype=torch.float64)
+        opt.step()
+        want.append(theta.detach().numpy().copy())
+    with jax.enable_x64(True):
+        got = run_funtrain(optim.sgd(0.1, momentum=warm, nesterov=True), N)
     for t, (a, b) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
 

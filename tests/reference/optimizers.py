@@ -84,7 +84,8 @@ def rmsprop(learning_rate=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum
 
     g += wd θ;  v = α v + (1-α) g²;  centered: ḡ = α ḡ + (1-α) g, ṽ = v - ḡ², else ṽ = v;
     d = g / (√ṽ + ε)  [or g / √(ṽ + ε)];  momentum: b = μ b + d, θ -= η b;  else θ -= η d.
-    A scheduled momentum μ_t replaces μ (b_0 = 0, so b_1 = d_1 whatever μ_1 is).
+    A scheduled momentum μ_t replaces μ (b_0 = 0, so b_1 = d_1 whatever μ_1 is); a step
+    with μ_t = 0 takes θ -= η d and leaves b as it is (torch's ``if momentum > 0``).
     """
 
     def init(theta):
@@ -100,7 +101,7 @@ def rmsprop(learning_rate=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum
             s["g_avg"] = alpha * s["g_avg"] + (1 - alpha) * g
             v = v - s["g_avg"] ** 2
         d = g / np.sqrt(v + eps) if eps_in_sqrt else g / (np.sqrt(v) + eps)
-        if momentum:
+        if _at(momentum, t) > 0:
             s["buf"] = _at(momentum, t) * s["buf"] + d
             d = s["buf"]
         return theta - lr * d
@@ -387,7 +388,9 @@ def lars(learning_rate, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
     """LARS (You et al. 2017), per-leaf trust ratio, heavy-ball momentum on the scaled step.
 
     u = g + λθ (only where ``mask`` is True);  u ← η · tc‖θ‖/(‖u‖ + ε) · u (ratio 1 if
-    either norm is 0);  v = μv + u;  θ -= v, or with Nesterov θ -= u + μv.
+    either norm is 0);  v = μv + u;  θ -= v, or with Nesterov θ -= u + μv. A scheduled
+    momentum that is 0 at a step takes θ -= u and leaves v, as torch.optim.SGD's heavy ball
+    does (the paper's momentum is constant).
     """
 
     def init(theta):
@@ -399,6 +402,8 @@ def lars(learning_rate, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
         ratio = _trust_ratio(pn, un, trust_coefficient * pn / (un + eps))
         u = _lr_at(learning_rate, t) * ratio * u
         mu = _at(momentum, t)
+        if mu == 0:
+            return theta - u
         s["v"] = mu * s["v"] + u
         return theta - (u + mu * s["v"] if nesterov else s["v"])
 

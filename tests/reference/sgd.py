@@ -10,7 +10,9 @@ torch.optim.SGD (docs, "Algorithm"):
     theta_t = theta_{t-1} - lr_t * g_t
 
 With a scheduler (OneCycleLR with cycle_momentum=True) the momentum of step t is whatever
-the scheduler set in param_groups before it; here ``momentum(t)``, t from 0.
+the scheduler set in param_groups before it; here ``momentum(t)``, t from 0. The test
+``momentum != 0`` is the step's own (torch.optim.SGD's source): a step with momentum 0
+neither creates nor moves the buffer, and the first nonzero one creates it as b = g_t.
 """
 
 import numpy as np
@@ -27,8 +29,8 @@ def sgd_trajectory(theta0, grad_fn, steps, lr, momentum=0.0, nesterov=False, wei
         g = np.asarray(grad_fn(theta), dtype=np.float64)
         if weight_decay:
             g = g + weight_decay * theta
-        if momentum:
-            mu = float(momentum(t)) if callable(momentum) else momentum
+        mu = float(momentum(t)) if callable(momentum) else momentum
+        if mu != 0:
             buf = g.copy() if buf is None else mu * buf + (1 - dampening) * g
             g = g + mu * buf if nesterov else buf
         rate = lr(t) if callable(lr) else lr
