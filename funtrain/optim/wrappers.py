@@ -768,6 +768,8 @@ def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Iterable[
                    if n not in static_names and not callable(v) and _is_numeric(v)}
         schedules = {n: v for n, v in named.items() if n not in static_names and callable(v)
                      and not isinstance(v, type)}
+        for n, fn in schedules.items():
+            _check_injected_schedule(f"{where}({fname})", n, fn)
         names = sorted([*numeric, *schedules])
 
         def build(hyperparams: dict[str, Any]) -> Optimizer:
@@ -813,6 +815,20 @@ def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Iterable[
         return Optimizer(init_state, update)
 
     return wrapped
+
+
+def _check_injected_schedule(where: str, name: str, fn: Callable[[Any], Any]) -> None:
+    """An injected callable is a schedule ``count -> real scalar``. A mask or label function
+    would be called with the count: it must be named in ``static_args``."""
+    try:
+        out = fn(jnp.zeros((), jnp.int32))
+        ok = jnp.ndim(out) == 0 and jnp.issubdtype(jnp.result_type(out), jnp.number)
+    except Exception as e:  # noqa: BLE001 - whatever it raised, it is no schedule
+        out, ok = f"{type(e).__name__}: {e}", False
+    if not ok:
+        raise TypeError(f"{where}: {name} is a callable, so it is injected as a schedule "
+                        f"count -> value, but at count 0 it gave {out!r}, not a real scalar; "
+                        f"if it is not a schedule, pass static_args=({name!r},)")
 
 
 def _named_arguments(sig: inspect.Signature, bound: inspect.BoundArguments) -> dict[str, Any]:

@@ -869,6 +869,14 @@ def test_inject_hyperparams_errors():
         inject_hyperparams(optim.sgd)(learning_rate=0.1, momentum=-1.0)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'lr'"):
         inject_hyperparams(optim.sgd)(lr=0.1)
+    # a mask function is no schedule: injected, it got the count and silently decayed
+    # nothing (bare-array params) or failed later with a structure error
+    decay_matrices = optim.labels_to_mask(lambda path, p: p.ndim > 1)
+    with pytest.raises(TypeError, match=r"inject_hyperparams\(adamw\): mask is a callable, so "
+                                        r"it is injected as a schedule count -> value, but at "
+                                        r"count 0 it gave False.*static_args=\('mask',\)"):
+        inject_hyperparams(optim.adamw)(0.1, weight_decay=0.5, mask=decay_matrices)
+    inject_hyperparams(optim.adamw, static_args=("mask",))(0.1, mask=decay_matrices)
     opt = inject_hyperparams(optim.sgd)(learning_rate=0.1)
     params = make_params()
     state = opt.init_state(params)
