@@ -402,7 +402,11 @@ def freeze(mask: MaskOrFn) -> Optimizer:
     optimizer's state off frozen leaves too, mask the optimizer with the opposite mask:
     ``chain(masked(opt, trainable), freeze(frozen))``, or use ``partition``. With array
     masks, ``chain(masked(opt, ~pruned), freeze(pruned))`` also keeps the optimizer's
-    statistics free of the pruned elements' gradients.
+    statistics free of the pruned elements' gradients. An optimizer that keeps its own
+    params to evaluate (``ema``, ``schedule_free_adamw``) must not move the frozen elements
+    either: write ``ema(chain(opt, freeze(frozen)))`` and
+    ``chain(masked(schedule_free_adamw(...), trainable), freeze(frozen))``. With ``freeze``
+    after ``ema``, ``ema_params`` averages updates that ``freeze`` then drops.
 
     Args:
       mask: a pytree with the params' structure whose leaves are Python bools or bool

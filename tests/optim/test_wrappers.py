@@ -320,6 +320,26 @@ def test_freeze_elementwise_zeroes_exactly_the_masked_elements():
                                       np.where(m, 0.0, np.asarray(want, np.float32)))
 
 
+def test_frozen_elements_stay_in_the_evaluated_params_of_ema_and_schedule_free():
+    """freeze's docstring: with ema or schedule-free, the compositions it gives keep the
+    frozen elements fixed in the params evaluated (ema_params, schedule_free_eval_params)
+    too, not only in the trained ones."""
+    p0 = {"w": jnp.array([1.0, 2.0, 3.0])}
+    frozen = {"w": jnp.array([True, False, False])}
+    trainable = {"w": ~frozen["w"]}
+    cases = [(optim.ema(optim.chain(optim.adam(0.1), freeze(frozen)), 0.5),
+              lambda s, p: optim.ema_params(s)),
+             (optim.chain(masked(optim.schedule_free_adamw(0.1), trainable), freeze(frozen)),
+              optim.schedule_free_eval_params)]
+    for opt, evaluated in cases:
+        p, s = p0, opt.init_state(p0)
+        for _ in range(3):
+            u, s = opt.update(jax.tree.map(lambda w: 2.0 * (w - 5.0), p), s, p)
+            p = optim.apply_updates(p, u)
+        for tree in (p, evaluated(s, p)):
+            assert float(tree["w"][0]) == 1.0 and np.all(np.asarray(tree["w"][1:]) != [2, 3])
+
+
 def test_masked_elementwise_adam_matches_a_float64_reference():
     """masked(adam) with array, broadcast and bool mask leaves, against numpy float64 written
     from Adam's rule (PyTorch's, eps outside the root) and masked's documented semantics:
