@@ -142,6 +142,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         ``on_checkpoint``, ``close``, ``state_dict``/``load_state_dict`` (see
         ``train.callbacks``: JSONL/CSV/TensorBoard loggers, ``EarlyStopping``).
       log_every: steps between host syncs for metrics, callbacks and the progress bar.
+        Metrics already computed are taken without waiting; callbacks, the non-finite
+        guard and a stop a callback asks for follow the dispatched steps by at most
+        ``log_every`` steps plus one device call (``steps_per_call`` steps).
       progress: show a ``tqdm.auto`` bar (a widget in notebooks).
       desc: the bar's label.
       checkpoint_dir: save the whole ``TrainState`` there (``train.checkpoint``, atomic)
@@ -174,7 +177,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
 
     Returns:
       ``(state, history)``. On Ctrl-C the loop stops at the next chunk boundary, saves a
-      checkpoint (with ``checkpoint_dir``) and returns, with ``history.interrupted``. On
+      checkpoint (with ``checkpoint_dir``) and returns, with ``history.interrupted``; a
+      second Ctrl-C stops at once, and saves unless it came while callbacks were receiving
+      results (the checkpoint would not match their logs). On
       any other exception, the last state is on the exception as ``err.state`` (and the
       history as ``err.history``).
 
@@ -229,25 +234,30 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                                         saved["skip_streak"] if saved else 0)
     started = time.perf_counter()
     step, last_eval, last = first, None, None  # last: the last chunk run
+    delivering: list[bool] = []  # non-empty while callbacks receive results
 
     def run_info(stopped: str | None = None) -> dict[str, Any]:
         return {"run_start": run_start, "eval": history.eval, "stopped": stopped,
                 "callbacks": _callback_states(callbacks), "skip_streak": guard.streak}
 
     def record(ready_only: bool = False) -> None:
-        """Bring pending metrics to the host, check and log them; with ``ready_only`` only
-        those computed already, so the host never waits while the device has work."""
-        taken = pending.take(pending.ready() if ready_only else None)
+        """Bring pending metrics to the host, check and log them; with ``ready_only`` those
+        computed already, and older ones only past ``log_every`` steps of lag."""
+        taken = pending.take(pending.ready(log_every) if ready_only else None)
         if taken is not None:
+            delivering.append(True)  # a hard interrupt in here: the logs miss these rows
             _record(history, *taken, guard, hooks, bar, checkpoints)
+            delivering.pop()
 
     def run_eval(epoch: int) -> None:
         record()
         params = state.params if eval_params is None else eval_params(state)
         assert eval_step is not None  # run_eval is called only with one
+        delivering.append(True)
         result = evaluate(eval_step, params, eval_data, state.model_state)
         history.eval.append({"epoch": epoch, "step": step, **result})
         _call(hooks, "on_eval", step, result)
+        delivering.pop()
 
     def save(stopped: str | None = None) -> None:
         record()  # the guard checks every pending step first: nothing non-finite is saved
@@ -278,17 +288,22 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
                 if chunk.epoch_end and any(hasattr(h, "on_epoch_end") for h in hooks):
                     # the epoch's on_step calls first (a host sync, so only for a listener)
                     record()
+                    delivering.append(True)
                     _call(hooks, "on_epoch_end", chunk.epoch, state)
+                    delivering.pop()
                 stop = _stop_reason(callbacks) or interrupts.reason
-                # The last step's checkpoint is saved after the loop, with the final evaluation
-                if checkpoints is not None and step != end and (stop or (
-                        step % checkpoint_every == 0 if checkpoint_every else chunk.epoch_end)):
-                    save(stop if not interrupts.reason else None)
+                # The last step's checkpoint, and a stopped run's, is saved after the loop,
+                # with the final evaluation
+                if checkpoints is not None and step != end and not stop and (
+                        step % checkpoint_every == 0 if checkpoint_every else chunk.epoch_end):
+                    save()
                 if stop:
                     history.stop_reason = stop
                     history.interrupted = interrupts.reason is not None
                     break
             record()
+            if history.stop_reason is None and _stop_reason(callbacks):  # asked at the end
+                history.stop_reason = _stop_reason(callbacks)
             # Interrupted after its last step, the run is finished: a resume trains nothing
             # more, so the final evaluation is now or never.
             if (eval_step is not None and eval_every and last is not None
@@ -301,7 +316,15 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         history.interrupted = True
         history.stop_reason = f"interrupted (KeyboardInterrupt) at step {step}"
         try:
-            save()
+            if delivering:  # callbacks got part of it: the last checkpoint matches the logs
+                if checkpoints is not None:
+                    last = checkpoints.last_saved
+                    where = f"the last checkpoint (step {last})" if last else "scratch"
+                    print(f"fit: interrupted while handing results to the callbacks: not "
+                          f"saved, so a resume starts from {where}, as the logs do",
+                          file=sys.stderr)
+            else:
+                save()
         except Exception as err:  # noqa: BLE001 - report, but still hand back the state
             print(f"fit: could not save the interrupted run: {err}", file=sys.stderr)
     except BaseException as err:
@@ -393,15 +416,22 @@ class _Pending:
         self.items.append((first, size, metrics, stacked))
         self.count += size
 
-    def ready(self) -> int:
-        """How many of the oldest chunks have all their metrics computed (no waiting)."""
+    def ready(self, lag: int) -> int:
+        """How many of the oldest chunks to take now: those with all their metrics computed
+        (no waiting), and then older chunks until fewer than ``lag`` steps stay pending
+        behind the newest chunk (waiting for them), so callbacks, the guard and a stop
+        follow the dispatched steps by at most ``lag`` steps plus one device call."""
         done = 0
         for _, _, metrics, _ in self.items:
             if not all(getattr(v, "is_ready", lambda: True)() for m in metrics
                        for v in m.values()):
                 break
             done += 1
-        return done
+        behind, forced = self.count - (self.items[-1][1] if self.items else 0), 0
+        while forced < len(self.items) - 1 and behind >= lag:
+            behind -= self.items[forced][1]
+            forced += 1
+        return max(done, forced)
 
     def take(self, chunks: int | None = None
              ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:

@@ -211,13 +211,67 @@ def test_ctrl_c_in_the_last_step_still_evaluates_the_end(tmp_path):
     assert again.train["step"] == [] and again.eval == full.eval
 
 
-def test_keyboard_interrupt_from_a_callback_returns_a_live_state(tmp_path):
-    state, history = fit(tmp_path, epochs=2, extra=[At(4, raise_(KeyboardInterrupt))])
+def test_keyboard_interrupt_from_a_callback_returns_a_live_state(tmp_path, capsys):
+    """A KeyboardInterrupt raised while callbacks receive results (on_step, step 4) returns
+    a live state. It is not saved: the loggers stopped mid-delivery, so the checkpoint
+    that matches them (none yet, in the first epoch) stays the resume point, and the
+    resumed run's logs equal an uninterrupted run's."""
+    state, history = fit(tmp_path, epochs=2, extra=[At(4, raise_(KeyboardInterrupt))],
+                         logs=tmp_path)
     assert history.interrupted and "KeyboardInterrupt" in history.stop_reason
     assert int(state.step) >= 4 and np.isfinite(np.asarray(state.params["dense_0"]["w"])).all()
-    assert train.checkpoint.latest_step(tmp_path / "ck") == int(state.step)
+    assert train.checkpoint.latest_step(tmp_path / "ck") is None
+    assert "not saved, so a resume starts from scratch" in capsys.readouterr().err
+    _, resumed = fit(tmp_path, epochs=2, resume=True, logs=tmp_path)
+    (tmp_path / "plain").mkdir()
+    _, plain = fit(tmp_path / "plain", epochs=2, logs=tmp_path / "plain")
+    assert resumed.eval == plain.eval
+    assert (tmp_path / "log.jsonl").read_text() == (tmp_path / "plain" / "log.jsonl").read_text()
     state, history = fit(epochs=1, extra=[At(3, raise_(KeyboardInterrupt))])  # no checkpoints
     assert history.interrupted and int(state.step) >= 3
+
+
+class StopAt:
+    """Asks fit to stop when step ``step`` reaches ``on_step`` (or, with ``epoch_end``, at
+    the end of the epoch that holds it)."""
+
+    def __init__(self, step, epoch_end=False):
+        self.step, self.epoch_end = step, epoch_end
+        self.stop_training, self.stop_reason, self.seen = False, None, 0
+
+    def on_step(self, step, metrics):
+        self.seen = step
+        if step == self.step and not self.epoch_end:
+            self.stop_training, self.stop_reason = True, f"asked at {step}"
+
+    def on_epoch_end(self, epoch, state):
+        if self.epoch_end and self.seen >= self.step:
+            self.stop_training, self.stop_reason = True, f"asked at {self.seen}"
+
+
+@pytest.mark.parametrize("steps_per_call", [1, None])
+def test_a_stop_asked_in_on_step_comes_within_log_every_and_one_call(steps_per_call):
+    """Callbacks (and so a stop) follow the dispatched steps by at most log_every steps and
+    one device call; a stop asked at the last step is reported too."""
+    state, history = fit(epochs=20, extra=[StopAt(5)], steps_per_call=steps_per_call)
+    assert history.stop_reason == "asked at 5"
+    assert 5 <= int(state.step) <= 5 + 1 + (steps_per_call or 6)  # log_every=1, 6 a call
+    _, history = fit(epochs=1, extra=[StopAt(6)], steps_per_call=steps_per_call)
+    assert history.stop_reason == "asked at 6"
+
+
+def test_a_stopped_run_keeps_its_final_evaluation_on_resume(tmp_path):
+    """Stopped at step 6 (not an evaluation step of eval_every=4), the run evaluates once
+    more and its checkpoint holds that evaluation: rerun with resume=True, it returns the
+    same evaluations and leaves the log as it was."""
+    _, first = fit(tmp_path, epochs=3, eval_every=4, logs=tmp_path,
+                   extra=[StopAt(6, epoch_end=True)])
+    assert first.stop_reason == "asked at 6" and [e["step"] for e in first.eval] == [4, 6]
+    log = (tmp_path / "log.jsonl").read_text()
+    state, again = fit(tmp_path, epochs=3, eval_every=4, logs=tmp_path, resume=True,
+                       extra=[StopAt(6, epoch_end=True)])
+    assert int(state.step) == 6 and again.eval == first.eval and again.train["step"] == []
+    assert (tmp_path / "log.jsonl").read_text() == log
 
 
 def test_any_other_error_carries_the_last_state():
