@@ -348,8 +348,11 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
                               f"last axis (w has shape {tuple(w.shape)}), got input of shape "
                               f"{tuple(x.shape)}")
         ks, dil = w.shape[:n], _tuple(dilation, n, "dilation", kind)
-        pad = _padding(padding, n, kind)
-        if not isinstance(padding, str) and _is_torch_padding(padding):
+        # "VALID" is PyTorch's padding=0: lax's "VALID" gives H * s, not (H - 1) * s + d (k -
+        # 1) + 1, when the dilated kernel is shorter than the stride
+        valid = isinstance(padding, str) and padding.upper() == "VALID"
+        pad = _padding(0 if valid else padding, n, kind)
+        if valid or not isinstance(padding, str) and _is_torch_padding(padding):
             # PyTorch's padding=p crops p from the full (VALID) output on each side.
             pad = tuple((d * (k - 1) - lo, d * (k - 1) - hi)
                         for (lo, hi), k, d in zip(pad, ks, dil, strict=True))
@@ -398,6 +401,11 @@ def _pool(kind: str, reducer: str, window: int | Sequence[int],
         st = (1, *_tuple(strides if strides is not None else window, n, "strides", kind), 1)
         pad = _padding(padding, n, kind)
         if not isinstance(pad, str):
+            for (lo, hi), w in zip(pad, win[1:-1], strict=True):
+                if max(lo, hi) >= w:  # a window of padding alone: -inf, or 0/0 for avg_pool
+                    raise ModuleError(kind, f"padding {padding!r} reaches the window size "
+                                      f"{w}: some windows would hold padding only; pad less "
+                                      f"than the window (PyTorch allows half of it)")
             pad = ((0, 0), *pad, (0, 0))
         # The init values are Python scalars: JAX then lowers to the differentiable
         # reduce_window_max/sum primitives (an array init value gives a generic
@@ -409,16 +417,18 @@ def _pool(kind: str, reducer: str, window: int | Sequence[int],
             y = lax.reduce_window(x, init_val, lax.max, win, st, pad)
             _check_nonempty(kind, x, y)
             return y
-        # Sums in float32 at least (bf16/fp16 sums lose digits or overflow).
+        # Sums in float32 at least (bf16/fp16 sums lose digits or overflow); the mean of
+        # integers is a float, as conv and dense promote them
         acc = jnp.promote_types(x.dtype, jnp.float32)
+        out = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else acc
         total = lax.reduce_window(x.astype(acc), 0.0, lax.add, win, st, pad)
         _check_nonempty(kind, x, total)
         if count_include_pad:
-            return (total / math.prod(win)).astype(x.dtype)
+            return (total / math.prod(win)).astype(out)
         # Divide by the number of real (unpadded) elements in each window.
         ones = jnp.ones((1, *x.shape[1:-1], 1), acc)
         count = lax.reduce_window(ones, 0.0, lax.add, win, st, pad)
-        return (total / count).astype(x.dtype)
+        return (total / count).astype(out)
 
     return _make(kind, lambda key, x: {}, apply, name)
 
@@ -459,7 +469,9 @@ def global_avg_pool(*, name: str | None = None) -> Module:
               train: bool = False) -> Array:
         check_rank(x, None, kind, "an input of rank >= 3 (N, ..., C)", min_rank=3)
         axes = tuple(range(1, x.ndim - 1))
-        return jnp.mean(x, axis=axes, dtype=jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
+        acc = jnp.promote_types(x.dtype, jnp.float32)  # the mean of integers is a float
+        out = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else acc
+        return jnp.mean(x, axis=axes, dtype=acc).astype(out)
 
     return _make(kind, lambda key, x: {}, apply, name)
 
@@ -472,7 +484,8 @@ def embed(num_embeddings: int, features: int, *, w_init: Initializer | None = No
     """Lookup table: integer ids of any shape ``(...)`` to vectors ``(..., features)``.
 
     Args:
-      num_embeddings: vocabulary size; ids must lie in ``[0, num_embeddings)``.
+      num_embeddings: vocabulary size; ids must lie in ``[0, num_embeddings)`` (others,
+        negative ones too, look up a row of NaN).
       features: vector size.
       w_init: table initializer, default ``normal(1.0)`` (PyTorch's ``nn.Embedding``).
     """
@@ -495,7 +508,9 @@ def embed(num_embeddings: int, features: int, *, w_init: Initializer | None = No
         check_params(params, ("embedding",), kind)
         check_ids(x)
         check_param_shape(params, "embedding", (num_embeddings, features), kind)
-        return jnp.take(params["embedding"], x, axis=0)
+        # an id outside [0, n) gives a NaN row (which the non-finite guard names), not the
+        # row jnp.take would wrap a negative id to
+        return jnp.take(params["embedding"], jnp.where(x < 0, num_embeddings, x), axis=0)
 
     return _make(kind, init, apply, name)
 
@@ -788,6 +803,12 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
             xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             y = (xf - state["mean"]) * (rstd * scale) + bias
             return y.astype(x.dtype), state
+        if axis_name is None and math.prod(x.shape[:-1]) == 1:  # torch raises too
+            raise ModuleError(kind, f"train=True needs more than one value per channel for "
+                              f"the batch statistics, got an input of shape "
+                              f"{tuple(x.shape)}: the variance of one value is 0, so the "
+                              f"output would be the bias alone. Use a larger batch, or "
+                              f"train=False")
         if axis_name is None:
             y = _normalize(x, scale, bias, epsilon, True, axes)
             mean, var, n = batch_stats(lax.stop_gradient(x), axes)

@@ -150,8 +150,9 @@ def _is_deleted(tree: Any) -> bool:
 def donated_state_error(where: str) -> ValueError:
     return ValueError(f"{where}: the state passed in was donated to an earlier step or fit "
                       f"call, so its buffers are deleted. Use the state that call returned "
-                      f"(state, metrics = step(state, batch)), or build the step with "
-                      f"donate=False to keep its input alive")
+                      f"(state, metrics = step(state, batch), or state, history = fit(...)). "
+                      f"A step built with donate=False keeps its input alive; fit always "
+                      f"donates its input (keep a copy with jax.tree.map(jnp.copy, state))")
 
 
 def canonical_sharding(sharding: Any) -> Any:

@@ -539,6 +539,10 @@ def test_bad_arguments(kwargs, match):
 def test_bad_inputs_name_the_layer():
     model = nn.serial(nn.dense(3), nn.batch_norm(name="bn"))
     params, state = model.init(KEY, jnp.ones((2, 3)))
+    # one value per channel: the variance is 0 and the output the bias alone (torch raises)
+    with pytest.raises(nn.ModuleError, match=r"batch_norm layer 'bn': train=True needs more "
+                                             r"than one value per channel.*shape \(1, 3\)"):
+        model.apply(params, jnp.ones((1, 3)), state=state, train=True)
     with pytest.raises(nn.ModuleError, match=r"batch_norm layer 'bn': param 'bn/scale' has "
                                              r"shape \(3,\), expected \(5,\)"):
         nn.serial(nn.dense(5), nn.batch_norm(name="bn")).apply(

@@ -77,10 +77,12 @@ def np_conv_transpose(x, w, stride, crop=0):
     return out[:, crop:out.shape[1] - crop, crop:out.shape[2] - crop]
 
 
-@pytest.mark.parametrize("stride,padding", [(1, "VALID"), (2, "VALID"), (2, 1), (3, 2)])
-def test_conv_transpose_is_the_scatter_of_its_kernel(stride, padding):
+# kernels shorter than the stride too: "VALID" is (H - 1) s + k, not lax's H s
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, "VALID"), (3, 2, "VALID"), (3, 2, 1),
+                                                   (3, 3, 2), (2, 3, "VALID"), (1, 2, "VALID")])
+def test_conv_transpose_is_the_scatter_of_its_kernel(kernel, stride, padding):
     x = rand(2, 4, 5, 3)
-    layer = nn.conv_transpose(4, 3, strides=stride, padding=padding, use_bias=False)
+    layer = nn.conv_transpose(4, kernel, strides=stride, padding=padding, use_bias=False)
     params = layer.init(jax.random.key(0), x)
     crop = 0 if padding == "VALID" else padding
     ref = np_conv_transpose(x, np.asarray(params["w"], np.float64), stride, crop)
@@ -190,6 +192,23 @@ def test_conv_on_bf16_or_uint8_images_with_float32_kernels(dtype):
         np.testing.assert_allclose(y, layer.apply(params, x.astype(jnp.float32)), rtol=1e-6)
         g = jax.jit(jax.grad(lambda p, layer=layer: jnp.sum(layer.apply(p, x) ** 2)))(params)
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(g))
+
+
+def test_avg_pools_of_integers_are_float_means():
+    x = jnp.asarray(np.array([1, 2, 2, 2], np.uint8).reshape(1, 2, 2, 1))
+    for layer in (nn.avg_pool(2), nn.global_avg_pool()):
+        y = layer.apply({}, x)
+        assert y.dtype == jnp.float32 and float(np.asarray(y).ravel()[0]) == 1.75
+
+
+@pytest.mark.parametrize("layer", [nn.max_pool(2, padding=2), nn.avg_pool(3, padding=(1, 3)),
+                                   nn.max_pool(2, padding=((0, 0), (2, 0)))],
+                         ids=["max_pool", "avg_pool", "pairs"])
+def test_pool_padding_as_large_as_the_window_is_an_error(layer):
+    """A window of padding alone gave -inf (max) or NaN (avg, 0/0); torch refuses."""
+    with pytest.raises(ValueError, match=r"reaches the window size \d: some windows would "
+                                         r"hold padding only"):
+        layer.apply({}, jnp.ones((1, 4, 4, 1)))
 
 
 def test_max_pool_keeps_any_integer_dtype():

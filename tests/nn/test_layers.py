@@ -95,6 +95,9 @@ def test_embed_matches_numpy_and_rejects_floats():
     np.testing.assert_array_equal(y, np.asarray(params["embedding"])[np.asarray(ids)])
     with pytest.raises(TypeError, match=r"embed layer .*expected integer ids, got dtype float32"):
         nn.embed(5, 4).apply(params, jnp.zeros((2,)))
+    # ids outside [0, 5), negative ones too, look up NaN (jnp.take wraps -1 to row 4)
+    out = np.asarray(jax.jit(nn.embed(5, 4).apply)(params, jnp.array([-1, 5, 4])))
+    assert np.isnan(out[:2]).all() and np.isfinite(out[2]).all()
 
 
 def test_layer_norm_matches_numpy():
