@@ -7,7 +7,9 @@ A callback is any object with some of these methods (all optional):
   (``state.step``), ``metrics`` are floats;
 - ``on_eval(step, metrics)``: after each evaluation, at the same global step as the train
   metrics of the last step before it (so TensorBoard overlays them);
-- ``on_epoch_end(epoch, state)``;
+- ``on_epoch_end(epoch, state)``: ``state`` is donated to the next step, so a callback
+  that keeps it (best-so-far params) keeps a copy: ``jax.tree.map(jnp.copy, state.params)``
+  or ``jax.device_get(state.params)``;
 - ``on_checkpoint(step, path)``: after a checkpoint is safely on disk;
 - ``close()``: at the end of every ``fit`` call, also on error;
 - ``state_dict()`` / ``load_state_dict(d)``: JSON-able state, saved in every checkpoint and

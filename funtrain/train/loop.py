@@ -378,6 +378,11 @@ def _check_arguments(args: dict[str, Any]) -> int | None:
         raise TypeError(f"fit: train_data is a one-shot iterator, but epochs="
                         f"{args['epochs']} needs a new pass each epoch; pass a Loader, a "
                         f"list, or a callable epoch -> batches")
+    if isinstance(args["eval_data"], Iterator) and args["eval_step"] is not None and (
+            args["epochs"] > 1 or args["eval_every"]):
+        raise TypeError("fit: eval_data is a one-shot iterator, but it is evaluated more than "
+                        "once (after each epoch, or every eval_every steps); pass a Loader, a "
+                        "list, or a callable epoch -> batches")
     try:
         steps = len(data)
     except TypeError:

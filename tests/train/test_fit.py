@@ -232,6 +232,12 @@ def test_fit_rejects_one_shot_iterators_and_bad_arguments():
     batches = ({"x": np.ones((2, 2), np.float32)} for _ in range(3))
     with pytest.raises(TypeError, match="one-shot iterator, but epochs=2"):
         train.fit(state, step, batches, epochs=2, progress=False)
+    # evaluated after each of two epochs, a one-shot eval iterator would be empty the second
+    # time (after the first epoch's training): refused up front
+    with pytest.raises(TypeError, match="eval_data is a one-shot iterator, but it is "
+                                        "evaluated more than once"):
+        train.fit(state, step, [{"x": np.ones((2, 2), np.float32)}], epochs=2, progress=False,
+                  eval_step=lambda p, b: {}, eval_data=iter([{"x": np.ones((2, 2))}]))
     with pytest.raises(ValueError, match="train_data yielded no batches in epoch 0"):
         train.fit(state, step, [], epochs=1, progress=False)
     with pytest.raises(ValueError, match="train_data yielded no batches in epoch 0"):
