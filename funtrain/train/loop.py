@@ -318,8 +318,8 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         try:
             if delivering:  # callbacks got part of it: the last checkpoint matches the logs
                 if checkpoints is not None:
-                    last = checkpoints.last_saved
-                    where = f"the last checkpoint (step {last})" if last else "scratch"
+                    at = checkpoints.last_saved
+                    where = f"the last checkpoint (step {at})" if at else "scratch"
                     print(f"fit: interrupted while handing results to the callbacks: not "
                           f"saved, so a resume starts from {where}, as the logs do",
                           file=sys.stderr)
