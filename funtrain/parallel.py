@@ -130,7 +130,9 @@ def _check_spec(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Me
 def param_specs(params: Any, mesh: Mesh, rules: Rules = (), *,
                 fsdp_min_size: int = 1 << 14) -> Any:
     """A ``PartitionSpec`` per param: the first of ``rules`` whose regex matches the key
-    path (``re.search``), else ``fsdp_spec``. A rule that matches no param is an error."""
+    path (``re.search``), else ``fsdp_spec``. A rule that matches no param is an error (one
+    that an earlier rule overrides for every param it matches is not: that is how a rule is
+    overridden)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     for pattern, _ in rules:
         try:
@@ -141,11 +143,12 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules = (), *,
     specs = []
     for path, leaf in flat:
         name, shape = keystr(path), tuple(np.shape(leaf))
-        for i, (pattern, spec) in enumerate(rules):
-            if re.search(pattern, name):
-                _check_spec(name, shape, spec, mesh, pattern)
-                used[i] = True
-                break
+        hits = [i for i, (pattern, _) in enumerate(rules) if re.search(pattern, name)]
+        for i in hits:
+            used[i] = True
+        if hits:
+            pattern, spec = rules[hits[0]]
+            _check_spec(name, shape, spec, mesh, pattern)
         else:
             spec = fsdp_spec(shape, mesh, fsdp_min_size)
         specs.append(spec)

@@ -173,6 +173,25 @@ def test_mesh_on_this_process_devices():
                                                    "tensor": 1}
 
 
+def test_a_rule_prepended_to_override_the_defaults_is_no_unused_rule():
+    """The docs' "prepend your own rules to override": a rule for every bias before
+    tensor_rules() shadows the default bias rule, which is then matched but never chosen,
+    not a rule that matches nothing."""
+    from jax.sharding import PartitionSpec as P
+
+    from funtrain import nn
+    params = jax.eval_shape(lambda: nn.gpt(16, 8, 1, 2, 8).init(
+        jax.random.key(0), jax.numpy.zeros((1, 8), jax.numpy.int32)))
+    m = parallel.mesh(data=1, fsdp=1, tensor=-1)
+    specs = parallel.param_specs(params, m, [(r"/b$", P())] + parallel.tensor_rules())
+    flat = {jax.tree_util.keystr(k): v for k, v in
+            jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]}
+    assert [v for k, v in flat.items() if k.endswith("['b']")] and \
+        all(v == P() for k, v in flat.items() if k.endswith("['b']"))
+    with pytest.raises(ValueError, match=r"rule\(s\) \['conv'\] match no param key path"):
+        parallel.param_specs(params, m, [("conv", P())] + parallel.tensor_rules())
+
+
 MULTI = Path(__file__).with_name("multiprocess_run.py")
 
 
