@@ -42,6 +42,7 @@ from funtrain._tree import KERNELS, key_path_selector, keystr
 from funtrain.optim.base import Optimizer, check_optimizer
 from funtrain.optim.fused import has_fused
 from funtrain.optim.transforms import ScheduleFreeState
+from funtrain.optim.wrappers import EmaState
 
 __all__ = ["magnitude", "random", "n_m", "apply_masks", "polynomial_schedule",
            "SparsitySchedule", "pruned", "PrunedState", "summary", "DEFAULT_SELECT"]
@@ -50,12 +51,16 @@ DEFAULT_SELECT = KERNELS  # dense and conv kernels
 Select = str | Callable[[str, Any], bool] | None
 
 
-def _chosen(params: Any, select: Select) -> Any:
-    """A tree of Python bools: which leaves are pruned."""
+def _check_unfused(params: Any) -> None:
     if has_fused(params):  # its leaves are whole buffers: no key path would match
         raise TypeError("sparsity: params are fused (TrainState.create(..., fused=True)); "
                         "masks are made per layer, so prune an unfused state, or make the "
                         "masks from params.unflatten()")
+
+
+def _chosen(params: Any, select: Select) -> Any:
+    """A tree of Python bools: which leaves are pruned."""
+    _check_unfused(params)
     test = key_path_selector(select, "sparsity")
     return jax.tree_util.tree_map_with_path(lambda p, x: bool(test(keystr(p), x)), params)
 
@@ -179,7 +184,10 @@ def apply_masks(params: Any, masks: Any) -> Any:
     """``params`` with pruned weights set to exactly 0.
 
     Raises:
-      ValueError: a mask whose shape differs from its param (naming the key path)."""
+      ValueError: a mask whose shape differs from its param (naming the key path).
+      TypeError: fused params (the masks are per layer)."""
+    _check_unfused(params)  # a clear error, not a pytree mismatch
+
     def one(path: Any, w: Any, m: Any) -> Any:
         if jnp.shape(m) != jnp.shape(w):
             raise ValueError(f"sparsity: key path {keystr(path)!r}: mask of shape "
@@ -236,6 +244,10 @@ def polynomial_schedule(initial_sparsity: float = 0.0, final_sparsity: float = 0
     if end_step < begin_step or frequency < 1:
         raise ValueError(f"sparsity.polynomial_schedule: need begin_step <= end_step and "
                          f"frequency >= 1, got {begin_step}, {end_step}, {frequency}")
+    if final_sparsity < initial_sparsity:  # pruned's masks only grow: a pruned weight stays
+        raise ValueError(f"sparsity.polynomial_schedule: final_sparsity must be >= "
+                         f"initial_sparsity (pruning only removes weights), got "
+                         f"{initial_sparsity} -> {final_sparsity}")
     return SparsitySchedule(float(initial_sparsity), float(final_sparsity), begin_step,
                             end_step, frequency)
 
@@ -264,8 +276,10 @@ def pruned(opt: Optimizer, schedule: SparsitySchedule | None = None, *, masks: A
 
     so ``theta + u`` is exactly 0 where ``m`` is False: the inner optimizer's moments never
     see a pruned weight's gradient, and its weight decay or momentum cannot move it. Under
-    ``schedule_free_adamw`` its ``z`` sequence is zeroed where pruned too, so the params
-    ``schedule_free_eval_params`` gives are as sparse.
+    ``schedule_free_adamw`` its ``z`` sequence is zeroed where pruned too, and under
+    ``optim.ema`` its average, so the params ``schedule_free_eval_params`` and
+    ``ema_params`` give are as sparse (wrap the ema in ``pruned``, not the other way round:
+    an ``ema`` outside keeps averaging the weights from before they were pruned).
     """
     check_optimizer("sparsity.pruned", "opt", opt)
     if schedule is None and masks is None:
@@ -300,12 +314,17 @@ def pruned(opt: Optimizer, schedule: SparsitySchedule | None = None, *, masks: A
                                           params)
         updates = jax.tree.map(lambda m, u, p: jnp.where(m, u, -p).astype(u.dtype),
                                current, inner_updates, params)
-        # schedule-free evaluates at x = (y - (1 - b1) z) / b1: z zeroed where pruned keeps
-        # x as sparse as the params y
-        inner = jax.tree.map(
-            lambda s: s._replace(z=jax.tree.map(zero, current, s.z))
-            if isinstance(s, ScheduleFreeState) else s,
-            inner, is_leaf=lambda s: isinstance(s, ScheduleFreeState))
+        # the params an optimizer keeps to evaluate are as sparse as the params: schedule-
+        # free evaluates at x = (y - (1 - b1) z) / b1 (z zeroed where pruned), ema its average
+        def sparse(s: Any) -> Any:
+            if isinstance(s, ScheduleFreeState):
+                return s._replace(z=jax.tree.map(zero, current, s.z))
+            if isinstance(s, EmaState):
+                return s._replace(inner=sparse(s.inner), ema=jax.tree.map(zero, current, s.ema))
+            return s
+
+        inner = jax.tree.map(sparse, inner,
+                             is_leaf=lambda s: isinstance(s, (ScheduleFreeState, EmaState)))
         return updates, PrunedState(inner, current, state.count + 1)
 
     return Optimizer(init_state, update)

@@ -145,7 +145,25 @@ def test_schedule_free_evaluation_params_are_as_sparse_as_the_params():
     assert (np.asarray(x["dense_0"]["w"])[kept] != np.asarray(params["dense_0"]["w"])[kept]).any()
 
 
+def test_the_ema_of_pruned_params_is_as_sparse():
+    """pruned(ema(opt)): the average ema_params gives (what fit evaluates and one exports)
+    is zeroed where pruned too; it was dense."""
+    masks = sparsity.n_m(PARAMS, 2, 4)
+    opt = sparsity.pruned(optim.ema(optim.adamw(1e-2, weight_decay=0.1), 0.9), masks=masks)
+    params, state = PARAMS, opt.init_state(PARAMS)
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    for _ in range(3):
+        updates, state = jax.jit(opt.update)(grads, state, params)
+        params = optim.apply_updates(params, updates)
+    average = optim.ema_params(state)
+    kept = np.asarray(masks["dense_0"]["w"])
+    assert (np.asarray(average["dense_0"]["w"])[~kept] == 0).all()
+    assert sparsity.summary(average)["layers"]["dense_0/w"] == 0.5
+
+
 @pytest.mark.parametrize("call, message", [
+    (lambda: sparsity.polynomial_schedule(0.8, 0.2),
+     "final_sparsity must be >= initial_sparsity (pruning only removes weights), got 0.8"),
     (lambda: sparsity.apply_masks(PARAMS, {**sparsity.magnitude(PARAMS, 0.5),
                                            "dense_1": {"w": jnp.ones((3, 3), bool),
                                                        "b": jnp.ones(10, bool)}}),
@@ -171,6 +189,8 @@ def test_fused_params_are_a_clear_error():
     fused = optim.fuse(PARAMS)
     with pytest.raises(TypeError, match="params are fused"):
         sparsity.magnitude(fused, 0.5)
+    with pytest.raises(TypeError, match="params are fused"):
+        sparsity.apply_masks(fused, sparsity.magnitude(PARAMS, 0.5))
     with pytest.raises(TypeError, match="params are fused"):
         sparsity.pruned(optim.sgd(0.1), sparsity.polynomial_schedule()).init_state(fused)
     with pytest.raises(TypeError, match="quantize params.unflatten"):
