@@ -137,8 +137,8 @@ def _scale(w: jax.Array, bits: int, granularity: str) -> jax.Array:
 def _amax_scale(amax: jax.Array, qmax: int) -> jax.Array:
     """``amax / qmax``, or 1 where that is not a normal float32 (an all-zero channel, or one
     so small that the quotient flushes to 0 and ``0 / scale`` would be NaN): its integers
-    are 0 either way."""
-    normal = amax >= qmax * float(jnp.finfo(jnp.float32).tiny)
+    are 0 either way. A NaN stays NaN, so a NaN input or weight gives NaN, as in float."""
+    normal = (amax >= qmax * float(jnp.finfo(jnp.float32).tiny)) | jnp.isnan(amax)
     return jnp.where(normal, amax / qmax, 1.0).astype(jnp.float32)
 
 
@@ -283,7 +283,12 @@ def calibrate(apply: Callable[..., Any], qparams: Any, batches: Iterable[Any],
       ``nn.dense`` and ``nn.conv`` run int8 x int8 -> int32. The others keep ``None`` and
       run on their dequantized weights, with a warning naming them: kernels without an
       integer path (``conv_transpose``, attention's projections, ``remat.repeat``'s
-      stacked blocks) and layers the batches did not reach.
+      stacked blocks) and layers the batches did not reach. With a calibrated scale a NaN
+      input quantizes to 0, as in int8 engines (a dynamic scale gives NaN, as in float).
+
+    Raises:
+      ValueError: two quantized kernels share a name (parts of the params quantized in
+        separate calls, whose key paths repeat): their inputs would share one scale.
     """
     global _RECORDER
     if method not in ("max", "percentile"):
@@ -294,6 +299,15 @@ def calibrate(apply: Callable[..., Any], qparams: Any, batches: Iterable[Any],
     plain = jax.tree.map(lambda x: dataclasses.replace(x, act_scale=None)
                          if isinstance(x, QTensor) else x, qparams,
                          is_leaf=lambda x: isinstance(x, QTensor))
+    # inputs are recorded by the kernel's name (its key path when quantized): two kernels of
+    # one name would share one scale
+    names = [x.name for x in jax.tree.leaves(plain, is_leaf=lambda x: isinstance(x, QTensor))
+             if isinstance(x, QTensor)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"quant.calibrate: several quantized kernels are named {twice} (their "
+                         f"key paths in the tree each quantize call got), so their inputs "
+                         f"would share one scale; quantize the whole params tree in one call")
     _RECORDER = {}
     try:
         seen = 0

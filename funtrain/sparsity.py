@@ -43,6 +43,7 @@ from funtrain.optim.base import Optimizer, check_optimizer
 from funtrain.optim.fused import has_fused
 from funtrain.optim.transforms import ScheduleFreeState
 from funtrain.optim.wrappers import EmaState
+from funtrain.quant import QTensor
 
 __all__ = ["magnitude", "random", "n_m", "apply_masks", "polynomial_schedule",
            "SparsitySchedule", "pruned", "PrunedState", "summary", "DEFAULT_SELECT"]
@@ -56,6 +57,10 @@ def _check_unfused(params: Any) -> None:
         raise TypeError("sparsity: params are fused (TrainState.create(..., fused=True)); "
                         "masks are made per layer, so prune an unfused state, or make the "
                         "masks from params.unflatten()")
+    if any(isinstance(x, QTensor) for x in jax.tree.leaves(
+            params, is_leaf=lambda x: isinstance(x, QTensor))):  # no kernel path would match
+        raise TypeError("sparsity: params are quantized (quant.quantize); prune the float "
+                        "params first, then quantize them")
 
 
 def _chosen(params: Any, select: Select) -> Any:

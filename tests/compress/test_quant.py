@@ -232,3 +232,16 @@ def test_dynamic_activations_quantize_each_row_at_run_time():
     assert _int8_dot(jax.jit(MODEL.apply).lower(q, X).as_text())
     with pytest.raises(ValueError, match="activations must be None or 'dynamic'"):
         quant.quantize(PARAMS, activations="static")
+    # a NaN row stays NaN (its scale was taken as 1: a finite, wrong row), the others not
+    bad = jnp.asarray(np.asarray(X).copy()).at[2, 3].set(jnp.nan)
+    out = np.asarray(jax.jit(nn.dense(32, name="dense_0").apply)(q["dense_0"], bad))
+    assert np.isnan(out[2]).all() and np.isfinite(np.delete(out, 2, axis=0)).all()
+
+
+def test_calibrate_refuses_kernels_that_share_a_name():
+    """Parts quantized in separate calls repeat their key paths ('dense_0/w' in each): their
+    inputs would be recorded, and scaled, together."""
+    parts = {"enc": quant.quantize(PARAMS), "dec": quant.quantize(PARAMS)}
+    with pytest.raises(ValueError, match=r"several quantized kernels are named "
+                                         r"\['dense_0/w', 'dense_1/w'\]"):
+        quant.calibrate(lambda p, b: MODEL.apply(p["enc"], b), parts, [X])

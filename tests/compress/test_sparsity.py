@@ -191,6 +191,10 @@ def test_fused_params_are_a_clear_error():
         sparsity.magnitude(fused, 0.5)
     with pytest.raises(TypeError, match="params are fused"):
         sparsity.apply_masks(fused, sparsity.magnitude(PARAMS, 0.5))
+    # quantized kernels match no kernel path: the masks were all-True, pruning nothing
+    with pytest.raises(TypeError, match=r"params are quantized \(quant.quantize\); prune "
+                                        r"the float params first"):
+        sparsity.magnitude(quant.quantize(PARAMS), 0.5)
     with pytest.raises(TypeError, match="params are fused"):
         sparsity.pruned(optim.sgd(0.1), sparsity.polynomial_schedule()).init_state(fused)
     with pytest.raises(TypeError, match="quantize params.unflatten"):
