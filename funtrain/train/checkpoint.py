@@ -1061,12 +1061,16 @@ def _buffer_like(value: Any, target: Any) -> Any:
 def _placed_like(value: Any, target: Any) -> Any:
     """``value`` with the target leaf's sharding when that spans several devices (a state
     placed by ``parallel.shard_state``, or a ``ShapeDtypeStruct`` given a sharding): a
-    checkpoint restores onto any mesh, whatever mesh saved it."""
+    checkpoint restores onto any mesh, whatever mesh saved it. A target on one device other
+    than the default one (``jax.device_put(x, jax.devices()[5])``) keeps that device."""
     sharding = getattr(target, "sharding", None)
     if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
         from funtrain.parallel import _put  # across processes too
 
         return _put(value, sharding)
+    if isinstance(sharding, jax.sharding.Sharding) and \
+            sharding.device_set != {jax.devices()[0]}:
+        return jax.device_put(value, sharding)
     return value
 
 

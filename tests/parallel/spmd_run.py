@@ -176,15 +176,19 @@ def checkpoint_across_meshes():
         four = parallel.mesh(data=-1, devices=jax.devices()[:4])
         targets = {"8 devices, FSDP": state,
                    "4 devices, DP": parallel.shard_state(fresh(), four),
-                   "1 device": fresh()}
+                   "1 device": fresh(),
+                   "device 5": jax.device_put(fresh(), jax.devices()[5])}
         for name, target in targets.items():
             restored = checkpoint.restore(d, target=target)
-            mesh = target.params["dense_0"]["w"].sharding.mesh if name != "1 device" else None
+            mesh = (target.params["dense_0"]["w"].sharding.mesh
+                    if name not in ("1 device", "device 5") else None)
             batch = batches[1] if mesh is None else parallel.shard_batch(batches[1], mesh)
             spec = str(restored.params["dense_0"]["w"].sharding.spec) if mesh else ""
             devices = len(restored.params["dense_0"]["w"].sharding.device_set)
+            ids = sorted(dv.id for leaf in jax.tree.leaves(restored) for dv in leaf.devices())
             restored, metrics = step(restored, batch)
-            out[name] = {"loss": float(metrics["loss"]), "spec": spec, "devices": devices}
+            out[name] = {"loss": float(metrics["loss"]), "spec": spec, "devices": devices,
+                         "on": sorted(set(ids))}
         wider = train.TrainState.create(nn.mlp([128, 10]).init(jax.random.key(0), jnp.zeros(
             (1, 784))), opt, jax.random.key(1))
         errors = {}

@@ -81,11 +81,14 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device(runs, run):
 
 def test_a_checkpoint_saved_under_fsdp_restores_onto_other_meshes(runs):
     """Saved on 8 devices with FSDP (one process: the arrays are gathered to the host);
-    restored onto the same mesh, 4 devices data parallel, and 1 device, each placed like
-    its target, and each takes the same next step."""
+    restored onto the same mesh, 4 devices data parallel, 1 device, and device 5 alone
+    (it came back on device 0), each placed like its target, and each takes the same next
+    step."""
     restored = runs["checkpoint"]
     assert {k: (v["spec"], v["devices"]) for k, v in restored.items()} == {
-        "8 devices, FSDP": ("P('fsdp',)", 8), "4 devices, DP": ("P()", 4), "1 device": ("", 1)}
+        "8 devices, FSDP": ("P('fsdp',)", 8), "4 devices, DP": ("P()", 4), "1 device": ("", 1),
+        "device 5": ("", 1)}
+    assert restored["1 device"]["on"] == [0] and restored["device 5"]["on"] == [5]
     losses = [v["loss"] for v in restored.values()]
     np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
 
