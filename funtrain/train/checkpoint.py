@@ -732,6 +732,11 @@ def read_manifest(directory: PathLike, step: Any = None) -> dict[str, Any]:
                                         f"({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") not in KNOWN_FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else None
+        if isinstance(manifest, dict) and "manifest_sha256" in manifest and \
+                manifest["manifest_sha256"] != _manifest_sha256(manifest):  # a flipped format
+            raise _damaged(directory, step, f"{MANIFEST} has format {found!r} and does not "
+                                            f"match its own checksum (manifest_sha256): it "
+                                            f"was edited or corrupted")
         raise CheckpointError(f"checkpoint: {path} has format {found!r}; this funtrain reads "
                               f"formats {', '.join(map(str, KNOWN_FORMATS))}. It was written "
                               f"by another version of funtrain: restore it with that version")

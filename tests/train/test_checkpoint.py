@@ -117,14 +117,24 @@ def test_manifest_contents(tmp_path):
 
 
 def test_an_unknown_format_is_a_clear_error(tmp_path):
+    """A later version's manifest (its checksum matches) names the version; a format field
+    damaged in place (its checksum does not match) is damage, with the step to fall back to."""
+    checkpoint.save(tmp_path, {"w": jnp.ones(2)}, 0)
     checkpoint.save(tmp_path, {"w": jnp.ones(2)}, 1)
     path = checkpoint.step_dir(tmp_path, 1) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["format"] = 99
+    manifest["manifest_sha256"] = checkpoint._manifest_sha256(manifest)
     path.write_text(json.dumps(manifest))
     with pytest.raises(checkpoint.CheckpointError, match=r"has format 99; this funtrain reads "
                                                          r"formats 1, 2, 3\. It was written by "
                                                          r"another version of funtrain"):
+        checkpoint.restore(tmp_path)
+    manifest["format"] = 0  # one flipped bit of 2 (the checksum still says 99)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 1 .* is damaged: manifest.json "
+                                                         r"has format 0 and does not match its "
+                                                         r"own checksum.*step=0"):
         checkpoint.restore(tmp_path)
 
 
