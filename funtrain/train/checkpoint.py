@@ -181,10 +181,18 @@ _SCALARS = {"bool": bool, "int": int, "float": float, "complex": complex}
 def _describe(leaf: Any) -> tuple[str, str, tuple[int, ...]]:
     """``(kind, dtype name, shape)`` of a leaf, as stored in the manifest."""
     if isinstance(leaf, (bool, int, float, complex)) and not isinstance(leaf, np.generic):
-        return "scalar", type(leaf).__name__, ()
+        # a subclass (an IntEnum, say) is stored, and restored, as its base type
+        base = next(t for t in (bool, int, float, complex) if isinstance(leaf, t))
+        if base is int and not -2 ** 63 <= leaf < 2 ** 64:
+            raise TypeError(f"a Python int outside the 64-bit range: {leaf}")
+        return "scalar", base.__name__, ()
     if _is_key(leaf):
         return "key", str(leaf.dtype), tuple(leaf.shape)
     if isinstance(leaf, (np.ndarray, np.generic)):
+        dtype = np.dtype(leaf.dtype)  # ml_dtypes (bfloat16, int4 ...) are kind V too
+        if dtype.kind in "OSU" or dtype.kind == "V" and dtype.type.__module__ == "numpy":
+            raise TypeError(f"a numpy array of dtype {leaf.dtype} (strings, objects and "
+                            f"records cannot be restored; keep them out of the state)")
         return "numpy", np.dtype(leaf.dtype).name, tuple(leaf.shape)
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):  # jax.Array, ShapeDtypeStruct
         return "array", np.dtype(leaf.dtype).name, tuple(leaf.shape)

@@ -1,5 +1,6 @@
 """Checkpoints: bitwise round trips, keep_last, corruption errors, and kill-safety."""
 
+import enum
 import hashlib
 import json
 import os
@@ -198,8 +199,16 @@ def test_single_leaf_and_step_arguments(tmp_path):
         checkpoint.save(tmp_path, jnp.arange(3), 6, metadata={"x": object()})
     with pytest.raises(TypeError, match="key path 'a': not an array"):
         checkpoint.save(tmp_path, {"a": "text"}, 7)
+    # saved, these could never be restored (restore blamed the manifest)
+    with pytest.raises(TypeError, match=r"key path 'a': a numpy array of dtype <U2 \(strings"):
+        checkpoint.save(tmp_path, {"a": np.array(["ab"])}, 7)
+    with pytest.raises(TypeError, match="key path 'a': a Python int outside the 64-bit range"):
+        checkpoint.save(tmp_path, {"a": 2 ** 64}, 7)
     assert checkpoint.all_steps(tmp_path) == [5]  # failed saves left nothing behind
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000005"]
+    mode = enum.IntEnum("Mode", "TRAIN EVAL")  # a scalar subclass restores as its base type
+    checkpoint.save(tmp_path / "enum", {"a": mode.EVAL}, 0)
+    assert checkpoint.restore(tmp_path / "enum") == {"a": 2}
 
 
 # ----------------------------------------------------------------------------- listing
