@@ -65,13 +65,16 @@ def _check_same_shape(where: str, predictions: Array, targets: Array) -> None:
 
 
 def _class_targets(where: str, logits: Array, labels: Array) -> tuple[Array, bool]:
-    """Return labels as given and whether they are integer class indices."""
+    """Return labels (integer ones at least int32) and whether they are class indices."""
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if tuple(labels.shape) != tuple(logits.shape[:-1]):
             raise ValueError(f"{where}: integer labels must have shape {tuple(logits.shape[:-1])} "
                              f"(logits' shape without the class axis), got "
                              f"{tuple(labels.shape)}")
+        # compared with C in their own dtype, uint8 labels of 256 classes wrap C to 0
+        if jnp.iinfo(labels.dtype).bits < 32:
+            labels = labels.astype(jnp.int32)
         return labels, True
     if tuple(labels.shape) != tuple(logits.shape):
         raise ValueError(f"{where}: one-hot/probability labels must have the logits' shape "
@@ -123,8 +126,9 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: floa
         q = _f32(labels)
         if label_smoothing:
             q = (1.0 - label_smoothing) * q + label_smoothing / num_classes
-        # 0 * log(0) is 0: keep classes with no target mass out of the sum (log_p may be -inf).
-        nll = -jnp.sum(jnp.where(q == 0, 0.0, q * log_p), axis=-1)
+        # 0 * log(0) is 0: a class with no target mass adds nothing even where log_p is -inf;
+        # elsewhere d/dq = -log p, as torch (a where around q * log_p zeroed it at q = 0)
+        nll = -jnp.sum(q * jnp.where((q == 0) & jnp.isneginf(log_p), 0.0, log_p), axis=-1)
     return reduce(nll, reduction, mask, where)
 
 

@@ -204,6 +204,29 @@ def test_cross_entropy_near_float32_max_one_hot_labels():
     close(out, ref.softmax_cross_entropy(logits, one_hot, reduction="none"))
 
 
+def test_cross_entropy_gradient_in_the_targets_is_minus_log_softmax():
+    """d CE / d q = -log softmax(z), also where a target is 0 (distillation through a
+    trainable teacher); a where around q * log p had made it 0 there."""
+    with jax.enable_x64(True):
+        logits = jnp.asarray(RNG.standard_normal((3, C)))
+        q = jnp.asarray(np.eye(C)[[0, 2, 1]] * 0.5 + np.eye(C)[[1, 1, 2]] * 0.5)  # zeros too
+        g = jax.jit(jax.grad(lambda t: losses.softmax_cross_entropy(logits, t,
+                                                                    reduction="sum")))(q)
+        np.testing.assert_allclose(g, -np.asarray(jax.nn.log_softmax(logits)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16])
+def test_narrow_integer_labels_are_compared_with_the_class_count_exactly(dtype):
+    """uint8 labels of a byte-level model (256 classes): compared with C in uint8, C wrapped
+    to 0 and every label counted as out of range (NaN)."""
+    classes = 256 if dtype == np.uint8 else 200
+    labels = np.array([0, 3, 100, 127], dtype)
+    logits = np.zeros((4, classes), np.float32)
+    out = losses.softmax_cross_entropy(logits, labels, reduction="none")
+    np.testing.assert_allclose(np.asarray(out), np.log(classes), rtol=1e-6)
+    assert int(losses.invalid_labels(logits, labels)) == 0
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_cross_entropy_gradient_is_softmax_minus_target(eps):
     """d CE / d logits = softmax(z) - q, checked in float64."""
