@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -58,17 +59,27 @@ def make_optimizer(args: argparse.Namespace) -> optim.Optimizer:
     return factory(lr, weight_decay=wd)
 
 
+class _UsageError(ValueError):
+    """A flag value the parser cannot check alone; ``main`` reports it as a usage error."""
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
 
 
@@ -110,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def demo(args: argparse.Namespace) -> float:
-    """Train on digits and return the test accuracy."""
+def demo(args: argparse.Namespace) -> float | None:
+    """Train on digits and return the test accuracy (``None`` when interrupted)."""
     t0 = time.perf_counter()
     train_set, test_set = data.load_digits(flatten=args.model == "mlp")
     model = MODELS[args.model]()
@@ -125,7 +136,10 @@ def demo(args: argparse.Namespace) -> float:
                                     model_state=model_state)
     step = train.make_train_step(train.classifier_loss(model), opt, policy=policy)
     eval_step = train.make_eval_step(train.classifier_eval(model))
-    loader = train_set.batches(args.batch_size, key=shuffle_key, drop_remainder=True)
+    try:
+        loader = train_set.batches(args.batch_size, key=shuffle_key, drop_remainder=True)
+    except ValueError as err:  # a --batch-size larger than the data
+        raise _UsageError(str(err)) from None
     n_params = sum(p.size for p in jax.tree.leaves(params))
     print(f"funtrain demo: {args.model} ({n_params:,} params) on digits "
           f"({len(train_set)} train / {len(test_set)} test), {args.optimizer} "
@@ -141,7 +155,7 @@ def demo(args: argparse.Namespace) -> float:
         print(f"interrupted at step {int(state.step)}"
               + ("; continue with --resume" if args.checkpoint_dir else ""))
     if not history.eval:  # interrupted before the first evaluation
-        return float("nan")
+        return None
     acc = history.eval[-1]["accuracy"]
     if state.loss_scale is not None:
         print(f"loss scale {float(state.loss_scale.loss_scale):g}, "
@@ -153,7 +167,7 @@ def demo(args: argparse.Namespace) -> float:
         print(f"the run in {args.checkpoint_dir} had finished at step {int(state.step)}; "
               f"test loss {history.eval[-1]['loss']:.4f}")
     print(f"test accuracy: {acc:.4f}  ({time.perf_counter() - t0:.1f} s in all)")
-    return acc
+    return None if history.interrupted else acc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,11 +180,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo" and args.resume and not args.checkpoint_dir:
         parser.error("--resume needs --checkpoint-dir")
     if args.command == "demo":
+        try:  # the optimizer's own checks (a negative --momentum, a nan --weight-decay)
+            make_optimizer(args)
+        except (ValueError, TypeError) as err:
+            parser.error(str(err))
         try:
-            demo(args)
+            interrupted = demo(args) is None
+        except _UsageError as err:
+            parser.error(str(err))
         except train.CheckpointError as err:  # a user error (wrong folder, other data)
             print(f"funtrain demo: error: {err}", file=sys.stderr)
             return 1
+        if interrupted:  # as a shell's Ctrl-C: a && chain stops here
+            return 130
     return 0
 
 

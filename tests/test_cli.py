@@ -57,11 +57,20 @@ def test_demo_rejects_bad_flags(capsys):
     assert code == 2 and "invalid choice: 'adamm'" in err
     code, err = cli_error(capsys, "demo", "--resume")
     assert code == 2 and "--resume needs --checkpoint-dir" in err
+    # values only the optimizer or the data can check: usage errors too, not tracebacks
+    code, err = cli_error(capsys, "demo", "--momentum", "-1")
+    assert code == 2 and "momentum must be >= 0.0, got -1" in err
+    code, err = cli_error(capsys, "demo", "--lr", "inf")
+    assert code == 2 and "expected a positive finite number, got inf" in err
+    code, err = cli_error(capsys, "demo", "--epochs", "abc")
+    assert code == 2 and "expected a positive integer, got abc" in err
+    code, err = cli_error(capsys, "demo", "--batch-size", "5000", "--no-progress")
+    assert code == 2 and "batch_size" in err and "5000" in err
 
 
 def test_ctrl_c_before_the_first_evaluation_says_how_to_resume(tmp_path, capsys,
                                                                   monkeypatch):
-    """One Ctrl-C in the first epoch: the demo saves, says so and returns (it once indexed
+    """One Ctrl-C in the first epoch: the demo saves, says so and exits 130 (it once indexed
     the empty list of evaluations). A --checkpoint-dir that is a file is an error before
     any training."""
     import os
@@ -77,7 +86,7 @@ def test_ctrl_c_before_the_first_evaluation_says_how_to_resume(tmp_path, capsys,
     fit = train.fit
     monkeypatch.setattr(train, "fit", lambda *a, **k: fit(*a, **{**k, "callbacks": [CtrlC()]}))
     args = ["demo", "--steps-per-call", "1", "--no-progress"]  # 44 steps an epoch
-    assert cli.main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    assert cli.main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 130  # as Ctrl-C
     out = capsys.readouterr().out
     assert re.search(r"interrupted at step \d+; continue with --resume", out), out
     assert "test accuracy" not in out
