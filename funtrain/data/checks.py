@@ -43,7 +43,9 @@ def check_batch(batch: Any, *, num_classes: int | None = None, labels: str = "y"
         arr = np.asarray(jax.device_get(value))
         # jnp.issubdtype knows ml_dtypes' floats too (bfloat16, float8_*), numpy's does not
         if jnp.issubdtype(arr.dtype, jnp.inexact):
-            bad = ~np.isfinite(arr if np.iscomplexobj(arr) else arr.astype(np.float32))
+            # numpy's own floats as they are (a float64 1e300 is finite); ml_dtypes' in float32
+            native = np.iscomplexobj(arr) or arr.dtype.type.__module__ == "numpy"
+            bad = ~np.isfinite(arr if native else arr.astype(np.float32))
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise ValueError(f"{where}: '{path}' has {int(bad.sum())} non-finite value(s) "

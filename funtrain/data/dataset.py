@@ -123,6 +123,7 @@ class Loader:
 
     def order(self, epoch: int = 0) -> np.ndarray:
         """The example indices of ``epoch``, in the order they are served."""
+        check_int("Loader.epoch", "epoch", epoch, low=0)
         n = len(self.dataset)
         if self.key is None:
             return np.arange(n)

@@ -121,6 +121,17 @@ def test_shuffle_deterministic_per_key_and_epoch():
     assert not np.array_equal(a.order(0), np.arange(50))
     assert not np.array_equal(a.order(0), Loader(ds, 8, key=jax.random.key(1)).order(0))
     assert sorted(a.order(4).tolist()) == list(range(50))
+    with pytest.raises(ValueError, match=r"Loader.epoch: epoch must be an int >= 0, got -1"):
+        a.order(-1)
+
+
+def test_check_batch_reads_float64_in_float64():
+    """A finite float64 past float32's range is finite (it was cast to float32: inf)."""
+    from funtrain import data
+
+    data.check_batch({"x": np.array([1.0, 1e300])})
+    with pytest.raises(ValueError, match=r"'x' has 1 non-finite value"):
+        data.check_batch({"x": np.array([1.0, np.inf])})
 
 
 def test_batches_follow_order():
