@@ -301,7 +301,7 @@ def pruned(opt: Optimizer, schedule: SparsitySchedule | None = None, *, masks: A
         else:
             apply_masks(params, masks)  # checks the shapes, naming the key path
             start = jax.tree.map(lambda m: jnp.asarray(m, bool), masks)
-        return PrunedState(opt.init_state(params), start, jnp.zeros((), jnp.int32))
+        return PrunedState(opt.init(params), start, jnp.zeros((), jnp.int32))
 
     def update(grads: Any, state: PrunedState, params: Any = None
                ) -> tuple[Any, PrunedState]:

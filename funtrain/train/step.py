@@ -95,7 +95,7 @@ def _learning_rate(learning_rate: Any, state: TrainState, opt_state: Any) -> Any
 def _check_opt_state(where: str, optimizer: Optimizer, state: TrainState) -> None:
     """``state.opt_state`` must be what ``optimizer.init_state(state.params)`` builds: the
     same key paths, shapes and dtypes. Checked while tracing (``eval_shape``: no compute)."""
-    expected = jax.eval_shape(optimizer.init_state, state.params)
+    expected = jax.eval_shape(optimizer.init, state.params)  # optax's (init, update) too
     want = {keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
     got = {keystr(p): leaf for p, leaf in
            jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}

@@ -43,6 +43,23 @@ def test_step_equals_manual_forward_backward_update():
     assert int(state.step) == 5
 
 
+def test_an_optax_optimizer_trains_as_its_own_loop():
+    """optax's (init, update) pairs pass check_optimizer, so the step takes them as they
+    are (its state check called init_state, which optax lacks)."""
+    optax = pytest.importorskip("optax")
+    tx = optax.adamw(1e-2)
+    batch = linear_problem()
+    step = train.make_train_step(mse_loss, tx)
+    state = fresh_state(tx)
+    p = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+    s = tx.init(p)
+    for _ in range(3):
+        state, _ = step(state, batch)
+        u, s = tx.update(jax.grad(mse_loss)(p, batch), s, p)
+        p = optax.apply_updates(p, u)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state.params, p)
+
+
 def test_aux_metrics_and_key_are_passed():
     seen = []
 
