@@ -33,7 +33,7 @@ Rename = Callable[[str], "str | None"] | Mapping[str, str]
 
 def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
                model_state: Any = None, rename: Rename | None = None,
-               strict: bool = True) -> Any:
+               strict: bool = True, channels_first_flatten: bool = True) -> Any:
     """Map a PyTorch ``state_dict`` onto funtrain params (and model state).
 
     A funtrain key path ``a/b/c/leaf`` reads the torch key ``a.b.c.<name>``, where
@@ -49,7 +49,11 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
     Layouts are converted by the template leaf: a rank-2 ``w`` (dense) is torch's
     ``(out, in)`` transposed; a rank-3 or rank-4 ``w`` (conv, ``(*kernel, in, out)``) comes
     from torch's ``(out, in, *kernel)``; ``w_ih`` and ``w_hh`` are transposed; everything
-    else is taken as is. Each result has the template leaf's dtype and shape. Transposed
+    else is taken as is. A ``Linear`` whose nearest earlier weight of two or more
+    dimensions (in the ``state_dict``'s order) is a conv's reads the conv stack's output
+    flattened: torch's ``nn.Flatten`` orders it channels first ``(C, H, W)``, funtrain's
+    ``flatten`` channels last ``(H, W, C)``, so its input columns are reordered to match.
+    Each result has the template leaf's dtype and shape. Transposed
     convolutions are not supported: their rank-4 ``w`` cannot be told from a conv's here;
     load them by hand (``w = np.moveaxis(weight, (0, 1), (-2, -1))``, torch's
     ``ConvTranspose`` weight being ``(in, out, *kernel)``).
@@ -67,6 +71,9 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
         maps to a torch module prefix (``"0"``), and the leaf is renamed as usual.
       strict: raise if a torch key is left unused (PyTorch's ``load_state_dict(strict=)``).
         Missing and mis-shaped keys are always errors.
+      channels_first_flatten: reorder the inputs of a ``Linear`` after a conv stack, as
+        above; ``False`` for a torch model that flattens channels last itself
+        (``x.permute(0, 2, 3, 1).flatten(1)``).
 
     Returns:
       ``params`` (jax arrays, the structure of ``params_template``), or
@@ -100,6 +107,7 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
                         f"or a dict of overrides, got {type(rename).__name__}")
 
     missing: list[tuple[str, str, str]] = []  # (what, funtrain path, torch key)
+    after_conv = _linears_after_convs(state_dict) if channels_first_flatten else {}
     misshaped: list[str] = []
     used: set[str] = set()
 
@@ -130,6 +138,10 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
                     f"for {what} '{fpath}' of shape {shape}")
                 leaves.append(leaf)
                 continue
+            if tkey in after_conv:  # (out, C * S) channels first -> (out, S * C)
+                c = after_conv[tkey]
+                value = value.reshape(value.shape[0], c, -1).transpose(0, 2, 1).reshape(
+                    value.shape[0], -1)
             if perm:
                 value = np.transpose(value, perm)
             if what == "model_state" and parts and parts[-1] == "count":
@@ -158,6 +170,21 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
         raise ValueError(f"from_torch: the state_dict does not match the template "
                          f"({count} problem(s)):\n" + "\n".join(f"  - {s}" for s in lines))
     return params if model_state is None else (params, state)
+
+
+def _linears_after_convs(state_dict: Mapping[str, Any]) -> dict[str, int]:
+    """``{linear weight key: C}`` for each 2-D weight whose nearest earlier weight of two or
+    more dimensions is a conv's ``(C, in, *kernel)``, when ``C`` divides its inputs."""
+    out: dict[str, int] = {}
+    previous: tuple[int, ...] = ()
+    for key, value in state_dict.items():
+        shape = _shape(value)
+        if not key.endswith("weight") or len(shape) < 2:
+            continue
+        if len(shape) == 2 and len(previous) >= 3 and shape[1] % previous[0] == 0:
+            out[key] = previous[0]
+        previous = shape
+    return out
 
 
 def _part(entry: Any) -> str:

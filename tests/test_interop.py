@@ -239,6 +239,28 @@ def test_conv1d_and_batch_norm_state():
                                atol=1e-5)
 
 
+def test_a_linear_after_a_conv_stack_reads_the_channels_first_flatten():
+    """torch's nn.Flatten orders a conv output (C, H, W), funtrain's flatten (H, W, C): the
+    Linear's inputs are reordered (they were loaded as they came: wrong outputs, no error);
+    channels_first_flatten=False keeps them for a model that flattens channels last."""
+    tmodel = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                 torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                                 torch.nn.Linear(4 * 4 * 4, 3))
+    model = nn.serial(nn.conv(4, 3, padding="SAME", name="0"), nn.relu(), nn.max_pool(2),
+                      nn.flatten(), nn.dense(3, name="4"))
+    x = np.random.default_rng(0).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = tmodel(torch.from_numpy(x)).numpy()
+    xl = jnp.asarray(x.transpose(0, 2, 3, 1))
+    template = _template(model, xl)
+    params = from_torch(template, tmodel.state_dict())
+    np.testing.assert_allclose(np.asarray(model.apply(params, xl)), expected, rtol=1e-5,
+                               atol=1e-5)
+    as_given = from_torch(template, tmodel.state_dict(), channels_first_flatten=False)
+    np.testing.assert_array_equal(np.asarray(as_given["4"]["w"]),
+                                  tmodel.state_dict()["4.weight"].numpy().T)
+
+
 # ----------------------------------------------------------------- errors
 
 
