@@ -62,7 +62,11 @@ def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | N
       overrides: ``{pattern: policy}`` for parts of the model, matched against param key
         paths with shell-style wildcards; a pattern also covers everything below it.
         ``{"head": "float32", "*norm*": "float32"}`` keeps the last layer and every norm in
-        full precision (their params stay float32, so their math runs in float32).
+        full precision (their params stay float32, so their math runs in float32). The
+        inputs are cast once, at the model's input: a float32 layer other than a norm
+        (which returns its input's dtype) outputs float32, so the layers after it compute
+        in float32 too. Override the last layers and norms, not an early one such as an
+        embedding, unless the rest should run in float32 as well.
 
     Examples:
       >>> import jax, jax.numpy as jnp
