@@ -37,7 +37,8 @@ def tied_remat(fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], 
 
     def bwd(res: Any, g: Any) -> tuple[Any, Any, Any]:
         params, xs, keys = res
-        leaves = [x for x in jax.tree.leaves(g) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        leaves = [x for x in jax.tree.leaves(g)
+                  if jnp.issubdtype(x.dtype, jnp.inexact) and x.size]  # an empty batch too
         probe = leaves[0].reshape(-1)[0] if leaves else jnp.zeros(())
         # True for every value (NaN included), but XLA cannot fold it away.
         pred = jnp.logical_or(jnp.isnan(probe), jnp.logical_not(jnp.isnan(probe)))
