@@ -183,7 +183,7 @@ def _describe(leaf: Any) -> tuple[str, str, tuple[int, ...]]:
     if isinstance(leaf, (bool, int, float, complex)) and not isinstance(leaf, np.generic):
         # a subclass (an IntEnum, say) is stored, and restored, as its base type
         base = next(t for t in (bool, int, float, complex) if isinstance(leaf, t))
-        if base is int and not -2 ** 63 <= leaf < 2 ** 64:
+        if isinstance(leaf, int) and base is int and not -2 ** 63 <= leaf < 2 ** 64:
             raise TypeError(f"a Python int outside the 64-bit range: {leaf}")
         return "scalar", base.__name__, ()
     if _is_key(leaf):
