@@ -57,6 +57,13 @@ def fit_twice():
     train.fit(s, run_step, [GOOD], progress=False)
 
 
+def evaluate_donated():
+    s, run_step = state(), step()
+    run_step(s, GOOD)  # donates s
+    eval_step = train.make_eval_step(lambda p, b: {"loss": jnp.sum(p["dense_0"]["w"])})
+    train.evaluate(eval_step, s.params, [GOOD])
+
+
 ROWS = [
     ("dataset arrays with different leading dims", ValueError,
      r"arrays must share their leading dimension",
@@ -172,6 +179,13 @@ ROWS = [
     ("a donated state passed to fit again", ValueError,
      r"fit: the state passed in was donated to an earlier step or fit call",
      lambda tmp: fit_twice()),
+    ("a donated state passed to scan_steps", ValueError,
+     r"scan_steps: the state passed in was donated to an earlier step or fit call",
+     lambda tmp: call_twice(lambda s, b: train.scan_steps(step())(s, jax.tree.map(
+         lambda a: a[None], b)), state())),
+    ("donated params passed to evaluate", ValueError,
+     r"evaluate: the params passed in were donated to a train step or fit call",
+     lambda tmp: evaluate_donated()),
     ("a checkpoint from a different model", ValueError,
      r"key path 'params/dense_0/w': checkpoint has shape \(4, 8\), target expects \(4, 16\)",
      restore_other_model),

@@ -88,6 +88,10 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
     ``model_state`` (a stateful model's, e.g. ``state.model_state``) is passed to
     ``eval_step`` as its third argument. The sums stay on the device: one host transfer.
     """
+    if _is_deleted((params, model_state)):
+        raise ValueError("evaluate: the params passed in were donated to a train step or fit "
+                         "call, so their buffers are deleted; evaluate the params of the state "
+                         "that call returned")
     totals: dict[str, Any] = {}
     count = 0
     extra = () if model_state is None else (model_state,)

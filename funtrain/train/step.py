@@ -420,9 +420,15 @@ def scan_steps(step: StepFn, *, jit: bool = True, donate: bool = True
     convolutions: XLA:CPU runs a convolution inside the scan's loop many times slower
     (``bench/fit.py``, workload C: 15x), so ``fit`` does not scan such a step there.
     """
-    if not jit:
-        return functools.partial(_scan, step=step)
-    return functools.partial(_scan_donating if donate else _scan_keeping, step=step)
+    run = functools.partial(_scan if not jit else _scan_donating if donate else _scan_keeping,
+                            step=step)
+
+    def scanned(state: TrainState, stacked: Batch) -> tuple[TrainState, Metrics]:
+        if _is_deleted(state):  # XLA's own error says only "Array has been deleted"
+            raise donated_state_error("scan_steps")
+        return run(state, stacked)
+
+    return scanned
 
 
 def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True
