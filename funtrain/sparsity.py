@@ -52,7 +52,8 @@ DEFAULT_SELECT = KERNELS  # dense and conv kernels
 Select = str | Callable[[str, Any], bool] | None
 
 
-def _check_unfused(params: Any) -> None:
+def _check_prunable(params: Any) -> None:
+    """Masks are made per float kernel: fused buffers and quantized kernels are refused."""
     if has_fused(params):  # its leaves are whole buffers: no key path would match
         raise TypeError("sparsity: params are fused (TrainState.create(..., fused=True)); "
                         "masks are made per layer, so prune an unfused state, or make the "
@@ -65,7 +66,7 @@ def _check_unfused(params: Any) -> None:
 
 def _chosen(params: Any, select: Select) -> Any:
     """A tree of Python bools: which leaves are pruned."""
-    _check_unfused(params)
+    _check_prunable(params)
     test = key_path_selector(select, "sparsity")
     return jax.tree_util.tree_map_with_path(lambda p, x: bool(test(keystr(p), x)), params)
 
@@ -191,7 +192,7 @@ def apply_masks(params: Any, masks: Any) -> Any:
     Raises:
       ValueError: a mask whose shape differs from its param (naming the key path).
       TypeError: fused params (the masks are per layer)."""
-    _check_unfused(params)  # a clear error, not a pytree mismatch
+    _check_prunable(params)  # a clear error, not a pytree mismatch
 
     def one(path: Any, w: Any, m: Any) -> Any:
         if jnp.shape(m) != jnp.shape(w):
