@@ -31,7 +31,7 @@ from jax import lax
 
 from funtrain._tree import check_same_structure, keystr, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
-from funtrain.optim._checks import Count, Int, checked, is_traced_or_array
+from funtrain.optim._checks import Count, Int, check_schedule, checked, is_traced_or_array
 from funtrain.optim.base import (
     EmptyState,
     Optimizer,
@@ -822,17 +822,18 @@ def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Iterable[
 
 
 def _check_injected_schedule(where: str, name: str, fn: Callable[[Any], Any]) -> None:
-    """An injected callable is a schedule ``count -> real scalar``. A mask or label function
-    would be called with the count: it must be named in ``static_args``."""
+    """An injected callable is a schedule ``count -> real scalar`` (``check_schedule``). A
+    mask or label function would be called with the count: it belongs in ``static_args``."""
     try:
-        out = fn(jnp.zeros((), jnp.int32))
-        ok = jnp.ndim(out) == 0 and jnp.issubdtype(jnp.result_type(out), jnp.number)
-    except Exception as e:  # noqa: BLE001 - whatever it raised, it is no schedule
-        out, ok = f"{type(e).__name__}: {e}", False
-    if not ok:
-        raise TypeError(f"{where}: {name} is a callable, so it is injected as a schedule "
-                        f"count -> value, but at count 0 it gave {out!r}, not a real scalar; "
-                        f"if it is not a schedule, pass static_args=({name!r},)")
+        check_schedule(fn, where, name, low=None)
+    except (TypeError, ValueError) as e:
+        message = str(e)
+    except Exception as e:  # noqa: BLE001 - whatever calling it raised, it is no schedule
+        message = (f"{where}: {name} is a schedule, but calling it with count 0 raised "
+                   f"{type(e).__name__}: {e}")
+    else:
+        return
+    raise TypeError(f"{message}; if {name} is not a schedule, pass static_args=({name!r},)")
 
 
 def _named_arguments(sig: inspect.Signature, bound: inspect.BoundArguments) -> dict[str, Any]:

@@ -892,9 +892,10 @@ def test_inject_hyperparams_errors():
     # a mask function is no schedule: injected, it got the count and silently decayed
     # nothing (bare-array params) or failed later with a structure error
     decay_matrices = optim.labels_to_mask(lambda path, p: p.ndim > 1)
-    with pytest.raises(TypeError, match=r"inject_hyperparams\(adamw\): mask is a callable, so "
-                                        r"it is injected as a schedule count -> value, but at "
-                                        r"count 0 it gave False.*static_args=\('mask',\)"):
+    with pytest.raises(TypeError, match=r"inject_hyperparams\(adamw\): mask is a schedule; it "
+                                        r"must return a real number, got dtype bool at count 0; "
+                                        r"if mask is not a schedule, pass "
+                                        r"static_args=\('mask',\)"):
         inject_hyperparams(optim.adamw)(0.1, weight_decay=0.5, mask=decay_matrices)
     inject_hyperparams(optim.adamw, static_args=("mask",))(0.1, mask=decay_matrices)
     opt = inject_hyperparams(optim.sgd)(learning_rate=0.1)

@@ -260,6 +260,24 @@ def test_a_stop_asked_in_on_step_comes_within_log_every_and_one_call(steps_per_c
     assert history.stop_reason == "asked at 6"
 
 
+def test_pending_metrics_lag_by_at_most_log_every_steps_and_one_call():
+    """The rule behind the bound, with a device that never finishes on its own: the
+    metrics not yet computed are still taken (waited for) once more than ``lag`` steps
+    wait behind the newest call. Taking only computed ones let callbacks lag unboundedly."""
+    from funtrain.train.loop import _Pending
+
+    class Busy:  # a device array whose value is not computed yet
+        def is_ready(self):
+            return False
+
+    pending = _Pending()
+    for first in range(0, 12, 3):  # four calls of three steps
+        pending.add(first, 3, [{"loss": Busy()}], True)
+    assert pending.ready(lag=4) == 2  # 9 steps wait behind the newest: two calls leave 3
+    assert pending.ready(lag=100) == 0  # within the lag: nothing is waited for
+    assert pending.ready(lag=1) == 3  # never the newest call itself
+
+
 def test_a_stopped_run_keeps_its_final_evaluation_on_resume(tmp_path):
     """Stopped at step 6 (not an evaluation step of eval_every=4), the run evaluates once
     more and its checkpoint holds that evaluation: rerun with resume=True, it returns the

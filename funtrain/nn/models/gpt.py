@@ -147,6 +147,7 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
     blocks = serial(*block_list, name="h")
     ln_f = layer_norm()
     drop = layers.dropout(dropout)
+    tokens = layers.embed(vocab_size, d_model)  # its lookup: an id outside the table is NaN
 
     def check_ids(idx: Any) -> None:
         if not jnp.issubdtype(idx.dtype, jnp.integer):
@@ -186,9 +187,7 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
         k_drop, k_h = (None, None) if key is None else jax.random.split(key)
         wte = params["wte"]["embedding"]
         t = idx.shape[1]
-        # an id outside [0, vocab_size) looks up NaN (jnp.take would wrap a negative one)
-        x = jnp.take(wte, jnp.where(idx < 0, wte.shape[0], idx), axis=0) + \
-            params["wpe"]["embedding"][:t]
+        x = tokens.apply(params["wte"], idx) + params["wpe"]["embedding"][:t]
         x = drop.apply({}, x, key=k_drop, train=train)
         h = blocks if mask is None else serial(*(with_mask(b, mask) for b in block_list))
         x, _ = run_child("h", h, params["h"], (x,), key=k_h, train=train)
