@@ -99,6 +99,25 @@ def test_serial_segments_take_integer_inputs():
                       grads(nn.serial(*layers), params, empty))
 
 
+def test_serial_segments_differentiate_what_a_layer_closes_over():
+    """A layer that closes over a value the outer jax.grad differentiates (a learned scale
+    outside the params): the segment's custom_vjp once raised UnexpectedTracerError."""
+    x = normal((2, 3))
+
+    def loss(scale, params, checkpoint):
+        model = nn.serial(nn.dense(4), nn.stateless(lambda h: h * scale), nn.dense(4),
+                          nn.relu(), checkpoint=checkpoint)
+        return jnp.sum(model.apply(params, x) ** 2)
+
+    params = nn.serial(nn.dense(4), nn.dense(4)).init(jax.random.key(0), x)  # same keys
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    d_scale, d_params = grad(1.5, params, 2)
+    want_scale, want_params = grad(1.5, params, None)
+    np.testing.assert_allclose(d_scale, want_scale, rtol=1e-6)
+    assert float(want_scale) != 0.0
+    assert_tree_close(d_params, want_params)
+
+
 @pytest.mark.parametrize("mode", [None, "block", "sqrt"])
 def test_repeat_equals_the_unrolled_stack(mode):
     block = nn.serial(nn.dense(16), nn.tanh())

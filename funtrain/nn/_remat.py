@@ -24,19 +24,32 @@ def tied_remat(fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], 
     incoming cotangent (always true, but not provably so). The recomputation therefore
     cannot run before the cotangent exists, and each segment's intermediates live only
     during its own backward step. ``keys`` (PRNG keys or ``None``) and integer or bool
-    leaves (token ids, masks, quantized weights) get no cotangent.
+    leaves (token ids, masks, quantized weights) get no cotangent. Values ``fn`` closes
+    over that are being differentiated (a scale from an outer ``jax.grad``) are passed
+    through as arguments and get theirs: a ``custom_vjp`` cannot see into a closure.
     """
 
-    def primal(params: Any, xs: Any, keys: Any) -> Any:
-        return fn(params, xs, keys)
+    def checkpointed(params: Any, xs: Any, keys: Any) -> Any:
+        converted, consts = jax.closure_convert(fn, params, xs, keys)
+        return _tied(converted)((params, xs, consts), keys)
 
-    rematted = jax.custom_vjp(primal)
+    return checkpointed
 
-    def fwd(params: Any, xs: Any, keys: Any) -> tuple[Any, Any]:
-        return fn(params, xs, keys), (params, xs, keys)
 
-    def bwd(res: Any, g: Any) -> tuple[Any, Any, Any]:
-        params, xs, keys = res
+def _tied(fn: Callable[..., Any]) -> Callable[[Any, Any], Any]:
+    """``fn(params, xs, keys, *consts)`` as a custom_vjp of ``((params, xs, consts), keys)``."""
+
+    def call(args: Any, keys: Any) -> Any:
+        params, xs, consts = args
+        return fn(params, xs, keys, *consts)
+
+    rematted = jax.custom_vjp(call)
+
+    def fwd(args: Any, keys: Any) -> tuple[Any, Any]:
+        return call(args, keys), (args, keys)
+
+    def bwd(res: Any, g: Any) -> tuple[Any, Any]:
+        args, keys = res
         leaves = [x for x in jax.tree.leaves(g)
                   if jnp.issubdtype(x.dtype, jnp.inexact) and x.size]  # an empty batch too
         probe = leaves[0].reshape(-1)[0] if leaves else jnp.zeros(())
@@ -44,28 +57,26 @@ def tied_remat(fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], 
         pred = jnp.logical_or(jnp.isnan(probe), jnp.logical_not(jnp.isnan(probe)))
 
         # Only the float leaves are differentiated; the others are closed over.
-        args, treedef = jax.tree.flatten((params, xs))
-        wrt = [i for i, a in enumerate(args) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+        flat, treedef = jax.tree.flatten(args)
+        wrt = [i for i, a in enumerate(flat) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
 
-        def call(floats: list[Any]) -> Any:
-            full = list(args)
+        def call_floats(floats: list[Any]) -> Any:
+            full = list(flat)
             for i, a in zip(wrt, floats, strict=True):
                 full[i] = a
-            p, x = treedef.unflatten(full)
-            return fn(p, x, keys)
+            return call(treedef.unflatten(full), keys)
 
         def recompute(floats: list[Any], g: Any) -> list[Any]:
-            return jax.vjp(call, floats)[1](g)[0]
+            return jax.vjp(call_floats, floats)[1](g)[0]
 
         def skip(floats: list[Any], g: Any) -> list[Any]:
             return [jnp.zeros_like(a) for a in floats]
 
-        d_floats = lax.cond(pred, recompute, skip, [args[i] for i in wrt], g)
-        cotangents: list[Any] = [None] * len(args)
+        d_floats = lax.cond(pred, recompute, skip, [flat[i] for i in wrt], g)
+        cotangents: list[Any] = [None] * len(flat)
         for i, d in zip(wrt, d_floats, strict=True):
             cotangents[i] = d
-        d_params, d_xs = treedef.unflatten(cotangents)
-        return d_params, d_xs, jax.tree.map(lambda _: None, keys)
+        return treedef.unflatten(cotangents), jax.tree.map(lambda _: None, keys)
 
     rematted.defvjp(fwd, bwd)
     return rematted

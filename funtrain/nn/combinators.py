@@ -27,6 +27,7 @@ from funtrain.nn.module import (
     _check_name,
     apply_with_state,
     call_in_scope,
+    check_eval_state,
     check_state,
     init_with_state,
     run_child,
@@ -177,6 +178,8 @@ def serial(*modules: Module, name: str | None = None, checkpoint: str | int | No
         keys = _split(key, len(modules))
         if seg is None:
             return _result(stateful, *run(params, xs, keys, state, range(len(modules)), train))
+        # the segments are traced, which hides batch_norm's count from its own eager check
+        check_eval_state(state, train, f"{kind} (checkpointed)")
         out: Any = xs
         new: dict[str, Any] = {}
         for start in range(0, len(modules), seg):

@@ -554,11 +554,13 @@ def test_bad_inputs_name_the_layer():
 
 
 def test_eval_before_statistics_is_caught_through_remat_wrappers_and_float64_state():
-    """remat.checkpoint and remat.repeat trace the model (the count is a tracer inside), so
-    they check an eager eval-mode call's state first."""
+    """remat.checkpoint, serial(checkpoint=...) and remat.repeat trace the model (the count
+    is a tracer inside), so they check an eager eval-mode call's state first."""
     x = jnp.ones((2, 3))
     block = nn.serial(nn.dense(3), nn.batch_norm(name="bn"))
     for model, where in ((remat.checkpoint(block), r"serial \(checkpointed\)"),
+                         (nn.serial(nn.dense(3), nn.batch_norm(name="bn"), checkpoint=1),
+                          r"serial \(checkpointed\)"),
                          (remat.repeat(block, 2), "repeat")):
         params, state = model.init(KEY, x)
         with pytest.raises(ValueError, match=where + r": eval mode before any statistics "
