@@ -134,11 +134,17 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules = (), *,
     that an earlier rule overrides for every param it matches is not: that is how a rule is
     overridden)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    for pattern, _ in rules:
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+                and isinstance(rule[1], PartitionSpec)):
+            hint = (f"; write PartitionSpec(*{rule[1]!r})" if isinstance(rule, (tuple, list))
+                    and len(rule) == 2 and isinstance(rule[1], (tuple, list)) else "")
+            raise TypeError(f"parallel: a rule must be a pair (key-path regex, PartitionSpec), "
+                            f"got {rule!r}{hint}")
         try:
-            re.compile(pattern)
+            re.compile(rule[0])
         except re.error as e:
-            raise ValueError(f"parallel: rule {pattern!r} is not a valid regex: {e}") from None
+            raise ValueError(f"parallel: rule {rule[0]!r} is not a valid regex: {e}") from None
     used = [False] * len(rules)
     specs = []
     for path, leaf in flat:

@@ -124,6 +124,7 @@ def bad_input():
         "axis used twice": lambda: parallel.param_specs(
             params, fsdp, [("dense_0/w", P("fsdp", "fsdp"))]),
         "bad regex": lambda: parallel.param_specs(params, fsdp, [("(", P())]),
+        "tuple spec": lambda: parallel.param_specs(params, fsdp, [("w", ("fsdp", None))]),
         "mesh size": lambda: parallel.mesh(data=3),
         "fit batch not divisible": lambda: fit_with_batch(12),
     }

@@ -104,6 +104,8 @@ def test_bad_input_is_named(runs):
     assert "rule 'dense_0/w' gives P('fsdp', 'fsdp') for 'dense_0/w': a mesh axis can split " \
            "one dimension only" in bad["axis used twice"]
     assert "rule '(' is not a valid regex" in bad["bad regex"]
+    assert "a rule must be a pair (key-path regex, PartitionSpec), got ('w', ('fsdp', None)); " \
+           "write PartitionSpec(*('fsdp', None))" in bad["tuple spec"]
     assert "8 devices do not divide into 3" in bad["mesh size"] or \
         "data * fsdp * tensor" in bad["mesh size"]
     assert "fit: batch size 12 must be divisible by data * fsdp = 8 of the state's mesh" \
