@@ -1075,7 +1075,12 @@ def _placed_like(value: Any, target: Any) -> Any:
     """``value`` with the target leaf's sharding when that spans several devices (a state
     placed by ``parallel.shard_state``, or a ``ShapeDtypeStruct`` given a sharding): a
     checkpoint restores onto any mesh, whatever mesh saved it. A target on one device other
-    than the default one (``jax.device_put(x, jax.devices()[5])``) keeps that device."""
+    than the default one (``jax.device_put(x, jax.devices()[5])``) keeps that device. A
+    weakly typed scalar (``inject_hyperparams``' values) stays weak: a jitted step would
+    otherwise compile again for the restored state."""
+    if getattr(target, "weak_type", False) and np.ndim(value) == 0:
+        weak = jnp.asarray(np.asarray(value).item())
+        value = weak if weak.dtype == np.asarray(value).dtype else value
     sharding = getattr(target, "sharding", None)
     if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
         from funtrain.parallel import _put  # across processes too

@@ -152,6 +152,22 @@ def test_restore_without_target_gives_nested_dicts(tmp_path):
                                   jax.random.key_data(state.rng))
 
 
+def test_a_restored_state_runs_the_compiled_step_again(tmp_path):
+    """inject_hyperparams keeps its values weakly typed (a learning rate must not promote
+    bf16 updates); restored as strong float32 they made a jitted step compile again."""
+    opt = optim.inject_hyperparams(optim.adamw)(learning_rate=1e-3)
+    state = TrainState.create(_params(hidden=4), opt, jax.random.key(0))
+    assert state.opt_state.hyperparams["learning_rate"].weak_type
+    checkpoint.save(tmp_path, state, 0)
+    restored = checkpoint.restore(tmp_path, state)
+    weak = lambda tree: [jax.typeof(a).weak_type for a in jax.tree.leaves(tree)]  # noqa: E731
+    assert weak(restored) == weak(state)
+    step = jax.jit(lambda s: s._replace(step=s.step + 1))
+    step(state)
+    step(restored)
+    assert step._cache_size() == 1
+
+
 def test_exotic_leaves_round_trip(tmp_path):
     tree = {
         "f8": jnp.asarray([0.5, -2.0, 448.0], jnp.float8_e4m3fn),
