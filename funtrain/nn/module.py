@@ -190,6 +190,11 @@ def check_eval_state(state: Any, train: bool, where: str) -> None:
 _RECORD: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("_RECORD",
                                                                            default=None)
 _SCOPE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("_SCOPE", default=())
+# While with_policy applies a model with overrides (policy.py): casts a child's inputs to
+# the compute dtype of its key path (the scope tuple).
+_CAST_INPUTS: contextvars.ContextVar[Callable[[tuple[str, ...], tuple[Any, ...]],
+                                              tuple[Any, ...]] | None] = \
+    contextvars.ContextVar("_CAST_INPUTS", default=None)
 
 
 @contextlib.contextmanager
@@ -211,13 +216,16 @@ def run_child(scope: str, module: Module, params: Params, xs: tuple[Any, ...], *
               state: Any = None, key: PRNGKey | None = None, train: bool = False
               ) -> tuple[Any, Any]:
     """A combinator's call of one child: errors carry ``scope``; returns ``(out, state)``."""
-    rows = _RECORD.get()
-    if rows is None:
+    rows, cast = _RECORD.get(), _CAST_INPUTS.get()
+    if rows is None and cast is None:
         return call_in_scope(scope, apply_with_state, module, params, *xs, state=state,
                              key=key, train=train)
     path = (*_SCOPE.get(), scope)
+    if cast is not None:
+        xs = cast(path, xs)
     row = [path, module.kind, None]
-    rows.append(row)
+    if rows is not None:
+        rows.append(row)
     token = _SCOPE.set(path)
     try:
         out = call_in_scope(scope, apply_with_state, module, params, *xs, state=state,

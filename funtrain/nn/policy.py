@@ -10,7 +10,13 @@ import jax
 
 from funtrain._tree import keystr
 from funtrain._typing import Params, PRNGKey
-from funtrain.nn.module import Module, apply_with_state, init_with_state
+from funtrain.nn.module import (
+    _CAST_INPUTS,
+    _SCOPE,
+    Module,
+    apply_with_state,
+    init_with_state,
+)
 
 
 def _matcher(default: Any, overrides: Mapping[str, Any]):
@@ -62,11 +68,11 @@ def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | N
       overrides: ``{pattern: policy}`` for parts of the model, matched against param key
         paths with shell-style wildcards; a pattern also covers everything below it.
         ``{"head": "float32", "*norm*": "float32"}`` keeps the last layer and every norm in
-        full precision (their params stay float32, so their math runs in float32). The
-        inputs are cast once, at the model's input: a float32 layer other than a norm
-        (which returns its input's dtype) outputs float32, so the layers after it compute
-        in float32 too. Override the last layers and norms, not an early one such as an
-        embedding, unless the rest should run in float32 as well.
+        full precision (their params stay float32, so their math runs in float32). With
+        overrides, each child layer's floating inputs are cast to its own compute dtype:
+        a float32 layer gets float32 inputs and outputs float32, and the layer after it
+        computes in the default dtype again (an early float32 embedding does not turn
+        the rest of the model to float32); a float32 head's output stays float32.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -94,8 +100,18 @@ def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | N
         _check_patterns(params, patterns)
         compute_params = _cast_params(params, policy_for, "cast_to_compute")
         # Model state (BatchNorm statistics) is not cast: it stays float32.
-        out, new = apply_with_state(module, compute_params, *default.cast_to_compute(xs),
-                                    state=state, key=key, train=train)
+        base = len(_SCOPE.get())  # a child's key path in these params drops the outer scope
+
+        def cast(path: tuple[str, ...], args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return policy_for("/".join(path[base:])).cast_to_compute(args)
+
+        token = _CAST_INPUTS.set(cast) if patterns else None
+        try:
+            out, new = apply_with_state(module, compute_params, *default.cast_to_compute(xs),
+                                        state=state, key=key, train=train)
+        finally:
+            if token is not None:
+                _CAST_INPUTS.reset(token)
         out = default.cast_to_output(out)
         return (out, new) if module.stateful else out
 

@@ -111,6 +111,32 @@ def test_with_policy_casts_and_overrides():
     assert mixed.apply(params, jnp.ones((2, 4))).dtype == jnp.float32
 
 
+def _dot_dtypes(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [str(e.outvars[0].aval.dtype) for e in jaxpr.eqns
+            if e.primitive.name == "dot_general"]
+
+
+def test_an_early_float32_override_leaves_the_later_layers_in_bf16():
+    """Each child casts its inputs to its own compute dtype: a float32 first layer outputs
+    float32, and the next layer computes in bf16 again (it used to run in float32, and so
+    did every layer after it); a float32 head keeps its float32 output. Also nested in a
+    model, where the override's key path is relative to the wrapped model."""
+    model = nn.serial(nn.dense(8), nn.relu(), nn.dense(8), nn.dense(3, name="head"))
+    x = jnp.ones((2, 4))
+    for overrides, want in (({"dense_0": "float32"}, ["float32", "bfloat16", "bfloat16"]),
+                            ({"head": "float32"}, ["bfloat16", "bfloat16", "float32"])):
+        mixed = nn.with_policy(model, "p=f32,c=bf16,o=f32", overrides=overrides)
+        params = mixed.init(jax.random.key(0), x)
+        assert _dot_dtypes(mixed.apply, params, x) == want
+        outer = nn.serial(nn.dense(4, name="stem"), mixed)
+        outer_params = outer.init(jax.random.key(0), x)
+        assert _dot_dtypes(outer.apply, outer_params, x) == ["float32", *want]
+        grads = jax.jit(jax.grad(lambda p, m=mixed: jnp.sum(m.apply(p, x) ** 2)))(params)
+        assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+                   for g in jax.tree.leaves(grads))
+
+
 def test_with_policy_rejects_an_override_that_matches_nothing():
     model = nn.with_policy(nn.mlp([4, 2]), "bf16", overrides={"head": "float32"})
     with pytest.raises(ValueError, match="override pattern 'head' matches no param key path"):
