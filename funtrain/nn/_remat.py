@@ -30,8 +30,20 @@ def tied_remat(fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], 
     """
 
     def checkpointed(params: Any, xs: Any, keys: Any) -> Any:
-        converted, consts = jax.closure_convert(fn, params, xs, keys)
-        return _tied(converted)((params, xs, consts), keys)
+        # jax.closure_convert would do this, but its cache keeps every call's closure (and
+        # the arrays it holds) alive: serial makes a new one per call.
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(params, xs, keys)
+        consts = list(closed.consts)
+        traced = [i for i, c in enumerate(consts) if isinstance(c, jax.core.Tracer)]
+
+        def converted(params: Any, xs: Any, keys: Any, *hoisted: Any) -> Any:
+            values = list(consts)
+            for i, c in zip(traced, hoisted, strict=True):
+                values[i] = c
+            out = jax.core.eval_jaxpr(closed.jaxpr, values, *jax.tree.leaves((params, xs, keys)))
+            return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+        return _tied(converted)((params, xs, [consts[i] for i in traced]), keys)
 
     return checkpointed
 
