@@ -105,13 +105,13 @@ def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | N
         def cast(path: tuple[str, ...], args: tuple[Any, ...]) -> tuple[Any, ...]:
             return policy_for("/".join(path[base:])).cast_to_compute(args)
 
-        token = _CAST_INPUTS.set(cast) if patterns else None
+        # set also without overrides: an outer with_policy's casts stop at this model
+        token = _CAST_INPUTS.set(cast if patterns else None)
         try:
             out, new = apply_with_state(module, compute_params, *default.cast_to_compute(xs),
                                         state=state, key=key, train=train)
         finally:
-            if token is not None:
-                _CAST_INPUTS.reset(token)
+            _CAST_INPUTS.reset(token)
         out = default.cast_to_output(out)
         return (out, new) if module.stateful else out
 

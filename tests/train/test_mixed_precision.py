@@ -113,7 +113,7 @@ def test_with_policy_casts_and_overrides():
 
 def _dot_dtypes(fn, *args):
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    return [str(e.outvars[0].aval.dtype) for e in jaxpr.eqns
+    return [str(e.invars[0].aval.dtype) for e in jaxpr.eqns  # the activations
             if e.primitive.name == "dot_general"]
 
 
@@ -135,6 +135,13 @@ def test_an_early_float32_override_leaves_the_later_layers_in_bf16():
         grads = jax.jit(jax.grad(lambda p, m=mixed: jnp.sum(m.apply(p, x) ** 2)))(params)
         assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
                    for g in jax.tree.leaves(grads))
+    # a nested with_policy runs its own policy, overrides or not: the outer one's casts
+    # stop at it
+    inner = nn.with_policy(nn.serial(nn.dense(8), nn.tanh(), nn.dense(8)), "float32")
+    outer = nn.with_policy(nn.serial(nn.dense(8), inner, nn.dense(3, name="head")),
+                           "p=f32,c=bf16,o=f32", overrides={"head": "float32"})
+    params = outer.init(jax.random.key(0), x)
+    assert _dot_dtypes(outer.apply, params, x) == ["bfloat16", "float32", "float32", "float32"]
 
 
 def test_with_policy_rejects_an_override_that_matches_nothing():
