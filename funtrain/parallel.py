@@ -50,7 +50,7 @@ __all__ = ["mesh", "fsdp_spec", "tensor_rules", "param_specs", "shard_state", "s
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = PartitionSpec(("data", "fsdp"))  # a batch's first axis, over every data-like axis
-Rules = Sequence[tuple[str, PartitionSpec]]
+Rules = Sequence[tuple["str | re.Pattern[str]", PartitionSpec]]
 
 
 def mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1, *, devices: Any = None
@@ -135,8 +135,8 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules = (), *,
     overridden)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     for rule in rules:
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
-                and isinstance(rule[1], PartitionSpec)):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2
+                and isinstance(rule[0], (str, re.Pattern)) and isinstance(rule[1], PartitionSpec)):
             hint = (f"; write PartitionSpec(*{rule[1]!r})" if isinstance(rule, (tuple, list))
                     and len(rule) == 2 and isinstance(rule[1], (tuple, list)) else "")
             raise TypeError(f"parallel: a rule must be a pair (key-path regex, PartitionSpec), "
@@ -154,7 +154,7 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules = (), *,
             used[i] = True
         if hits:
             pattern, spec = rules[hits[0]]
-            _check_spec(name, shape, spec, mesh, pattern)
+            _check_spec(name, shape, spec, mesh, re.compile(pattern).pattern)
         else:
             spec = fsdp_spec(shape, mesh, fsdp_min_size)
         specs.append(spec)

@@ -3,6 +3,7 @@ starts): data parallel and FSDP train like one device, and FSDP splits the memor
 
 import fcntl
 import json
+import re
 import subprocess
 import sys
 import time
@@ -195,6 +196,11 @@ def test_a_rule_prepended_to_override_the_defaults_is_no_unused_rule():
         all(v == P() for k, v in flat.items() if k.endswith("['b']"))
     with pytest.raises(ValueError, match=r"rule\(s\) \['conv'\] match no param key path"):
         parallel.param_specs(params, m, [("conv", P())] + parallel.tensor_rules())
+    # a compiled regex is a pattern too, and a rule may be a list
+    compiled = parallel.param_specs(params, m, [[re.compile(r"/b$"), P()]]
+                                    + parallel.tensor_rules())
+    assert jax.tree.leaves(compiled, is_leaf=lambda x: isinstance(x, P)) == \
+        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
 
 
 MULTI = Path(__file__).with_name("multiprocess_run.py")
