@@ -375,13 +375,14 @@ def adafactor(learning_rate: ScalarOrSchedule = 1e-2, beta2_decay: float = -0.8,
 def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: float = 0.999,
                         eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0,
                         *, weight_lr_power: float = 2.0, mask: Any = None,
-                        convention: Literal["paper", "optax"] = "paper") -> Optimizer:
+                        convention: Literal["paper", "optax", "schedulefree"] = "paper"
+                        ) -> Optimizer:
     r"""Schedule-free AdamW (Defazio et al., 2024, "The Road Less Scheduled", Algorithm 1).
 
     No learning-rate schedule is needed: the params held (:math:`y`) interpolate between
     a base AdamW iterate :math:`z` and its weighted average :math:`x`, which is the point
     to *evaluate* at (``schedule_free_eval_params``). With ``convention="paper"`` (the
-    default, as the authors' reference implementation):
+    default: Algorithm 1 as written, and the authors' ``schedulefree.AdamWScheduleFreePaper``):
 
     .. math::
         \gamma_t &= \eta \min(1, t/T_w) \sqrt{1-\beta_2^t}, \quad
@@ -394,6 +395,11 @@ def schedule_free_adamw(learning_rate: float = 0.0025, b1: float = 0.9, b2: floa
     ``convention="optax"`` reproduces optax's ``schedule_free_adamw``: no
     :math:`\sqrt{1-\beta_2^t}` in :math:`\gamma_t`, the bias-corrected :math:`\hat v_t` in the
     denominator, and the z step's warmup one step behind the weights' (:math:`(t-1)/T_w`).
+    ``convention="schedulefree"`` is what most users of the authors' package run,
+    ``schedulefree.AdamWScheduleFree`` (and its ``AdamWScheduleFreeReference``, version
+    1.4): optax's step with the z step's warmup at :math:`t/T_w`, as the weights'. Without
+    warmup it equals ``"optax"``; early in a run it differs from ``"paper"`` by the averaging
+    weights, which :math:`\sqrt{1-\beta_2^t}` makes grow with :math:`t`.
     """
     return scale_by_schedule_free(learning_rate, b1, b2, eps, weight_decay, warmup_steps,
                                   weight_lr_power=weight_lr_power, mask=mask,

@@ -926,7 +926,8 @@ def scale_by_schedule_free(learning_rate: NonNegative = 0.0025,
                            weight_decay: NonNegative = 0.0,
                            warmup_steps: Annotated[int, Int(low=0)] = 0, *,
                            weight_lr_power: float = 2.0, mask: Any = None,
-                           convention: Literal["paper", "optax"] = "paper") -> Optimizer:
+                           convention: Literal["paper", "optax", "schedulefree"] = "paper"
+                           ) -> Optimizer:
     r"""Schedule-free AdamW's whole step (Defazio et al., 2024), learning rate included: the
     update moves the held params :math:`y` to :math:`y_{t+1}`. See ``schedule_free_adamw``.
     """
@@ -957,7 +958,7 @@ def scale_by_schedule_free(learning_rate: NonNegative = 0.0025,
             gamma_z = gamma
         else:
             gamma = learning_rate * warm(t)
-            gamma_z = learning_rate * warm(t - 1.0)
+            gamma_z = learning_rate * warm(t - 1.0) if convention == "optax" else gamma
         max_lr = jnp.maximum(state.max_lr, gamma)
         weight = max_lr ** weight_lr_power
         total = state.weight_sum + weight

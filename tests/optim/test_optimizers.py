@@ -229,6 +229,11 @@ CASES = {
                                       dict(learning_rate=0.05, b1=0.8, weight_decay=0.1,
                                            warmup_steps=7), {},
                                       dict(convention=SCHEDULE_FREE_CONVENTION)),
+    # the authors' schedulefree.AdamWScheduleFree (1.4): the z step warms up with the weights
+    "schedule_free_adamw-schedulefree": ("schedule_free_adamw",
+                                         dict(learning_rate=0.05, b1=0.8, weight_decay=0.1,
+                                              warmup_steps=3, convention="schedulefree"),
+                                         {}, {}),
     # funtrain's Muon follows torch.optim.Muon's code: EMA momentum, ‖u‖ clamped at ε.
     "muon": ("muon", dict(learning_rate=0.02, weight_decay=0.0, adam_learning_rate=0.01), {},
              MUON_TORCH),
@@ -259,7 +264,8 @@ def test_matches_float64_reference(case):
     assert any(not np.allclose(got[-1][k], PARAMS0[k]) for k in PARAMS0)
 
 
-@pytest.mark.parametrize("case", ["schedule_free_adamw", "schedule_free_adamw-warmup-wd"])
+@pytest.mark.parametrize("case", ["schedule_free_adamw", "schedule_free_adamw-warmup-wd",
+                                  "schedule_free_adamw-schedulefree"])
 def test_schedule_free_eval_params_match_reference(case):
     _, kw, _, ref_kw = CASES[case]
     factory = _funtrain_factory("schedule_free_adamw")

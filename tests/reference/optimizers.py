@@ -480,9 +480,15 @@ def schedule_free_adamw(learning_rate=0.0025, b1=0.9, b2=0.999, eps=1e-8, weight
     γ'_t = η min(1, (t-1)/T_w): its base optimizer counts from 0 and the averaging from 1,
     so with warmup the first z step has learning rate 0.
 
+    schedulefree (the authors' package, schedulefree 1.4: AdamWScheduleFreeReference.step):
+    sched = min(1, t/T_w), lr_t = η sched, bias_correction2 = 1 - β₂ᵗ;
+    z ← z - lr_t λ y;  v = β₂v + (1-β₂)g²;  z ← z - lr_t g/(√(v/bias_correction2) + ε);
+    lr_max = max_{i≤t} lr_i, weight = lr_max², c = weight / Σ weights;
+    x ← (1-c)x + c z;  y = β₁x + (1-β₁)z.
+
     ``state["x"]`` holds the evaluation params.
     """
-    if convention not in ("paper", "optax"):
+    if convention not in ("paper", "optax", "schedulefree"):
         raise ValueError(convention)
 
     def init(theta):
@@ -491,6 +497,17 @@ def schedule_free_adamw(learning_rate=0.0025, b1=0.9, b2=0.999, eps=1e-8, weight
     def step(y, g, s, t, key):
         warm = min(1.0, t / warmup_steps) if warmup_steps else 1.0
         bc2 = 1 - b2 ** t
+        if convention == "schedulefree":
+            lr = learning_rate * warm
+            s["lr_max"] = max(lr, s.get("lr_max", 0.0))
+            s["z"] = s["z"] - lr * weight_decay * y
+            s["v"] = b2 * s["v"] + (1 - b2) * g * g
+            s["z"] = s["z"] - lr * g / (np.sqrt(s["v"] / bc2) + eps)
+            weight = s["lr_max"] ** 2
+            s["weight_sum"] += weight
+            c = weight / s["weight_sum"] if s["weight_sum"] else 0.0
+            s["x"] = (1 - c) * s["x"] + c * s["z"]
+            return b1 * s["x"] + (1 - b1) * s["z"]
         s["v"] = b2 * s["v"] + (1 - b2) * g * g
         if convention == "paper":
             gamma = learning_rate * warm * math.sqrt(bc2)
