@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from funtrain._checks import IntArgumentError
 from funtrain._tree import check_same_structure, keystr, leaf_paths
 from funtrain._typing import Array, Grads, OptState, Params, Updates
 from funtrain.optim._checks import Count, Int, check_schedule, checked, is_traced_or_array
@@ -797,6 +798,14 @@ def inject_hyperparams(factory: Callable[..., Optimizer], static_args: Iterable[
             out = {n: hyperparams[n] for n in numeric}
             out.update({n: _as_scheduled(fn(count)) for n, fn in schedules.items()})
             return out
+
+        for n in [n for n, v in numeric.items() if isinstance(v, (int, np.integer))]:
+            try:  # injected numbers become float arrays, which an int setting refuses
+                build({**numeric, n: _as_hyperparam(numeric[n])})
+            except IntArgumentError as e:
+                raise IntArgumentError(f"{e}; inject_hyperparams injects numbers as float "
+                                       f"arrays: pass static_args=({n!r},) to keep {n} an "
+                                       f"int") from None
 
         def init_state(params: Params) -> InjectHyperparamsState:
             count = jnp.zeros((), jnp.int32)

@@ -898,6 +898,16 @@ def test_inject_hyperparams_errors():
                                         r"static_args=\('mask',\)"):
         inject_hyperparams(optim.adamw)(0.1, weight_decay=0.5, mask=decay_matrices)
     inject_hyperparams(optim.adamw, static_args=("mask",))(0.1, mask=decay_matrices)
+    # an int setting, injected as a float array, is refused: say to keep it static
+    with pytest.raises(TypeError, match=r"schedule_free_adamw: warmup_steps must be an int >= "
+                                        r"0, got Array\(2\., .*; inject_hyperparams injects "
+                                        r"numbers as float arrays: pass "
+                                        r"static_args=\('warmup_steps',\) to keep warmup_steps "
+                                        r"an int"):
+        inject_hyperparams(optim.schedule_free_adamw)(1e-3, warmup_steps=2)
+    inject_hyperparams(optim.schedule_free_adamw, static_args=("warmup_steps",))(
+        1e-3, warmup_steps=2)
+    inject_hyperparams(optim.sgd)(learning_rate=1, momentum=0)  # ints that are floats: fine
     opt = inject_hyperparams(optim.sgd)(learning_rate=0.1)
     params = make_params()
     state = opt.init_state(params)
