@@ -1079,8 +1079,8 @@ def _placed_like(value: Any, target: Any) -> Any:
     weakly typed scalar (``inject_hyperparams``' values) stays weak: a jitted step would
     otherwise compile again for the restored state."""
     if getattr(target, "weak_type", False) and np.ndim(value) == 0:
-        weak = jnp.asarray(np.asarray(value).item())
-        value = weak if weak.dtype == np.asarray(value).dtype else value
+        weak = jnp.asarray(np.asarray(value).item())  # a Python scalar's array is weak
+        value = weak if weak.dtype == value.dtype else value
     sharding = getattr(target, "sharding", None)
     if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
         from funtrain.parallel import _put  # across processes too
