@@ -74,11 +74,12 @@ class History:
 
 
 def _batch_size(batch: Batch) -> int:
-    leaves = jax.tree.leaves(batch)
-    if not leaves or np.ndim(leaves[0]) == 0:
+    # 0-d leaves (a loss weight, a temperature) are per batch, as check_leading_dims allows
+    sized = [x for x in jax.tree.leaves(batch) if np.ndim(x) > 0]
+    if not sized:
         raise ValueError("evaluate: a batch needs at least one array with a leading "
                          "example axis")
-    return int(np.shape(leaves[0])[0])
+    return int(np.shape(sized[0])[0])
 
 
 def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,

@@ -263,6 +263,14 @@ def test_evaluate_weights_by_batch_size():
     assert train.evaluate(step, {}, ones.batches(256))["loss"] == 3.0
 
 
+def test_evaluate_takes_the_batch_size_past_per_batch_scalars():
+    # "gain" sorts before "x": a 0-d per-batch leaf (as the train step allows) is no batch size
+    step = train.make_eval_step(lambda p, b: {"mean": jnp.mean(b["x"]) * b["gain"]})
+    batches = [{"gain": np.float32(2.0), "x": np.full(3, 1.0, np.float32)},
+               {"gain": np.float32(2.0), "x": np.full(1, 5.0, np.float32)}]
+    assert train.evaluate(step, {}, batches)["mean"] == pytest.approx(2.0 * (3 + 5) / 4)
+
+
 def test_plan_cuts_at_epochs_multiples_and_intervals():
     chunks = list(feed.plan(3, 20, 8, 4, cuts=(6,)))
     assert [(c.first, c.size) for c in chunks] == [(3, 1), (4, 2), (6, 2), (8, 4), (12, 4),
