@@ -89,8 +89,9 @@ class QTensor:
             return unpack_int4(self.values, self.shape)
         return self.values
 
-    def dequantize(self) -> jax.Array:
-        return (self.integers().astype(jnp.float32) * self.scale).astype(self.dtype)
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The float weight, in ``dtype`` (default: the original weight's dtype)."""
+        return (self.integers().astype(jnp.float32) * self.scale).astype(dtype or self.dtype)
 
     def __jax_array__(self) -> jax.Array:  # any other use (attention's ``v @ w``) sees floats
         return self.dequantize()
@@ -164,7 +165,10 @@ def quantize(params: Any, bits: int = 8, granularity: str = "per_channel",
 
     Symmetric, round to nearest: ``scale = max|w| / (2**(bits-1) - 1)`` per output channel
     (the last axis) or per tensor, ``values = round(w / scale)``; so ``|dequantize - w| <=
-    scale / 2`` element by element.
+    scale / 2`` element by element, computed in float32 (``QTensor.dequantize(jnp.float32)``).
+    Dequantized to a bfloat16 or float16 weight's own dtype, the cast adds that dtype's
+    rounding (half its ulp: with bf16 and int8, up to about another ``scale / 2`` near
+    ``max|w|``).
 
     Args:
       params: a params tree (``QTensor`` leaves already there are kept).
@@ -235,7 +239,7 @@ def matmul(x: jax.Array, w: QTensor) -> jax.Array:
     dt = jnp.result_type(x, w.dtype)  # as a float matmul promotes (an int input too)
     s = _input_scale(w, x, (x.ndim - 1,))
     if s is None:
-        return jnp.matmul(x.astype(dt), w.dequantize().astype(dt))
+        return jnp.matmul(x.astype(dt), w.dequantize(dt))  # no detour through a bf16 weight
     acc = lax.dot_general(_quantize_input(x, s), w.integers(),
                           (((x.ndim - 1,), (0,)), ((), ())),
                           preferred_element_type=jnp.int32)
@@ -249,7 +253,7 @@ def conv(x: jax.Array, w: QTensor, **conv_kwargs: Any) -> jax.Array:
     dt = jnp.result_type(x, w.dtype)
     s = _input_scale(w, x, tuple(range(1, x.ndim)))
     if s is None:
-        return lax.conv_general_dilated(x.astype(dt), w.dequantize().astype(dt), **conv_kwargs)
+        return lax.conv_general_dilated(x.astype(dt), w.dequantize(dt), **conv_kwargs)
     acc = lax.conv_general_dilated(_quantize_input(x, s), w.integers(),
                                    preferred_element_type=jnp.int32, **conv_kwargs)
     return (acc.astype(jnp.float32) * (s * w.scale.reshape(-1))).astype(dt)

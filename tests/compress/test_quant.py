@@ -40,6 +40,21 @@ def test_round_trip_error_is_at_most_half_a_step(bits, granularity):
     assert q["dense_0"]["b"] is PARAMS["dense_0"]["b"]  # biases stay float
 
 
+def test_bf16_weights_keep_the_bound_in_float32_and_a_float32_matmul_uses_it():
+    w = normal(2, (64, 16)).astype(jnp.bfloat16)
+    qw = quant.quantize({"w": w})["w"]
+    assert qw.dequantize().dtype == jnp.bfloat16  # the weight's own dtype by default
+    w64 = np.asarray(w, np.float64)
+    scale = np.abs(w64).max(axis=0, keepdims=True) / 127
+    err = np.abs(np.asarray(qw.dequantize(jnp.float32), np.float64) - w64)
+    assert (err <= scale / 2 * (1 + 1e-5)).all()
+    # a float32 input multiplies the float32 dequantized weight, not one rounded to bf16
+    x = normal(3, (4, 64))
+    exact = np.asarray(qw.integers(), np.float64) * np.asarray(qw.scale, np.float64)
+    want = np.asarray(x, np.float64) @ exact  # the old bf16 detour was 0.047 off
+    np.testing.assert_allclose(np.asarray(quant.matmul(x, qw)), want, rtol=1e-5, atol=1e-5)
+
+
 def test_zero_and_tiny_channels_stay_finite():
     """A channel of zeros, and one whose max |w| / qmax is below float32's smallest normal
     (it flushes to 0): scale 1, integers 0, never 0 / 0 = NaN, forward or backward."""
