@@ -119,9 +119,8 @@ def dense(features: int, *, use_bias: bool = True, w_init: Initializer | None = 
 
 
 def _tuple(value: int | Sequence[int], n: int, what: str, kind: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(value)
+    """``value`` (checked by ``_check_sizes``) once per spatial dimension."""
+    value = (value,) * n if isinstance(value, (int, np.integer)) else tuple(value)
     if len(value) != n:
         raise ModuleError(kind, f"{what} {value} has {len(value)} entries, but the input has "
                           f"{n} spatial dimension(s)")
@@ -186,10 +185,18 @@ def _spatial_dims(x: Any, kernel_size: Any, kind: str) -> int:
     return n
 
 
-def _check_kernel_size(kernel_size: Any, kind: str) -> None:
-    if not isinstance(kernel_size, int) and len(tuple(kernel_size)) not in (1, 2):
-        raise ValueError(f"{kind}: kernel_size must be an int or a tuple of 1 or 2 ints, "
-                         f"got {kernel_size!r}")
+def _check_sizes(kind: str, **sizes: Any) -> None:
+    """Factory-time: each window, stride or dilation is a positive int or 1 or 2 of them
+    (a 0 would reach lax as a bare error, or divide by zero). ``None`` is left alone."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+    for what, value in sizes.items():
+        if value is None or ok(value):
+            continue
+        if not (isinstance(value, Sequence) and len(value) in (1, 2) and all(map(ok, value))):
+            raise ValueError(f"{kind}: {what} must be a positive int or a tuple of 1 or 2 "
+                             f"positive ints, got {value!r}")
 
 
 def _kernel_params(key: PRNGKey, x: Any, kind: str, kernel_size: Any, in_features: int,
@@ -248,7 +255,7 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
     kind = "conv"
     _positive_int(features, "features", kind)
     _positive_int(feature_group_count, "feature_group_count", kind)
-    _check_kernel_size(kernel_size, kind)
+    _check_sizes(kind, kernel_size=kernel_size, strides=strides, dilation=dilation)
     _check_padding(padding, kind)
     if features % feature_group_count:
         raise ValueError(f"conv: features ({features}) must be divisible by "
@@ -328,7 +335,7 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
     """
     kind = "conv_transpose"
     _positive_int(features, "features", kind)
-    _check_kernel_size(kernel_size, kind)
+    _check_sizes(kind, kernel_size=kernel_size, strides=strides, dilation=dilation)
     _check_padding(padding, kind)
     w_init = w_init or inits.lecun_normal()
     b_init = b_init or inits.zeros()
@@ -347,6 +354,11 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
             raise ModuleError(kind, f"expected an input with {w.shape[-2]} channels on the "
                               f"last axis (w has shape {tuple(w.shape)}), got input of shape "
                               f"{tuple(x.shape)}")
+        expected = (*_tuple(kernel_size, n, "kernel_size", kind), w.shape[-2], features)
+        if tuple(w.shape) != expected:  # params of another model
+            raise ModuleError(kind, f"w has shape {tuple(w.shape)}, but this layer expects "
+                              f"{expected} (kernel_size, in channels, {features} features); "
+                              f"were the params made by another model's init?")
         ks, dil = w.shape[:n], _tuple(dilation, n, "dilation", kind)
         # "VALID" is PyTorch's padding=0: lax's "VALID" gives H * s, not (H - 1) * s + d (k -
         # 1) + 1, when the dilated kernel is shorter than the stride
@@ -390,6 +402,7 @@ def _check_nonempty(kind: str, x: Array, y: Array) -> None:
 def _pool(kind: str, reducer: str, window: int | Sequence[int],
           strides: int | Sequence[int] | None, padding: Padding, count_include_pad: bool,
           name: str | None) -> Module:
+    _check_sizes(kind, window=window, strides=strides)
     _check_padding(padding, kind)
 
     def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
@@ -510,7 +523,9 @@ def embed(num_embeddings: int, features: int, *, w_init: Initializer | None = No
         check_param_shape(params, "embedding", (num_embeddings, features), kind)
         # an id outside [0, n) gives a NaN row (which the non-finite guard names), not the
         # row jnp.take would wrap a negative id to
-        return jnp.take(params["embedding"], jnp.where(x < 0, num_embeddings, x), axis=0)
+        # (in int32 at least: int8 ids could not hold num_embeddings = 256)
+        ids = x.astype(jnp.promote_types(x.dtype, jnp.int32))
+        return jnp.take(params["embedding"], jnp.where(ids < 0, num_embeddings, ids), axis=0)
 
     return _make(kind, init, apply, name)
 
@@ -520,6 +535,12 @@ def embed(num_embeddings: int, features: int, *, w_init: Initializer | None = No
 # Norms and softmax compute in float32 (at least) but keep only input-dtype tensors for
 # the backward pass: with a bf16 policy the saved activations stay bf16. The backward
 # recomputes the normalised values in float32 from them.
+
+
+def _floating(x: Array) -> Array:
+    """Integer (e.g. uint8 image) input as float32, as ``conv`` and ``dense`` promote it: a
+    norm's output in an integer dtype would truncate (and wrap) the normalised values."""
+    return x if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.asarray(x).astype(jnp.float32)
 
 
 def _normalize_impl(x: Array, scale: Array, bias: Array, eps: float, center: bool,
@@ -653,7 +674,7 @@ def layer_norm(*, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool 
     def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
         scale, bias = _affine_params(params, _features_of(x, kind), kind, use_scale, use_bias)
-        return _normalize(x, scale, bias, epsilon, True, (-1,))
+        return _normalize(_floating(x), scale, bias, epsilon, True, (-1,))
 
     return _make(kind, init, apply, name)
 
@@ -681,7 +702,8 @@ def rms_norm(*, epsilon: float = 1e-6, use_scale: bool = True,
         if use_scale:
             check_param_shape(params, "scale", (f,), kind)
         scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
-        return _normalize(x, scale, jnp.zeros((f,), scale.dtype), epsilon, False, (-1,))
+        return _normalize(_floating(x), scale, jnp.zeros((f,), scale.dtype), epsilon, False,
+                          (-1,))
 
     return _make(kind, init, apply, name)
 
@@ -721,7 +743,8 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
 
     Params are ``{"scale", "bias"}`` and the state ``{"mean", "var", "count"}``, each of
     shape ``(channels,)`` except ``count``, the number of train-mode updates (PyTorch's
-    ``num_batches_tracked``). Eval mode before any update is an error where it can be seen:
+    ``num_batches_tracked``). An empty batch leaves the state as it is (its statistics
+    would be NaN). Eval mode before any update is an error where it can be seen:
     in an eager call, and in ``train.make_eval_step``/``train.evaluate``, which check each
     new state on the host; inside a function you ``jax.jit`` yourself the count is not
     known, and fresh statistics (mean 0, variance 1) are used, as PyTorch does.
@@ -791,6 +814,7 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
         f = features(x)
         scale, bias = _affine_params(params, f, kind, use_scale, use_bias)
         check_stats(state, f)
+        x = _floating(x)
         axes = tuple(range(x.ndim - 1))
         if not train:
             count = state["count"]
@@ -811,6 +835,8 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
                               f"train=False")
         if axis_name is None:
             y = _normalize(x, scale, bias, epsilon, True, axes)
+            if x.size == 0:  # an empty batch has no statistics: keep the running ones
+                return y, state
             mean, var, n = batch_stats(lax.stop_gradient(x), axes)
         else:  # statistics across devices: plain autodiff through the collectives
             mean, var, n = batch_stats(x, axes)
@@ -867,7 +893,7 @@ def group_norm(num_groups: int = 32, *, epsilon: float = 1e-5, use_scale: bool =
         f = features(x)
         scale, bias = _affine_params(params, f, kind, use_scale, use_bias)
         g = num_groups
-        xg = x.reshape(*x.shape[:-1], g, f // g)
+        xg = _floating(x).reshape(*x.shape[:-1], g, f // g)
         axes = (*range(1, x.ndim - 1), xg.ndim - 1)  # spatial axes and the group's channels
         y = _normalize(xg, scale.reshape(g, f // g), bias.reshape(g, f // g), epsilon, True,
                        axes)

@@ -92,7 +92,10 @@ def _recurrent(kind: str, gates: int, cell: Cell, carry_names: tuple[str, ...],
         else:
             parts = tuple(carry)
         for n, part in zip(carry_names, parts, strict=True):
-            shape = tuple(getattr(part, "shape", ()))
+            if not hasattr(part, "shape"):  # e.g. a GRU's h given as a 1-tuple (h,)
+                raise ModuleError(kind, f"initial carry {n} must be an array of shape {want}, "
+                                  f"got a {type(part).__name__}")
+            shape = tuple(part.shape)
             if shape != (batch, hid):
                 raise ModuleError(kind, f"initial carry {n} has shape {shape}, expected "
                                   f"{want} for input of batch size {batch}")

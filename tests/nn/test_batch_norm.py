@@ -571,3 +571,16 @@ def test_eval_before_statistics_is_caught_through_remat_wrappers_and_float64_sta
     with jax.enable_x64(True):
         params, state = nn.batch_norm().init(KEY, jnp.zeros((2, 3), jnp.float64))
         assert state["mean"].dtype == jnp.float64  # float64 statistics for float64 inputs
+
+
+def test_an_empty_batch_leaves_the_running_statistics_as_they_are():
+    """Its statistics are 0/0: they filled the state with NaN, and every later eval too."""
+    bn = nn.batch_norm()
+    params, state = bn.init(KEY, jnp.zeros((1, 3)))
+    _, state = bn.apply(params, jnp.asarray(RNG.standard_normal((4, 3)), jnp.float32),
+                        state=state, train=True)
+    y, after = jax.jit(lambda p, x, s: bn.apply(p, x, state=s, train=True))(
+        params, jnp.zeros((0, 3)), state)
+    assert y.shape == (0, 3)
+    for k in state:
+        np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(state[k]))

@@ -230,3 +230,55 @@ def test_a_window_larger_than_the_input_is_an_error(layer):
     with pytest.raises(nn.ModuleError, match=r"the input's spatial shape \(2, 2\) is too "
                                              r"small for this layer's window"):
         layer.apply(layer.init(jax.random.key(0), x), x)
+
+
+# ----------------------------------------------------------------------------- integer input
+
+
+@pytest.mark.parametrize("make", [nn.layer_norm, nn.rms_norm, lambda: nn.group_norm(2),
+                                  nn.batch_norm])
+def test_norms_promote_integer_input_to_float32_like_conv(make):
+    """uint8 images straight into a norm: float32 out, equal to the float input's (the
+    output in uint8 truncated and wrapped the normalised values); grads under jit."""
+    layer = make()
+    x = np.random.default_rng(3).integers(0, 256, (4, 3, 3, 4)).astype(np.uint8)
+    init = layer.init(jax.random.key(0), jnp.zeros((1, 3, 3, 4)))
+    params, state = init if layer.stateful else (init, None)
+
+    def run(p, x):
+        out = layer.apply(p, x, state=state, train=True) if layer.stateful else \
+            layer.apply(p, x)
+        return out[0] if layer.stateful else out
+
+    got, want = run(params, x), run(params, x.astype(np.float32))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(run(p, x) ** 3)))(params)
+    want_grads = jax.grad(lambda p: jnp.sum(run(p, x.astype(np.float32)) ** 3))(params)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: nn.conv(4, 3, strides=0), r"conv: strides must be a positive int or a tuple of "
+                                       r"1 or 2 positive ints, got 0"),
+    (lambda: nn.conv(4, 3, dilation=(1, 0)), r"conv: dilation must be .*got \(1, 0\)"),
+    (lambda: nn.conv_transpose(4, (0, 3)), r"conv_transpose: kernel_size must be .*got "
+                                           r"\(0, 3\)"),
+    (lambda: nn.max_pool(2, strides=0), r"max_pool: strides must be .*got 0"),
+    (lambda: nn.avg_pool(0), r"avg_pool: window must be .*got 0"),
+])
+def test_zero_windows_strides_and_dilations_are_refused_when_built(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_conv_transpose_refuses_params_of_another_model():
+    x = jnp.zeros((1, 5, 5, 2))
+    other = nn.conv_transpose(8, 5).init(jax.random.key(0), x)
+    with pytest.raises(nn.ModuleError, match=r"conv_transpose layer .*w has shape \(5, 5, 2, 8\)"
+                       r", but this layer expects \(3, 3, 2, 4\).*another model's init"):
+        nn.conv_transpose(4, 3).apply(other, x)

@@ -98,6 +98,10 @@ def test_embed_matches_numpy_and_rejects_floats():
     # ids outside [0, 5), negative ones too, look up NaN (jnp.take wraps -1 to row 4)
     out = np.asarray(jax.jit(nn.embed(5, 4).apply)(params, jnp.array([-1, 5, 4])))
     assert np.isnan(out[:2]).all() and np.isfinite(out[2]).all()
+    # int8 ids (raw bytes) with 256 rows: the marker 256 does not fit int8 and wrapped to 0
+    table = {"embedding": jnp.ones((256, 2))}
+    out = np.asarray(jax.jit(nn.embed(256, 2).apply)(table, jnp.array([-1, -128, 7], jnp.int8)))
+    assert np.isnan(out[:2]).all() and (out[2] == 1).all()
 
 
 def test_layer_norm_matches_numpy():

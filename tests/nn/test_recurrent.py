@@ -253,6 +253,14 @@ def test_lstm_carry_must_be_a_pair():
         layer.apply(params, jnp.zeros((2, T, F)), (jnp.zeros((2, H)), jnp.zeros((2, 5))))
 
 
+def test_gru_carry_given_as_a_tuple_is_named():
+    layer = gru(H)
+    params = layer.init(jax.random.key(0), jnp.zeros((1, T, F)))
+    with pytest.raises(ModuleError, match=rf"initial carry h must be an array of shape "
+                                          rf"\(batch, hidden\) = \(2, {H}\), got a tuple"):
+        layer.apply(params, jnp.zeros((2, T, F)), (jnp.zeros((2, H)),))
+
+
 # --------------------------------------------------------------------------- jit, shapes
 
 
