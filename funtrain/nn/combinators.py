@@ -268,10 +268,14 @@ def residual(*modules: Module, shortcut: Module | None = None,
         state = state or {}
         body_params = {k: v for k, v in params.items() if k in body_names}
         body_state = {k: v for k, v in state.items() if k in body_names}
-        y, new = apply_with_state(body, body_params, x, state=body_state, key=key, train=train)
+        # The shortcut and activation get keys split off apart from the body's: any fold_in
+        # of key would be one of the keys serial gives the body's children (split(key, n)[i]).
+        body_key, extra_key = (key, None) if key is None or not extras else jax.random.split(key)
+        y, new = apply_with_state(body, body_params, x, state=body_state, key=body_key,
+                                  train=train)
         new = dict(new or {})
         skip = x
-        keys = _split(None if key is None else jax.random.fold_in(key, 1), 2)
+        keys = _split(extra_key, 2)
         if shortcut is not None:
             cname = extras[0][0]
             skip, s = run_child(cname, shortcut, params.get(cname, {}), (x,),
@@ -292,8 +296,14 @@ def residual(*modules: Module, shortcut: Module | None = None,
     return Module(init, apply, name, kind, stateful)
 
 
+def _sum(outs: tuple[Any, ...]) -> Any:
+    if len({tuple(jnp.shape(o)) for o in outs}) > 1:  # broadcasting would hide a wrong width
+        raise ValueError("'sum' needs outputs of one shape")
+    return sum(outs[1:], outs[0])
+
+
 _COMBINE: dict[str, Callable[[tuple[Any, ...]], Any]] = {
-    "sum": lambda outs: sum(outs[1:], outs[0]),
+    "sum": _sum,
     "concat": lambda outs: jnp.concatenate(outs, axis=-1),
 }
 
@@ -304,8 +314,8 @@ def parallel(*modules: Module, combine: str | Callable[[tuple[Any, ...]], Any] |
 
     Args:
       modules: the branches.
-      combine: ``None`` returns a tuple of outputs; ``"sum"`` adds them; ``"concat"``
-        joins them on the last axis; a callable receives the tuple.
+      combine: ``None`` returns a tuple of outputs; ``"sum"`` adds them (they must have
+        one shape); ``"concat"`` joins them on the last axis; a callable receives the tuple.
 
     Examples:
       >>> import jax, jax.numpy as jnp

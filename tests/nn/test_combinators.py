@@ -117,3 +117,24 @@ def test_reference_models():
     assert cnn.apply(cp, jnp.zeros((3, 8, 8, 1))).shape == (3, 10)
     with pytest.raises(ValueError, match="mlp: sizes must name at least one layer"):
         nn.mlp([])
+
+
+def test_residual_extras_draw_keys_apart_from_the_body():
+    """fold_in(key, 1) is the key serial hands the body's second child: an activation
+    dropout drew the same mask as a dropout nested there."""
+    ident = nn.stateless(lambda h: h, kind="id")
+    block = nn.residual(ident, nn.serial(ident, nn.dropout(0.5)), activation=nn.dropout(0.5))
+    x = jnp.ones((1, 4096))
+    y = np.asarray(block.apply(block.init(jax.random.key(0), x), x, key=jax.random.key(42),
+                               train=True))
+    # y = 2 a (1 + 2 b) for the activation's mask a and the body's b: 0, 2 or 6
+    assert set(np.unique(y)) <= {0.0, 2.0, 6.0}
+    kept = y[y != 0]
+    assert 0.4 < np.mean(kept == 2.0) < 0.6  # b independent of a (identical masks: 0)
+
+
+def test_parallel_sum_refuses_outputs_that_only_broadcast():
+    block = nn.parallel(nn.dense(3), nn.dense(1), combine="sum")
+    with pytest.raises(nn.ModuleError, match=r"parallel layer .*cannot combine branch outputs "
+                       r"of shapes \[\(2, 3\), \(2, 1\)\]: 'sum' needs outputs of one shape"):
+        block.init(jax.random.key(0), jnp.zeros((2, 4)))
