@@ -189,7 +189,7 @@ def _check_sizes(kind: str, **sizes: Any) -> None:
     """Factory-time: each window, stride or dilation is a positive int or 1 or 2 of them
     (a 0 would reach lax as a bare error, or divide by zero). ``None`` is left alone."""
     def ok(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(v > 0)
 
     for what, value in sizes.items():
         if value is None or ok(value):
