@@ -7,7 +7,8 @@ Counts source lines with ``ast``, docstrings, comments and blank lines left out:
   ``@checked`` (domains declared in a signature) and ``@names_errors`` decorators;
 - *code*: every other line of a statement, decorators included.
 
-It prints the validation share of each module of ``funtrain/optim`` and in all; the same
+It prints the validation share of each module of ``funtrain/optim`` and in all (with how
+many of those lines are the ``@checked``/``@names_errors`` decorators); the same
 share counting the shared check helpers (``_checks.py``) as validation line by line, since
 every line of them serves validation; and the code lines of ``scale_by_adam`` and
 ``adamw`` next to optax's (when optax is installed).
@@ -53,17 +54,21 @@ def _decorator_name(node: ast.expr) -> str:
     return fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
 
 
-def count(source: str) -> tuple[int, int]:
-    """(code lines, validation lines) of ``source``."""
+def count(source: str, decorators: list[int] | None = None) -> tuple[int, int]:
+    """(code lines, validation lines) of ``source``; ``decorators`` gets the number of
+    validation lines that are ``@checked``/``@names_errors`` decorators appended."""
     tree = ast.parse(source)
     skip = _docstring_lines(tree)
     code: set[int] = set()
     validation: set[int] = set()
+    declared: set[int] = set()
     for node in ast.walk(tree):
         for dec in getattr(node, "decorator_list", []):  # @checked, @names_errors: validation
             lines = set(range(dec.lineno, dec.end_lineno + 1))
-            (validation if _decorator_name(dec) in ("checked", "names_errors") else code
-             ).update(lines)
+            is_check = _decorator_name(dec) in ("checked", "names_errors")
+            (validation if is_check else code).update(lines)
+            if is_check:
+                declared |= lines
         if not isinstance(node, ast.stmt):
             continue
         span = set(range(node.lineno, node.end_lineno + 1)) - skip
@@ -78,6 +83,8 @@ def count(source: str) -> tuple[int, int]:
     blank = {i + 1 for i, line in enumerate(lines) if not line.strip()
              or line.strip().startswith("#")}
     code, validation = code - blank, validation - blank
+    if decorators is not None:
+        decorators.append(len(declared - blank))
     return len(code | validation), len(validation)
 
 
@@ -88,13 +95,16 @@ def function_lines(fn: object) -> int:
 
 def main() -> None:
     total_code = total_val = 0
-    print(f"{'module':24} {'code lines':>10} {'validation':>10} {'share':>6}")
+    decorators: list[int] = []
+    print(f"{'module':24} {'code lines':>10} {'validation':>10} {'share':>6} "
+          f"{'decorators':>10}")
     for path in sorted(OPTIM.glob("*.py")):
-        code, val = count(path.read_text())
+        code, val = count(path.read_text(), decorators)
         total_code, total_val = total_code + code, total_val + val
-        print(f"{path.name:24} {code:10d} {val:10d} {val / max(code, 1):6.1%}")
+        print(f"{path.name:24} {code:10d} {val:10d} {val / max(code, 1):6.1%} "
+              f"{decorators[-1]:10d}")
     print(f"{'funtrain/optim':24} {total_code:10d} {total_val:10d} "
-          f"{total_val / total_code:6.1%}")
+          f"{total_val / total_code:6.1%} {sum(decorators):10d}")
     helpers, helpers_val = count((OPTIM / "_checks.py").read_text())
     whole = total_val + helpers - helpers_val
     print(f"{'  with _checks.py whole':24} {total_code:10d} {whole:10d} "
