@@ -144,7 +144,9 @@ def _check_param_dtypes(where: str, params: Params) -> None:
 
 
 def _is_deleted(tree: Any) -> bool:
-    return any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves(tree))
+    # a tracer (the step traced inside a user's jax.jit) has no buffer to have lost
+    return any(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+               and leaf.is_deleted() for leaf in jax.tree.leaves(tree))
 
 
 def donated_state_error(where: str) -> ValueError:

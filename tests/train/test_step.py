@@ -112,6 +112,10 @@ def test_scan_steps_equals_single_steps():
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+    # jit=False exists to be traced by the user: a state of tracers is no deleted buffer
+    mine = jax.jit(train.scan_steps(train.make_train_step(loss_fn, opt, jit=False), jit=False))
+    s3, m3 = mine(train.TrainState.create(params, opt, jax.random.key(9)), {"x": xs, "y": ys})
+    np.testing.assert_allclose(m3["loss"], losses_single, rtol=1e-5)
 
 
 def test_bad_loss_fn_outputs():
