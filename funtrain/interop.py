@@ -53,10 +53,12 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
     dimensions (in the ``state_dict``'s order) is a conv's reads the conv stack's output
     flattened: torch's ``nn.Flatten`` orders it channels first ``(C, H, W)``, funtrain's
     ``flatten`` channels last ``(H, W, C)``, so its input columns are reordered to match.
-    Each result has the template leaf's dtype and shape. Transposed
-    convolutions are not supported: their rank-4 ``w`` cannot be told from a conv's here;
-    load them by hand (``w = np.moveaxis(weight, (0, 1), (-2, -1))``, torch's
-    ``ConvTranspose`` weight being ``(in, out, *kernel)``).
+    Each result has the template leaf's dtype and shape, in memory of its own (torch may
+    update its tensors in place later). A transposed convolution's ``w`` cannot be told
+    from a conv's by its shape, so it is read by the layer's name: a ``w`` under a layer
+    named ``conv_transpose*`` (``nn.conv_transpose``'s default name) comes from torch's
+    ``ConvTranspose`` ``(in, out, *kernel)``. Under another name, rename the layer so, or
+    load it by hand (``w = np.moveaxis(weight, (0, 1), (-2, -1))``).
 
     Args:
       params_template: the params to fill, e.g. from ``model.init``; only the structure,
@@ -130,7 +132,8 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
                 continue
             used.add(tkey)
             value = _to_numpy(state_dict[tkey])
-            perm = _permutation(parts[-1] if parts else "", len(shape))
+            perm = _permutation(parts[-1] if parts else "", len(shape),
+                                parts[-2] if len(parts) > 1 else "")
             want = tuple(shape[i] for i in np.argsort(perm)) if perm else shape
             if tuple(value.shape) != want:
                 misshaped.append(
@@ -148,7 +151,8 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
                 # torch leaves num_batches_tracked at 0 when it loads an old checkpoint; the
                 # loaded statistics are trained ones, so eval mode must accept them.
                 value = np.maximum(value, 1)
-            leaves.append(jnp.asarray(value, dtype=leaf.dtype))
+            # a copy: numpy() shares the tensor's memory, which torch may update in place
+            leaves.append(jnp.array(value, dtype=leaf.dtype, copy=True))
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
     params = fill(params_template, PARAM_NAMES, "params")
@@ -220,8 +224,10 @@ def _torch_key(parts: list[str], fpath: str, names: Mapping[str, str],
     return _default_key(parts, names)
 
 
-def _permutation(leaf_name: str, rank: int) -> tuple[int, ...] | None:
+def _permutation(leaf_name: str, rank: int, layer: str = "") -> tuple[int, ...] | None:
     """Axes that turn the torch layout into funtrain's, or ``None`` for as is."""
+    if leaf_name == "w" and rank >= 3 and layer.startswith("conv_transpose"):
+        return (*range(2, rank), 0, 1)  # ConvTranspose: (in, out, *kernel)
     if leaf_name in ("w_ih", "w_hh") and rank == 2:
         return (1, 0)
     if leaf_name == "w" and rank == 2:  # dense: (out, in) -> (in, out)

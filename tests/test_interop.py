@@ -213,6 +213,35 @@ def test_embed_and_norms_are_taken_as_is():
         np.testing.assert_array_equal(params[i]["bias"], sd[f"{i}.bias"].numpy())
 
 
+def test_loaded_params_do_not_share_memory_with_the_torch_tensors():
+    """numpy() shares a tensor's memory, and jnp.asarray on CPU kept it: a later optimizer
+    step or train-mode forward in torch changed the funtrain params already loaded."""
+    torch.manual_seed(0)
+    tmodel = tnn.Sequential(tnn.Embedding(7, 4), tnn.LayerNorm(4))
+    model = nn.serial(nn.embed(7, 4, name="0"), nn.layer_norm(name="1"))
+    params = from_torch(_template(model, jnp.zeros((1, 3), jnp.int32)), tmodel.state_dict())
+    before = jax.tree.map(np.array, params)
+    with torch.no_grad():
+        for t in tmodel.parameters():
+            t.add_(1.0)  # in place, as optimizer.step() does
+    jax.tree.map(np.testing.assert_array_equal, params, before)
+
+
+def test_conv_transpose_reads_torch_s_in_out_layout_by_its_layer_name():
+    """A square ConvTranspose's weight (in, out, *k) has a conv's shape: read by name."""
+    torch.manual_seed(0)
+    tconv = tnn.ConvTranspose2d(4, 4, 3, stride=2, padding=1)
+    model = nn.serial(nn.conv_transpose(4, 3, strides=2, padding=1))
+    x = np.random.default_rng(0).normal(size=(2, 4, 5, 5)).astype(np.float32)  # NCHW
+    xl = jnp.asarray(x.transpose(0, 2, 3, 1))
+    params = from_torch(_template(model, xl), tconv.state_dict(),
+                        rename={"conv_transpose_0": ""})
+    with torch.no_grad():
+        expected = tconv(torch.from_numpy(x)).numpy()
+    out = np.asarray(model.apply(params, xl)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def _conv1d_bn() -> tuple[tnn.Module, nn.Module]:
     torch.manual_seed(0)
     tmodel = tnn.Sequential(tnn.Conv1d(3, 4, 3, padding=1), tnn.BatchNorm1d(4))
