@@ -104,8 +104,24 @@ class TrainState(NamedTuple):
         if fused is not False:
             params = fuse(params, None if fused is True else fused)
         return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   opt_state=optimizer.init(params), rng=key, loss_scale=loss_scale,
-                   skipped_steps=jnp.zeros((), jnp.int32), model_state=model_state)
+                   opt_state=_owned_opt_state(optimizer, params), rng=key,
+                   loss_scale=loss_scale, skipped_steps=jnp.zeros((), jnp.int32),
+                   model_state=model_state)
+
+
+def _owned_opt_state(optimizer: Any, params: Params) -> Any:
+    """``optimizer.init(params)`` with every array a copy of its own.
+
+    An optimizer may put the caller's arrays in its state (``sparsity.pruned``'s masks, an
+    ``inject_hyperparams`` value given as a jax array); the first step donates the state,
+    which would delete them, for the caller and for the next ``init`` (a resume). Copied
+    leaf by leaf, each original freed as its copy is made: the peak is one extra leaf.
+    """
+    leaves, treedef = jax.tree.flatten(optimizer.init(params))
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, jax.Array):
+            leaves[i] = jnp.array(leaf, copy=True)  # keeps dtype, weak type and sharding
+    return treedef.unflatten(leaves)
 
 
 def _has_counters(tree: Any) -> bool:

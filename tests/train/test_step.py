@@ -82,6 +82,24 @@ def test_donation_leaves_created_params_usable():
     assert float(jnp.sum(params["w"])) == 0.0  # still alive: create() copied it
 
 
+def test_donation_leaves_arrays_the_optimizer_holds_usable():
+    """pruned's masks and an injected jax scalar sit in the optimizer state: the first
+    step's donation deleted them, for the caller and for a second create (a resume)."""
+    from funtrain import sparsity
+    params = {"w": jnp.arange(1.0, 5.0), "b": jnp.zeros(())}
+    masks = sparsity.magnitude(params, 0.5)
+    lr = jnp.asarray(0.1)
+    batch = {"x": jnp.ones((4, 4)), "y": jnp.ones(4)}
+    loss = lambda p, b: jnp.mean((b["x"] @ p["w"] + p["b"] - b["y"]) ** 2)
+    for opt in (sparsity.pruned(optim.sgd(0.1), masks=masks),
+                optim.inject_hyperparams(optim.sgd)(learning_rate=lr)):
+        step = train.make_train_step(loss, opt)
+        for _ in range(2):  # the second create reads the optimizer's arrays again
+            state, _ = step(train.TrainState.create(params, opt, jax.random.key(0)), batch)
+            assert np.isfinite(float(jnp.sum(state.params["w"])))
+    assert not masks["w"].is_deleted() and float(lr) == pytest.approx(0.1)
+
+
 def test_scan_steps_equals_single_steps():
     model = nn.serial(nn.dense(8), nn.relu(), nn.dropout(0.2), nn.dense(3))
     params = model.init(jax.random.key(0), jnp.zeros((1, 4)))
