@@ -247,6 +247,19 @@ def test_cross_entropy_gradient_is_softmax_minus_target(eps):
                                    rtol=1e-12, atol=1e-12)
 
 
+def test_cross_entropy_hessian_is_diag_p_minus_p_p_transposed():
+    """Second order (forward over reverse) and forward mode, in float64."""
+    with jax.enable_x64(True):
+        z = jnp.asarray(RNG.standard_normal(C))
+        h = jax.hessian(lambda z: losses.softmax_cross_entropy(z[None], jnp.array([1])))(z)
+        p = ref.softmax(np.asarray(z)[None])[0]
+        np.testing.assert_allclose(h, np.diag(p) - np.outer(p, p), rtol=1e-12, atol=1e-14)
+        t = jnp.asarray(RNG.standard_normal(C))
+        _, dt = jax.jvp(lambda z: losses.softmax_cross_entropy(z[None], jnp.array([1])),
+                        (z,), (t,))
+        np.testing.assert_allclose(dt, np.dot(p - np.eye(C)[1], t), rtol=1e-12)
+
+
 def test_cross_entropy_gradient_float32():
     logits, labels = randn(N, C), int_labels()
     g = jax.grad(lambda z: losses.softmax_cross_entropy(z, labels, reduction="sum"))(logits)
