@@ -30,7 +30,7 @@ from funtrain._typing import Batch, Params
 from funtrain.data.dataset import Loader
 from funtrain.optim.fused import unfuse
 from funtrain.precision import all_finite
-from funtrain.train.callbacks import ProgressBar
+from funtrain.train.callbacks import EarlyStopping, ProgressBar
 from funtrain.train.checkpoint import RunCheckpoints
 from funtrain.train.feed import (
     DeviceFeed,
@@ -358,9 +358,16 @@ def _check_arguments(args: dict[str, Any]) -> int | None:
     _positive_int("max_consecutive_skips", args["max_consecutive_skips"])
     for name in ("steps_per_call", "checkpoint_every", "eval_every"):
         _positive_int(name, args[name], optional=True)
+    if not isinstance(args["state"], TrainState):
+        raise TypeError(f"fit: state must be a TrainState (TrainState.create(params, "
+                        f"optimizer, key)), got {type(args['state']).__name__}")
     if (args["eval_step"] is None) != (args["eval_data"] is None):
         raise ValueError(f"fit: pass eval_step and eval_data together (got only "
                          f"{'eval_step' if args['eval_data'] is None else 'eval_data'})")
+    if args["eval_step"] is None and any(isinstance(cb, EarlyStopping)
+                                         for cb in args["callbacks"]):
+        raise ValueError("fit: EarlyStopping acts on evaluations, but fit has no eval_step "
+                         "and eval_data, so it would never stop the run; pass both")
     if args["checkpoint_dir"] is None and (args["resume"] or args["checkpoint_every"]
                                            or args["overwrite"]):
         raise ValueError("fit: resume, overwrite and checkpoint_every need checkpoint_dir")

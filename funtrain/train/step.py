@@ -332,6 +332,10 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         return scaled, (loss, aux, new_model_state)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if not isinstance(state, TrainState):  # checked while tracing, as the batch
+            raise TypeError(f"{where}: the step takes (state, batch) with state a TrainState "
+                            f"(TrainState.create(params, optimizer, key)), got "
+                            f"{type(state).__name__}")
         check_leading_dims(batch, f"{where}: batch")  # static shapes: checked while tracing
         key = jax.random.fold_in(state.rng, state.step)
         scale = state.loss_scale

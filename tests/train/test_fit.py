@@ -244,6 +244,16 @@ def test_fit_rejects_one_shot_iterators_and_bad_arguments():
         train.fit(state, step, lambda e: iter(()), epochs=1, progress=False)
     with pytest.raises(ValueError, match="pass eval_step and eval_data together"):
         train.fit(state, step, [], eval_step=lambda p, b: {}, progress=False)
+    with pytest.raises(ValueError, match="EarlyStopping acts on evaluations, but fit has no "
+                                         "eval_step and eval_data"):
+        train.fit(state, step, [{"x": np.ones((2, 2), np.float32)}], progress=False,
+                  callbacks=[train.callbacks.EarlyStopping()])
+    with pytest.raises(TypeError, match=r"fit: state must be a TrainState \(TrainState.create"
+                                        r"\(params, optimizer, key\)\), got dict"):
+        train.fit(state.params, step, [{"x": np.ones((2, 2), np.float32)}], progress=False)
+    with pytest.raises(TypeError, match=r"make_train_step: the step takes \(state, batch\) "
+                                        r"with state a TrainState .*got dict"):
+        step(state.params, {"x": np.ones((2, 2), np.float32)})
     with pytest.raises(ValueError, match="epochs must be a positive int, got 0"):
         train.fit(state, step, [], epochs=0, progress=False)
     with pytest.raises(ValueError, match="steps_per_call must be None or a positive int"):
