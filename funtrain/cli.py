@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue the run saved in --checkpoint-dir (a finished run is "
                       "reported, not trained again)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    # main's own usage errors print the demo's usage line, as the parser's do
+    demo.set_defaults(usage_error=demo.error)
     return parser
 
 
@@ -178,16 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo" and args.resume and not args.checkpoint_dir:
-        parser.error("--resume needs --checkpoint-dir")
+        args.usage_error("--resume needs --checkpoint-dir")
     if args.command == "demo":
         try:  # the optimizer's own checks (a negative --momentum, a nan --weight-decay)
             make_optimizer(args)
         except (ValueError, TypeError) as err:
-            parser.error(str(err))
+            args.usage_error(str(err))
         try:
             interrupted = demo(args) is None
         except _UsageError as err:
-            parser.error(str(err))
+            args.usage_error(str(err))
         except train.CheckpointError as err:  # a user error (wrong folder, other data)
             print(f"funtrain demo: error: {err}", file=sys.stderr)
             return 1

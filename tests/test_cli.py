@@ -66,6 +66,7 @@ def test_demo_rejects_bad_flags(capsys):
     assert code == 2 and "expected a positive integer, got abc" in err
     code, err = cli_error(capsys, "demo", "--batch-size", "5000", "--no-progress")
     assert code == 2 and "batch_size" in err and "5000" in err
+    assert err.startswith("usage: funtrain demo [-h]")  # the demo's usage, as argparse's own
 
 
 def test_ctrl_c_before_the_first_evaluation_says_how_to_resume(tmp_path, capsys,

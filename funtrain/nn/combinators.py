@@ -84,7 +84,8 @@ def _check_extra_keys(kind: str, params: Any, names: Sequence[str], what: str = 
         verb = "does" if what == "model state" else "do"
         raise ModuleError(kind, f"{what} {verb} not match the model: unexpected key path(s) "
                           + ", ".join(f"'{{at}}{k}'" for k in extra)
-                          + f" (children with {what} are {list(names)})")
+                          + (f" (children with model state are {list(names)})"
+                             if what == "model state" else f" (the children are {list(names)})"))
 
 
 def _check_model_state(kind: str, state: Any, modules: Sequence[Module],

@@ -263,7 +263,8 @@ def test_missing_and_extra_params_key_paths():
     with pytest.raises(ValueError, match=r"missing key path 'dense_1'"):
         model.apply(missing, jnp.zeros((2, 4)))
     extra = {**params, "head": params["dense_1"]}
-    with pytest.raises(ValueError, match=r"unexpected key path\(s\) 'head'"):
+    with pytest.raises(ValueError, match=r"unexpected key path\(s\) 'head' \(the children "
+                                         r"are \['dense_0', 'relu_0', 'dense_1'\]\)"):
         model.apply(extra, jnp.zeros((2, 4)))
     extra_leaf = {**params, "dense_1": {**params["dense_1"], "gamma": params["dense_1"]["b"]}}
     with pytest.raises(ValueError, match=r"unexpected key path\(s\) 'dense_1/gamma'"):
