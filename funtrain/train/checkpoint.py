@@ -78,6 +78,7 @@ import sys
 import time
 import uuid
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -1159,6 +1160,11 @@ class CheckpointManager:
 # ----------------------------------------------------------------------------- fit's runs
 
 
+def _position_basis(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What the data position depends on, of a saved or current ``data`` basis."""
+    return {k: data.get(k) for k in ("steps_per_epoch", "batch_size", "examples")}
+
+
 class RunCheckpoints:
     """``fit``'s checkpoints: the ``TrainState``, and in the manifest's metadata (under
     ``"fit"``) what an exact resume needs besides it:
@@ -1166,7 +1172,7 @@ class RunCheckpoints:
     - ``run_start``: the step the interrupted ``fit`` call started from (its ``epochs``
       count from there);
     - ``data``: the data position's basis (``steps_per_epoch``, ``batch_size``,
-      ``examples``), checked on resume;
+      ``examples``) and a ``Loader``'s shuffle key data (``shuffle``), checked on resume;
     - ``eval``: the run's evaluation records;
     - ``callbacks``: each callback's ``state_dict()`` (loggers' file sizes,
       ``EarlyStopping``'s counters), by class name and position;
@@ -1194,12 +1200,22 @@ class RunCheckpoints:
                 raise CheckpointError(f"{where}: the latest checkpoint in {directory} (step "
                                       f"{manifest['step']}) was not written by fit; restore "
                                       f"it with checkpoint.restore and pass the state to fit")
-            if info["data"] != self.basis and resume != "rederive":
+            saved, now = _position_basis(info["data"]), _position_basis(self.basis)
+            if saved != now and resume != "rederive":
                 raise CheckpointError(
                     f"{where}: the checkpoint at step {manifest['step']} was trained on data "
-                    f"with {info['data']}, but train_data now has {self.basis}, so its data "
+                    f"with {saved}, but train_data now has {now}, so its data "
                     f"position cannot be found. Pass the same data, or resume='rederive' to "
                     f"continue at epoch, batch = divmod(step, steps_per_epoch) of the new data")
+            # (checkpoints written before the shuffle key was kept have none to compare)
+            if "shuffle" in info["data"] and info["data"]["shuffle"] != self.basis.get(
+                    "shuffle") and resume != "rederive":
+                raise CheckpointError(
+                    f"{where}: the checkpoint at step {manifest['step']} was trained on a "
+                    f"Loader shuffled with key data {info['data']['shuffle']}, but train_data "
+                    f"now shuffles with {self.basis.get('shuffle')}, so the resumed epochs "
+                    f"would see other batches. Pass the same key, or resume='rederive' to "
+                    f"continue with the new order")
             self.last_saved = manifest["step"]
             return self.manager.restore(target=state, step=manifest["step"]), info
         later = [s for s in steps if s > int(state.step)]

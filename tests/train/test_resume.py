@@ -339,6 +339,21 @@ def test_resume_with_other_data_is_an_error_unless_rederived(tmp_path):
     assert history.resumed_from == 6 and int(state.step) == 6  # 0 + 2 epochs of 3 steps
 
 
+def test_resume_with_another_shuffle_key_is_an_error_unless_rederived(tmp_path):
+    """The same batches in another order: the position is found, but not the batches."""
+    fit(tmp_path, epochs=1, checkpoint_every=4)
+    template, step, loader, ev = setup()
+    other = loader.dataset.batches(loader.batch_size, key=jax.random.key(7),
+                                   drop_remainder=loader.drop_remainder)
+    kw = dict(epochs=2, progress=False, checkpoint_dir=tmp_path / "ck", **ev)
+    with pytest.raises(train.CheckpointError, match=r"trained on a Loader shuffled with key "
+                                                    r"data \[.*\], but train_data now shuffles "
+                                                    r"with \[.*resume='rederive'"):
+        train.fit(template, step, other, resume=True, **kw)
+    state, history = train.fit(template, step, other, resume="rederive", **kw)
+    assert history.resumed_from == 6 and int(state.step) == 12
+
+
 def test_checkpoint_arguments_are_checked(tmp_path):
     state, step, loader, _ = setup()
     with pytest.raises(ValueError, match="resume, overwrite and checkpoint_every need "
