@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,10 @@ class TensorBoardLogger:
     """Scalars for TensorBoard, through ``tensorboardX`` (or ``torch.utils.tensorboard``).
 
     Train and eval metrics use the same global step, so their curves overlay. A vector
-    metric (e.g. per class) gets one curve per entry, ``train/{name}/{i}``.
+    metric (e.g. per class) gets one curve per entry, ``train/{name}/{i}``. Each writer
+    opens its own event file (loggers sharing a logdir never overwrite each other's), and
+    a resumed run purges the points a crashed run logged after its checkpoint
+    (TensorBoard's ``purge_step``), so no step is drawn twice.
     """
 
     def __init__(self, logdir: str | os.PathLike):
@@ -195,21 +199,36 @@ class TensorBoardLogger:
                 raise ImportError("TensorBoardLogger needs tensorboardX (or torch with "
                                   "tensorboard); install it with: pip install tensorboardX"
                                   ) from err
-        self._make, self._logdir, self._opened = SummaryWriter, str(logdir), 0
+        self._make, self._logdir = SummaryWriter, str(logdir)
         self._writer: Any = None
+        self._last: int | None = None  # the last step written
+        self._purge: int | None = None  # set by a resume, for the next writer
         _ = self.writer  # opened now, so a bad logdir fails here
 
     @property
     def writer(self) -> Any:
-        """The open ``SummaryWriter``. After ``close`` a new one opens, into a new file: its
-        name has only whole seconds, so the same name would truncate the first file."""
+        """The open ``SummaryWriter``; after ``close`` a new one opens, into a new file."""
         if self._writer is None:
-            self._opened += 1
-            suffix = "" if self._opened == 1 else f".{self._opened}"
-            self._writer = self._make(self._logdir, filename_suffix=suffix)
+            # Event file names have whole seconds only: without a suffix of its own, a
+            # writer opened in the same second (a reopen, another logger) truncates a file.
+            kw = {} if self._purge is None else {"purge_step": self._purge}
+            self._writer = self._make(self._logdir, filename_suffix=f".{uuid.uuid4().hex[:8]}",
+                                      **kw)
+            self._purge = None
         return self._writer
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self._last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resume: TensorBoard drops this run's points after the checkpoint's last step
+        (a crashed run logged them; the resumed run logs them again)."""
+        if state.get("step") is not None:
+            self.close()
+            self._purge = int(state["step"]) + 1
+
     def _add(self, prefix: str, step: int, metrics: dict[str, Any]) -> None:
+        self._last = int(step) if self._last is None else max(self._last, int(step))
         for k, v in metrics.items():
             values = np.asarray(v, np.float64)
             if values.ndim == 0:

@@ -69,7 +69,19 @@ def _split_loss(where: str, out: Any, stateful: bool = False
         raise ValueError(f"{where}: loss_fn must return a scalar floating loss, got shape "
                          f"{tuple(loss.shape)} and dtype {loss.dtype}; reduce it, e.g. with "
                          f"reduction='mean'")
+    taken = sorted(set(aux) & set(STEP_METRICS))
+    if taken:  # the step's own would overwrite them, or they the step number in the logs
+        raise ValueError(f"{where}: loss_fn's aux metrics {taken} clash with the train "
+                         f"step's own metrics or the logs' step number (reserved: "
+                         f"{', '.join(STEP_METRICS)}); rename them")
     return loss, dict(aux), new_state
+
+
+# The metrics a train step reports besides loss_fn's aux, and "step", under which History
+# and the loggers record the step number (an aux "invalid_labels" is meant: it feeds the
+# non-finite guard, as classifier_loss's does).
+STEP_METRICS = ("step", "loss", "grad_norm", "nonfinite", "learning_rate", "skipped",
+                "skipped_steps", "loss_scale")
 
 
 def _is_multi_steps(s: Any) -> bool:
@@ -459,6 +471,9 @@ def make_eval_step(eval_fn: Callable[..., Any], *, jit: bool = True
         if not isinstance(out, Mapping):
             out = {"loss": out}
         for name, value in out.items():
+            if name in ("step", "epoch"):  # History.eval records them beside the metrics
+                raise ValueError(f"make_eval_step: metric {name!r} has a name History and "
+                                 f"the loggers use for the step and epoch; rename it")
             if jnp.shape(value) != ():
                 raise ValueError(f"make_eval_step: metric {name!r} must be a scalar (a mean "
                                  f"over the batch), got shape {jnp.shape(value)}")

@@ -167,6 +167,42 @@ def test_tensorboard_logger_message_or_works(tmp_path):
     assert {"train/loss", "train/per_class/0", "train/per_class/1", "eval/loss"} <= tags
 
 
+def test_tensorboard_loggers_sharing_a_logdir_and_a_resume(tmp_path):
+    """Two loggers opened in one second wrote one file name: the second erased the first.
+    A resume purges the points logged after the checkpoint (they are logged again)."""
+    pytest.importorskip("tensorboardX")
+    from tensorboardX.event_file_writer import event_pb2
+
+    first = train.TensorBoardLogger(tmp_path)
+    first.on_step(1, {"loss": 1.0})
+    first.on_step(2, {"loss": 0.9})
+    saved = first.state_dict()  # a checkpoint at step 2; the run goes on, then crashes
+    first.on_step(3, {"loss": 0.8})
+    first.close()
+    second = train.TensorBoardLogger(tmp_path)  # the resumed run, in the same second
+    second.load_state_dict(saved)
+    second.on_step(3, {"loss": 0.7})
+    second.close()
+    events = [e for path in tmp_path.iterdir() for e in _events(path, event_pb2)]
+    points = sorted((e.step, round(v.simple_value, 6)) for e in events for v in e.summary.value)
+    assert points == [(1, 1.0), (2, 0.9), (3, 0.7), (3, 0.8)]
+    purges = [e.step for e in events if e.HasField("session_log")
+              and e.session_log.status == event_pb2.SessionLog.START]
+    assert purges == [3]  # TensorBoard hides the crashed run's points from step 3 on
+
+
+def _events(path, event_pb2):
+    """The events of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    out, raw = [], path.read_bytes()
+    while raw:
+        (n,) = struct.unpack("<Q", raw[:8])
+        out.append(event_pb2.Event.FromString(raw[12:12 + n]))
+        raw = raw[12 + n + 4:]
+    return out
+
+
 def _event_tags(path, event_pb2):
     """The scalar tags in a TensorBoard event file (TFRecord framing: length, crc, data,
     crc)."""

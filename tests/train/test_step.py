@@ -138,6 +138,17 @@ def test_scan_steps_equals_single_steps():
 
 def test_bad_loss_fn_outputs():
     opt = optim.sgd(0.1)
+    # an aux metric named "step" overwrote the logs' step numbers, "loss" the loss itself
+    def reporting(name):
+        return lambda p, b: (mse_loss(p, b), {name: 0.25})
+
+    for name in ("step", "loss"):
+        clash = reporting(name)
+        with pytest.raises(ValueError, match=rf"loss_fn's aux metrics \['{name}'\] clash with "
+                                             rf"the train step's own metrics"):
+            train.make_train_step(clash, opt)(fresh_state(opt), linear_problem())
+    with pytest.raises(ValueError, match=r"make_eval_step: metric 'epoch' has a name History"):
+        train.make_eval_step(lambda p, b: {"epoch": 1.0})({}, {"x": jnp.ones((2, 1))})
     per_example = lambda p, b: (b["x"] @ p["w"] - b["y"]) ** 2
     with pytest.raises(ValueError, match=r"loss_fn must return a scalar floating loss, got shape "
                                          r"\(32,\)"):
