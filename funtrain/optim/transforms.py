@@ -758,7 +758,9 @@ def clip(max_delta: Positive) -> Optimizer:
     """Clip every update element to ``[-max_delta, max_delta]``."""
 
     def update(grads: Grads, state: EmptyState, params: Params | None = None):
-        return jax.tree.map(lambda g: jnp.clip(g, -max_delta, max_delta), grads), state
+        # cast back: a numpy or injected float32 bound would promote bf16 updates
+        return jax.tree.map(lambda g: jnp.clip(g, -max_delta, max_delta).astype(g.dtype),
+                            grads), state
 
     return Optimizer(lambda params: EmptyState(), update)
 

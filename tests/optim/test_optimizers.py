@@ -750,3 +750,15 @@ def test_an_infinite_clipping_norm_never_clips():
     grads = {"w": jnp.full(3, 1e10)}
     updates, _ = opt.update(grads, opt.init_state(grads))
     np.testing.assert_array_equal(updates["w"], grads["w"])
+
+
+def test_clip_keeps_the_update_dtype_whatever_the_bound_s():
+    """A numpy or injected float32 bound promoted bf16 updates to float32, which a fused
+    state's bf16 buffer then refused."""
+    grads = {"w": jnp.asarray([-2.0, 0.3, 2.0], jnp.bfloat16)}
+    for opt in (optim.clip(np.float32(0.5)), optim.clip(0.5),
+                optim.inject_hyperparams(optim.clip)(max_delta=jnp.asarray(0.5, jnp.float32))):
+        updates, _ = opt.update(grads, opt.init_state(grads))
+        assert updates["w"].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(updates["w"], np.float32),
+                                      np.clip(np.asarray(grads["w"], np.float32), -0.5, 0.5))
