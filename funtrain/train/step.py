@@ -18,7 +18,7 @@ from funtrain._tree import keystr
 from funtrain._typing import Array, Batch, Params, PRNGKey
 from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module, check_statistics
-from funtrain.optim import MultiStepsState, injected_hyperparams
+from funtrain.optim import ApplyIfFiniteState, MultiStepsState, injected_hyperparams
 from funtrain.optim.base import Optimizer, apply_updates, check_optimizer, global_norm
 from funtrain.optim.fused import FlatParams, unfuse_spec
 from funtrain.precision import all_finite, as_policy
@@ -90,7 +90,8 @@ def _is_multi_steps(s: Any) -> bool:
 
 def _learning_rate(learning_rate: Any, state: TrainState, opt_state: Any) -> Any:
     """The lr this step's update used: the given float, or schedule at the optimizer's
-    count (skipped steps and ``multi_steps``' micro-steps do not advance it), or the
+    count (steps skipped by the step's guard or an ``apply_if_finite``, and
+    ``multi_steps``' micro-steps, do not advance it), or the
     injected one in the updated ``opt_state`` (the state before it holds the last step's)."""
     if learning_rate is None:
         return injected_hyperparams(opt_state).get("learning_rate")
@@ -100,8 +101,17 @@ def _learning_rate(learning_rate: Any, state: TrainState, opt_state: Any) -> Any
               if _is_multi_steps(s)]
     if len(rounds) == 1:
         return learning_rate(rounds[0].gradient_step)
-    skipped = state.skipped_steps
-    return learning_rate(state.step if skipped is None else state.step - skipped)
+    count = state.step if state.skipped_steps is None else state.step - state.skipped_steps
+    # steps an apply_if_finite skipped did not advance the optimizer's schedule either
+    guards = [s for s in jax.tree.leaves(state.opt_state, is_leaf=_is_apply_if_finite)
+              if _is_apply_if_finite(s)]
+    if len(guards) == 1:
+        count = count - guards[0].total_notfinite
+    return learning_rate(count)
+
+
+def _is_apply_if_finite(s: Any) -> bool:
+    return isinstance(s, ApplyIfFiniteState)
 
 
 def _check_opt_state(where: str, optimizer: Optimizer, state: TrainState) -> None:

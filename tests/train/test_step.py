@@ -231,3 +231,21 @@ def test_the_reported_learning_rate_is_the_one_the_update_used(case):
             assert float(metrics["learning_rate"]) == moved, (case, len(moves))
             moves.append(moved)
     assert moves == [0.5, 0.25, 0.125][:len(moves)] and len(moves) >= 2
+
+
+def test_learning_rate_metric_follows_an_apply_if_finite_skip():
+    """A step apply_if_finite skipped does not advance the optimizer's schedule: the metric
+    ran one step ahead of the rate applied from then on."""
+    sched = lambda c: 0.1 / (1.0 + c)
+    opt = optim.apply_if_finite(optim.sgd(sched), 5)
+    state = train.TrainState.create({"w": jnp.zeros(())}, opt, jax.random.key(0))
+    step = train.make_train_step(lambda p, b: p["w"] * b["g"], opt, learning_rate=sched,
+                                 grad_norm=False)
+    reported, applied = [], []
+    for g in (1.0, float("nan"), 1.0, 1.0):
+        before = float(state.params["w"])
+        state, metrics = step(state, {"g": jnp.asarray(g)})
+        reported.append(float(metrics["learning_rate"]))
+        applied.append(before - float(state.params["w"]))  # the grad is 1: the lr itself
+    np.testing.assert_allclose(reported, [0.1, 0.05, 0.05, 0.1 / 3], rtol=1e-6)
+    np.testing.assert_allclose([applied[i] for i in (0, 2, 3)], [0.1, 0.05, 0.1 / 3], rtol=1e-6)
