@@ -921,13 +921,23 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
 
 def ema_params(state: Any) -> Params:
     """The averaged params of the one ``ema`` in ``state``: an optimizer state, or a whole
-    ``TrainState`` (then cast to its params' dtypes), so ``fit(eval_params=ema_params)``."""
+    ``TrainState`` (then cast to its params' dtypes), so ``fit(eval_params=ema_params)``.
+
+    An ``ema`` inside ``masked`` or ``partition`` averages its leaves only; from a
+    ``TrainState`` the others are its params as they are.
+    """
     found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, EmaState))
              if isinstance(s, EmaState)]
     if len(found) != 1:
         raise ValueError(f"ema_params: expected the state of one optim.ema optimizer, "
                          f"found {len(found)}")
-    params = getattr(state, "params", None)
+    params, ema = getattr(state, "params", None), found[0].ema
+    masked = lambda x: isinstance(x, MaskedNode)  # noqa: E731 - a leaf the ema does not see
     if params is None:
-        return found[0].ema
-    return jax.tree.map(lambda e, p: e.astype(p.dtype), found[0].ema, params)
+        if any(map(masked, jax.tree.leaves(ema, is_leaf=masked))):
+            raise ValueError("ema_params: this ema averages some leaves only (it sits in "
+                             "masked or partition); pass the TrainState, whose params fill "
+                             "in the others")
+        return ema
+    return jax.tree.map(lambda e, p: p if masked(e) else e.astype(p.dtype), ema, params,
+                        is_leaf=masked)

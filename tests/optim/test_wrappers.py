@@ -1003,6 +1003,25 @@ def test_ema_keeps_float32_for_low_precision_params_and_casts_back_for_a_train_s
     assert optim.ema_params(state.opt_state)["w"].dtype == jnp.float32
 
 
+def test_ema_params_of_an_ema_inside_partition_fills_in_the_other_params():
+    from funtrain import train
+
+    params = {"body": jnp.ones(3), "head": jnp.ones(2)}
+    opt = optim.partition({"train": optim.ema(optim.adam(0.1), 0.5), "frozen": optim.freeze(True)},
+                          {"body": "frozen", "head": "train"})
+    state = train.TrainState.create(params, opt, jax.random.key(0))
+    grads = {"body": jnp.ones(3), "head": jnp.ones(2)}
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    state = state._replace(params=optim.apply_updates(state.params, updates), opt_state=opt_state)
+    got = optim.ema_params(state)
+    np.testing.assert_array_equal(got["body"], state.params["body"])  # frozen: as they are
+    # one step of adam at lr 0.1 moves head by -0.1; the average: 0.5 * 1 + 0.5 * 0.9
+    np.testing.assert_allclose(got["head"], np.full(2, 0.95), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"ema_params: this ema averages some leaves only .*"
+                                         r"pass the TrainState"):
+        optim.ema_params(state.opt_state)
+
+
 def test_ema_errors():
     with pytest.raises(ValueError, match=r"ema: decay must be a float in \[0, 1\), got 1.0"):
         optim.ema(optim.sgd(0.1), decay=1.0)
