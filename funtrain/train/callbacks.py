@@ -38,8 +38,8 @@ from funtrain._checks import check_int
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.generic, np.ndarray)):
-        value = value.tolist()
+    if hasattr(value, "__array__") and not isinstance(value, (list, tuple)):
+        value = np.asarray(value).tolist()  # numpy, or jax arrays from a hand-written loop
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no nan/inf; keep them readable
     if isinstance(value, (list, tuple)):  # vector metrics

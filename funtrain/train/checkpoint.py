@@ -665,8 +665,9 @@ def _save_parts(directory: Path, state: Any, step: int, metadata: Any, overwrite
 
 
 def all_steps(directory: PathLike) -> list[int]:
-    """Sorted steps that have a final folder ``step_XXXXXXXX`` (``.tmp*``, ``.old*`` and
-    other names are ignored); ``[]`` when ``directory`` does not exist.
+    """Sorted steps that have a final folder ``step_XXXXXXXX``, as ``step_dir`` names it
+    (``.tmp*``, ``.old*`` and other names are ignored); ``[]`` when ``directory`` does not
+    exist.
 
     A final folder is only ever created by renaming a complete one, so every listed step
     is complete unless it was damaged since; reading a damaged one is an error that says
@@ -674,8 +675,9 @@ def all_steps(directory: PathLike) -> list[int]:
     steps = []
     for child in _children(Path(directory)):
         m = _STEP_RE.fullmatch(child.name)
-        if m and child.is_dir():  # False when it vanished meanwhile
-            steps.append(int(m.group(1)))
+        # the name step_dir gives only (step_000000010 is no folder restore would open)
+        if m and child.name == step_dir(directory, int(m.group(1))).name and child.is_dir():
+            steps.append(int(m.group(1)))  # (is_dir: False when it vanished meanwhile)
     return sorted(steps)
 
 

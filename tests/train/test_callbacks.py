@@ -63,6 +63,12 @@ def test_loggers_write_parseable_files(tmp_path):
     assert len(rows) == 8 and float(rows[3]["loss"]) == pytest.approx(steps[3]["loss"])
     evals = list(csv.DictReader((tmp_path / "log_eval.csv").open()))
     assert [int(r["step"]) for r in evals] == [4, 8] and "accuracy" in evals[0]
+    # from a hand-written loop, jax scalars (the CSV and TensorBoard loggers took them)
+    by_hand = train.JsonlLogger(tmp_path / "hand.jsonl")
+    by_hand.on_step(jnp.int32(3), {"loss": jnp.float32(0.5), "per_class": jnp.ones(2)})
+    by_hand.close()
+    assert json.loads((tmp_path / "hand.jsonl").read_text()) == {
+        "step": 3, "loss": 0.5, "per_class": [1.0, 1.0]}
 
 
 def test_loggers_start_afresh_or_append(tmp_path):

@@ -238,6 +238,7 @@ def test_latest_step_ignores_temp_and_malformed(tmp_path):
     (tmp_path / ".tmp_step_00000009_123_abcd" / "manifest.json").write_text("{}")
     (tmp_path / ".old_step_00000010_host_1_0123abcd").mkdir()  # an overwrite's old copy
     (tmp_path / "step_12").mkdir()  # malformed name
+    (tmp_path / "step_000000010").mkdir()  # not the name of step 10 (restore would not open it)
     (tmp_path / "step_00000012").write_text("a file, not a folder")
     (tmp_path / "notes.txt").write_text("hello")
     assert checkpoint.latest_step(tmp_path) == 4
