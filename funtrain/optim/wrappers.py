@@ -577,7 +577,8 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: Annotated[int, Int(l
     scale that overflowed, one bad batch). After more than ``max_consecutive_errors``
     non-finite steps in a row the update is applied anyway, so a run that keeps
     producing NaNs fails visibly instead of silently standing still. One finite step
-    resets the count.
+    resets the count. In ``fit``, whose guard stops at a non-finite step, the train step's
+    own ``make_train_step(..., skip_nonfinite=True)`` does this (and counts the skips).
 
     Args:
       opt: the optimizer to guard.
@@ -880,7 +881,10 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
     state was made from; torch's ``AveragedModel`` starts from the first updated params
     (:math:`e_1 = p_1`), so the two differ by :math:`\delta^t (p_1 - p_0)`. The average
     is kept in float32 at least, checkpoints and shards with the state, and leaves the
-    updates unchanged. Evaluate on it with ``fit(eval_params=optim.ema_params)``.
+    updates unchanged. Evaluate on it with ``fit(eval_params=optim.ema_params)``. With
+    gradient accumulation, ``multi_steps(ema(opt), k)`` averages once per real step, as
+    torch does after each ``optimizer.step()``; ``ema(multi_steps(opt, k))`` averages at
+    every micro-step (a decay of :math:`\delta^k` per real step).
 
     Args:
       opt: the optimizer whose params to average.
