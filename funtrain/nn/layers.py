@@ -174,7 +174,7 @@ def _is_torch_padding(padding: Any) -> bool:
 
 def _spatial_dims(x: Any, kernel_size: Any, kind: str) -> int:
     """1 or 2 spatial dims, from a tuple kernel_size or else from the input's rank."""
-    if isinstance(kernel_size, int):
+    if isinstance(kernel_size, (int, np.integer)):
         check_rank(x, (3, 4), kind, "a channels-last input of rank 3 (N, W, C) or 4 "
                    "(N, H, W, C)")
         return len(x.shape) - 2
@@ -194,7 +194,8 @@ def _check_sizes(kind: str, **sizes: Any) -> None:
     for what, value in sizes.items():
         if value is None or ok(value):
             continue
-        if not (isinstance(value, Sequence) and len(value) in (1, 2) and all(map(ok, value))):
+        seq = value.tolist() if isinstance(value, np.ndarray) and value.ndim == 1 else value
+        if not (isinstance(seq, Sequence) and len(seq) in (1, 2) and all(map(ok, seq))):
             raise ValueError(f"{kind}: {what} must be a positive int or a tuple of 1 or 2 "
                              f"positive ints, got {value!r}")
 
@@ -537,10 +538,13 @@ def embed(num_embeddings: int, features: int, *, w_init: Initializer | None = No
 # recomputes the normalised values in float32 from them.
 
 
-def _floating(x: Array) -> Array:
-    """Integer (e.g. uint8 image) input as float32, as ``conv`` and ``dense`` promote it: a
-    norm's output in an integer dtype would truncate (and wrap) the normalised values."""
-    return x if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.asarray(x).astype(jnp.float32)
+def _floating(x: Array, scale: Array) -> Array:
+    """Integer (e.g. uint8 image) input in the scale's float dtype, as ``conv`` and
+    ``dense`` promote it to their kernel's: a norm's output in an integer dtype would
+    truncate (and wrap) the normalised values."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return x
+    return jnp.asarray(x).astype(jnp.result_type(x.dtype, scale.dtype))
 
 
 def _normalize_impl(x: Array, scale: Array, bias: Array, eps: float, center: bool,
@@ -674,7 +678,7 @@ def layer_norm(*, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool 
     def apply(params: Params, x: Array, *, key: PRNGKey | None = None,
               train: bool = False) -> Array:
         scale, bias = _affine_params(params, _features_of(x, kind), kind, use_scale, use_bias)
-        return _normalize(_floating(x), scale, bias, epsilon, True, (-1,))
+        return _normalize(_floating(x, scale), scale, bias, epsilon, True, (-1,))
 
     return _make(kind, init, apply, name)
 
@@ -702,8 +706,8 @@ def rms_norm(*, epsilon: float = 1e-6, use_scale: bool = True,
         if use_scale:
             check_param_shape(params, "scale", (f,), kind)
         scale = params["scale"] if use_scale else jnp.ones((f,), jnp.float32)
-        return _normalize(_floating(x), scale, jnp.zeros((f,), scale.dtype), epsilon, False,
-                          (-1,))
+        return _normalize(_floating(x, scale), scale, jnp.zeros((f,), scale.dtype), epsilon,
+                          False, (-1,))
 
     return _make(kind, init, apply, name)
 
@@ -814,7 +818,7 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
         f = features(x)
         scale, bias = _affine_params(params, f, kind, use_scale, use_bias)
         check_stats(state, f)
-        x = _floating(x)
+        x = _floating(x, scale)
         axes = tuple(range(x.ndim - 1))
         if not train:
             count = state["count"]
@@ -833,10 +837,10 @@ def batch_norm(*, momentum: float | None = None, epsilon: float = 1e-5,
                               f"{tuple(x.shape)}: the variance of one value is 0, so the "
                               f"output would be the bias alone. Use a larger batch, or "
                               f"train=False")
+        if x.size == 0:  # no statistics: keep the running ones (shapes match on every device)
+            return _normalize(x, scale, bias, epsilon, True, axes), state
         if axis_name is None:
             y = _normalize(x, scale, bias, epsilon, True, axes)
-            if x.size == 0:  # an empty batch has no statistics: keep the running ones
-                return y, state
             mean, var, n = batch_stats(lax.stop_gradient(x), axes)
         else:  # statistics across devices: plain autodiff through the collectives
             mean, var, n = batch_stats(x, axes)
@@ -893,7 +897,7 @@ def group_norm(num_groups: int = 32, *, epsilon: float = 1e-5, use_scale: bool =
         f = features(x)
         scale, bias = _affine_params(params, f, kind, use_scale, use_bias)
         g = num_groups
-        xg = _floating(x).reshape(*x.shape[:-1], g, f // g)
+        xg = _floating(x, scale).reshape(*x.shape[:-1], g, f // g)
         axes = (*range(1, x.ndim - 1), xg.ndim - 1)  # spatial axes and the group's channels
         y = _normalize(xg, scale.reshape(g, f // g), bias.reshape(g, f // g), epsilon, True,
                        axes)

@@ -27,7 +27,7 @@ import io
 import json
 import math
 import os
-import uuid
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -203,17 +203,22 @@ class TensorBoardLogger:
         self._writer: Any = None
         self._last: int | None = None  # the last step written
         self._purge: int | None = None  # set by a resume, for the next writer
-        _ = self.writer  # opened now, so a bad logdir fails here
+        # A bad logdir fails here; the event file opens at the first write (after a
+        # resume's load_state_dict, so it carries the purge).
+        os.makedirs(self._logdir, exist_ok=True)
+        if not os.access(self._logdir, os.W_OK):
+            raise PermissionError(f"TensorBoardLogger: cannot write to {self._logdir}")
 
     @property
     def writer(self) -> Any:
         """The open ``SummaryWriter``; after ``close`` a new one opens, into a new file."""
         if self._writer is None:
-            # Event file names have whole seconds only: without a suffix of its own, a
-            # writer opened in the same second (a reopen, another logger) truncates a file.
+            # Event file names have whole seconds only, so a writer opened in the same
+            # second (a reopen, another logger) would truncate a file; the suffix keeps
+            # the creation order, in which TensorBoard reads (and purges) them.
             kw = {} if self._purge is None else {"purge_step": self._purge}
-            self._writer = self._make(self._logdir, filename_suffix=f".{uuid.uuid4().hex[:8]}",
-                                      **kw)
+            self._writer = self._make(
+                self._logdir, filename_suffix=f".{time.time_ns():020d}.{os.getpid()}", **kw)
             self._purge = None
         return self._writer
 

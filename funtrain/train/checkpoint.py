@@ -1162,6 +1162,10 @@ class CheckpointManager:
 # ----------------------------------------------------------------------------- fit's runs
 
 
+def _order(shuffle: Any) -> str:
+    return "not shuffled" if shuffle is None else f"shuffled with key data {shuffle}"
+
+
 def _position_basis(data: Mapping[str, Any]) -> dict[str, Any]:
     """What the data position depends on, of a saved or current ``data`` basis."""
     return {k: data.get(k) for k in ("steps_per_epoch", "batch_size", "examples")}
@@ -1210,14 +1214,14 @@ class RunCheckpoints:
                     f"position cannot be found. Pass the same data, or resume='rederive' to "
                     f"continue at epoch, batch = divmod(step, steps_per_epoch) of the new data")
             # (checkpoints written before the shuffle key was kept have none to compare)
-            if "shuffle" in info["data"] and info["data"]["shuffle"] != self.basis.get(
-                    "shuffle") and resume != "rederive":
+            now_key = self.basis.get("shuffle")
+            was = info["data"].get("shuffle", now_key)
+            if was != now_key and resume != "rederive":
                 raise CheckpointError(
-                    f"{where}: the checkpoint at step {manifest['step']} was trained on a "
-                    f"Loader shuffled with key data {info['data']['shuffle']}, but train_data "
-                    f"now shuffles with {self.basis.get('shuffle')}, so the resumed epochs "
-                    f"would see other batches. Pass the same key, or resume='rederive' to "
-                    f"continue with the new order")
+                    f"{where}: the checkpoint at step {manifest['step']} was trained on data "
+                    f"{_order(was)}, but train_data is now {_order(now_key)}, so the resumed "
+                    f"epochs would see other batches. Pass the same key, or "
+                    f"resume='rederive' to continue with the new order")
             self.last_saved = manifest["step"]
             return self.manager.restore(target=state, step=manifest["step"]), info
         later = [s for s in steps if s > int(state.step)]

@@ -407,7 +407,7 @@ def _check_arguments(args: dict[str, Any]) -> int | None:
 def _data_basis(data: Data, steps_per_epoch: int | None) -> dict[str, Any]:
     """What the data position depends on, kept in checkpoints to check a resume against."""
     dataset = getattr(data, "dataset", None)
-    key = getattr(data, "key", None)  # a Loader's shuffle key decides each epoch's order
+    key = data.key if isinstance(data, Loader) else None  # it decides each epoch's order
     if key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     return {"steps_per_epoch": steps_per_epoch,

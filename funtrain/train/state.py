@@ -115,7 +115,8 @@ def _owned_opt_state(optimizer: Any, params: Params) -> Any:
     An optimizer may put the caller's arrays in its state (``sparsity.pruned``'s masks, an
     ``inject_hyperparams`` value given as a jax array); the first step donates the state,
     which would delete them, for the caller and for the next ``init`` (a resume). Copied
-    leaf by leaf, each original freed as its copy is made: the peak is one extra leaf.
+    leaf by leaf, with no second reference to the whole original state, so each original
+    can go once its copy has run.
     """
     leaves, treedef = jax.tree.flatten(optimizer.init(params))
     for i, leaf in enumerate(leaves):

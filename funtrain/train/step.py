@@ -18,9 +18,10 @@ from funtrain._tree import keystr
 from funtrain._typing import Array, Batch, Params, PRNGKey
 from funtrain.data.checks import check_leading_dims
 from funtrain.nn.module import Module, check_statistics
-from funtrain.optim import ApplyIfFiniteState, MultiStepsState, injected_hyperparams
+from funtrain.optim import MultiStepsState, injected_hyperparams
 from funtrain.optim.base import Optimizer, apply_updates, check_optimizer, global_norm
 from funtrain.optim.fused import FlatParams, unfuse_spec
+from funtrain.optim.transforms import ScaleByScheduleState
 from funtrain.precision import all_finite, as_policy
 from funtrain.train.state import TrainState
 
@@ -45,6 +46,13 @@ def _positional(fn: Callable[..., Any]) -> tuple[float, int]:
 def _takes_key(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` accepts a third positional argument (the PRNG key)."""
     return _positional(fn)[0] >= 3
+
+
+# The metrics a train step reports besides loss_fn's aux, and "step", under which History
+# and the loggers record the step number (an aux "invalid_labels" is meant: it feeds the
+# non-finite guard, as classifier_loss's does).
+STEP_METRICS = ("step", "loss", "grad_norm", "nonfinite", "learning_rate", "skipped",
+                "skipped_steps", "loss_scale")
 
 
 def _split_loss(where: str, out: Any, stateful: bool = False
@@ -77,11 +85,6 @@ def _split_loss(where: str, out: Any, stateful: bool = False
     return loss, dict(aux), new_state
 
 
-# The metrics a train step reports besides loss_fn's aux, and "step", under which History
-# and the loggers record the step number (an aux "invalid_labels" is meant: it feeds the
-# non-finite guard, as classifier_loss's does).
-STEP_METRICS = ("step", "loss", "grad_norm", "nonfinite", "learning_rate", "skipped",
-                "skipped_steps", "loss_scale")
 
 
 def _is_multi_steps(s: Any) -> bool:
@@ -89,29 +92,29 @@ def _is_multi_steps(s: Any) -> bool:
 
 
 def _learning_rate(learning_rate: Any, state: TrainState, opt_state: Any) -> Any:
-    """The lr this step's update used: the given float, or schedule at the optimizer's
-    count (steps skipped by the step's guard or an ``apply_if_finite``, and
-    ``multi_steps``' micro-steps, do not advance it), or the
-    injected one in the updated ``opt_state`` (the state before it holds the last step's)."""
+    """The lr this step's update used: the given float; or the schedule at the count that
+    the optimizer's scheduled block reads (a step skipped by the step's guard or an
+    ``apply_if_finite``, or a ``multi_steps`` micro-step, does not advance it), else (an
+    optax optimizer) at the steps taken; or the injected one in the updated ``opt_state``
+    (the state before it holds the last step's)."""
     if learning_rate is None:
         return injected_hyperparams(opt_state).get("learning_rate")
     if not callable(learning_rate):
         return learning_rate
+    scheduled = [s.count for s in jax.tree.leaves(state.opt_state, is_leaf=_is_scheduled)
+                 if _is_scheduled(s)]
+    if scheduled:  # the blocks of one optimizer count alike
+        return learning_rate(scheduled[0])
     rounds = [s for s in jax.tree.leaves(state.opt_state, is_leaf=_is_multi_steps)
               if _is_multi_steps(s)]
     if len(rounds) == 1:
         return learning_rate(rounds[0].gradient_step)
-    count = state.step if state.skipped_steps is None else state.step - state.skipped_steps
-    # steps an apply_if_finite skipped did not advance the optimizer's schedule either
-    guards = [s for s in jax.tree.leaves(state.opt_state, is_leaf=_is_apply_if_finite)
-              if _is_apply_if_finite(s)]
-    if len(guards) == 1:
-        count = count - guards[0].total_notfinite
-    return learning_rate(count)
+    skipped = state.skipped_steps
+    return learning_rate(state.step if skipped is None else state.step - skipped)
 
 
-def _is_apply_if_finite(s: Any) -> bool:
-    return isinstance(s, ApplyIfFiniteState)
+def _is_scheduled(s: Any) -> bool:
+    return isinstance(s, ScaleByScheduleState)
 
 
 def _check_opt_state(where: str, optimizer: Optimizer, state: TrainState) -> None:

@@ -584,3 +584,12 @@ def test_an_empty_batch_leaves_the_running_statistics_as_they_are():
     assert y.shape == (0, 3)
     for k in state:
         np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(state[k]))
+
+
+def test_an_empty_batch_keeps_the_statistics_with_an_axis_name_too():
+    bn = nn.batch_norm(axis_name="d")
+    params, state = bn.init(KEY, jnp.zeros((1, 3)))
+    _, after = jax.vmap(lambda x: bn.apply(params, x, state=state, train=True),
+                        axis_name="d", out_axes=(0, None))(jnp.zeros((2, 0, 3)))
+    for k in state:
+        np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(state[k]))

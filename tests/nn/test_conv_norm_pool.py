@@ -238,8 +238,9 @@ def test_a_window_larger_than_the_input_is_an_error(layer):
 @pytest.mark.parametrize("make", [nn.layer_norm, nn.rms_norm, lambda: nn.group_norm(2),
                                   nn.batch_norm])
 def test_norms_promote_integer_input_to_float32_like_conv(make):
-    """uint8 images straight into a norm: float32 out, equal to the float input's (the
-    output in uint8 truncated and wrapped the normalised values); grads under jit."""
+    """uint8 images straight into a norm: float32 out (the params' dtype, as conv), equal to
+    the float input's (the output in uint8 truncated and wrapped the normalised values);
+    grads under jit; bf16 params give bf16, as conv's do."""
     layer = make()
     x = np.random.default_rng(3).integers(0, 256, (4, 3, 3, 4)).astype(np.uint8)
     init = layer.init(jax.random.key(0), jnp.zeros((1, 3, 3, 4)))
@@ -257,6 +258,9 @@ def test_norms_promote_integer_input_to_float32_like_conv(make):
     want_grads = jax.grad(lambda p: jnp.sum(run(p, x.astype(np.float32)) ** 3))(params)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-3)
+    low = jax.tree.map(lambda p: p.astype(jnp.bfloat16)
+                       if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    assert run(low, x).dtype == jnp.bfloat16
 
 
 # ----------------------------------------------------------------------------- bad settings
@@ -282,3 +286,12 @@ def test_conv_transpose_refuses_params_of_another_model():
     with pytest.raises(nn.ModuleError, match=r"conv_transpose layer .*w has shape \(5, 5, 2, 8\)"
                        r", but this layer expects \(3, 3, 2, 4\).*another model's init"):
         nn.conv_transpose(4, 3).apply(other, x)
+
+
+def test_sizes_given_as_numpy_ints_or_arrays_build_and_run():
+    x = jnp.zeros((1, 8, 8, 2))
+    for layer in (nn.conv(4, np.int64(3), strides=np.array([2, 2])),
+                  nn.conv(4, np.array([3, 3])), nn.conv_transpose(4, np.int64(3)),
+                  nn.max_pool(np.array([2, 2]))):
+        params = layer.init(jax.random.key(0), x)
+        assert layer.apply(params, x).ndim == 4

@@ -189,12 +189,14 @@ def test_tensorboard_loggers_sharing_a_logdir_and_a_resume(tmp_path):
     second.load_state_dict(saved)
     second.on_step(3, {"loss": 0.7})
     second.close()
-    events = [e for path in tmp_path.iterdir() for e in _events(path, event_pb2)]
+    files = sorted(tmp_path.iterdir())  # TensorBoard reads them in name order
+    assert len(files) == 2  # one each, and no empty one opened before the resume
+    events = [e for path in files for e in _events(path, event_pb2)]
     points = sorted((e.step, round(v.simple_value, 6)) for e in events for v in e.summary.value)
     assert points == [(1, 1.0), (2, 0.9), (3, 0.7), (3, 0.8)]
-    purges = [e.step for e in events if e.HasField("session_log")
+    purges = [e.step for e in _events(files[-1], event_pb2) if e.HasField("session_log")
               and e.session_log.status == event_pb2.SessionLog.START]
-    assert purges == [3]  # TensorBoard hides the crashed run's points from step 3 on
+    assert purges == [3]  # read last, it hides the crashed run's points from step 3 on
 
 
 def _events(path, event_pb2):

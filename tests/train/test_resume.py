@@ -346,9 +346,9 @@ def test_resume_with_another_shuffle_key_is_an_error_unless_rederived(tmp_path):
     other = loader.dataset.batches(loader.batch_size, key=jax.random.key(7),
                                    drop_remainder=loader.drop_remainder)
     kw = dict(epochs=2, progress=False, checkpoint_dir=tmp_path / "ck", **ev)
-    with pytest.raises(train.CheckpointError, match=r"trained on a Loader shuffled with key "
-                                                    r"data \[.*\], but train_data now shuffles "
-                                                    r"with \[.*resume='rederive'"):
+    with pytest.raises(train.CheckpointError, match=r"trained on data shuffled with key data "
+                                                    r"\[.*\], but train_data is now shuffled "
+                                                    r"with key data \[.*resume='rederive'"):
         train.fit(template, step, other, resume=True, **kw)
     state, history = train.fit(template, step, other, resume="rederive", **kw)
     assert history.resumed_from == 6 and int(state.step) == 12
