@@ -260,6 +260,10 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         assert eval_step is not None  # run_eval is called only with one
         delivering.append(True)
         result = evaluate(eval_step, params, eval_data, state.model_state)
+        if {"epoch", "step"} & set(result):  # a hand-written eval_step's
+            raise ValueError(f"fit: eval_step returned metrics named "
+                             f"{sorted({'epoch', 'step'} & set(result))}, the names History "
+                             f"gives the epoch and step; rename them")
         history.eval.append({"epoch": epoch, "step": step, **result})
         _call(hooks, "on_eval", step, result)
         delivering.pop()
@@ -551,6 +555,9 @@ def _record(history: History, steps: np.ndarray, metrics: dict[str, np.ndarray],
     guard.check(steps, metrics, checkpoints.last_saved if checkpoints else None)
     for name in ("nonfinite", "invalid_labels"):  # the guard's input, not training metrics
         metrics.pop(name, None)
+    if "step" in metrics:  # a hand-written step's (make_train_step refuses it)
+        raise ValueError("fit: the train step returned a metric named 'step', the name "
+                         "History and the loggers give the step number; rename it")
     history.train["step"].extend(steps.tolist())
     columns = {k: v.tolist() for k, v in metrics.items()}
     for k, v in columns.items():

@@ -251,6 +251,13 @@ def test_fit_rejects_one_shot_iterators_and_bad_arguments():
     with pytest.raises(TypeError, match=r"fit: state must be a TrainState \(TrainState.create"
                                         r"\(params, optimizer, key\)\), got dict"):
         train.fit(state.params, step, [{"x": np.ones((2, 2), np.float32)}], progress=False)
+    hand_step = lambda s, b: (s, {"loss": jnp.zeros(()), "step": jnp.zeros(())})
+    with pytest.raises(ValueError, match=r"fit: the train step returned a metric named 'step'"):
+        train.fit(state, hand_step, [{"x": np.ones((2, 2), np.float32)}], progress=False)
+    with pytest.raises(ValueError, match=r"fit: eval_step returned metrics named \['epoch'\]"):
+        train.fit(state, step, [{"x": np.ones((2, 2), np.float32)}], progress=False,
+                  eval_step=lambda p, b: {"epoch": jnp.ones(())},
+                  eval_data=[{"x": np.ones((2, 2), np.float32)}])
     with pytest.raises(TypeError, match=r"make_train_step: the step takes \(state, batch\) "
                                         r"with state a TrainState .*got dict"):
         step(state.params, {"x": np.ones((2, 2), np.float32)})
