@@ -85,8 +85,6 @@ def _split_loss(where: str, out: Any, stateful: bool = False
     return loss, dict(aux), new_state
 
 
-
-
 def _is_multi_steps(s: Any) -> bool:
     return isinstance(s, MultiStepsState)
 
