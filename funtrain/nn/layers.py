@@ -200,6 +200,16 @@ def _check_sizes(kind: str, **sizes: Any) -> None:
                              f"positive ints, got {value!r}")
 
 
+def _check_kernel_shape(w: Any, kernel_size: Any, n: int, features: int, kind: str) -> None:
+    """A conv-like ``w`` must be ``(*kernel, in, features)``: other shapes are another
+    model's params."""
+    expected = (*_tuple(kernel_size, n, "kernel_size", kind), w.shape[-2], features)
+    if tuple(w.shape) != expected:
+        raise ModuleError(kind, f"w has shape {tuple(w.shape)}, but this layer expects "
+                          f"{expected} (kernel_size, in channels, {features} features); "
+                          f"were the params made by another model's init?")
+
+
 def _kernel_params(key: PRNGKey, x: Any, kind: str, kernel_size: Any, in_features: int,
                    features: int, use_bias: bool, w_init: Initializer, b_init: Initializer,
                    param_dtype: Any) -> Params:
@@ -286,11 +296,7 @@ def conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
             raise ModuleError(kind, f"expected an input with {w.shape[-2] * groups} channels "
                               f"on the last axis (w has shape {tuple(w.shape)}), got input of "
                               f"shape {tuple(x.shape)}")
-        expected = (*_tuple(kernel_size, n, "kernel_size", kind), w.shape[-2], features)
-        if tuple(w.shape) != expected:  # params of another model
-            raise ModuleError(kind, f"w has shape {tuple(w.shape)}, but this layer expects "
-                              f"{expected} (kernel_size, in channels, {features} features); "
-                              f"were the params made by another model's init?")
+        _check_kernel_shape(w, kernel_size, n, features, kind)
         how: dict[str, Any] = dict(window_strides=_tuple(strides, n, "strides", kind),
                    padding=_padding(padding, n, kind),
                    rhs_dilation=_tuple(dilation, n, "dilation", kind),
@@ -355,11 +361,7 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
             raise ModuleError(kind, f"expected an input with {w.shape[-2]} channels on the "
                               f"last axis (w has shape {tuple(w.shape)}), got input of shape "
                               f"{tuple(x.shape)}")
-        expected = (*_tuple(kernel_size, n, "kernel_size", kind), w.shape[-2], features)
-        if tuple(w.shape) != expected:  # params of another model
-            raise ModuleError(kind, f"w has shape {tuple(w.shape)}, but this layer expects "
-                              f"{expected} (kernel_size, in channels, {features} features); "
-                              f"were the params made by another model's init?")
+        _check_kernel_shape(w, kernel_size, n, features, kind)
         ks, dil = w.shape[:n], _tuple(dilation, n, "dilation", kind)
         # "VALID" is PyTorch's padding=0: lax's "VALID" gives H * s, not (H - 1) * s + d (k -
         # 1) + 1, when the dilated kernel is shorter than the stride
