@@ -67,7 +67,10 @@ def _check_same_shape(where: str, predictions: Array, targets: Array) -> None:
 def _class_targets(where: str, logits: Array, labels: Array) -> tuple[Array, bool]:
     """Return labels (integer ones at least int32) and whether they are class indices."""
     labels = jnp.asarray(labels)
-    if jnp.issubdtype(labels.dtype, jnp.integer):
+    # integer labels of the logits' own shape are one-hot (as check_batch takes them); class
+    # ids never have the class axis, so the two cannot be confused
+    one_hot = tuple(labels.shape) == tuple(logits.shape)
+    if jnp.issubdtype(labels.dtype, jnp.integer) and not one_hot:
         if tuple(labels.shape) != tuple(logits.shape[:-1]):
             raise ValueError(f"{where}: integer labels must have shape {tuple(logits.shape[:-1])} "
                              f"(logits' shape without the class axis), got "
@@ -92,7 +95,8 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: floa
 
     Args:
       logits: ``(..., C)`` unnormalised scores.
-      labels: integer class ids of shape ``(...)``, or one-hot/probabilities ``(..., C)``.
+      labels: integer class ids of shape ``(...)``, or one-hot/probabilities ``(..., C)``
+        (float, or integer one-hot).
         An integer label outside ``[0, C)`` gives a NaN loss for its example (unless
         ``mask`` leaves it out), never a silently wrapped class.
       label_smoothing: ``ε`` in ``[0, 1)``; mixes the target with the uniform distribution,

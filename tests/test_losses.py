@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funtrain import losses
+from funtrain import data, losses
 from tests.reference import losses as ref
 
 N, C = 6, 5
@@ -476,3 +476,20 @@ def test_top_k_accepts_numpy_ints_and_rejects_bools():
 def test_huber_rejects_nan_delta():
     with pytest.raises(ValueError, match="huber: delta must be > 0, got nan"):
         losses.huber(np.zeros(2), np.zeros(2), delta=float("nan"))
+
+
+def test_integer_one_hot_labels():
+    # check_batch accepts integer one-hot labels, so the losses take them too: an integer
+    # array of the logits' own shape cannot be class ids (those lack the class axis)
+    logits, ids = randn(N, C), int_labels()
+    one_hot = np.eye(C, dtype=np.int32)[ids]
+    data.check_batch({"x": logits, "y": one_hot}, num_classes=C)
+    for fn in (losses.softmax_cross_entropy, losses.accuracy):
+        np.testing.assert_allclose(fn(logits, one_hot), fn(logits, ids), rtol=1e-6)
+    assert int(losses.invalid_labels(logits, one_hot)) == 0
+    smoothed = losses.softmax_cross_entropy(logits, one_hot.astype(np.uint8), label_smoothing=0.1)
+    np.testing.assert_allclose(smoothed, losses.softmax_cross_entropy(
+        logits, ids, label_smoothing=0.1), rtol=1e-6)
+    grad = jax.jit(jax.grad(losses.softmax_cross_entropy))(logits, one_hot)
+    np.testing.assert_allclose(grad, jax.grad(losses.softmax_cross_entropy)(logits, ids),
+                               rtol=1e-6, atol=1e-7)
