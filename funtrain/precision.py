@@ -536,6 +536,14 @@ class LossScale:
         return f"{type(self).__name__}({inner})"
 
 
+def check_loss_scale(where: str, name: str, value: Any) -> None:
+    """Raise unless ``value`` is one of the loss scales below (a bare number is not)."""
+    if not isinstance(value, LossScale):
+        raise TypeError(f"{where}: {name} must be a loss scale from funtrain.precision "
+                        f"(StaticLossScale(2.0 ** 15), DynamicLossScale() or NoOpLossScale()), "
+                        f"got {type(value).__name__} ({value!r})")
+
+
 def _loss_scale_class(cls: Any) -> Any:
     """``chex.dataclass``: init=False, as the constructors take the user's arguments and check
     them; eq=False, as the fields are arrays; attributes, not a Mapping. chex's ``replace``

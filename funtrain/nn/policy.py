@@ -72,7 +72,9 @@ def with_policy(module: Module, policy: Any, *, overrides: Mapping[str, Any] | N
         overrides, each child layer's floating inputs are cast to its own compute dtype:
         a float32 layer gets float32 inputs and outputs float32, and the layer after it
         computes in the default dtype again (an early float32 embedding does not turn
-        the rest of the model to float32); a float32 head's output stays float32.
+        the rest of the model to float32). The model's output is then cast to the policy's
+        ``output_dtype``, a float32 head's too: that dtype defaults to the compute dtype, so
+        write ``o=f32`` (``"p=f32,c=bf16,o=f32"``) to get float32 logits.
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from funtrain._typing import Array, OptState, Params, PRNGKey
 from funtrain.optim.base import check_optimizer
 from funtrain.optim.fused import fuse
-from funtrain.precision import as_policy
+from funtrain.precision import as_policy, check_loss_scale
 
 
 def _checked_key(key: Any) -> Any:
@@ -85,6 +85,7 @@ class TrainState(NamedTuple):
         # weak-typed leaf would come back strong from the update and recompile the step).
         params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), params)
         if loss_scale is not None:
+            check_loss_scale("TrainState.create", "loss_scale", loss_scale)
             loss_scale = jax.tree.map(lambda x: jnp.array(x, dtype=x.dtype), loss_scale)
         # A stateful model's init returns (params dict, state dict): catch passing it whole,
         # not a pair of param dicts (an encoder's and a decoder's): a state has counters.

@@ -22,7 +22,7 @@ from funtrain.optim import MultiStepsState, injected_hyperparams
 from funtrain.optim.base import Optimizer, apply_updates, check_optimizer, global_norm
 from funtrain.optim.fused import FlatParams, unfuse_spec
 from funtrain.optim.transforms import ScaleByScheduleState
-from funtrain.precision import all_finite, as_policy
+from funtrain.precision import all_finite, as_policy, check_loss_scale
 from funtrain.train.state import TrainState
 
 Metrics = dict[str, Array]
@@ -337,6 +337,8 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
     accepts, requires = _positional(loss_fn)
     if policy is not None:
         policy = as_policy(policy)
+    if loss_scale is not None:
+        check_loss_scale(where, "loss_scale", loss_scale)
 
     def objective(params: Params, batch: Batch, key: PRNGKey, scale: Any, model_state: Any
                   ) -> tuple[Array, tuple[Array, Metrics, Any]]:
@@ -366,6 +368,12 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
             raise ValueError(f"{where}: loss_scale= was given but state.loss_scale is None; "
                              f"create the state with TrainState.create(..., loss_scale=...) "
                              f"so the scale can change between steps")
+        if scale is not None:  # a state built by replace(), not create
+            check_loss_scale(where, "state.loss_scale", scale)
+        if loss_scale is not None and type(scale) is not type(loss_scale):
+            raise ValueError(f"{where}: the step was built with a {type(loss_scale).__name__} "
+                             f"but state.loss_scale is a {type(scale).__name__}; give "
+                             f"TrainState.create and make_train_step the same kind of scale")
         if state.model_state is not None and accepts < 4:
             raise TypeError(f"{where}: state.model_state is set (the model has state, e.g. "
                             f"BatchNorm statistics), but loss_fn takes {accepts} positional "

@@ -109,6 +109,9 @@ def test_with_policy_casts_and_overrides():
     assert seen == {"dense_0": jnp.bfloat16, "head": jnp.float32}
     assert out.dtype == jnp.float32
     assert mixed.apply(params, jnp.ones((2, 4))).dtype == jnp.float32
+    # as documented: the output dtype defaults to the compute dtype, float32 head or not
+    default = nn.with_policy(model, "p=f32,c=bf16", overrides={"head": "float32"})
+    assert default.apply(params, jnp.ones((2, 4))).dtype == jnp.bfloat16
 
 
 def _dot_dtypes(fn, *args):
@@ -158,6 +161,40 @@ def test_loss_scale_must_live_in_the_state():
     with pytest.raises(ValueError, match=r"state.loss_scale is None; create the state with "
                                          r"TrainState.create\(..., loss_scale=...\)"):
         step(state, {})
+
+
+@pytest.mark.parametrize("bad", [1024.0, 1024, "dynamic", jnp.float32(1024.0)])
+def test_loss_scale_must_be_a_loss_scale(bad):
+    # a bare number failed deep inside with "'float' object has no attribute 'dtype'" or,
+    # as a jax scalar, "DynamicJaxprTracer has no attribute scale" from the jitted step
+    opt, loss_fn = optim.sgd(0.1), lambda p, b: jnp.sum(p["w"] ** 2)
+    msg = r"loss_scale must be a loss scale from funtrain.precision \(StaticLossScale"
+    with pytest.raises(TypeError, match="TrainState.create: " + msg):
+        train.TrainState.create({"w": jnp.zeros(2)}, opt, jax.random.key(0), loss_scale=bad)
+    with pytest.raises(TypeError, match="make_train_step: " + msg):
+        train.make_train_step(loss_fn, opt, loss_scale=bad)
+    if isinstance(bad, str):
+        return  # not an array, so jax itself refuses it in the state, naming state.loss_scale
+    state = train.TrainState.create({"w": jnp.zeros(2)}, opt, jax.random.key(0),
+                                    loss_scale=precision.StaticLossScale(2.0))
+    with pytest.raises(TypeError, match="make_train_step: state.loss_scale must be a loss "
+                                        "scale"):
+        train.make_train_step(loss_fn, opt)(state._replace(loss_scale=bad), {})
+
+
+def test_step_and_state_loss_scales_must_agree():
+    # the step's loss_scale= was only read as a flag: a DynamicLossScale step trained a
+    # StaticLossScale state with the static scale, without a word
+    opt, loss_fn = optim.sgd(0.1), lambda p, b: jnp.sum(p["w"] ** 2)
+    state = train.TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0),
+                                    loss_scale=precision.StaticLossScale(4.0))
+    step = train.make_train_step(loss_fn, opt, loss_scale=precision.DynamicLossScale())
+    with pytest.raises(ValueError, match="the step was built with a DynamicLossScale but "
+                                         "state.loss_scale is a StaticLossScale"):
+        step(state, {})
+    same = train.make_train_step(loss_fn, opt, loss_scale=precision.StaticLossScale(1.0))
+    state, metrics = same(state, {})  # same kind, other value: the state's value counts
+    assert float(metrics["loss_scale"]) == 4.0
 
 
 def test_create_copies_key_and_scale_and_checks_the_key():
