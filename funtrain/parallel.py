@@ -177,7 +177,8 @@ def shard_state(state: Any, mesh: Mesh, rules: Rules = (), *,
                 fsdp_min_size: int = 1 << 14) -> Any:
     """``state`` (a ``TrainState``) placed on ``mesh``: params by ``param_specs``, each
     optimizer-state leaf like the param whose key path ends its own (``0/mu/dense_0/w``
-    follows ``dense_0/w``) when the shapes agree, everything else replicated."""
+    follows ``dense_0/w``) when the shapes agree, everything else replicated. The result
+    is a copy: donating it to a step leaves ``state`` usable."""
     params = state.params
     by_path = _spec_by_path(params, param_specs(params, mesh, rules,
                                                 fsdp_min_size=fsdp_min_size))
@@ -190,15 +191,20 @@ def shard_state(state: Any, mesh: Mesh, rules: Rules = (), *,
             if shape is not None:
                 spec_ = param_spec if np.shape(leaf) == shape else spec
                 break
-        return _put(leaf, NamedSharding(mesh, spec_))
+        # a copy: an aliased buffer would be deleted by the first donated step, and with
+        # it the caller's state (TrainState.create's promise)
+        return _put(leaf, NamedSharding(mesh, spec_), copy=True)
 
     return jax.tree_util.tree_map_with_path(place, state)
 
 
-def _put(x: Any, sharding: NamedSharding) -> Any:
+def _put(x: Any, sharding: NamedSharding, *, copy: bool = False) -> Any:
     """``x`` (the same value in every process) placed with ``sharding``: ``device_put`` in
-    one process; across processes each builds its own shards from its copy."""
+    one process (never sharing ``x``'s buffers if ``copy``); across processes each builds
+    its own shards from its copy."""
     if jax.process_count() == 1:
+        if copy and isinstance(x, jax.Array):  # device_put(may_alias=False) still aliases
+            x = x.copy()
         return jax.device_put(x, sharding)
     if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
         impl = jax.random.key_impl(x)

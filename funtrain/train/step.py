@@ -211,6 +211,8 @@ class _JittedStep:
         if not (isinstance(on_mesh, NamedSharding) and on_mesh.mesh.size > 1):
             return self.jitted
         leaves, treedef = jax.tree.flatten(state)
+        if _is_deleted(leaves):  # checked first: XLA's CPU client crashes on a deleted
+            raise donated_state_error("step")  # buffer of a multi-device input (jax 0.10)
         shardings = tuple(getattr(x, "sharding", None) for x in leaves)
         key = (treedef, shardings)
         if key in self.sharded:

@@ -149,10 +149,28 @@ def placements():
     state = parallel.shard_state(train.TrainState.create({"w": jnp.ones((8, 8))}, opt,
                                                          jax.random.key(0)), own)
     batch = parallel.shard_batch({"x": np.ones((16, 3))}, own)
+    # the caller's state outlives a donated step on its sharded copy (device_put aliased
+    # the replicated leaves, so the step deleted them): dp, fsdp, and sharding twice
+    deleted = []
+    for mesh in (parallel.mesh(data=-1), parallel.mesh(fsdp=-1)):
+        created = train.TrainState.create({"w": jnp.ones((64, 8)), "b": jnp.ones(8)}, opt,
+                                          jax.random.key(0))
+        sharded = parallel.shard_state(created, mesh, fsdp_min_size=1)
+        twice = parallel.shard_state(sharded, mesh, fsdp_min_size=1)
+        step = train.make_train_step(lambda p, b: jnp.sum((b["x"] @ p["w"] + p["b"]) ** 2),
+                                     opt)
+        rows = parallel.shard_batch({"x": np.ones((16, 64))}, mesh)
+        step(twice, rows)
+        deleted.append(sum(x.is_deleted() for x in jax.tree.leaves((created, sharded))))
+        try:  # donated: checked before the call (XLA's CPU client segfaulted on it)
+            step(twice, rows)
+        except ValueError as e:
+            deleted.append(str(e).split(":")[0])
     return {"one_array": [str(one.params.sharding.spec),
                           str(one.opt_state[0].mu.sharding.spec)],
             "own_mesh": [str(state.params["w"].sharding.spec),
-                         str(batch["x"].sharding.spec)]}
+                         str(batch["x"].sharding.spec)],
+            "deleted": deleted}
 
 
 def checkpoint_across_meshes():
