@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from funtrain._checks import check_int as _check_int
 from funtrain._typing import ScalarOrSchedule, Schedule
@@ -87,7 +88,9 @@ def check_choice(where: str, name: str, value: Any, choices: tuple[Any, ...]) ->
 
 
 def is_traced_or_array(value: Any) -> bool:
-    return hasattr(value, "shape") and hasattr(value, "dtype")
+    """A JAX array or tracer: an injected or traced hyperparameter, known at run time only.
+    A NumPy scalar (``np.logspace(...)[i]`` from a sweep) is a plain number, checked."""
+    return isinstance(value, jax.Array)
 
 
 def check_scalar(where: str, name: str, value: Any, *, low: float | None = None,
@@ -99,6 +102,8 @@ def check_scalar(where: str, name: str, value: Any, *, low: float | None = None,
     if is_traced_or_array(value):
         return
     where, name = named(where, name)
+    if isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
+        value = value.item()  # np.float32 is no float; np.bool_ becomes a bool, refused
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: {name} must be a float, got {type(value).__name__} "
                         f"({value!r})")

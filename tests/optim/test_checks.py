@@ -2,6 +2,8 @@
 
 import collections
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from funtrain import optim
@@ -72,3 +74,29 @@ def test_check_int_says_what_came():
     with pytest.raises(ValueError, match=r"f: n must be None or an int >= 0, got -1"):
         check_int("f", "n", -1, low=0, optional=True)
     check_int("f", "n", None, optional=True)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: optim.sgd(np.float64(-0.1)), "sgd: learning_rate must be >= 0.0, got -0.1"),
+    (lambda: optim.adam(1e-3, b1=np.float32(1.0)), r"adam: b1 must be in \[0.0, 1.0\), got 1.0"),
+    (lambda: optim.adamw(1e-3, weight_decay=np.float64("nan")),
+     "adamw: weight_decay must be a number, got nan"),
+    (lambda: optim.clip_by_global_norm(np.array(-1.0)), "max_norm must be > 0.0, got -1.0"),
+    (lambda: optim.ema(optim.sgd(0.1), np.float64(1.5)), r"ema: decay must be a float in \[0, 1\)"),
+    (lambda: optim.schedules.step_decay(0.1, 3, np.float64(-1.0)),
+     "step_decay: gamma must be >= 0.0, got -1.0"),
+])
+def test_numpy_scalars_are_checked_as_numbers(build, message):
+    # they were taken for injected arrays and not checked: adam(b1=np.float64(1.0)) gave NaN
+    # updates, sgd(np.float64(-0.1)) climbed the loss
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_numpy_scalars_in_range_train_like_python_floats():
+    params, grads = {"w": jnp.ones(3)}, {"w": jnp.array([0.5, -0.5, 2.0])}
+    for np_value in (np.float32, np.float64, np.array):
+        opt, ref = optim.adam(np_value(1e-2), b1=np_value(0.8)), optim.adam(1e-2, b1=0.8)
+        got = opt.update(grads, opt.init_state(params), params)[0]
+        want = ref.update(grads, ref.init_state(params), params)[0]
+        np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
