@@ -26,6 +26,7 @@ Example (8 emulated CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_co
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -232,20 +233,65 @@ def shard_batch(batch: Any, mesh: Mesh, *, axis: int = 0) -> Any:
     """
     axes, n = batch_axes(mesh)
     processes = jax.process_count()
+    parts = _row_parts(mesh)  # 1 when every process passes the whole batch
     sharding = NamedSharding(mesh, PartitionSpec(*(None,) * axis, axes))
     which = "a first axis" if axis == 0 else f"an axis {axis}"
 
     def place(path: tuple[Any, ...], x: Any) -> Any:
-        if np.ndim(x) <= axis or (np.shape(x)[axis] * processes) % n:
+        if np.ndim(x) <= axis or (np.shape(x)[axis] * parts) % n:
             raise ValueError(f"parallel.shard_batch: batch array {keystr(path)!r} of shape "
                              f"{np.shape(x)} must have {which} divisible by data * fsdp "
                              f"= {n}" + (f" (with {processes} processes, {processes} times "
-                                         f"the local part)" if processes > 1 else ""))
+                                         f"the local part)" if parts > 1 else ""))
         if processes > 1:
             return jax.make_array_from_process_local_data(sharding, np.asarray(x))
         return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map_with_path(place, batch)
+
+
+@functools.lru_cache(maxsize=8)  # once per mesh, not per batch
+def _row_parts(mesh: Mesh) -> int:
+    """How many parts a batch's rows come in, one per process: ``jax.process_count()``
+    when each process's devices hold their own ``1/P`` of the rows along ``data * fsdp``
+    (each process passes its part: ``Loader(process_index=, process_count=)``), ``1`` when
+    every process's devices hold all rows (each passes the whole batch; e.g. a mesh with
+    ``data = fsdp = 1`` across processes). Any other layout is refused: processes sharing
+    some rows would each pass other data for them, silently."""
+    processes = jax.process_count()
+    if processes == 1:
+        return 1
+    axes, n = batch_axes(mesh)
+    held: dict[int, set[int]] = {}  # process -> the row blocks its devices hold
+    blocks = NamedSharding(mesh, PartitionSpec(axes)).devices_indices_map((n,))
+    for device, (rows,) in blocks.items():
+        held.setdefault(device.process_index, set()).add(rows.start or 0)
+    if all(len(h) == n for h in held.values()):
+        return 1
+    disjoint = len(set().union(*held.values())) == n
+    if disjoint and all(len(h) * processes == n for h in held.values()):
+        return processes
+    raise ValueError(f"parallel: with {processes} processes the batch rows must split over "
+                     f"them, each process's devices holding their own 1/{processes} of the "
+                     f"data * fsdp = {n} row blocks, or all of them; on this mesh "
+                     f"({dict(mesh.shape)}) they hold " + ", ".join(
+                         f"process {p}: {sorted(h)}" for p, h in sorted(held.items()))
+                     + ". Lay the data and fsdp axes across the processes (parallel.mesh "
+                     "does, data first)")
+
+
+def _check_process_split(mesh: Mesh | None, data: Any, where: str) -> None:
+    """Refuse a ``Loader`` that reads one process's part of each batch on a mesh where each
+    process passes the whole batch: every process would train on other rows as if they
+    were all of them."""
+    split = getattr(data, "process_count", 1)
+    if mesh is not None and split > 1 and _row_parts(mesh) == 1:
+        raise ValueError(f"{where}: the Loader reads this process's 1/{split} of each batch "
+                         f"(process_count={split}), but on this mesh ({dict(mesh.shape)}) "
+                         f"every process holds all rows of the batch (data * fsdp does not "
+                         f"span the processes), so each must pass the whole batch: drop "
+                         f"process_index/process_count, or lay data or fsdp across the "
+                         f"processes")
 
 
 # ----------------------------------------------------------------------------- processes

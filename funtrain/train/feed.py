@@ -36,7 +36,7 @@ from funtrain._typing import Batch
 from funtrain.data.checks import check_batch
 from funtrain.data.dataset import Loader
 from funtrain.data.prefetch import prefetch
-from funtrain.parallel import batch_axes, shard_batch
+from funtrain.parallel import _check_process_split, batch_axes, shard_batch
 from funtrain.train.step import canonical_sharding, scan_steps
 
 StepFn = Callable[..., Any]
@@ -365,6 +365,7 @@ class HostFeed:
         self.num_classes: int | None = None
         self.checked = False
         self.mesh = _on_mesh(state)
+        _check_process_split(self.mesh, data, "fit")
 
     def _put(self, batch: Batch, stacked: bool = False) -> Batch:
         """A batch (or a stack of them) on the device. For a state on a mesh its rows are

@@ -23,12 +23,14 @@ import jax
 import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from funtrain._checks import check_int
 from funtrain._tree import keystr
 from funtrain._typing import Batch, Params
 from funtrain.data.dataset import Loader
 from funtrain.optim.fused import unfuse
+from funtrain.parallel import _check_process_split, shard_batch
 from funtrain.precision import all_finite
 from funtrain.train.callbacks import EarlyStopping, ProgressBar
 from funtrain.train.checkpoint import RunCheckpoints
@@ -88,6 +90,10 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
 
     ``model_state`` (a stateful model's, e.g. ``state.model_state``) is passed to
     ``eval_step`` as its third argument. The sums stay on the device: one host transfer.
+    With params placed across several processes, each process passes the whole eval data,
+    or a ``Loader`` with ``process_index``/``process_count`` that reads its own rows of
+    each batch (as for ``fit``'s training data); either way every process gets the means
+    over the global batches.
     """
     if _is_deleted((params, model_state)):
         raise ValueError("evaluate: the params passed in were donated to a train step or fit "
@@ -96,7 +102,12 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
     totals: dict[str, Any] = {}
     count = 0
     extra = () if model_state is None else (model_state,)
+    # a Loader reading this process's rows: into the global batch, as fit's feed does
+    mesh = _processes_mesh(params) if getattr(data, "process_count", 1) > 1 else None
+    _check_process_split(mesh, data, "evaluate")
     for batch in epoch_batches(data, 0, "evaluate"):
+        if mesh is not None:
+            batch = shard_batch(batch, mesh)
         n = _batch_size(batch)
         for k, v in eval_step(params, batch, *extra).items():
             v = jnp.asarray(v)  # summed in float32 at least: float16 sums overflow
@@ -106,6 +117,19 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
     if count == 0:
         raise ValueError("evaluate: eval data yielded no batches")
     return {k: float(v) / count for k, v in jax.device_get(totals).items()}
+
+
+def _processes_mesh(params: Params) -> Any:
+    """The mesh of params placed across several processes, else ``None``. A process's rows
+    passed as they are would be taken for the global batch, so each process would
+    evaluate its own rows as if they were all."""
+    if jax.process_count() == 1:
+        return None
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and not sharding.is_fully_addressable:
+            return sharding.mesh
+    return None
 
 
 # ----------------------------------------------------------------------------- fit

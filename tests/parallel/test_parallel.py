@@ -231,6 +231,12 @@ def test_two_processes_on_localhost_train_like_one():
     # each process on its half as if it were the whole batch: the processes drifted apart)
     for run in (one, two):
         np.testing.assert_allclose(run["fit_losses"], one["losses"], rtol=1e-5)
+    # a process-split eval Loader: every process gets the global means, those of one process
+    np.testing.assert_allclose(two["evals"], [one["evals"][0]] * 2, rtol=1e-5)
+    # the training Loader split over processes on a mesh where each holds all rows: refused
+    assert one["refused"] is None
+    assert two["refused"].startswith("fit: the Loader reads this process's 1/2 of each "
+                                     "batch (process_count=2), but on this mesh"), two
 
 
 def test_launch_returns_the_first_failure(tmp_path):
