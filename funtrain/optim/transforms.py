@@ -1046,7 +1046,7 @@ def scale_by_muon(momentum: Beta = 0.95, nesterov: bool = True, ns_steps: Count 
             u = (1 - momentum) * g + momentum * m if nesterov else m
             o = newton_schulz(u.astype(ns_dtype or m.dtype), ns_steps, eps).astype(m.dtype)
             rows, cols = g.shape
-            s = (max(1.0, rows / cols) ** 0.5 if adjust_lr == "original"
+            s = (max(1.0, rows / max(cols, 1)) ** 0.5 if adjust_lr == "original"  # (n, 0): empty
                  else 0.2 * max(rows, cols) ** 0.5)
             return s * o, m
 

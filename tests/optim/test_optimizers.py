@@ -464,6 +464,14 @@ def test_muon_reference_matches_torch_in_float64(nesterov, adjust_lr, monkeypatc
     assert_trajectories_close(got, want, "muon: torch (float64 NS) vs reference")
 
 
+def test_muon_takes_an_empty_matrix():
+    # a (3, 0) weight raised ZeroDivisionError from the lr adjustment's rows / cols
+    params = {"w": jnp.ones((3, 0)), "v": jnp.ones((2, 2))}
+    opt = optim.muon(0.01)
+    updates, _ = jax.jit(opt.update)(params, opt.init_state(params), params)
+    assert updates["w"].shape == (3, 0) and bool(jnp.all(jnp.isfinite(updates["v"])))
+
+
 def test_muon_reference_matches_torch_bfloat16_first_step():
     """Unpatched torch.optim.Muon (bfloat16 Newton-Schulz): one step agrees to bf16 accuracy."""
     torch = pytest.importorskip("torch")
