@@ -82,6 +82,20 @@ def test_gpt_is_causal_and_tied():
     assert "lm_head" not in params and np.abs(np.asarray(g["wte"]["embedding"])).sum() > 0
 
 
+def test_gpt_gelu_approximate_is_the_tanh_gelu_of_gpt2(monkeypatch):
+    # OpenAI's GPT-2 checkpoints use the tanh GELU; the exact one moves their logits
+    ids = np.random.default_rng(1).integers(0, 32, (2, 8)).astype(np.int32)
+    exact, tanh = nn.models.gpt(**TINY), nn.models.gpt(**TINY, gelu_approximate=True)
+    params = exact.init(jax.random.key(0), ids)
+    assert jax.tree.structure(tanh.init(jax.random.key(0), ids)) == jax.tree.structure(params)
+    params = jax.tree.map(lambda w: 30 * w, params)  # GELU's two forms differ off 0
+    got = jax.jit(tanh.apply)(params, ids)
+    assert float(jnp.max(jnp.abs(got - exact.apply(params, ids)))) > 1e-4
+    real = jax.nn.gelu
+    monkeypatch.setattr(jax.nn, "gelu", lambda x, approximate=True: real(x, approximate=True))
+    np.testing.assert_allclose(got, exact.apply(params, ids), rtol=1e-5, atol=1e-6)
+
+
 def test_gpt_errors():
     model = nn.models.gpt(**TINY)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))

@@ -36,7 +36,7 @@ def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
                       causal: bool = True, dropout: float = 0.0,
                       attention_dropout: float | None = None,
                       w_init: inits.Initializer | None = None,
-                      name: str | None = None) -> Module:
+                      gelu_approximate: bool = False, name: str | None = None) -> Module:
     """A pre-norm transformer block on ``(batch, seq, d_model)`` (GPT-2 layout).
 
     ``x + dropout(attention(layer_norm(x)))``, then ``x + dropout(mlp(layer_norm(x)))``
@@ -50,6 +50,8 @@ def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
       dropout: dropout on each residual branch (``train=True`` with a key).
       attention_dropout: dropout on the attention weights; defaults to ``dropout``.
       w_init: initializer of every weight matrix (default ``lecun_normal()``).
+      gelu_approximate: the MLP's GELU in its tanh form (OpenAI's GPT-2, HuggingFace's
+        ``gelu_new``) instead of the exact erf one (nanoGPT, PyTorch's ``nn.GELU()``).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -65,7 +67,8 @@ def transformer_block(d_model: int, num_heads: int, *, mlp_ratio: int = 4,
     def build(attn: Module) -> Module:
         return serial(
             residual(layer_norm(), attn, layers.dropout(dropout), name="attn"),
-            residual(layer_norm(), dense(mlp_ratio * d_model, w_init=w_init), gelu(),
+            residual(layer_norm(), dense(mlp_ratio * d_model, w_init=w_init),
+                     gelu(approximate=gelu_approximate),
                      stateless(lambda h: checkpoint_name(h, "mlp_hidden"), kind="tag"),
                      dense(d_model, w_init=w_init), layers.dropout(dropout), name="mlp"),
             name=name)
@@ -102,7 +105,8 @@ RESIDUAL_PROJECTIONS = (("attn", "multi_head_attention_0", "out", "w"), ("mlp", 
 
 
 def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: int, *,
-        dropout: float = 0.0, mlp_ratio: int = 4, name: str | None = None) -> Module:
+        dropout: float = 0.0, mlp_ratio: int = 4, gelu_approximate: bool = False,
+        name: str | None = None) -> Module:
     """A GPT-2 language model: token ids ``(batch, seq)`` → logits ``(batch, seq, vocab)``.
 
     GPT-2 small is ``gpt(50257, 1024, 12, 12, 768)``: 124,439,808 params. Weights are
@@ -115,6 +119,8 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
       n_layer, n_head, d_model: depth, heads per block, and width.
       dropout: on the embeddings, the attention weights and each residual branch.
       mlp_ratio: MLP width as a multiple of ``d_model``.
+      gelu_approximate: the tanh GELU of OpenAI's GPT-2 checkpoints (their logits move by
+        ~1e-3 under the exact GELU, nanoGPT's and the default).
 
     Params: ``wte`` (token embedding, ``(vocab_size, d_model)``), ``wpe`` (positions,
     ``(block_size, d_model)``), ``h`` (the blocks ``block_0`` ... ``block_{n-1}``) and
@@ -142,7 +148,8 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
         _check_name(name, kind)
     std = 0.02
     block_list = [transformer_block(d_model, n_head, mlp_ratio=mlp_ratio, dropout=dropout,
-                                    w_init=inits.normal(std), name=f"block_{i}")
+                                    w_init=inits.normal(std),
+                                    gelu_approximate=gelu_approximate, name=f"block_{i}")
                   for i in range(n_layer)]
     blocks = serial(*block_list, name="h")
     ln_f = layer_norm()
