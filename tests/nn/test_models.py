@@ -93,7 +93,7 @@ def test_gpt_gelu_approximate_is_the_tanh_gelu_of_gpt2(monkeypatch):
     assert float(jnp.max(jnp.abs(got - exact.apply(params, ids)))) > 1e-4
     real = jax.nn.gelu
     monkeypatch.setattr(jax.nn, "gelu", lambda x, approximate=True: real(x, approximate=True))
-    np.testing.assert_allclose(got, exact.apply(params, ids), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, jax.jit(exact.apply)(params, ids), rtol=1e-4, atol=1e-5)
 
 
 def test_gpt_errors():
