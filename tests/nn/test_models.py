@@ -105,6 +105,9 @@ def test_gpt_errors():
         model.apply(params, jnp.zeros((1, 8)))
     with pytest.raises(ValueError, match=r"d_model \(10\) must be divisible by n_head \(4\)"):
         nn.models.gpt(32, 8, 1, 4, 10)
+    dropping = nn.models.gpt(**TINY, dropout=0.1)  # named the embedding's dropout "root"
+    with pytest.raises(ValueError, match=r"^gpt.*: train=True with dropout=0.1 needs a PRNG key"):
+        dropping.apply(params, jnp.zeros((1, 8), jnp.int32), train=True)
 
 
 def test_gpt_tags_for_remat_policies():

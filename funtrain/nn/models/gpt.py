@@ -191,6 +191,9 @@ def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: in
         missing = sorted({"wte", "wpe", "h", "ln_f"} - set(params))
         if missing:
             raise ModuleError(kind, f"params are missing key path(s) {missing}")
+        if train and dropout and key is None:  # else the embedding dropout's "at the root"
+            raise ModuleError(kind, f"train=True with dropout={dropout} needs a PRNG key: "
+                              f"call apply(params, ids, key=jax.random.key(...), train=True)")
         k_drop, k_h = (None, None) if key is None else jax.random.split(key)
         wte = params["wte"]["embedding"]
         t = idx.shape[1]
