@@ -779,7 +779,10 @@ def clip_by_global_norm(max_norm: Annotated[float, Range(0.0, low_open=True, all
     PyTorch's ``clip_grad_norm_``: :math:`g \leftarrow g \cdot \min(1, \frac{c}{\lVert g\rVert
     + \epsilon})` with :math:`\epsilon = 10^{-6}`; ``eps=0`` gives the exact
     :math:`c / \max(\lVert g\rVert, c)` form. The pre-clip norm is kept in the state
-    (``state.norm``) so a train step can report it.
+    (``state.norm``) so a train step can report it. As in PyTorch, a non-finite grad
+    spoils the clip: a NaN makes every grad NaN, an inf makes itself NaN and the others
+    zero (all NaN with ``max_norm=inf``). Skip such steps with ``apply_if_finite`` or the
+    train step's ``skip_nonfinite``.
     """
 
     def init_state(params: Params) -> ClipByGlobalNormState:

@@ -128,3 +128,13 @@ def test_runs_in_flax_train_state():
     assert int(state.step) == 5
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  state.params, ref_p)
+
+
+def test_clip_by_global_norm_with_non_finite_grads_is_torchs():
+    # as its docstring says, and as torch.nn.utils.clip_grad_norm_ gives
+    nan, inf = float("nan"), float("inf")
+    for max_norm, grad, want in ((1.0, [nan, 1.0], [nan, nan]), (1.0, [inf, 1.0], [nan, 0.0]),
+                                 (inf, [inf, 1.0], [nan, nan])):
+        opt = optim.clip_by_global_norm(max_norm)
+        grads = {"a": jnp.array(grad)}
+        np.testing.assert_array_equal(opt.update(grads, opt.init_state(grads))[0]["a"], want)
