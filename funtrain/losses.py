@@ -96,7 +96,8 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: floa
     Args:
       logits: ``(..., C)`` unnormalised scores.
       labels: integer class ids of shape ``(...)``, or one-hot/probabilities ``(..., C)``
-        (float, or integer one-hot).
+        (float, or integer one-hot: a row that is not 0s and a single 1 gives NaN, as
+        an integer class id out of range does).
         An integer label outside ``[0, C)`` gives a NaN loss for its example (unless
         ``mask`` leaves it out), never a silently wrapped class.
       label_smoothing: ``ε`` in ``[0, 1)``; mixes the target with the uniform distribution,
@@ -133,7 +134,14 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, label_smoothing: floa
         # 0 * log(0) is 0: a class with no target mass adds nothing even where log_p is -inf;
         # elsewhere d/dq = -log p, as torch (a where around q * log_p zeroed it at q = 0)
         nll = -jnp.sum(q * jnp.where((q == 0) & jnp.isneginf(log_p), 0.0, log_p), axis=-1)
+        if jnp.issubdtype(labels.dtype, jnp.integer):  # as for class ids: a row that is
+            nll = jnp.where(_one_hot_rows(labels), nll, jnp.nan)  # not one-hot gives NaN
     return reduce(nll, reduction, mask, where)
+
+
+def _one_hot_rows(labels: Array) -> Array:
+    """Which rows of integer one-hot labels are one-hot: 0s and a single 1."""
+    return jnp.all((labels == 0) | (labels == 1), axis=-1) & (jnp.sum(labels, axis=-1) == 1)
 
 
 def binary_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mean",
@@ -189,10 +197,13 @@ def huber(predictions: Array, targets: Array, *, delta: float = 1.0, reduction: 
 
 
 def invalid_labels(logits: Array, labels: Array) -> Array:
-    """How many integer labels lie outside ``[0, C)``, ``C = logits.shape[-1]`` (an int32;
-    0 for one-hot or probability labels). ``softmax_cross_entropy`` is NaN for them."""
+    """How many integer labels lie outside ``[0, C)``, ``C = logits.shape[-1]``, or how
+    many rows of integer one-hot labels are not one-hot (an int32; 0 for float one-hot or
+    probability labels). ``softmax_cross_entropy`` is NaN for them."""
     labels, is_index = _class_targets("invalid_labels", jnp.asarray(logits), labels)
     if not is_index:
+        if jnp.issubdtype(labels.dtype, jnp.integer):
+            return jnp.sum(~_one_hot_rows(labels), dtype=jnp.int32)
         return jnp.zeros((), jnp.int32)
     bad = (labels < 0) | (labels >= jnp.shape(logits)[-1])
     return jnp.sum(bad, dtype=jnp.int32)

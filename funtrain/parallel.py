@@ -228,7 +228,9 @@ def shard_batch(batch: Any, mesh: Mesh, *, axis: int = 0) -> Any:
     fsdp``. With several processes (``initialize``) each passes its own part, the rows its
     devices hold (``Loader(..., process_index=jax.process_index(),
     process_count=jax.process_count())`` reads just those), and the global batch is
-    assembled with ``jax.make_array_from_process_local_data``. ``axis``: the rows' axis,
+    assembled with ``jax.make_array_from_process_local_data``. On a mesh whose ``data``
+    and ``fsdp`` axes do not span the processes, every process's devices hold all rows, and
+    each passes the whole batch; other layouts are refused. ``axis``: the rows' axis,
     1 for a stack of batches (``fit``'s scanned chunks).
     """
     axes, n = batch_axes(mesh)
@@ -281,17 +283,25 @@ def _row_parts(mesh: Mesh) -> int:
 
 
 def _check_process_split(mesh: Mesh | None, data: Any, where: str) -> None:
-    """Refuse a ``Loader`` that reads one process's part of each batch on a mesh where each
-    process passes the whole batch: every process would train on other rows as if they
-    were all of them."""
-    split = getattr(data, "process_count", 1)
-    if mesh is not None and split > 1 and _row_parts(mesh) == 1:
-        raise ValueError(f"{where}: the Loader reads this process's 1/{split} of each batch "
-                         f"(process_count={split}), but on this mesh ({dict(mesh.shape)}) "
-                         f"every process holds all rows of the batch (data * fsdp does not "
-                         f"span the processes), so each must pass the whole batch: drop "
-                         f"process_index/process_count, or lay data or fsdp across the "
-                         f"processes")
+    """Refuse a ``Loader`` that reads one process's part of each batch unless the run has
+    that many processes and ``mesh`` (the state's) splits the batch rows over them: else
+    each process would train on its part as if it were the whole batch."""
+    split, processes = getattr(data, "process_count", 1), jax.process_count()
+    if split == 1:
+        return
+    what = f"{where}: the Loader reads this process's 1/{split} of each batch " \
+           f"(process_count={split})"
+    if split != processes:
+        raise ValueError(f"{what}, but this run has {processes} process(es): pass "
+                         f"process_count=jax.process_count()")
+    if mesh is None:
+        raise ValueError(f"{what}, but the state is not on a mesh across the processes, so "
+                         f"no global batch is assembled: place it with parallel.shard_state")
+    if _row_parts(mesh) == 1:
+        raise ValueError(f"{what}, but on this mesh ({dict(mesh.shape)}) every process holds "
+                         f"all rows of the batch (data * fsdp does not span the processes), "
+                         f"so each must pass the whole batch: drop process_index/"
+                         f"process_count, or lay data or fsdp across the processes")
 
 
 # ----------------------------------------------------------------------------- processes

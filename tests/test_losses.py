@@ -493,3 +493,14 @@ def test_integer_one_hot_labels():
     grad = jax.jit(jax.grad(losses.softmax_cross_entropy))(logits, one_hot)
     np.testing.assert_allclose(grad, jax.grad(losses.softmax_cross_entropy)(logits, ids),
                                rtol=1e-6, atol=1e-7)
+    # a row that is not one-hot is NaN and counted, as an out-of-range class id
+    bad, k = one_hot.copy(), np.asarray(ids)
+    bad[1] *= 2
+    bad[2, :] = 0
+    bad[3, (k[3] + 1) % C] = 1
+    bad[4, k[4]], bad[4, (k[4] + 1) % C] = -1, 2  # sums to 1
+    per_example = np.asarray(losses.softmax_cross_entropy(logits, bad, reduction="none"))
+    np.testing.assert_array_equal(np.isnan(per_example), [False, True, True, True, True, False])
+    want = np.asarray(losses.softmax_cross_entropy(logits, ids, reduction="none"))
+    np.testing.assert_allclose(per_example[[0, 5]], want[[0, 5]], rtol=1e-6)
+    assert int(losses.invalid_labels(logits, bad)) == 4

@@ -900,6 +900,8 @@ def ema(opt: Optimizer, decay: float = 0.999) -> Optimizer:
       -0.5
     """
     where = "ema"
+    if isinstance(decay, (np.generic, np.ndarray)) and np.ndim(decay) == 0:
+        decay = decay.item()  # a NumPy scalar is a number (check_scalar does the same)
     if not is_traced_or_array(decay) and (  # an array: injected (inject_hyperparams)
             isinstance(decay, bool) or not isinstance(decay, (int, float, np.floating))
             or not 0.0 <= float(decay) < 1.0):

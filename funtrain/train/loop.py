@@ -103,8 +103,10 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
     count = 0
     extra = () if model_state is None else (model_state,)
     # a Loader reading this process's rows: into the global batch, as fit's feed does
-    mesh = _processes_mesh(params) if getattr(data, "process_count", 1) > 1 else None
-    _check_process_split(mesh, data, "evaluate")
+    split = getattr(data, "process_count", 1) > 1
+    mesh = _processes_mesh(params) if split else None
+    if split:
+        _check_process_split(mesh, data, "evaluate")
     for batch in epoch_batches(data, 0, "evaluate"):
         if mesh is not None:
             batch = shard_batch(batch, mesh)

@@ -96,7 +96,10 @@ def test_numpy_scalars_are_checked_as_numbers(build, message):
 def test_numpy_scalars_in_range_train_like_python_floats():
     params, grads = {"w": jnp.ones(3)}, {"w": jnp.array([0.5, -0.5, 2.0])}
     for np_value in (np.float32, np.float64, np.array):
-        opt, ref = optim.adam(np_value(1e-2), b1=np_value(0.8)), optim.adam(1e-2, b1=0.8)
-        got = opt.update(grads, opt.init_state(params), params)[0]
-        want = ref.update(grads, ref.init_state(params), params)[0]
-        np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+        for opt, ref in ((optim.adam(np_value(1e-2), b1=np_value(0.8)), optim.adam(1e-2, b1=0.8)),
+                         (optim.ema(optim.sgd(0.1), np_value(0.5)), optim.ema(optim.sgd(0.1), 0.5)),
+                         (optim.inject_hyperparams(optim.ema)(optim.sgd(0.1), np_value(0.5)),
+                          optim.ema(optim.sgd(0.1), 0.5))):
+            got = opt.update(grads, opt.init_state(params), params)[0]
+            want = ref.update(grads, ref.init_state(params), params)[0]
+            np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)

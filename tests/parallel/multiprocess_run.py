@@ -36,9 +36,11 @@ for batch in loader.epoch(0):
 split = {"process_index": jax.process_index(), "process_count": jax.process_count()}
 eval_set = data.Loader(dataset, 64, drop_remainder=True, **split)
 state = parallel.shard_state(train.TrainState.create(params, opt, jax.random.key(1)), mesh)
-_, history = train.fit(state, step, loader, epochs=1, progress=False, log_every=1,
-                       eval_step=train.make_eval_step(train.classifier_eval(model)),
-                       eval_data=eval_set)
+eval_step = train.make_eval_step(train.classifier_eval(model))
+trained, history = train.fit(state, step, loader, epochs=1, progress=False, log_every=1,
+                             eval_step=eval_step, eval_data=eval_set)
+# the whole eval data in every process gives the same means
+whole_eval = train.evaluate(eval_step, trained.params, data.Loader(dataset, 64))
 evals = multihost_utils.process_allgather(jnp.array([history.eval[-1]["loss"],
                                                      history.eval[-1]["accuracy"]]))
 # a mesh on which every process holds all rows wants the whole batch from each process: a
@@ -54,4 +56,5 @@ if jax.process_index() == 0:
     print(json.dumps({"processes": jax.process_count(), "devices": len(jax.devices()),
                       "local_batch": len(batch["x"]), "losses": losses,
                       "fit_losses": history.train["loss"], "evals": np.asarray(evals).tolist(),
-                      "refused": refused}), flush=True)
+                      "refused": refused,
+                      "whole_eval": [whole_eval["loss"], whole_eval["accuracy"]]}), flush=True)

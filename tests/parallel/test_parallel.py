@@ -233,6 +233,7 @@ def test_two_processes_on_localhost_train_like_one():
         np.testing.assert_allclose(run["fit_losses"], one["losses"], rtol=1e-5)
     # a process-split eval Loader: every process gets the global means, those of one process
     np.testing.assert_allclose(two["evals"], [one["evals"][0]] * 2, rtol=1e-5)
+    np.testing.assert_allclose(two["whole_eval"], one["evals"][0], rtol=1e-5)
     # the training Loader split over processes on a mesh where each holds all rows: refused
     assert one["refused"] is None
     assert two["refused"].startswith("fit: the Loader reads this process's 1/2 of each "
@@ -317,6 +318,24 @@ def test_loader_gives_each_process_its_part_of_every_global_batch():
         data.Loader(ds, 3, drop_remainder=True, process_index=0, process_count=2)
     with pytest.raises(ValueError, match=r"process_index must be an int in \[0, 1\], got 2"):
         data.Loader(ds, 4, drop_remainder=True, process_index=2, process_count=2)
+
+
+def test_a_loader_split_over_more_processes_than_the_run_has_is_refused():
+    # it trained (and evaluated) on half of each batch as if it were all of it
+    from funtrain import data, nn, optim, train
+
+    ds = data.ArrayDataset(x=np.ones((8, 3), np.float32), y=np.zeros(8, np.int32))
+    half = data.Loader(ds, 4, drop_remainder=True, process_index=0, process_count=2)
+    model = nn.dense(2)
+    state = train.TrainState.create(model.init(jax.random.key(0), np.ones((1, 3))),
+                                    optim.sgd(0.1), jax.random.key(1))
+    msg = (r"the Loader reads this process's 1/2 of each batch \(process_count=2\), but this "
+           r"run has 1 process\(es\): pass process_count=jax.process_count\(\)")
+    with pytest.raises(ValueError, match="^fit: " + msg):
+        train.fit(state, train.make_train_step(train.classifier_loss(model), optim.sgd(0.1)),
+                  half, progress=False)
+    with pytest.raises(ValueError, match="^evaluate: " + msg):
+        train.evaluate(train.make_eval_step(train.classifier_eval(model)), state.params, half)
 
 
 CKPT = Path(__file__).with_name("checkpoint_run.py")
