@@ -267,7 +267,8 @@ def _row_parts(mesh: Mesh) -> int:
     held: dict[int, set[int]] = {}  # process -> the row blocks its devices hold
     blocks = NamedSharding(mesh, PartitionSpec(axes)).devices_indices_map((n,))
     for device, (rows,) in blocks.items():
-        held.setdefault(device.process_index, set()).add(rows.start or 0)
+        process = device.process_index  # type: ignore[attr-defined]  # jax.Device has it
+        held.setdefault(process, set()).add(rows.start or 0)
     if all(len(h) == n for h in held.values()):
         return 1
     disjoint = len(set().union(*held.values())) == n
