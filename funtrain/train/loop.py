@@ -163,7 +163,9 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         data position of ``state.step`` when the data has a ``len()``. Without one, each
         call numbers its epochs from 0 again (a callable gets ``0, 1, ...`` again, so its
         shuffles repeat unless it keeps its own count).
-      eval_step, eval_data: from ``make_eval_step``, and the data ``evaluate`` runs it on.
+      eval_step, eval_data: from ``make_eval_step``, and the data ``evaluate`` runs it on,
+        after every epoch and at the end of the call (also where it ends mid-epoch, or a
+        callback stops it).
       eval_every: evaluate every this many steps (and at the end of the call) instead of
         after every epoch.
       eval_params: the params to evaluate, from the state, instead of ``state.params``:
@@ -339,9 +341,10 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
             record()
             if history.stop_reason is None and _stop_reason(callbacks):  # asked at the end
                 history.stop_reason = _stop_reason(callbacks)
-            # Interrupted after its last step, the run is finished: a resume trains nothing
-            # more, so the final evaluation is now or never.
-            if (eval_step is not None and eval_every and last is not None
+            # The final state is evaluated, also where a call (or a callback's stop) ends
+            # mid-epoch. Interrupted after its last step, the run is finished: a resume
+            # trains nothing more, so the final evaluation is now or never.
+            if (eval_step is not None and last is not None
                     and last_eval != step and (not history.interrupted or step == end)):
                 run_eval(last.epoch)
             save(None if history.interrupted else history.stop_reason)

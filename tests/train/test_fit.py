@@ -327,3 +327,32 @@ def test_only_numeric_in_memory_loaders_go_to_the_device():
     named = data.ArrayDataset(x=np.ones((4, 2), np.float32), name=np.array(list("abcd")))
     assert not feed.fits_on_device(named.batches(2))
     assert not feed.fits_on_device([{"x": np.ones((2, 2))}])
+
+
+def test_a_call_that_ends_mid_epoch_evaluates_its_final_state():
+    # per-epoch evaluation: a call that starts (or a callback stops it) mid-epoch ended
+    # without evaluating its last state, so history.eval[-1] was an older step
+    x = np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32)
+    ds = data.ArrayDataset(x=x, y=(x[:, 0] > 0).astype(np.int32))
+    loader = ds.batches(16, key=jax.random.key(2))  # 7 steps an epoch
+    model, opt = nn.dense(2), optim.sgd(0.1)
+    state = train.TrainState.create(model.init(jax.random.key(0), x[:1]), opt, jax.random.key(1))
+    step = train.make_train_step(train.classifier_loss(model), opt)
+    evaluate = {"eval_step": train.make_eval_step(train.classifier_eval(model)),
+                "eval_data": ds.batches(50), "progress": False}
+    state, _ = train.fit(state, step, [next(loader.epoch(0))] * 3, progress=False)
+    state, history = train.fit(state, step, loader, epochs=1, **evaluate)
+    assert [(e["epoch"], e["step"]) for e in history.eval] == [(0, 7), (1, 10)]
+    state, history = train.fit(state, step, loader, epochs=1, callbacks=[Stop(at=12)],
+                               steps_per_call=1, log_every=1, **evaluate)
+    assert [e["step"] for e in history.eval] == [12] and int(state.step) == 12
+
+
+class Stop:
+    """Asks fit to stop once it has seen step ``at``."""
+
+    def __init__(self, at):
+        self.at, self.stop_training = at, False
+
+    def on_step(self, step, metrics):
+        self.stop_training = step >= self.at
