@@ -307,9 +307,11 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
         with _Interrupts() as interrupts:
             for chunk, batches in feed.chunks(first, end, epochs):
                 if bar is not None and (last is None or chunk.epoch != last.epoch):
-                    # without a len(), each call numbers its epochs from 0
-                    bar.set_epoch(chunk.epoch - (run_start // steps_per_epoch
-                                                 if steps_per_epoch else 0), epochs)
+                    # this call's epochs, counted from its first step (a call that starts
+                    # mid-epoch spans one data epoch more); without a len(), each call
+                    # numbers its epochs from 0
+                    bar.set_epoch((chunk.first - run_start) // steps_per_epoch
+                                  if steps_per_epoch else chunk.epoch, epochs)
                 compiling = _compile_seconds()
                 state, metrics, stacked = feed.run(state, chunk, batches)
                 if bar is not None:

@@ -117,6 +117,11 @@ def test_the_bar_counts_the_epochs_of_each_call(monkeypatch):
         for _ in range(2):
             state, _ = train.fit(state, step, data_, epochs=2, progress=True)
     assert seen == [(0, 2), (1, 2)] * 4
+    # a call that starts mid-epoch spans one data epoch more: still "1/1", never "2/1"
+    state, _ = train.fit(state, step, [next(iter(loader.epoch(0)))], progress=False)
+    seen.clear()
+    train.fit(state, step, loader, epochs=1, progress=True)
+    assert seen == [(0, 1), (0, 1)]
 
 
 def test_early_stopping():
