@@ -279,8 +279,9 @@ def make_train_step(loss_fn: Callable[..., Any], optimizer: Optimizer, *, policy
         rounded to the compute dtype.
       loss_scale: the loss scale this step expects (e.g. ``precision.DynamicLossScale()``
         for float16). The current scale lives in the state, so create the state with
-        ``TrainState.create(..., loss_scale=...)``; a state without one is an error here
-        (it would change the state's structure and recompile).
+        ``TrainState.create(..., loss_scale=...)``; a state without one, or with a scale
+        of another class, is an error here (it would change the state's structure and
+        recompile). The state's values count, not this one's.
         With a loss scale the step differentiates ``scale * loss``, unscales the grads in
         float32, checks they are all finite (through their float32 global norm, so a norm
         beyond ~1.8e19, whose square overflows, counts as non-finite too), and applies
