@@ -39,7 +39,8 @@ class Layout(NamedTuple):
 
     ``groups``: ``(label, dtype name, size)`` per buffer; ``leaves``: ``(group index,
     shape)`` per leaf, in the tree's flattening order (a leaf follows the one before it in
-    its buffer); ``treedef``: the params' structure.
+    its buffer); ``treedef``: the params' structure. A buffer may end in zeros past its
+    leaves (``fuse``'s ``multiple``), which every element-wise rule keeps at zero.
     """
 
     treedef: Any
@@ -89,12 +90,15 @@ class FlatParams:
 
 
 def _split(buffer: Any, sizes: list[int]) -> list[Any]:
-    """``buffer`` cut into consecutive pieces of ``sizes``. ``jnp.split`` transposes to one
-    concatenate, so the gradient arrives flat (slices would transpose to a pad per leaf)."""
-    cuts = np.cumsum(sizes)[:-1].tolist()
+    """``buffer`` cut into consecutive pieces of ``sizes`` (a padded tail left out).
+    ``jnp.split`` transposes to one concatenate, so the gradient arrives flat (slices
+    would transpose to a pad per leaf)."""
+    cuts = np.cumsum(sizes).tolist()
+    if cuts and cuts[-1] == np.shape(buffer)[0]:
+        cuts = cuts[:-1]
     if isinstance(buffer, np.ndarray):  # host copies (checkpoints): numpy views
-        return np.split(buffer, cuts)
-    return jnp.split(buffer, cuts) if cuts else [buffer]
+        return np.split(buffer, cuts)[:len(sizes)]
+    return (jnp.split(buffer, cuts) if cuts else [buffer])[:len(sizes)]
 
 
 def _concat(parts: list[Any]) -> Any:
@@ -103,9 +107,9 @@ def _concat(parts: list[Any]) -> Any:
     return jnp.concatenate([jnp.ravel(p) for p in parts])
 
 
-def layout_of(params: Any, group: GroupFn | None = None) -> Layout:
+def layout_of(params: Any, group: GroupFn | None = None, multiple: int = 1) -> Layout:
     """The layout ``fuse`` gives ``params``: leaves grouped by dtype and ``group``'s label,
-    buffers in order of first appearance."""
+    buffers in order of first appearance, each padded to a multiple of ``multiple``."""
     group = group or default_group
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     labels: dict[str, int] = {}
@@ -120,6 +124,8 @@ def layout_of(params: Any, group: GroupFn | None = None) -> Layout:
         g = labels[label]
         leaves.append((g, shape))
         groups[g][2] += math.prod(shape)
+    for g in groups:
+        g[2] = -(-g[2] // multiple) * multiple
     return Layout(treedef, tuple(tuple(g) for g in groups), tuple(leaves))
 
 
@@ -139,17 +145,25 @@ def pack(params: Any, layout: Layout, dtypes: tuple[str, ...] | None = None) -> 
             raise ValueError(f"fuse: the leaf at key path {path} is "
                              f"{np.dtype(leaf.dtype).name}{list(np.shape(leaf))}, which does "
                              f"not fit the layout's {dtype}{list(shape)} in buffer {label!r}")
-    buffers = [_concat([x for (gi, _), x in zip(layout.leaves, leaves, strict=True)
-                        if gi == g]) for g in range(len(layout.groups))]
+    buffers = []
+    for g, (_, _, size) in enumerate(layout.groups):
+        parts = [x for (gi, _), x in zip(layout.leaves, leaves, strict=True) if gi == g]
+        used = sum(math.prod(np.shape(x)) for x in parts)
+        if used < size:  # the zeros that pad the buffer to its size
+            parts.append(np.zeros(size - used, parts[0].dtype) if isinstance(parts[0], np.ndarray)
+                         else jnp.zeros(size - used, parts[0].dtype))
+        buffers.append(_concat(parts))
     return FlatParams(tuple(buffers), layout)
 
 
-def fuse(params: Any, group: GroupFn | None = None) -> FlatParams:
+def fuse(params: Any, group: GroupFn | None = None, multiple: int = 1) -> FlatParams:
     """Pack ``params`` into one buffer per dtype and ``group`` label.
 
     ``group(key_path, leaf) -> label`` splits the buffers further (default: matrices and
     vectors apart, ``default_group``); group the way your masks split the params, so that
-    a mask stays one bool per buffer.
+    a mask stays one bool per buffer. ``multiple``: each buffer is padded with zeros to a
+    multiple of it, so that FSDP can split it over that many devices
+    (``TrainState.create(..., fused=True)`` pads to ``jax.device_count()``).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -163,7 +177,7 @@ def fuse(params: Any, group: GroupFn | None = None) -> FlatParams:
         return params
     # Python scalars as arrays (numpy and jax leaves stay as they are)
     params = jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), params)
-    return pack(params, layout_of(params, group))
+    return pack(params, layout_of(params, group, multiple))
 
 
 def _is_flat(x: Any) -> bool:
@@ -247,7 +261,9 @@ def flat_mask(mask: Any, params: FlatParams) -> tuple[Any, ...]:
         if all(isinstance(m, (bool, np.bool_)) for m, _ in members) and \
                 len({bool(m) for m, _ in members}) == 1:
             out.append(bool(members[0][0]))
-        else:  # the buffer mixes masked and unmasked elements
-            out.append(jnp.concatenate([jnp.broadcast_to(jnp.asarray(m, bool), s).ravel()
-                                        for m, s in members]))
+        else:  # the buffer mixes masked and unmasked elements (its padding: unmasked)
+            used = sum(math.prod(s) for _, s in members)
+            out.append(jnp.concatenate(
+                [jnp.broadcast_to(jnp.asarray(m, bool), s).ravel() for m, s in members]
+                + [jnp.zeros(params.layout.groups[g][2] - used, bool)]))
     return tuple(out)

@@ -71,6 +71,8 @@ class TrainState(NamedTuple):
             moments are buffers too; the step gives the model views of the buffers.
             ``state.params.unflatten()`` is the params tree; checkpoints store the tree,
             so they restore into a fused or an unfused state alike (``optim.fused``).
+            Each buffer ends in zeros up to a multiple of ``jax.device_count()``, so that
+            ``parallel.shard_state`` can split it over FSDP's devices.
 
         Examples:
           >>> import jax, jax.numpy as jnp
@@ -103,7 +105,8 @@ class TrainState(NamedTuple):
             raise TypeError(f"TrainState.create: fused must be True, False or a function "
                             f"(key_path, leaf) -> label, got {type(fused).__name__}")
         if fused is not False:
-            params = fuse(params, None if fused is True else fused)
+            # padded so that FSDP can split every buffer (an odd size was replicated whole)
+            params = fuse(params, None if fused is True else fused, jax.device_count())
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=_owned_opt_state(optimizer, params), rng=key,
                    loss_scale=loss_scale, skipped_steps=jnp.zeros((), jnp.int32),

@@ -315,3 +315,31 @@ def test_errors_about_params_name_the_leaves_not_their_buffers(tmp_path):
                                                  r"\(params/w\)"):
         train.fit(state, step, [{"x": np.full((4, 3), 2.0, np.float32)}] * 2, progress=False,
                   checkpoint_dir=tmp_path, checkpoint_every=1)
+
+
+@pytest.mark.parametrize("name, opt", [
+    ("adamw", optim.adamw(1e-2, weight_decay=0.5)),
+    ("element-wise mask", optim.adamw(1e-2, weight_decay=0.5, mask=optim.labels_to_mask(
+        lambda path, p: path[0] == "dense_1"))),
+    ("lamb", optim.lamb(1e-2)), ("adafactor", optim.adafactor(1e-2)),
+    ("clip + sgd", optim.chain(optim.clip_by_global_norm(0.1), optim.sgd(0.1, momentum=0.9)))])
+def test_buffers_padded_for_fsdp_train_the_same(name, opt, monkeypatch, tmp_path):
+    # On n devices TrainState.create pads each buffer to a multiple of n, so FSDP can split
+    # it (a buffer of another size was replicated whole: no memory saved). The padding
+    # stays zero, and training, checkpoints and per-leaf rules ignore it.
+    monkeypatch.setattr(jax, "device_count", lambda: 7)
+    fused = train_params(opt, True)
+    sizes = {label: size for label, _, size in fused.params.layout.groups}
+    assert sizes == {"float32:vectors": 21, "float32:matrices": 196}  # 20 and 192 used
+    for buffer, used in zip(fused.params.buffers, (20, 192), strict=True):
+        assert not np.asarray(buffer[used:]).any()
+    plain = train_params(opt, False)
+    exact = name in ("adamw", "element-wise mask")
+    assert_same(unfuse(fused.params), plain.params, exact)
+    assert_same(unfuse(fused.opt_state), plain.opt_state, exact)
+    checkpoint.save(tmp_path, fused, 4)
+    assert_same(checkpoint.restore(tmp_path, target=plain, step=4), unfuse(fused))
+    checkpoint.save(tmp_path, plain, 5)
+    back = checkpoint.restore(tmp_path, target=fused, step=5)
+    assert back.params.layout == fused.params.layout
+    assert not np.asarray(back.params.buffers[1][192:]).any()

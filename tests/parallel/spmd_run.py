@@ -166,11 +166,18 @@ def placements():
             step(twice, rows)
         except ValueError as e:
             deleted.append(str(e).split(":")[0])
+    # a fused state's buffers, of sizes no device count divides (33 + 3 and 7 * 33 + 33 * 3),
+    # are padded by create, so FSDP splits them (they were replicated whole)
+    odd = nn.mlp([33, 3]).init(jax.random.key(0), jnp.zeros((1, 7)))
+    fused = parallel.shard_state(train.TrainState.create(odd, opt, jax.random.key(0),
+                                                         fused=True),
+                                 parallel.mesh(fsdp=-1), fsdp_min_size=1)
+    fused_specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(fused.params)})
     return {"one_array": [str(one.params.sharding.spec),
                           str(one.opt_state[0].mu.sharding.spec)],
             "own_mesh": [str(state.params["w"].sharding.spec),
                          str(batch["x"].sharding.spec)],
-            "deleted": deleted}
+            "deleted": deleted, "fused": fused_specs}
 
 
 def checkpoint_across_meshes():
