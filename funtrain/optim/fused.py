@@ -124,9 +124,9 @@ def layout_of(params: Any, group: GroupFn | None = None, multiple: int = 1) -> L
         g = labels[label]
         leaves.append((g, shape))
         groups[g][2] += math.prod(shape)
-    for g in groups:
-        g[2] = -(-g[2] // multiple) * multiple
-    return Layout(treedef, tuple(tuple(g) for g in groups), tuple(leaves))
+    padded = tuple((label, dtype, -(-size // multiple) * multiple)
+                   for label, dtype, size in groups)
+    return Layout(treedef, padded, tuple(leaves))
 
 
 def pack(params: Any, layout: Layout, dtypes: tuple[str, ...] | None = None) -> FlatParams:
