@@ -310,10 +310,13 @@ def pruned(opt: Optimizer, schedule: SparsitySchedule | None = None, *, masks: A
             raise ValueError("sparsity.pruned: update needs params (to zero pruned weights)")
         current = state.masks
         if schedule is not None:
+            # and-ed with the masks so far: a pruned weight stays pruned (given masks
+            # sparser than the schedule's target, or zero weights tied with pruned ones,
+            # came back to life)
             current = lax.cond(
                 schedule.due(state.count),
-                lambda: magnitude(apply_masks(params, state.masks), schedule(state.count),
-                                  scope, select),
+                lambda: jax.tree.map(jnp.logical_and, state.masks, magnitude(
+                    apply_masks(params, state.masks), schedule(state.count), scope, select)),
                 lambda: state.masks)
         zero = lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype))  # noqa: E731
         inner_updates, inner = opt.update(jax.tree.map(zero, current, grads), state.inner,

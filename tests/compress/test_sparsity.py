@@ -128,6 +128,24 @@ def test_fixed_masks_prune_at_the_first_update():
     assert sparsity.summary(new)["layers"]["dense_0/w"] == 0.5
 
 
+def test_given_masks_stay_pruned_under_a_schedule_below_them():
+    # masks at 50% (N:M) with a schedule starting at 0%: the first scheduled step rebuilt
+    # the masks from magnitude alone, and every given pruned weight came back to life
+    masks = sparsity.n_m(PARAMS, 2, 4)
+    opt = sparsity.pruned(optim.sgd(0.1), sparsity.polynomial_schedule(
+        0.0, 0.9, begin_step=0, end_step=100, frequency=10), masks=masks)
+    params = sparsity.apply_masks(PARAMS, masks)
+    state = opt.init_state(params)
+    update = jax.jit(opt.update)
+    for _ in range(3):
+        updates, state = update(jax.tree.map(jnp.ones_like, params), state, params)
+        params = optim.apply_updates(params, updates)
+    for given, now, w in zip(jax.tree.leaves(masks), jax.tree.leaves(state.masks),
+                             jax.tree.leaves(params), strict=True):
+        assert not (np.asarray(now) & ~np.asarray(given)).any()
+        assert (np.asarray(w)[~np.asarray(given)] == 0.0).all()
+
+
 def test_schedule_free_evaluation_params_are_as_sparse_as_the_params():
     """schedule_free_adamw evaluates at x = (y - (1 - b1) z) / b1: its z is zeroed where
     pruned, or x (what fit evaluates and one exports) would be dense."""
