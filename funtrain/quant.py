@@ -292,7 +292,9 @@ def calibrate(apply: Callable[..., Any], qparams: Any, batches: Iterable[Any],
 
     Raises:
       ValueError: two quantized kernels share a name (parts of the params quantized in
-        separate calls, whose key paths repeat): their inputs would share one scale.
+        separate calls, whose key paths repeat): their inputs would share one scale. Or a
+        layer's input held a NaN or inf in the batches (its scale would make every output
+        NaN, or 0).
     """
     global _RECORDER
     if method not in ("max", "percentile"):
@@ -333,6 +335,10 @@ def calibrate(apply: Callable[..., Any], qparams: Any, batches: Iterable[Any],
             skipped.append(x.name)
             return x
         values = np.concatenate(recorded[x.name])
+        if not np.isfinite(values).all():  # its scale would be NaN: every output NaN
+            raise ValueError(f"quant.calibrate: the input of {x.name!r} holds "
+                             f"{int((~np.isfinite(values)).sum())} non-finite value(s) "
+                             f"(nan/inf) over the calibration batches; check the batches")
         amax = values.max() if method == "max" else np.percentile(values, percentile)
         return dataclasses.replace(x, act_scale=jnp.float32(max(float(amax), 1e-12) / 127))
 

@@ -260,3 +260,13 @@ def test_calibrate_refuses_kernels_that_share_a_name():
     with pytest.raises(ValueError, match=r"several quantized kernels are named "
                                          r"\['dense_0/w', 'dense_1/w'\]"):
         quant.calibrate(lambda p, b: MODEL.apply(p["enc"], b), parts, [X])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_calibrate_refuses_non_finite_inputs(bad):
+    # one NaN in the batches made act_scale NaN, and every later output NaN, for any input
+    batch = np.array(X)
+    batch[0, 1] = bad
+    with pytest.raises(ValueError, match=r"the input of 'dense_0/w' holds 1 non-finite "
+                                         r"value\(s\) \(nan/inf\)"):
+        quant.calibrate(lambda p, b: MODEL.apply(p, b), quant.quantize(PARAMS), [X, batch])
