@@ -177,17 +177,20 @@ def from_torch(params_template: Any, state_dict: Mapping[str, Any], *,
 
 
 def _linears_after_convs(state_dict: Mapping[str, Any]) -> dict[str, int]:
-    """``{linear weight key: C}`` for each 2-D weight whose nearest earlier weight of two or
-    more dimensions is a conv's ``(C, in, *kernel)``, when ``C`` divides its inputs."""
+    """``{linear weight key: C}`` for each 2-D weight whose nearest earlier tensor of two or
+    more dimensions is a conv's ``(C, in, *kernel)``, when ``C`` divides its inputs. Any
+    such tensor ends a conv's reach: an LSTM's ``weight_ih_l0`` between them, a ViT's
+    ``cls_token``."""
     out: dict[str, int] = {}
     previous: tuple[int, ...] = ()
     for key, value in state_dict.items():
         shape = _shape(value)
-        if not key.endswith("weight") or len(shape) < 2:
+        if len(shape) < 2:
             continue
-        if len(shape) == 2 and len(previous) >= 3 and shape[1] % previous[0] == 0:
+        if (key.endswith("weight") and len(shape) == 2 and len(previous) >= 3
+                and shape[1] % previous[0] == 0):
             out[key] = previous[0]
-        previous = shape
+        previous = shape if key.endswith("weight") else ()
     return out
 
 

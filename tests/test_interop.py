@@ -290,6 +290,21 @@ def test_a_linear_after_a_conv_stack_reads_the_channels_first_flatten():
                                   tmodel.state_dict()["4.weight"].numpy().T)
 
 
+def test_a_linear_after_an_lstm_after_a_conv_is_not_reordered():
+    # an LSTM's weight_ih_l0 does not end in "weight", so the conv before it counted as the
+    # Linear's input and its columns were scrambled ([0, 2, 4, 6, 1, 3, 5, 7])
+    state = {"conv.weight": torch.randn(4, 3, 3), "conv.bias": torch.randn(4),
+             "rnn.weight_ih_l0": torch.randn(32, 4), "rnn.weight_hh_l0": torch.randn(32, 8),
+             "rnn.bias_ih_l0": torch.randn(32), "rnn.bias_hh_l0": torch.randn(32),
+             "fc.weight": torch.randn(2, 8), "fc.bias": torch.randn(2)}
+    template = {"conv": {"w": jnp.zeros((3, 3, 4)), "b": jnp.zeros(4)},
+                "rnn": {"w_ih": jnp.zeros((4, 32)), "w_hh": jnp.zeros((8, 32)),
+                        "b_ih": jnp.zeros(32), "b_hh": jnp.zeros(32)},
+                "fc": {"w": jnp.zeros((8, 2)), "b": jnp.zeros(2)}}
+    params = from_torch(template, state)
+    np.testing.assert_array_equal(np.asarray(params["fc"]["w"]), state["fc.weight"].numpy().T)
+
+
 # ----------------------------------------------------------------- errors
 
 
