@@ -73,6 +73,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed ``jax.random.key`` takes: an int in int64's range."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text}") from None
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**63), got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -106,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weight decay (default 0 for every optimizer, AdamW included)")
     demo.add_argument("--epochs", type=_positive_int, default=10)
     demo.add_argument("--batch-size", type=_positive_int, default=32)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                       help="compute dtype; params stay float32 (master weights); fp16 adds "
                       "dynamic loss scaling")
@@ -191,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except _UsageError as err:
             args.usage_error(str(err))
         except train.CheckpointError as err:  # a user error (wrong folder, other data)
-            print(f"funtrain demo: error: {err}", file=sys.stderr)
+            print(f"funtrain demo: error: {err}\n(the arguments named are fit's; the demo "
+                  f"has --resume to continue the run, or give another --checkpoint-dir)",
+                  file=sys.stderr)
             return 1
         if interrupted:  # as a shell's Ctrl-C: a && chain stops here
             return 130

@@ -62,6 +62,8 @@ def test_demo_rejects_bad_flags(capsys):
     assert code == 2 and "momentum must be >= 0.0, got -1" in err
     code, err = cli_error(capsys, "demo", "--lr", "inf")
     assert code == 2 and "expected a positive finite number, got inf" in err
+    code, err = cli_error(capsys, "demo", "--seed", str(2 ** 64))  # was an OverflowError
+    assert code == 2 and f"expected an integer in [-2**63, 2**63), got {2 ** 64}" in err
     code, err = cli_error(capsys, "demo", "--epochs", "abc")
     assert code == 2 and "expected a positive integer, got abc" in err
     code, err = cli_error(capsys, "demo", "--batch-size", "5000", "--no-progress")
@@ -91,6 +93,9 @@ def test_ctrl_c_before_the_first_evaluation_says_how_to_resume(tmp_path, capsys,
     out = capsys.readouterr().out
     assert re.search(r"interrupted at step \d+; continue with --resume", out), out
     assert "test accuracy" not in out
+    # the same folder without --resume: fit's error, and the demo's flags for it
+    assert cli.main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 1
+    assert "the demo has --resume to continue the run" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert cli.main([*args, "--checkpoint-dir", str(tmp_path / "file")]) == 1
     assert "is a file, not a folder" in capsys.readouterr().err
