@@ -343,6 +343,8 @@ def _storable(value: Any) -> np.ndarray:
     """``value`` on the host as numpy can store it: dtypes numpy cannot store (bfloat16,
     float8_*, int4 ...) as an unsigned view of their bytes."""
     stored = np.asarray(value)
+    if not stored.dtype.isnative:  # big-endian ">f4": the manifest names "float32"
+        stored = stored.astype(stored.dtype.newbyteorder("="))
     if _is_native(stored.dtype):
         return stored
     # ascontiguousarray makes a 0-d array 1-d: reshape it back
@@ -918,6 +920,7 @@ def _stored_as(leaf: dict[str, Any], stored: np.dtype) -> bool:
         dtype = _dtype_from_name(name)
     except (TypeError, ValueError):
         return False
+    stored = stored.newbyteorder("=")  # byte order aside (stored by an older funtrain)
     return stored == (dtype if _is_native(dtype) else np.dtype(f"uint{dtype.itemsize * 8}"))
 
 
@@ -934,6 +937,8 @@ def _decode(leaf: dict[str, Any], stored: np.ndarray) -> Any:
         raise CheckpointError(f"checkpoint: key path {path!r}: the manifest says dtype "
                               f"{leaf['dtype']}, but the array is stored as "
                               f"{stored.dtype.name}; the manifest was edited or damaged")
+    if not stored.dtype.isnative:  # big-endian bytes (an older funtrain stored them so)
+        stored = stored.astype(stored.dtype.newbyteorder("="))
     shape = tuple(leaf["shape"])
     kind = leaf["kind"]
     try:
