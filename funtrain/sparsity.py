@@ -151,10 +151,10 @@ def random(params: Any, sparsity: float, key: jax.Array, select: Select = None) 
         for w, c, k in zip(leaves, jax.tree.leaves(chosen), keys, strict=True)])
 
 
-def n_m(params: Any, n: int = 2, m: int = 4, axis: int = 0, select: Select = None) -> Any:
-    """Structured N:M masks: of every ``m`` consecutive weights along ``axis`` (the input
-    axis of a dense kernel ``(in, out)``; use ``axis=-2`` for conv ``(kh, kw, in, out)``),
-    the ``n`` largest ``|w|`` stay.
+def n_m(params: Any, n: int = 2, m: int = 4, axis: int = -2, select: Select = None) -> Any:
+    """Structured N:M masks: of every ``m`` consecutive weights along ``axis`` (by default
+    the input axis: of a dense kernel ``(in, out)``, a conv's ``(kh, kw, in, out)`` and a
+    stack of blocks' ``(L, in, out)`` alike), the ``n`` largest ``|w|`` stay.
 
     Raises:
       ValueError: ``n``/``m`` out of order, or a selected leaf whose ``axis`` is not

@@ -72,6 +72,15 @@ def test_a_traced_share_counts_exactly_in_large_layers():
     assert int((~jax.jit(sparsity.magnitude)(w, 0.9)["w"]).sum()) == int(0.9 * n)
 
 
+def test_two_four_groups_a_conv_kernel_along_its_inputs_by_default():
+    # the default axis was 0: a conv's kernel height (kh = 4 grouped space silently)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal((4, 3, 8, 5)), jnp.float32)
+    keep = np.asarray(sparsity.n_m({"conv": {"w": w}}, 2, 4)["conv"]["w"])
+    assert (keep.reshape(4, 3, 2, 4, 5).sum(axis=3) == 2).all()
+    np.testing.assert_array_equal(keep, np.asarray(
+        sparsity.n_m({"conv": {"w": w}}, 2, 4, axis=2)["conv"]["w"]))
+
+
 def test_two_four_keeps_the_two_largest_of_every_four_inputs():
     masks = np.asarray(sparsity.n_m(PARAMS, 2, 4)["dense_0"]["w"])  # (16, 32): axis 0 inputs
     w = np.abs(np.asarray(PARAMS["dense_0"]["w"]))
