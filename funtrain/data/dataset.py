@@ -27,6 +27,10 @@ class ArrayDataset:
     """
 
     def __init__(self, arrays: Mapping[str, Any] | None = None, /, **named: Any):
+        twice = sorted(set(arrays or {}) & set(named))
+        if twice:  # the keyword silently replaced the mapping's array
+            raise ValueError(f"ArrayDataset: {twice} given both in the mapping and as "
+                             f"keywords; give each array once")
         merged = dict(arrays or {}, **named)
         if not merged:
             raise ValueError("ArrayDataset: needs at least one array, e.g. "

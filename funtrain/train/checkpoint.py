@@ -388,6 +388,9 @@ def save(directory: PathLike, state: Any, step: Any, metadata: Any = None, *,
     """
     step = _checked_step(step)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():  # before anything is written
+        raise CheckpointError(f"checkpoint.save: {str(directory)!r} is a file, not a folder; "
+                              f"give a folder for the checkpoints")
     final = step_dir(directory, step)
     try:
         json.dumps(metadata)
@@ -1123,12 +1126,13 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: PathLike, keep_last: int | None = None) -> None:
-        if keep_last is not None and (isinstance(keep_last, bool)
-                                      or not isinstance(keep_last, int) or keep_last < 1):
+        if keep_last is not None and (isinstance(keep_last, (bool, np.bool_))
+                                      or not isinstance(keep_last, (int, np.integer))
+                                      or keep_last < 1):
             raise ValueError(f"CheckpointManager: keep_last must be a positive int or None, "
                              f"got {keep_last!r}")
         self.directory = Path(directory)
-        self.keep_last = keep_last
+        self.keep_last = None if keep_last is None else int(keep_last)
         if self.directory.exists() and not self.directory.is_dir():  # before any training
             raise CheckpointError(f"CheckpointManager: {str(self.directory)!r} is a file, "
                                   f"not a folder; give a folder for the checkpoints")

@@ -41,6 +41,9 @@ def test_mapping_and_keywords_merge_and_lists_become_arrays():
     assert set(ds.arrays) == {"x", "y"}
     assert all(isinstance(v, np.ndarray) for v in ds.arrays.values())
     assert len(ds) == 3 and ds.arrays["x"].shape == (3, 2)
+    # one name both ways: the keyword replaced the mapping's array without a word
+    with pytest.raises(ValueError, match=r"\['x'\] given both in the mapping and as keywords"):
+        ArrayDataset({"x": [1, 2]}, x=[3, 4])
 
 
 def test_indexing():

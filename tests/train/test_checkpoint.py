@@ -722,3 +722,15 @@ def test_big_endian_numpy_leaves_round_trip(tmp_path, monkeypatch):
     checkpoint.save(tmp_path, tree, 1)
     monkeypatch.undo()
     np.testing.assert_array_equal(checkpoint.restore(tmp_path, step=1)["a"], tree["a"])
+
+
+def test_save_into_a_file_and_numpy_keep_last(tmp_path):
+    # save into a path that is a file raised a bare FileExistsError; CheckpointManager took
+    # keep_last=2 but not np.int64(2)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        checkpoint.save(tmp_path / "file", {"a": np.ones(2)}, 0)
+    manager = CheckpointManager(tmp_path / "ck", keep_last=np.int64(1))
+    for step in range(3):
+        manager.save({"a": np.ones(2)}, step)
+    assert manager.all_steps() == [2]
