@@ -39,8 +39,10 @@ class Layout(NamedTuple):
 
     ``groups``: ``(label, dtype name, size)`` per buffer; ``leaves``: ``(group index,
     shape)`` per leaf, in the tree's flattening order (a leaf follows the one before it in
-    its buffer); ``treedef``: the params' structure. A buffer may end in zeros past its
-    leaves (``fuse``'s ``multiple``), which every element-wise rule keeps at zero.
+    its buffer); ``treedef``: the params' structure. A group's size counts the zeros
+    that may end its buffer past the leaves (``fuse``'s ``multiple``): the params and the
+    updates stay zero there (their gradient is zero); a moment may not (AdaMax's ``u`` gets
+    ``eps``), and checkpoints, which store the leaves, restore it as zero.
     """
 
     treedef: Any
@@ -150,8 +152,8 @@ def pack(params: Any, layout: Layout, dtypes: tuple[str, ...] | None = None) -> 
         parts = [x for (gi, _), x in zip(layout.leaves, leaves, strict=True) if gi == g]
         used = sum(math.prod(np.shape(x)) for x in parts)
         if used < size:  # the zeros that pad the buffer to its size
-            parts.append(np.zeros(size - used, parts[0].dtype) if isinstance(parts[0], np.ndarray)
-                         else jnp.zeros(size - used, parts[0].dtype))
+            xp = np if isinstance(parts[0], np.ndarray) else jnp
+            parts.append(xp.zeros(size - used, parts[0].dtype))
         buffers.append(_concat(parts))
     return FlatParams(tuple(buffers), layout)
 
@@ -173,8 +175,17 @@ def fuse(params: Any, group: GroupFn | None = None, multiple: int = 1) -> FlatPa
       >>> flat.unflatten()["w"].shape
       (2, 3)
     """
-    if isinstance(params, FlatParams):
-        return params
+    if isinstance(multiple, (bool, np.bool_)) or not isinstance(multiple, (int, np.integer)) \
+            or multiple < 1:
+        raise ValueError(f"fuse: multiple must be a positive int, got {multiple!r}")
+    if isinstance(params, FlatParams):  # re-padded if its sizes do not divide
+        layout = params.layout
+        if all(size % multiple == 0 for _, _, size in layout.groups):
+            return params
+        padded = tuple((label, dtype, -(-sum(math.prod(s) for g, s in layout.leaves
+                                             if g == i) // multiple) * multiple)
+                       for i, (label, dtype, _) in enumerate(layout.groups))
+        return pack(params.unflatten(), layout._replace(groups=padded))
     # Python scalars as arrays (numpy and jax leaves stay as they are)
     params = jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), params)
     return pack(params, layout_of(params, group, multiple))

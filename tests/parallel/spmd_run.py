@@ -173,6 +173,19 @@ def placements():
                                                          fused=True),
                                  parallel.mesh(fsdp=-1), fsdp_min_size=1)
     fused_specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(fused.params)})
+    # and it trains as the unfused state does, the padding staying zero
+    plain = parallel.shard_state(train.TrainState.create(odd, opt, jax.random.key(0)),
+                                 parallel.mesh(fsdp=-1), fsdp_min_size=1)
+    mlp = nn.mlp([33, 3])
+    step = train.make_train_step(lambda p, b: jnp.mean(mlp.apply(p, b["x"]) ** 2), opt)
+    rows = parallel.shard_batch({"x": np.ones((16, 7), np.float32)}, parallel.mesh(fsdp=-1))
+    for _ in range(3):
+        fused, _ = step(fused, rows)
+        plain, _ = step(plain, rows)
+    fused_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(fused.params.unflatten()), jax.tree.leaves(plain.params), strict=True))
+    fused_specs.append(fused_diff)
+    fused_specs.append(float(jnp.max(jnp.abs(fused.params.buffers[1][330:]))))
     return {"one_array": [str(one.params.sharding.spec),
                           str(one.opt_state[0].mu.sharding.spec)],
             "own_mesh": [str(state.params["w"].sharding.spec),
