@@ -18,10 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax import lax
 
 from funtrain import quant
 from funtrain._checks import check_int
+from funtrain._tree import keystr
 from funtrain._typing import Params, PRNGKey
 from funtrain.nn._remat import segment_size, tied_remat
 from funtrain.nn.module import (
@@ -176,6 +178,13 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
         # A QTensor's static shape and shared scale do not split along the scan's axis:
         # quantized blocks run on their dequantized (float) weights.
         params = quant.dequantize(params)
+        stacked = [(f"{what}{keystr(path)}", np.shape(leaf))
+                   for what, tree in (("", params), ("state/", state))
+                   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        wrong = [(path, shape) for path, shape in stacked if not shape or shape[0] != n]
+        if wrong:  # another repeat's params would run its count of blocks, or fail in scan
+            raise ModuleError(kind, f"params and state must stack the {n} blocks on their "
+                              f"first axis; {wrong[0][0]!r} has shape {wrong[0][1]}")
 
         def body(h: Any, inp: tuple[Any, Any, Any]) -> tuple[Any, Any]:
             p, kk, s = inp
@@ -184,15 +193,16 @@ def repeat(block: Module, n: int, *, remat: str | None = None, segment: int | No
         if remat == "block":
             body = jax.checkpoint(body)
         if remat != "sqrt":
-            out, new = lax.scan(body, x, (params, keys, state))
+            # length: a block without params, run without a key, scans over nothing
+            out, new = lax.scan(body, x, (params, keys, state), length=n)
             return (out, new) if block.stateful else out
 
         def segment_body(h: Any, inp: tuple[Any, Any, Any]) -> tuple[Any, Any]:
-            return lax.scan(body, h, inp)
+            return lax.scan(body, h, inp, length=k)
 
         reshape = lambda a: a.reshape(n // k, k, *a.shape[1:])
         seg = jax.tree.map(reshape, (params, keys, state))
-        out, new = lax.scan(jax.checkpoint(segment_body), x, seg)
+        out, new = lax.scan(jax.checkpoint(segment_body), x, seg, length=n // k)
         if not block.stateful:
             return out
         return out, jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), new)

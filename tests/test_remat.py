@@ -196,6 +196,23 @@ def test_bad_segment_and_repeat_arguments():
         jax.random.key(0), jnp.zeros((1, 2)))["w"].shape == (8, 2, 2)
     with pytest.raises(ValueError, match=r"repeat layer .*maps an input of shape \(1, 3\)"):
         remat.repeat(nn.dense(2), 4).init(jax.random.key(0), jnp.zeros((1, 3)))
+    # another repeat's params ran its own count of blocks (or failed inside scan)
+    x = jnp.ones((1, 4))
+    five = remat.repeat(nn.dense(4), 5).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"repeat layer .*params and state must stack the 3 "
+                                         r"blocks on their first axis; 'b' has shape \(5, 4\)"):
+        remat.repeat(nn.dense(4), 3).apply(five, x)
+
+
+@pytest.mark.parametrize("mode", [None, "block", "sqrt"])
+def test_repeat_runs_a_block_without_params(mode):
+    # no params and no key left scan nothing to scan over: "scan got no values"
+    deep = remat.repeat(nn.serial(nn.dropout(0.5), nn.relu()), 4, remat=mode)
+    x = jnp.arange(-2.0, 2.0).reshape(1, 4)
+    np.testing.assert_array_equal(deep.apply(deep.init(jax.random.key(0), x), x),
+                                  jax.nn.relu(x))
+    kept = deep.apply({}, jnp.ones((64, 64)), key=jax.random.key(1), train=True)
+    assert 0.0 < float(jnp.mean(kept > 0)) < 0.2  # four independent halvings: ~1/16 kept
 
 
 def test_step_report_on_the_demo_train_step(capsys):

@@ -167,11 +167,6 @@ def _padding(padding: Padding, n: int, kind: str) -> str | tuple[tuple[int, int]
     return pairs
 
 
-def _is_torch_padding(padding: Any) -> bool:
-    """An int, or one int per dimension (PyTorch's form), rather than (lo, hi) pairs."""
-    return isinstance(padding, int) or all(isinstance(p, int) for p in padding)
-
-
 def _spatial_dims(x: Any, kernel_size: Any, kind: str) -> int:
     """1 or 2 spatial dims, from a tuple kernel_size or else from the input's rank."""
     if isinstance(kernel_size, (int, np.integer)):
@@ -325,7 +320,8 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
     With ``padding="VALID"`` the output size is ``(H - 1) * s + d * (k - 1) + 1``; an int
     ``p`` (or one per dimension) crops ``p`` from both sides, PyTorch's ``padding=p``;
     ``"SAME"`` gives ``H * s``. Explicit ``((lo, hi), ...)`` pairs pad the stride-dilated
-    input, as ``jax.lax.conv_transpose`` defines them.
+    input, as ``jax.lax.conv_transpose`` defines them (a spec may mix the two, per
+    dimension). A padding that leaves no output is an error, as in PyTorch.
 
     Args:
       features: output channels.
@@ -367,15 +363,25 @@ def conv_transpose(features: int, kernel_size: int | Sequence[int], *,
         # 1) + 1, when the dilated kernel is shorter than the stride
         valid = isinstance(padding, str) and padding.upper() == "VALID"
         pad = _padding(0 if valid else padding, n, kind)
-        if valid or not isinstance(padding, str) and _is_torch_padding(padding):
-            # PyTorch's padding=p crops p from the full (VALID) output on each side.
-            pad = tuple((d * (k - 1) - lo, d * (k - 1) - hi)
-                        for (lo, hi), k, d in zip(pad, ks, dil, strict=True))
+        st = _tuple(strides, n, "strides", kind)
+        if not isinstance(pad, str):
+            # An int entry is PyTorch's padding=p: it crops p from the full (VALID) output on
+            # each side; a (lo, hi) pair pads the stride-dilated input, as lax's. Per entry.
+            crop = (True,) * n if valid or isinstance(padding, int) else tuple(
+                isinstance(p, (int, np.integer)) for p in padding)
+            pad = tuple((d * (k - 1) - lo, d * (k - 1) - hi) if c else (lo, hi)
+                        for (lo, hi), k, d, c in zip(pad, ks, dil, crop, strict=True))
+            size = [(h - 1) * s + 1 + lo + hi - d * (k - 1) for h, s, (lo, hi), k, d
+                    in zip(x.shape[1:-1], st, pad, ks, dil, strict=True)]
+            if min(size) <= 0 and 0 not in x.shape[1:-1]:  # torch refuses it too
+                raise ModuleError(kind, f"padding {padding!r} leaves no output: the input's "
+                                  f"spatial shape {tuple(x.shape[1:-1])} would give "
+                                  f"{tuple(size)}")
         # The scatter form: lax.conv_transpose correlates, so flip the kernel spatially.
         dt = jnp.result_type(x, w)
         y = lax.conv_transpose(
             _as(x, dt), jnp.flip(w, axis=tuple(range(n))).astype(dt),
-            strides=_tuple(strides, n, "strides", kind),
+            strides=st,
             padding=pad,
             rhs_dilation=dil,
             dimension_numbers=_CONV_SPEC[n],

@@ -106,6 +106,21 @@ def test_conv_transpose_matches_torch_and_sizes():
     one_d = nn.conv_transpose(2, 4, strides=2, padding="VALID")
     x1 = rand(2, 5, 3)
     assert one_d.apply(one_d.init(jax.random.key(0), x1), x1).shape == (2, 12, 2)
+    # an int entry is torch's crop in a spec that also holds a lax pair (it was read as a
+    # pair once any entry was one): dimension 0 as torch's padding=1, dimension 1 lax's
+    # (torch's crop p is lax's pair (d (k - 1) - p) on each side: (2, 2) for k = 3, p = 0)
+    mixed = nn.conv_transpose(4, (3, 2), strides=2, padding=(0, (0, 0)))
+    pairs = nn.conv_transpose(4, (3, 2), strides=2, padding=((2, 2), (0, 0)))
+    np.testing.assert_array_equal(mixed.apply(params, x), pairs.apply(params, x))
+    assert mixed.apply(params, x).shape[1] == (5 - 1) * 2 + 3  # torch's height at padding 0
+    # a padding that leaves no output: torch refuses; here it was an empty array, or a bare
+    # lax error from a model's init
+    with pytest.raises(ValueError, match=r"conv_transpose layer .*padding 1 leaves no output: "
+                                         r"the input's spatial shape \(1, 1\) would give"):
+        tiny = nn.conv_transpose(2, 2, padding=1)
+        tiny.apply(tiny.init(jax.random.key(0), rand(1, 1, 1, 1)), rand(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="padding 5 leaves no output"):
+        nn.serial(nn.conv_transpose(2, 3, padding=5)).init(jax.random.key(0), rand(1, 3, 3, 1))
 
 
 # ----------------------------------------------------------------------------- conv
