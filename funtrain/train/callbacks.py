@@ -145,6 +145,9 @@ class CsvLogger:
         self._fields: dict[Path, list[str]] = {}
 
     def _row(self, path: Path, row: dict[str, Any]) -> None:
+        if not self._fields:  # the run's first row: start both files (a new run's train
+            for out in self._out.values():  # file once sat beside an older run's evals)
+                out.write("")
         text = io.StringIO()
         if path not in self._fields:
             self._fields[path] = list(row)
@@ -346,7 +349,8 @@ class ProgressBar:
         self._postfix: dict[str, str] = {}
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
-        self.bar.set_description(f"{self.desc} {epoch + 1}/{epochs}", refresh=False)
+        # _str: tqdm adds the ": " itself (set_description's own gave "train 1/2: : 5it")
+        self.bar.set_description_str(f"{self.desc} {epoch + 1}/{epochs}", refresh=False)
 
     def exclude_time(self, seconds: float) -> None:
         """Leave ``seconds`` (a compile) out of the elapsed time the rate and ETA use."""

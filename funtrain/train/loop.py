@@ -349,6 +349,8 @@ def fit(state: TrainState, train_step: StepFn, train_data: Data, *, epochs: int 
             if (eval_step is not None and last is not None
                     and last_eval != step and (not history.interrupted or step == end)):
                 run_eval(last.epoch)
+                if history.stop_reason is None:  # EarlyStopping, on this last evaluation
+                    history.stop_reason = _stop_reason(callbacks)
             save(None if history.interrupted else history.stop_reason)
     except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a callback
         if not _alive(state):
@@ -534,31 +536,37 @@ class _Guard:
         saved = f"; the last checkpoint (step {last_saved}) is intact" if last_saved else ""
         labels = metrics.get("invalid_labels", np.zeros(len(steps), np.int32))
         for i in np.flatnonzero((labels != 0) & (skipped == 0)):
-            raise ValueError(
+            raise _at(i, ValueError(
                 f"fit: step {steps[i]}: {int(labels[i])} integer label(s) of the batch lie "
                 f"outside [0, classes), the classes being the logits' last axis; their "
                 f"cross-entropy is NaN{saved}. Check the labels: fit(check_data=True, "
-                f"num_classes=...) names the batch")
+                f"num_classes=...) names the batch"))
         for i in np.flatnonzero((nonfinite != 0) & (skipped == 0)):
             values = ", ".join(f"{k} {float(metrics[k][i]):.6g}" for k in ("loss", "grad_norm")
                                if k in metrics)
-            raise FloatingPointError(
+            raise _at(i, FloatingPointError(
                 f"fit: step {steps[i]}: {_causes(int(nonfinite[i]))} "
                 f"{'is' if nonfinite[i] == 1 else 'are'} not finite ({values}){saved}. Lower "
                 f"the learning rate or check the data, or pass skip_nonfinite=True to "
-                f"make_train_step to skip such steps")
+                f"make_train_step to skip such steps"))
         if not skipped.any():
             self.streak = 0
             return
         for j, s in enumerate(skipped):
             self.streak = self.streak + 1 if s else 0
             if self.streak >= self.limit:
-                raise FloatingPointError(
+                raise _at(j + 1, FloatingPointError(
                     f"fit: {self.streak} steps in a row were skipped as non-finite (steps "
                     f"{steps[j] - self.streak + 1} to {steps[j]}), the last because "
                     f"{_causes(int(nonfinite[j])) or 'its values'} were not finite: the run "
                     f"is not learning{saved}. Lower the learning rate or check the data "
-                    f"(max_consecutive_skips={self.limit})")
+                    f"(max_consecutive_skips={self.limit})"))
+
+
+def _at(good: Any, err: Exception) -> Exception:
+    """``err``, marked with how many of the checked steps came before the bad one."""
+    err.good_steps = int(good)  # type: ignore[attr-defined]
+    return err
 
 
 _all_finite = jax.jit(all_finite)
@@ -582,8 +590,21 @@ def _check_finite_params(state: TrainState, step: int, last_saved: int | None) -
 def _record(history: History, steps: np.ndarray, metrics: dict[str, np.ndarray],
             guard: _Guard, hooks: list[Any], bar: ProgressBar | None,
             checkpoints: RunCheckpoints | None) -> None:
-    """Check the steps, add them to the history, and hand them to the callbacks."""
-    guard.check(steps, metrics, checkpoints.last_saved if checkpoints else None)
+    """Check the steps, add them to the history, and hand them to the callbacks (on an
+    error, the steps before the bad one: the loss curve that led to it)."""
+    try:
+        guard.check(steps, metrics, checkpoints.last_saved if checkpoints else None)
+    except (ValueError, FloatingPointError) as err:
+        good = getattr(err, "good_steps", 0)
+        if good:
+            _deliver(history, steps[:good], {k: v[:good] for k, v in metrics.items()},
+                     hooks, bar)
+        raise
+    _deliver(history, steps, metrics, hooks, bar)
+
+
+def _deliver(history: History, steps: np.ndarray, metrics: dict[str, np.ndarray],
+             hooks: list[Any], bar: ProgressBar | None) -> None:
     for name in ("nonfinite", "invalid_labels"):  # the guard's input, not training metrics
         metrics.pop(name, None)
     if "step" in metrics:  # a hand-written step's (make_train_step refuses it)

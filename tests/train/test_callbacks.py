@@ -320,3 +320,50 @@ def test_progress_bar_without_ipywidgets_is_the_text_bar(monkeypatch):
     bar = callbacks.ProgressBar(3, 0, "t")
     assert type(bar.bar) is tqdm.std.tqdm
     bar.bar.close()
+
+
+def test_early_stopping_at_the_final_evaluation_of_an_eval_every_call():
+    # it fired there, but History.stop_reason stayed None (with per-epoch evaluation it was
+    # set): a `if history.stop_reason: break` loop went on
+    state, step, loader, ev, test = setup()
+    stopper = train.EarlyStopping(monitor="loss", mode="max", patience=1)  # every eval worse
+    state, history = train.fit(state, step, loader, epochs=1, eval_step=ev, eval_data=test,
+                               eval_every=3, progress=False, callbacks=[stopper])
+    assert [e["step"] for e in history.eval] == [3, 4]  # the second is the call's last step
+    assert stopper.stop_training and history.stop_reason == stopper.stop_reason
+
+
+def test_a_guard_error_keeps_the_steps_before_the_bad_one(tmp_path):
+    # the finite steps before a NaN step reached neither History nor the loggers: the loss
+    # curve that leads to the divergence was lost
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 4)).astype(np.float32)
+    x[50] = np.nan  # batch 3 of 16 rows: step 4
+    ds = data.ArrayDataset(x=x, y=rng.integers(0, 2, 64).astype(np.int32))
+    state, step, _, _, _ = setup()
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(FloatingPointError, match="fit: step 4: the loss") as err:
+        train.fit(state, step, ds.batches(16), epochs=1, progress=False,
+                  callbacks=[train.JsonlLogger(log)])
+    assert err.value.history.train["step"] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_new_csv_run_starts_its_eval_file_too(tmp_path):
+    # a new run without evaluation left the older run's l_eval.csv beside its new l.csv
+    state, step, loader, ev, test = setup()
+    train.fit(state, step, loader, epochs=1, eval_step=ev, eval_data=test, progress=False,
+              callbacks=[train.CsvLogger(tmp_path / "l.csv")])
+    assert (tmp_path / "l_eval.csv").read_text().count("\n") == 2  # header and one row
+    state, step, loader, ev, test = setup()
+    train.fit(state, step, loader, epochs=1, progress=False,
+              callbacks=[train.CsvLogger(tmp_path / "l.csv")])
+    assert (tmp_path / "l_eval.csv").read_text() == ""
+    assert (tmp_path / "l.csv").read_text().count("\n") == 5
+
+
+def test_the_bar_of_data_without_a_len_has_one_colon(capsys):
+    state, step, loader, ev, test = setup()
+    train.fit(state, step, loader.epoch, epochs=1, progress=True)  # a callable: no len()
+    err = capsys.readouterr().err
+    assert "train 1/1: " in err and ": :" not in err  # tqdm showed "train 1/1: : 4it"
