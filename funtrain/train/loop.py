@@ -113,6 +113,9 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
         n = _batch_size(batch)
         for k, v in eval_step(params, batch, *extra).items():
             v = jnp.asarray(v)  # summed in float32 at least: float16 sums overflow
+            if v.ndim:  # a hand-written eval_step's (make_eval_step refuses it)
+                raise ValueError(f"evaluate: eval_step's metric {k!r} must be a scalar (a "
+                                 f"mean over the batch), got shape {tuple(v.shape)}")
             v = v.astype(jnp.promote_types(v.dtype, jnp.float32))
             totals[k] = totals.get(k, 0.0) + v * n
         count += n

@@ -358,3 +358,12 @@ class Stop:
 
     def on_step(self, step, metrics):
         self.stop_training = step >= self.at
+
+
+def test_evaluate_names_a_vector_metric():
+    # a hand-written eval step's per-class vector failed in float(): "only 0-dimensional
+    # arrays can be converted to Python scalars"
+    data_ = [{"x": np.ones((4, 2), np.float32)}]
+    with pytest.raises(ValueError, match=r"evaluate: eval_step's metric 'per_class' must be "
+                                         r"a scalar \(a mean over the batch\), got shape \(3,\)"):
+        train.evaluate(lambda p, b: {"per_class": jnp.ones(3)}, {}, data_)
