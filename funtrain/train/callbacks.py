@@ -132,7 +132,9 @@ class JsonlLogger:
 
 
 class CsvLogger:
-    """Per-step metrics as CSV rows, columns ``step`` and the first step's metrics.
+    """Per-step metrics as CSV rows, columns ``step`` and the first step's metrics (a
+    metric that appears later is not written, with a warning; a vector metric is written
+    as its list).
 
     Evaluations go to a sibling file ``<name>_eval.csv`` (columns ``step`` and the metrics).
     ``append`` as for ``JsonlLogger``.
@@ -143,6 +145,7 @@ class CsvLogger:
         self.eval_path = self.path.with_name(self.path.stem + "_eval.csv")
         self._out = {p: _AppendFile(p, append) for p in (self.path, self.eval_path)}
         self._fields: dict[Path, list[str]] = {}
+        self._dropped: set[str] = set()  # keys warned about once
 
     def _row(self, path: Path, row: dict[str, Any]) -> None:
         if not self._fields:  # the run's first row: start both files (a new run's train
@@ -153,6 +156,12 @@ class CsvLogger:
             self._fields[path] = list(row)
             if not self._out[path].append or self._out[path].size() == 0:
                 csv.writer(text).writerow(self._fields[path])
+        dropped = set(row) - set(self._fields[path]) - self._dropped
+        if dropped:  # e.g. a second fit call whose step adds learning_rate
+            self._dropped |= dropped
+            warnings.warn(f"CsvLogger: {path.name} has the columns {self._fields[path]} (its "
+                          f"first row's); {sorted(dropped)} are not written (JsonlLogger "
+                          f"keeps every key)", stacklevel=3)
         csv.DictWriter(text, fieldnames=self._fields[path], extrasaction="ignore",
                        restval="").writerow(row)
         self._out[path].write(text.getvalue())

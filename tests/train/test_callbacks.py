@@ -367,3 +367,15 @@ def test_the_bar_of_data_without_a_len_has_one_colon(capsys):
     train.fit(state, step, loader.epoch, epochs=1, progress=True)  # a callable: no len()
     err = capsys.readouterr().err
     assert "train 1/1: " in err and ": :" not in err  # tqdm showed "train 1/1: : 4it"
+
+
+def test_csv_warns_about_columns_it_cannot_add(tmp_path):
+    # a second fit call whose step adds learning_rate lost that column without a word
+    state, step, loader, ev, test = setup()
+    logger = train.CsvLogger(tmp_path / "l.csv")
+    state, _ = train.fit(state, step, loader, epochs=1, progress=False, callbacks=[logger])
+    model, opt, _, _ = default_parts()
+    skipping = train.make_train_step(train.classifier_loss(model), opt, skip_nonfinite=True)
+    with pytest.warns(UserWarning, match=r"CsvLogger: l.csv has the columns \['step', .*"
+                                         r"\['skipped', 'skipped_steps'\] are not written"):
+        train.fit(state, skipping, loader, epochs=1, progress=False, callbacks=[logger])
