@@ -11,7 +11,8 @@ A callback is any object with some of these methods (all optional):
   that keeps it (best-so-far params) keeps a copy: ``jax.tree.map(jnp.copy, state.params)``
   or ``jax.device_get(state.params)``;
 - ``on_checkpoint(step, path)``: after a checkpoint is safely on disk;
-- ``close()``: at the end of every ``fit`` call, also on error;
+- ``close()``: at the end of every ``fit`` call that starts training, also on error (not
+  after a refused argument, nor when a resumed run had already finished);
 - ``state_dict()`` / ``load_state_dict(d)``: JSON-able state, saved in every checkpoint and
   restored on resume, so a resumed run behaves as an uninterrupted one.
 
