@@ -634,6 +634,11 @@ def write(name: str, cells: list, execute: bool = True) -> None:
 
 
 if __name__ == "__main__":
+    flags = [a for a in sys.argv[1:] if a.startswith("-")]
+    if set(flags) - {"--no-execute"}:  # --help included: never regenerate on a typo
+        raise SystemExit("usage: python notebooks/make_notebooks.py [--no-execute] "
+                         "[NN_name.ipynb ...]\n(re)writes the notebooks, each executed "
+                         "unless --no-execute; names pick some")
     EXECUTE = "--no-execute" not in sys.argv
     ONLY = [a for a in sys.argv[1:] if not a.startswith("--")]  # e.g. 02_optimizers.ipynb
     for filename, cells in [("01_quickstart.ipynb", QUICKSTART),
