@@ -115,20 +115,25 @@ def layout_of(params: Any, group: GroupFn | None = None, multiple: int = 1) -> L
     group = group or default_group
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     labels: dict[str, int] = {}
-    groups: list[list[Any]] = []  # [label, dtype, size]
+    groups: list[tuple[str, str]] = []  # (label, dtype)
     leaves = []
     for path, leaf in flat:
         dtype, shape = np.dtype(leaf.dtype).name, tuple(np.shape(leaf))
         label = f"{dtype}:{group(keystr(path), leaf)}"
         if label not in labels:
             labels[label] = len(groups)
-            groups.append([label, dtype, 0])
-        g = labels[label]
-        leaves.append((g, shape))
-        groups[g][2] += math.prod(shape)
-    padded = tuple((label, dtype, -(-size // multiple) * multiple)
-                   for label, dtype, size in groups)
-    return Layout(treedef, padded, tuple(leaves))
+            groups.append((label, dtype))
+        leaves.append((labels[label], shape))
+    return Layout(treedef, _sized(groups, leaves, multiple), tuple(leaves))
+
+
+def _sized(groups: Any, leaves: Any, multiple: int) -> tuple[tuple[str, str, int], ...]:
+    """``(label, dtype, size)`` per group: its leaves' elements, padded to a multiple."""
+    used = [0] * len(groups)
+    for g, shape in leaves:
+        used[g] += math.prod(shape)
+    return tuple((label, dtype, -(-n // multiple) * multiple)
+                 for (label, dtype, *_), n in zip(groups, used, strict=True))
 
 
 def pack(params: Any, layout: Layout, dtypes: tuple[str, ...] | None = None) -> FlatParams:
@@ -182,9 +187,7 @@ def fuse(params: Any, group: GroupFn | None = None, multiple: int = 1) -> FlatPa
         layout = params.layout
         if all(size % multiple == 0 for _, _, size in layout.groups):
             return params
-        padded = tuple((label, dtype, -(-sum(math.prod(s) for g, s in layout.leaves
-                                             if g == i) // multiple) * multiple)
-                       for i, (label, dtype, _) in enumerate(layout.groups))
+        padded = _sized(layout.groups, layout.leaves, multiple)
         return pack(params.unflatten(), layout._replace(groups=padded))
     # Python scalars as arrays (numpy and jax leaves stay as they are)
     params = jax.tree.map(lambda x: x if hasattr(x, "dtype") else jnp.asarray(x), params)

@@ -102,10 +102,9 @@ def evaluate(eval_step: Callable[..., Metrics], params: Params, data: Data,
     totals: dict[str, Any] = {}
     count = 0
     extra = () if model_state is None else (model_state,)
-    # a Loader reading this process's rows: into the global batch, as fit's feed does
-    split = getattr(data, "process_count", 1) > 1
-    mesh = _processes_mesh(params) if split else None
-    if split:
+    mesh = None  # a Loader reading this process's rows: into the global batch, as fit's
+    if getattr(data, "process_count", 1) > 1:  # feed does
+        mesh = _processes_mesh(params)
         _check_process_split(mesh, data, "evaluate")
     for batch in epoch_batches(data, 0, "evaluate"):
         if mesh is not None:
